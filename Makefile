@@ -1,0 +1,43 @@
+# batchgen: `make demo` runs a demo batch on this machine; `make test` runs the tests.
+# Both create .venv and install what they need on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= out/demo
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first: a CPU build (the file on this machine's disk); xfuser or a bare 'torch' would pull CUDA.
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<2.15"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP) ## create the virtual environment and install batchgen with dev extras
+
+demo: $(STAMP) ## demo batch run: tiny Mochi model, 6 prompts, local folder output (run twice to see resume)
+	$(BIN)/python -m batchgen.demo --out $(DEMO_OUT)
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check batchgen tests bench
+
+bench: $(STAMP) ## CPU benchmarks -> bench/results/
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/usp_cpu.py
+
+jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen render`
+	$(BIN)/python -m batchgen.k8s.examples --write jobs
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf out .pytest_cache
+
+.PHONY: help venv demo test lint bench jobs clean

@@ -1,0 +1,71 @@
+"""The storage interface: a flat key space under one root URI (an S3 prefix or a local folder).
+
+Both backends give the same guarantees, which the commit protocol relies on:
+- a put is atomic: readers see the whole object or none of it;
+- ``if_absent=True`` is a conditional create: exactly one concurrent writer wins, the others get
+  ``AlreadyExistsError`` (S3 ``IfNoneMatch="*"``; the file backend uses an atomic link);
+- listings are strongly consistent and cost one request per 1000 keys.
+Transient errors are retried inside the backend; what escapes is permanent (``StorageError``) or a
+transient error that outlasted the retries (``TransientStorageError``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    """Relative to the storage root."""
+    size: int
+    etag: str | None = None
+
+
+class Storage(abc.ABC):
+    """Keys are '/'-separated paths relative to ``self.uri``."""
+
+    uri: str
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str | None = None) -> None:
+        """Write an object atomically. With ``if_absent``, raise AlreadyExistsError if it exists."""
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: str | Path, *, if_absent: bool = False, content_type: str | None = None) -> None:
+        """Upload a local file (multipart for large files on S3, completed conditionally with ``if_absent``)."""
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Read a whole object; NotFoundError if absent."""
+
+    @abc.abstractmethod
+    def get_file(self, key: str, path: str | Path) -> None:
+        """Download an object to a local file (atomically); NotFoundError if absent."""
+
+    @abc.abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and etag, or None if absent."""
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete an object; deleting a missing object is not an error."""
+
+    @abc.abstractmethod
+    def url(self, key: str) -> str:
+        """Full URI of a key (s3://bucket/prefix/key or file:///abs/path)."""
+
+    @property
+    def request_count(self) -> int:
+        """Requests sent so far (for benchmarks); backends without a meaningful count return 0."""
+        return 0
