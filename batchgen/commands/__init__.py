@@ -1,0 +1,1 @@
+"""One module per subcommand; see batchgen/cli.py for the contract."""
