@@ -1,0 +1,5 @@
+# Shared fixtures live in tests/fixtures/*.py, one module per concern.
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.model",
+]
