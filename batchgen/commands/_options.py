@@ -1,0 +1,83 @@
+"""Command-line options shared by several subcommands, and how they become one ``RunConfig``.
+
+Every flag defaults to ``None`` so that "not given" is distinguishable from "given the default value":
+precedence is built-in defaults < ``--config`` TOML file < flags actually given on the command line.
+Not a subcommand itself (no ``NAME``), so ``batchgen.cli`` skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from batchgen.config import RunConfig, load_config
+
+# (flag, config section, config key, type, help). One table, so the flag -> key mapping used by
+# config_from_args cannot drift from the flags that exist.
+_GENERATION_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
+    ("--num-frames", "generation", "num_frames", int, "decoded frames per video, 6k+1 (default 163)"),
+    ("--height", "generation", "height", int, "pixels, multiple of 16 (default 480)"),
+    ("--width", "generation", "width", int, "pixels, multiple of 16 (default 848)"),
+    ("--steps", "generation", "num_inference_steps", int, "denoising steps (default 64)"),
+    ("--guidance-scale", "generation", "guidance_scale", float, "classifier-free guidance (default 4.5)"),
+    ("--negative-prompt", "generation", "negative_prompt", str, "default negative prompt (default empty)"),
+    ("--fps", "generation", "fps", int, "MP4 frames per second (default 30)"),
+    ("--crf", "generation", "crf", int, "H.264 quality, 0 lossless .. 51 worst (default 18)"),
+)
+_SHARD_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
+    ("--shard-size", "worker", "shard_size", int, "items per shard (default 64)"),
+)
+_PARALLEL_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
+    ("--ulysses-degree", "parallel", "ulysses_degree", int, "Ulysses degree (0 = choose automatically)"),
+    ("--ring-degree", "parallel", "ring_degree", int, "ring attention degree (0 = choose automatically)"),
+    ("--cfg-degree", "parallel", "cfg_degree", int, "CFG parallel degree 1 or 2 (0 = choose automatically)"),
+    ("--sp-backend", "parallel", "sp_backend", str, "sequence-parallel backend: native or xfuser"),
+    ("--offload", "parallel", "offload", str, "none or model (components on the GPU only while they run)"),
+    ("--max-attempts", "worker", "max_attempts", int, "attempts per item before it is recorded as failed"),
+)
+_ALL_FLAGS = _GENERATION_FLAGS + _SHARD_FLAGS + _PARALLEL_FLAGS
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _add(parser: argparse.ArgumentParser, table, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for flag, _section, _key, kind, help_text in table:
+        group.add_argument(flag, dest=_dest(flag), type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None, help="TOML config file; flags override it")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
+    """--config (optional) and the run-wide generation defaults (--num-frames ... --crf)."""
+    if config:
+        add_config_argument(parser)
+    _add(parser, _GENERATION_FLAGS, "generation defaults (manifest columns override them per row)")
+
+
+def add_shard_size_argument(parser: argparse.ArgumentParser) -> None:
+    _add(parser, _SHARD_FLAGS, "planning")
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ulysses-degree --ring-degree --cfg-degree --sp-backend --offload --max-attempts."""
+    _add(parser, _PARALLEL_FLAGS, "parallelism and worker runtime")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then ``args.config`` (TOML) if any, then every flag that was given.
+
+    Flags a command did not register are simply absent from ``args`` and leave the config alone.
+    Raises ConfigError naming the key on a bad value.
+    """
+    config = load_config(getattr(args, "config", None))
+    overrides: dict[str, dict[str, Any]] = {}
+    for flag, section, key, _kind, _help in _ALL_FLAGS:
+        value = getattr(args, _dest(flag), None)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    return config.with_overrides(overrides) if overrides else config
