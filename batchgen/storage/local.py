@@ -1,0 +1,223 @@
+"""The file backend: keys are paths under a root folder.
+
+Writes go to a hidden temporary file in the target's folder and are then published in one step, so readers
+never see a partial object: ``os.replace`` for plain puts, ``os.link`` for ``if_absent`` puts (link fails
+with EEXIST if the name exists, which makes it a true conditional create even between processes and hosts
+sharing a POSIX file system).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from batchgen.errors import AlreadyExistsError, NotFoundError, StorageError
+from batchgen.storage.base import ObjectInfo, Storage
+
+log = logging.getLogger("batchgen.storage.local")
+
+# Temporary files live beside their target (rename is only atomic within one file system) and are
+# skipped by listings. A crashed writer can leave one behind; it is never mistaken for an object.
+TEMP_PREFIX = ".batchgen-tmp-"
+
+
+def validate_key(key: str, uri: str) -> str:
+    """Reject keys that would escape the root or alias another key on either backend."""
+    if not isinstance(key, str) or not key:
+        raise StorageError(f"{uri}: empty object key")
+    parts = key.split("/")
+    if key.startswith("/") or key.endswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"{uri}: invalid object key {key!r} (no leading/trailing '/', empty, '.' or '..' parts)")
+    if "\\" in key or "\x00" in key:
+        raise StorageError(f"{uri}: invalid object key {key!r} (backslash or NUL)")
+    if any(p.startswith(TEMP_PREFIX) for p in parts):
+        raise StorageError(f"{uri}: invalid object key {key!r} (reserved prefix {TEMP_PREFIX!r})")
+    return key
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = self.root.as_uri()
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key, self.uri)
+
+    def _where(self, key: str) -> str:
+        return f"{self.uri}/{key}"
+
+    # -- writes -------------------------------------------------------------------------------------------
+
+    def _temp_path(self, final: Path) -> Path:
+        return final.parent / f"{TEMP_PREFIX}{final.name}.{uuid.uuid4().hex}"
+
+    def _publish(self, temp: Path, final: Path, key: str, if_absent: bool) -> None:
+        """Make a fully written temporary file visible under its final name, then drop the temp name."""
+        try:
+            if if_absent:
+                try:
+                    os.link(temp, final)
+                except FileExistsError:
+                    raise AlreadyExistsError(f"{self._where(key)} already exists") from None
+                except OSError as e:
+                    if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise StorageError(
+                            f"{self._where(key)}: the file system does not support hard links, which "
+                            "conditional creates need"
+                        ) from e
+                    raise
+                temp.unlink()
+            else:
+                os.replace(temp, final)
+            _fsync_dir(final.parent)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _write_via_temp(self, key: str, if_absent: bool, fill) -> None:
+        final = self._path(key)
+        if if_absent and final.exists():
+            # Cheap early exit; the link below is what actually decides.
+            raise AlreadyExistsError(f"{self._where(key)} already exists")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            temp = self._temp_path(final)
+            try:
+                fill(temp)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            self._publish(temp, final, key, if_absent)
+        except StorageError:
+            raise
+        except OSError as e:
+            raise StorageError(f"cannot write {self._where(key)}: {e.strerror or e}") from e
+
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str | None = None) -> None:
+        def fill(temp: Path) -> None:
+            with open(temp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        self._write_via_temp(key, if_absent, fill)
+
+    def put_file(self, key: str, path: str | Path, *, if_absent: bool = False, content_type: str | None = None) -> None:
+        source = Path(path)
+        if not source.is_file():
+            raise StorageError(f"cannot upload {source} to {self._where(key)}: not a file")
+
+        def fill(temp: Path) -> None:
+            with open(source, "rb") as src, open(temp, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+                dst.flush()
+                os.fsync(dst.fileno())
+
+        self._write_via_temp(key, if_absent, fill)
+
+    # -- reads --------------------------------------------------------------------------------------------
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFoundError(f"{self._where(key)} does not exist") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {self._where(key)}: {e.strerror or e}") from e
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        source = self._path(key)
+        dest = Path(path)
+        temp = dest.parent / f"{TEMP_PREFIX}{dest.name}.{uuid.uuid4().hex}"
+        try:
+            with open(source, "rb") as src:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with open(temp, "xb") as dst:
+                    shutil.copyfileobj(src, dst, 1024 * 1024)
+            os.replace(temp, dest)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            if not source.is_file():
+                raise NotFoundError(f"{self._where(key)} does not exist") from None
+            raise StorageError(f"cannot download {self._where(key)} to {dest}: {e.strerror or e}") from e
+        except OSError as e:
+            raise StorageError(f"cannot download {self._where(key)} to {dest}: {e.strerror or e}") from e
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not path.is_file():
+            return None
+        return ObjectInfo(key=key, size=st.st_size)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        # Walk only the folders that can hold matching keys, then sort: keys compare like S3's (code point
+        # order equals UTF-8 byte order), so both backends list in the same order.
+        start_dir = prefix.rpartition("/")[0]
+        if start_dir:
+            validate_key(start_dir, self.uri)
+        found: list[ObjectInfo] = []
+        self._collect(self.root / start_dir if start_dir else self.root, start_dir, prefix, found)
+        found.sort(key=lambda info: info.key)
+        return iter(found)
+
+    def _collect(self, folder: Path, folder_key: str, prefix: str, out: list[ObjectInfo]) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as e:
+            raise StorageError(f"cannot list {self.uri}/{folder_key}: {e.strerror or e}") from e
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX):
+                continue
+            key = f"{folder_key}/{entry.name}" if folder_key else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                subtree = key + "/"
+                if subtree.startswith(prefix) or prefix.startswith(subtree):
+                    self._collect(Path(entry.path), key, prefix, out)
+            elif key.startswith(prefix):
+                try:
+                    size = entry.stat().st_size
+                except FileNotFoundError:  # deleted while listing
+                    continue
+                out.append(ObjectInfo(key=key, size=size))
+
+    # -- other --------------------------------------------------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot delete {self._where(key)}: {e.strerror or e}") from e
+
+    def url(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the new directory entry, so a committed object survives a power loss."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
