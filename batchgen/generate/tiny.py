@@ -1,0 +1,197 @@
+"""A tiny randomly initialised Mochi in exactly the diffusers layout of ``genmo/mochi-1-preview``.
+
+Same classes, same file names, same config keys as the real weights, so it loads through the same code path
+(``batchgen.generate.loading``); only the sizes are small. Its default shape (13 frames, 64x64 -> 3 x 4 x 4 = 48
+visual tokens) and its 4 heads allow sequence-parallel degrees 1, 2 and 4. Deterministic given the seed: every
+tensor comes from one seeded generator, and the tokenizer is built offline from a fixed vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+from pathlib import Path
+
+log = logging.getLogger("batchgen.generate.tiny")
+
+TINY_TOML_NAME = "batchgen-tiny.toml"
+
+# Real mochi-1-preview values kept where they do not cost size: 12 latent channels, patch 2, 8x spatial and
+# 6x temporal VAE compression, 256 T5 tokens. The T5 width is also the DiT's text width (text_embed_dim).
+TEXT_WIDTH = 32
+TRANSFORMER_CONFIG = {
+    "patch_size": 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "num_layers": 2,
+    "pooled_projection_dim": 32,
+    "in_channels": 12,
+    "out_channels": None,
+    "qk_norm": "rms_norm",
+    "text_embed_dim": TEXT_WIDTH,
+    "time_embed_dim": 32,
+    "activation_fn": "swiglu",
+    "max_sequence_length": 256,
+}
+# 32 channels is the floor: the Mochi VAE's group norms use 32 groups and its attention heads are 32 wide.
+VAE_CONFIG = {
+    "in_channels": 15,
+    "out_channels": 3,
+    "encoder_block_out_channels": (32, 32, 32, 32),
+    "decoder_block_out_channels": (32, 32, 32, 32),
+    "latent_channels": 12,
+    "layers_per_block": (1, 1, 1, 1, 1),
+    "act_fn": "silu",
+    "temporal_expansions": (1, 2, 3),
+    "spatial_expansions": (2, 2, 2),
+    "add_attention_block": (False, True, True, True, True),
+    "scaling_factor": 1.0,
+}
+T5_CONFIG = {
+    "d_model": TEXT_WIDTH,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",  # T5 v1.1, as T5-XXL
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "tie_word_embeddings": False,
+    "dropout_rate": 0.0,
+    "layer_norm_epsilon": 1e-6,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+# genmo/mochi-1-preview scheduler/scheduler_config.json (Mochi runs sigmas from 1 down, hence invert_sigmas).
+SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": True,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": False,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+TINY_TOML = """\
+# Generation defaults that fit the tiny random Mochi written next to this file (batchgen tiny-model).
+# 13 frames (T = 3 latent frames) at 64x64 (8x8 latent, 4x4 patches): 48 visual tokens, which divide by
+# 1, 2, 4 and 8, and 4 heads: Ulysses 1, 2 or 4, ring 1, 2 or 4.
+[generation]
+num_frames = 13
+height = 64
+width = 64
+num_inference_steps = 4
+guidance_scale = 4.5
+fps = 30
+"""
+
+
+def _tokenizer_vocab() -> list[tuple[str, float]]:
+    """A small SentencePiece-style unigram vocabulary: T5's special tokens first (pad 0, eos 1, unk 2), then
+    word-initial and inner pieces for letters and digits, then some whole words, so ordinary prompts tokenize
+    into several tokens and unknown characters into <unk>."""
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for ch in string.ascii_lowercase + string.digits + ".,!?'-":
+        pieces.append((ch, -5.0))
+        pieces.append(("\u2581" + ch, -5.5))
+    for word in (
+        "a the of and in on with at to is cat dog bird fish car tree sky sea city night day sun moon red blue "
+        "green white black close up slow motion video camera walking running flying water fire snow forest"
+    ).split():
+        pieces.append(("\u2581" + word, -3.0))
+    return pieces
+
+
+def _write_tokenizer(path: Path) -> int:
+    from transformers import T5TokenizerFast
+
+    tokenizer = T5TokenizerFast(vocab=_tokenizer_vocab(), extra_ids=0, model_max_length=256)
+    tokenizer.save_pretrained(str(path))
+    return len(tokenizer)
+
+
+def write_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
+    """Write the tiny model into ``directory`` (created; must be empty or absent) and return its path."""
+    import torch
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from batchgen.errors import InputError
+
+    root = Path(directory)
+    if root.exists() and any(root.iterdir()):
+        raise InputError(f"{root}: directory is not empty; the tiny model needs a fresh directory")
+    root.mkdir(parents=True, exist_ok=True)
+
+    vocab_size = _write_tokenizer(root / "tokenizer")
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def randomize(module: torch.nn.Module, scale: float) -> None:
+        # Explicit values from our own generator instead of each class's default init: deterministic across
+        # torch versions, and no zero-initialised tensors (pos_frequencies, adaLN) that would hide bugs in RoPE
+        # or modulation handling.
+        with torch.no_grad():
+            for name, param in sorted(module.named_parameters()):
+                values = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                if param.ndim > 1:
+                    values = values * scale / param[0].numel() ** 0.5  # fan-in scaled: activations stay O(1)
+                elif "norm" in name and name.endswith("weight"):
+                    values = 1.0 + 0.1 * values  # norm gains near 1
+                else:
+                    values = values * 0.02
+                param.copy_(values)
+
+    transformer = MochiTransformer3DModel(**TRANSFORMER_CONFIG)
+    randomize(transformer, scale=1.0)
+    with torch.no_grad():
+        # RoPE frequencies of a magnitude that visibly rotates neighbouring positions.
+        transformer.pos_frequencies.copy_(
+            torch.rand(transformer.pos_frequencies.shape, generator=generator, dtype=torch.float32) * 0.5
+        )
+    transformer.save_pretrained(str(root / "transformer"), safe_serialization=True)
+
+    vae = AutoencoderKLMochi(**VAE_CONFIG)
+    randomize(vae, scale=1.0)
+    vae.save_pretrained(str(root / "vae"), safe_serialization=True)
+
+    t5_config = T5Config(vocab_size=vocab_size, **T5_CONFIG)
+    text_encoder = T5EncoderModel(t5_config)
+    randomize(text_encoder, scale=1.0)
+    text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    scheduler.save_pretrained(str(root / "scheduler"))
+
+    model_index = {
+        "_class_name": "MochiPipeline",
+        "_diffusers_version": _diffusers_version(),
+        # Genmo's own sampler encodes an empty negative prompt as zeros; batchgen always does, so the stock
+        # MochiPipeline loaded from this folder behaves the same.
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "MochiTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLMochi"],
+    }
+    (root / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    (root / TINY_TOML_NAME).write_text(TINY_TOML)
+    log.info("wrote tiny Mochi (seed %d) to %s", seed, root)
+    return root
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
