@@ -1,0 +1,106 @@
+"""Which S3 failures are worth retrying, and how long to keep trying.
+
+Decided once, here: throttling, 5xx, request timeouts, conditional-write conflicts (409) and anything
+that went wrong on the wire are transient; every other client error (403, 404, 400, 412...) is permanent
+and must surface at once. botocore's own retries are switched off (see s3.py) so every attempt is
+counted and backed off in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import tenacity
+from botocore import exceptions as boto_errors
+
+from batchgen.errors import ConfigError
+
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "ConditionalRequestConflict",  # 409: a concurrent conditional write is in flight
+        "OperationAborted",  # 409: a conflicting operation on the same resource is in progress
+    }
+)
+
+# Failures below the HTTP layer: the request may or may not have reached the server.
+TRANSIENT_WIRE_ERRORS = (
+    boto_errors.ConnectionError,  # endpoint unreachable, connect timeout, proxy errors
+    boto_errors.HTTPClientError,  # connection closed mid-response, read timeout, broken body stream
+    boto_errors.IncompleteReadError,
+    boto_errors.FlexibleChecksumError,  # a body cut short or corrupted in transit
+    boto_errors.AwsChunkedWrapperError,
+)
+
+
+def error_code(exc: BaseException) -> str:
+    """The S3 error code of a ClientError ("AccessDenied", "404"...), else the exception's class name."""
+    if isinstance(exc, boto_errors.ClientError):
+        err = exc.response.get("Error", {})
+        return str(err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
+    return type(exc).__name__
+
+
+def http_status(exc: BaseException) -> int | None:
+    if isinstance(exc, boto_errors.ClientError):
+        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, boto_errors.ClientError):
+        status = http_status(exc) or 0
+        return error_code(exc) in TRANSIENT_CODES or status >= 500 or status == 429
+    return isinstance(exc, TRANSIENT_WIRE_ERRORS)
+
+
+def env_number(name: str, default: float, *, minimum: float, integer: bool = False) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not a {'whole ' if integer else ''}number") from None
+    if value < minimum:
+        raise ConfigError(f"environment variable {name}={raw!r} must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 10
+    """Attempts per operation, the first included."""
+    backoff_initial_s: float = 0.2
+    """First wait; doubles per attempt, plus up to the same again of random jitter."""
+    backoff_max_s: float = 20.0
+    """Cap on one wait."""
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """BATCHGEN_S3_MAX_ATTEMPTS, BATCHGEN_S3_BACKOFF_S, BATCHGEN_S3_BACKOFF_MAX_S override the defaults."""
+        return cls(
+            max_attempts=int(env_number("BATCHGEN_S3_MAX_ATTEMPTS", cls.max_attempts, minimum=1, integer=True)),
+            backoff_initial_s=env_number("BATCHGEN_S3_BACKOFF_S", cls.backoff_initial_s, minimum=0),
+            backoff_max_s=env_number("BATCHGEN_S3_BACKOFF_MAX_S", cls.backoff_max_s, minimum=0),
+        )
+
+    def retrying(self, before_sleep=None) -> tenacity.Retrying:
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.max_attempts),
+            wait=tenacity.wait_exponential_jitter(
+                initial=self.backoff_initial_s, max=self.backoff_max_s, jitter=self.backoff_initial_s
+            ),
+            retry=tenacity.retry_if_exception(is_transient),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
