@@ -11,6 +11,7 @@ Keys are relative to the output root (a bucket prefix or a folder)::
     <run>/stats/<shard>.json         shard statistics, written last: the shard's "finished" marker
     <run>/index/index.parquet        one row per committed video
     <run>/_SUCCESS.json              run-level success marker: every item done, index built
+    _runs/<name>/<run>.json          registry marker of a planned run (written after its run.json)
 """
 
 from __future__ import annotations
@@ -86,3 +87,13 @@ def item_id_from_key(key: str) -> str:
     """'run/meta/shard-000001/abc.json' -> 'abc'."""
     name = key.rsplit("/", 1)[-1]
     return name.rsplit(".", 1)[0]
+
+
+def run_registry_prefix(slug: str = "") -> str:
+    """``_runs/[<slug>/]``: one tiny marker per planned run, so finding runs (and a name's earlier runs, for
+    plan conflicts) lists a handful of keys instead of every object of every run."""
+    return f"_runs/{slug}/" if slug else "_runs/"
+
+
+def run_registry_key(slug: str, run_id: str) -> str:
+    return f"_runs/{slug}/{run_id}.json"
