@@ -1,0 +1,455 @@
+"""PyTorchJob rendering: a pure function from (run, shards, launch settings, attempt) to a manifest dict.
+
+No cluster access, no storage access, no torch: ``batchgen render``, the controller and the generated examples
+under ``jobs/`` all call ``render_pytorchjob`` and therefore agree byte for byte.
+
+What the rendered job relies on (see ``shared/reference/platform.md``):
+- ``restartPolicy: ExitCode``: exit codes 1-127 fail the job (bad input, RBAC, ...), >= 128 restart the pod
+  (SIGTERM from preemption, transient storage outages). ``batchgen.k8s.launch`` runs torchrun but exits with the
+  worker's own code, because plain torchrun turns every child failure into exit 1.
+- ``cleanPodPolicy: Running``: the default (None) would leave worker pods holding GPUs after the Master succeeds.
+- The operator injects ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR/PORT``;
+  torchrun reads them, so the command carries no rendezvous flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from batchgen.errors import ConfigError
+from batchgen.k8s import names
+from batchgen.layout import shard_id, shard_index
+
+API_VERSION = "kubeflow.org/v1"
+KIND = "PyTorchJob"
+CONTAINER_NAME = "pytorch"  # the operator's webhook requires exactly this name
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MOCHI_HEADS = 24
+
+SCRATCH_DIR = "/scratch"
+TMP_DIR = "/tmp"
+SHM_DIR = "/dev/shm"
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$")
+_PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+_SP_BACKENDS = ("native", "xfuser")
+_OFFLOAD = ("none", "model")
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """How a run's shards become PyTorchJobs. Every field is also a key of ``--values FILE`` (YAML)."""
+
+    output: str = ""
+    """Run output URI the workers write to (s3://bucket/prefix). Required to render."""
+    namespace: str = "default"
+    """Namespace of the PyTorchJobs."""
+    image: str = "ghcr.io/batchgen/batchgen:0.1.0"
+    """Worker image (batchgen + CUDA torch)."""
+    image_pull_policy: str = "IfNotPresent"
+    """Always, IfNotPresent or Never."""
+    image_pull_secrets: tuple[str, ...] = ()
+    """Names of existing docker-registry Secrets."""
+    service_account: str | None = None
+    """Pod service account; annotate it for workload identity (IRSA, GKE WI) instead of a credentials Secret."""
+    nodes: int = 1
+    """Pods per job: one Master plus nodes-1 Workers."""
+    gpus_per_node: int = 8
+    """GPUs per pod = processes per pod (nprocPerNode)."""
+    gpu_resource: str = "nvidia.com/gpu"
+    """Extended resource name of a GPU."""
+    ulysses_degree: int = 0
+    """Ulysses degree passed to the workers; 0 = the plan's config, else chosen automatically."""
+    ring_degree: int = 0
+    """Ring attention degree; 0 = the plan's config, else automatic."""
+    cfg_degree: int = 0
+    """CFG parallel degree 1 or 2; 0 = the plan's config, else automatic."""
+    sp_backend: str = "native"
+    """native or xfuser."""
+    offload: str = "none"
+    """none or model."""
+    num_heads: int = MOCHI_HEADS
+    """Attention heads of the model (24 for Mochi 1), for refusing Ulysses degrees that cannot divide them."""
+    cpu: str | None = None
+    """CPU request and limit per pod (e.g. "32"); None leaves it unset."""
+    memory: str | None = None
+    """Memory request and limit per pod (e.g. "400Gi"); None leaves it unset."""
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    affinity: Mapping[str, Any] | None = None
+    priority_class: str | None = None
+    queue_name: str | None = None
+    """Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label."""
+    shm_size: str = "64Gi"
+    """Size of the memory-backed /dev/shm; NCCL's shared-memory transport needs far more than Docker's 64Mi."""
+    scratch_size: str = "20Gi"
+    """Writable emptyDir for caches (HF, Triton, inductor) and HOME; the root filesystem is read-only."""
+    model_dir: str = "/models/mochi"
+    """Where the pods see the model weights (diffusers layout)."""
+    model_pvc: str | None = None
+    """PersistentVolumeClaim holding the weights, mounted read-only at model_dir."""
+    model_pvc_subpath: str = ""
+    """Sub-path inside the PVC."""
+    model_s3_uri: str | None = None
+    """s3:// prefix of the weights, downloaded once per pod into a node-local emptyDir by an init container."""
+    model_cache_size: str = "80Gi"
+    """Size limit of that emptyDir."""
+    s3_endpoint: str | None = None
+    """AWS_ENDPOINT_URL for S3-compatible stores (MinIO, Ceph, R2)."""
+    s3_region: str | None = None
+    s3_secret: str | None = None
+    """Existing Secret with the S3 credentials (referenced, never copied)."""
+    s3_access_key_id_key: str = "AWS_ACCESS_KEY_ID"
+    s3_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    s3_session_token_key: str | None = None
+    backoff_limit: int = 3
+    """Pod restarts (exit codes >= 128) before the job fails."""
+    active_deadline_seconds: int | None = None
+    ttl_seconds_after_finished: int | None = 7 * 24 * 3600
+    """Keep finished jobs long enough for a restarted controller to see why they ended."""
+    termination_grace_seconds: int = 120
+    """SIGTERM to SIGKILL: lets a worker finish the commit in flight."""
+    run_as_user: int = 1000
+    run_as_group: int = 1000
+    fs_group: int = 1000
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("nodes", "gpus_per_node", "num_heads"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ulysses_degree", "ring_degree", "backoff_limit", "termination_grace_seconds"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cfg_degree not in (0, 1, 2):
+            problems.append(f"cfg_degree must be 0, 1 or 2, got {self.cfg_degree}")
+        if self.image_pull_policy not in _PULL_POLICIES:
+            problems.append(f"image_pull_policy must be one of {_PULL_POLICIES}, got {self.image_pull_policy!r}")
+        if self.sp_backend not in _SP_BACKENDS:
+            problems.append(f"sp_backend must be one of {_SP_BACKENDS}, got {self.sp_backend!r}")
+        if self.offload not in _OFFLOAD:
+            problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
+        if not self.image:
+            problems.append("image must not be empty")
+        if not names.is_dns_label(self.namespace) and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", self.namespace):
+            problems.append(f"namespace {self.namespace!r} is not a DNS-1123 label")
+        for name in ("cpu", "memory", "shm_size", "scratch_size", "model_cache_size"):
+            value = getattr(self, name)
+            if value is not None and not _QUANTITY.match(str(value)):
+                problems.append(f"{name} {value!r} is not a Kubernetes quantity (e.g. 16Gi, 500m)")
+        if self.model_pvc and self.model_s3_uri:
+            problems.append("model_pvc and model_s3_uri are exclusive: the weights come from one place")
+        if self.model_s3_uri is not None and not self.model_s3_uri.startswith("s3://"):
+            problems.append(f"model_s3_uri must be an s3:// URI, got {self.model_s3_uri!r}")
+        if not self.model_dir.startswith("/"):
+            problems.append(f"model_dir must be an absolute path, got {self.model_dir!r}")
+        for name in ("active_deadline_seconds", "ttl_seconds_after_finished"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                problems.append(f"{name} must be >= 0, got {value}")
+        if problems:
+            raise ConfigError("launch settings: " + "; ".join(problems))
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["image_pull_secrets"] = list(self.image_pull_secrets)
+        data["tolerations"] = [dict(t) for t in self.tolerations]
+        data["node_selector"] = dict(self.node_selector)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "launch settings") -> LaunchSettings:
+        """Build from a mapping of field names (a ``--values`` file); unknown keys are refused by name."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            kind = str(known[key].type).split(" |")[0]
+            if value is None:
+                values[key] = None
+            elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+            elif kind == "str" and not isinstance(value, str):
+                raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+            elif kind.startswith("tuple") and not isinstance(value, list):
+                raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+            elif kind.startswith("Mapping") and not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+            else:
+                values[key] = tuple(value) if kind.startswith("tuple") else value
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def replace(self, **changes: Any) -> LaunchSettings:
+        return dataclasses.replace(self, **changes)
+
+
+def shard_selection(shards: Sequence[str]) -> str:
+    """The worker's ``--shards`` text: "A:B" (half-open) for a contiguous range, else "i,j,k"."""
+    indices = sorted(shard_index(s) for s in shards)
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}:{indices[-1] + 1}"
+    return ",".join(str(i) for i in indices)
+
+
+def parse_shard_indices(text: str) -> list[str]:
+    """ "A:B" (half-open) or "1,3,7" -> shard ids, without a plan (for rendering offline)."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            start, stop = (int(p) for p in text.split(":", 1))
+            indices = list(range(start, stop))
+        else:
+            indices = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"--shards {text!r}: expected 'A:B' (half-open indices) or a list like '1,3,7'") from None
+    if not indices or min(indices) < 0:
+        raise ConfigError(f"--shards {text!r} selects no shard")
+    return [shard_id(i) for i in sorted(set(indices))]
+
+
+def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
+    """Check the degrees against the pods' GPUs and the model's heads before anything is created.
+
+    Settings win; zero falls back to the plan's config, and zero there means "choose automatically".
+    Returns the ``batchgen.parallel.topology.Topology``; raises TopologyError with the degrees that would fit.
+    """
+    from batchgen.parallel.topology import choose_topology
+
+    parallel = getattr(getattr(plan, "config", None), "parallel", None)
+    generation = getattr(getattr(plan, "config", None), "generation", None)
+    ulysses = settings.ulysses_degree or getattr(parallel, "ulysses_degree", 0)
+    ring = settings.ring_degree or getattr(parallel, "ring_degree", 0)
+    cfg = settings.cfg_degree or getattr(parallel, "cfg_degree", 0)
+    use_cfg = generation.guidance_scale > 1.0 if generation is not None else True
+    return choose_topology(
+        settings.world_size, ulysses=ulysses, ring=ring, cfg=cfg, num_heads=settings.num_heads, use_cfg=use_cfg
+    )
+
+
+def worker_command(run_id: str, shards: Sequence[str], settings: LaunchSettings, topology: Any) -> list[str]:
+    """The container command: torchrun (through batchgen.k8s.launch) running ``batchgen worker``."""
+    command = [
+        "python", "-m", "batchgen.k8s.launch",
+        # A failed rank fails the pod; the operator's ExitCode policy decides whether to restart it.
+        "--max-restarts=0",
+        "-m", "batchgen", "worker",
+        "--output", settings.output,
+        "--run-id", run_id,
+        "--shards", shard_selection(shards),
+        "--model-dir", settings.model_dir,
+        "--ulysses-degree", str(topology.ulysses),
+        "--ring-degree", str(topology.ring),
+        "--cfg-degree", str(topology.cfg),
+        "--sp-backend", settings.sp_backend,
+        "--offload", settings.offload,
+    ]  # fmt: skip
+    return command
+
+
+def _s3_env(settings: LaunchSettings) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    if settings.s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint})
+    if settings.s3_region:
+        env += [
+            {"name": "AWS_REGION", "value": settings.s3_region},
+            {"name": "AWS_DEFAULT_REGION", "value": settings.s3_region},
+        ]
+    if settings.s3_secret:
+        keys = [
+            ("AWS_ACCESS_KEY_ID", settings.s3_access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", settings.s3_secret_access_key_key),
+        ]
+        if settings.s3_session_token_key:
+            keys.append(("AWS_SESSION_TOKEN", settings.s3_session_token_key))
+        env += [
+            {"name": var, "valueFrom": {"secretKeyRef": {"name": settings.s3_secret, "key": key}}} for var, key in keys
+        ]
+    return env
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_template(
+    run_id: str, shards: Sequence[str], settings: LaunchSettings, topology: Any, labels: dict[str, str]
+) -> dict[str, Any]:
+    env = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # The root filesystem is read-only: every cache and HOME live on the scratch emptyDir.
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
+        {"name": "XDG_CACHE_HOME", "value": f"{SCRATCH_DIR}/cache"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{SCRATCH_DIR}/triton"},
+        {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{SCRATCH_DIR}/inductor"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        *_s3_env(settings),
+    ]
+    mounts = [
+        {"name": "dshm", "mountPath": SHM_DIR},
+        {"name": "tmp", "mountPath": TMP_DIR},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size}},
+    ]
+    init_containers = []
+    if settings.model_pvc:
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": settings.model_pvc, "readOnly": True}})
+        mount = {"name": "model", "mountPath": settings.model_dir, "readOnly": True}
+        if settings.model_pvc_subpath:
+            mount["subPath"] = settings.model_pvc_subpath
+        mounts.append(mount)
+    elif settings.model_s3_uri:
+        # Node-local disk, filled once per pod: restarts of the pytorch container reuse it.
+        volumes.append({"name": "model", "emptyDir": {"sizeLimit": settings.model_cache_size}})
+        mounts.append({"name": "model", "mountPath": settings.model_dir, "readOnly": True})
+        init_containers.append(
+            {
+                "name": "fetch-model",
+                "image": settings.image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "command": ["python", "-m", "batchgen.k8s.fetch", settings.model_s3_uri, settings.model_dir],
+                "env": [{"name": "HOME", "value": SCRATCH_DIR}, *_s3_env(settings)],
+                "volumeMounts": [
+                    {"name": "model", "mountPath": settings.model_dir},
+                    {"name": "tmp", "mountPath": TMP_DIR},
+                    {"name": "scratch", "mountPath": SCRATCH_DIR},
+                ],
+                "securityContext": _container_security(),
+            }
+        )
+    resources: dict[str, Any] = {"limits": {settings.gpu_resource: str(settings.gpus_per_node)}}
+    for name in ("cpu", "memory"):
+        value = getattr(settings, name)
+        if value is not None:
+            resources["limits"][name] = str(value)
+            resources.setdefault("requests", {})[name] = str(value)
+    container = {
+        "name": CONTAINER_NAME,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": worker_command(run_id, shards, settings, topology),
+        "env": env,
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+    }
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_group,
+            "fsGroup": settings.fs_group,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if init_containers:
+        spec["initContainers"] = init_containers
+    if settings.service_account:
+        spec["serviceAccountName"] = settings.service_account
+    else:
+        # Workers need no Kubernetes API access; without a service account, do not mount its token.
+        spec["automountServiceAccountToken"] = False
+    if settings.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
+    if settings.node_selector:
+        spec["nodeSelector"] = dict(settings.node_selector)
+    if settings.tolerations:
+        spec["tolerations"] = [dict(t) for t in settings.tolerations]
+    if settings.affinity:
+        spec["affinity"] = dict(settings.affinity)
+    if settings.priority_class:
+        spec["priorityClassName"] = settings.priority_class
+    return {"metadata": {"labels": dict(labels)}, "spec": spec}
+
+
+def render_pytorchjob(
+    plan_or_run_id: Any,
+    shards: Sequence[str],
+    settings: LaunchSettings,
+    attempt: int = 1,
+    *,
+    group: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """The PyTorchJob that runs ``batchgen worker`` for ``shards`` of a run.
+
+    ``plan_or_run_id`` is a ``RunPlan`` (its config supplies degrees the settings leave at 0 and whether CFG is
+    used) or a run id string. ``group`` is the (first, last) shard range the job's name and labels carry; it
+    defaults to the shards' own range. A relaunch passes the original group so attempt N+1 of a job is named
+    like attempt N, even when only some of its shards are left to do.
+    Raises TopologyError when the degrees do not fit nodes x gpus_per_node or the model's heads.
+    """
+    if not shards:
+        raise ConfigError("render: no shards given")
+    if not settings.output:
+        raise ConfigError("launch settings: output (the run's output URI) is required")
+    plan = None if isinstance(plan_or_run_id, str) else plan_or_run_id
+    run_id = plan_or_run_id if plan is None else plan.run_id
+    ordered = sorted(set(shards), key=shard_index)
+    first, last = group or (ordered[0], ordered[-1])
+    topology = resolve_degrees(settings, plan)
+    name = names.job_name(run_id, first, last, attempt)
+    labels = names.job_labels(run_id, first, last, attempt)
+    job_labels = dict(labels)
+    if settings.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = settings.queue_name
+    template = _pod_template(run_id, ordered, settings, topology, labels)
+    replica_specs: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
+    if settings.nodes > 1:
+        replica_specs["Worker"] = {"replicas": settings.nodes - 1, "restartPolicy": "ExitCode", "template": template}
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "Running", "backoffLimit": settings.backoff_limit}
+    if settings.active_deadline_seconds is not None:
+        run_policy["activeDeadlineSeconds"] = settings.active_deadline_seconds
+    if settings.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": job_labels,
+            "annotations": {
+                names.RUN_ANNOTATION: run_id,
+                names.SHARDS_ANNOTATION: ",".join(ordered),
+                names.OUTPUT_ANNOTATION: settings.output,
+            },
+        },
+        "spec": {
+            "nprocPerNode": str(settings.gpus_per_node),
+            "runPolicy": run_policy,
+            "pytorchReplicaSpecs": replica_specs,
+        },
+    }
+
+
+def to_yaml(objects: Sequence[Mapping[str, Any]]) -> str:
+    import yaml
+
+    return yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False, default_flow_style=False)

@@ -1,0 +1,298 @@
+"""PyTorchJob rendering: every shape validates against the real CRD (strict) and the operator's webhook rules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from batchgen.errors import ConfigError, TopologyError
+from batchgen.k8s import names
+from batchgen.k8s.render import LaunchSettings, parse_shard_indices, render_pytorchjob, shard_selection
+from batchgen.layout import shard_id
+from tests.k8s_schema import pytorchjob_problems, strict_schema
+
+RUN = "prompts-0123456789ab"
+SECRET_VALUE = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+BASE = LaunchSettings(
+    output="s3://videos/out",
+    namespace="gen",
+    image="registry.example.com/batchgen:1.0",
+    s3_endpoint="https://s3.example.com",
+    s3_region="eu-west-1",
+    s3_secret="s3-credentials",
+    model_pvc="mochi-weights",
+)
+
+# (id, settings changes, expected (nodes, nproc, ulysses, ring, cfg))
+SHAPES = [
+    ("1x8-ulysses8", dict(nodes=1, gpus_per_node=8, ulysses_degree=8, cfg_degree=1), (1, 8, 8, 1, 1)),
+    ("2x8-ulysses8-ring2", dict(nodes=2, gpus_per_node=8, ulysses_degree=8, ring_degree=2, cfg_degree=1), (2, 8, 8, 2, 1)),
+    ("1x8-cfg2-ulysses4", dict(nodes=1, gpus_per_node=8, ulysses_degree=4, cfg_degree=2), (1, 8, 4, 1, 2)),
+    ("1x1", dict(nodes=1, gpus_per_node=1), (1, 1, 1, 1, 1)),
+    ("1x8-auto", dict(nodes=1, gpus_per_node=8), (1, 8, 4, 1, 2)),
+    (
+        "2x8-s3-model-kueue",
+        dict(
+            nodes=2, gpus_per_node=8, ulysses_degree=8, ring_degree=2, cfg_degree=1, model_pvc=None,
+            model_s3_uri="s3://weights/mochi-1-preview", queue_name="gpu-queue", priority_class="batch-low",
+            node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
+            affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}},
+            cpu="64", memory="800Gi", active_deadline_seconds=86400, image_pull_secrets=("regcred",),
+            service_account="batchgen-worker", s3_secret=None,
+        ),
+        (2, 8, 8, 2, 1),
+    ),
+]  # fmt: skip
+
+
+def _flag(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def _containers(job):
+    for rtype, spec in job["spec"]["pytorchReplicaSpecs"].items():
+        pod = spec["template"]["spec"]
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            yield rtype, pod, c
+
+
+@pytest.mark.parametrize("case_id, changes, expected", SHAPES, ids=[s[0] for s in SHAPES])
+def test_shapes_validate_against_crd_and_webhook(case_id, changes, expected):
+    settings = BASE.replace(**changes)
+    shards = [shard_id(i) for i in range(4, 8)]
+    job = render_pytorchjob(RUN, shards, settings, attempt=2)
+
+    assert pytorchjob_problems(job) == []
+    nodes, nproc, ulysses, ring, cfg = expected
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1
+    assert specs.get("Worker", {}).get("replicas", 0) == nodes - 1
+    assert job["spec"]["nprocPerNode"] == str(nproc)
+    assert job["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+    assert {s["restartPolicy"] for s in specs.values()} == {"ExitCode"}
+
+    container = specs["Master"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    assert command[:3] == ["python", "-m", "batchgen.k8s.launch"]
+    assert command[command.index("-m", 3) : command.index("-m", 3) + 3] == ["-m", "batchgen", "worker"]
+    assert _flag(command, "--shards") == "4:8"
+    assert _flag(command, "--run-id") == RUN
+    assert _flag(command, "--output") == "s3://videos/out"
+    assert (
+        int(_flag(command, "--ulysses-degree")),
+        int(_flag(command, "--ring-degree")),
+        int(_flag(command, "--cfg-degree")),
+    ) == (ulysses, ring, cfg)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(nproc)
+
+    pod = specs["Master"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for _rtype, _pod, c in _containers(job):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        mounted = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/tmp", "/scratch"} <= mounted  # writable scratch, the root filesystem being read-only
+        env = {e["name"]: e for e in c["env"]}
+        assert env["HOME"]["value"] == "/scratch"
+    labels = job["metadata"]["labels"]
+    assert labels[names.RUN_LABEL] == RUN and labels[names.ATTEMPT_LABEL] == "2"
+    assert (labels[names.SHARD_FIRST_LABEL], labels[names.SHARD_LAST_LABEL]) == ("4", "7")
+    assert specs["Master"]["template"]["metadata"]["labels"][names.RUN_LABEL] == RUN
+
+
+def test_model_from_s3_is_fetched_once_per_pod_by_an_init_container():
+    settings = BASE.replace(model_pvc=None, model_s3_uri="s3://weights/mochi")
+    pod = render_pytorchjob(RUN, [shard_id(0)], settings)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"][-2:] == ["s3://weights/mochi", settings.model_dir]
+    model_volume = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert "medium" not in model_volume["emptyDir"]  # node-local disk, not RAM
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model")
+    assert mount == {"name": "model", "mountPath": settings.model_dir, "readOnly": True}
+
+
+def test_pvc_model_is_mounted_read_only():
+    pod = render_pytorchjob(RUN, [shard_id(0)], BASE.replace(model_pvc_subpath="mochi"))["spec"]["pytorchReplicaSpecs"][
+        "Master"
+    ]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "mochi-weights", "readOnly": True}} in pod[
+        "volumes"
+    ]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model")
+    assert mount["readOnly"] is True and mount["subPath"] == "mochi"
+    assert "initContainers" not in pod
+
+
+def test_credentials_only_as_secret_references(monkeypatch):
+    # Credentials in the controller's own environment must not leak into what it renders.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEYID0000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_VALUE)
+    for settings in (BASE, BASE.replace(model_pvc=None, model_s3_uri="s3://weights/mochi")):
+        job = render_pytorchjob(RUN, [shard_id(0)], settings)
+        rendered = yaml.safe_dump(job)
+        assert SECRET_VALUE not in rendered and "AKIAEXAMPLEKEYID0000" not in rendered
+        for _rtype, _pod, container in _containers(job):
+            env = {e["name"]: e for e in container["env"]}
+            assert env["AWS_ACCESS_KEY_ID"] == {
+                "name": "AWS_ACCESS_KEY_ID",
+                "valueFrom": {"secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}},
+            }
+            assert "value" not in env["AWS_SECRET_ACCESS_KEY"]
+            assert env["AWS_ENDPOINT_URL"]["value"] == "https://s3.example.com"
+
+
+def test_workload_identity_uses_the_service_account_and_no_secret():
+    job = render_pytorchjob(RUN, [shard_id(0)], BASE.replace(s3_secret=None, service_account="batchgen-irsa"))
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "batchgen-irsa"
+    assert not [e for e in pod["containers"][0]["env"] if "valueFrom" in e]
+
+
+def test_strict_schema_refuses_unknown_fields():
+    # The validator itself must be able to fail: a typo in a field name is what strict validation catches.
+    job = render_pytorchjob(RUN, [shard_id(0)], BASE)
+    job["spec"]["runPolicy"]["cleanPodPolicyy"] = "Running"
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "x"
+    problems = pytorchjob_problems(job)
+    assert len(problems) == 2 and all("cleanPodPolicyy" in p or "imagePullPolicyy" in p for p in problems)
+    assert strict_schema()["properties"]["spec"]["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (
+            lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].update(
+                name="main"
+            ),
+            "no container named 'pytorch'",
+        ),
+        (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas=2), "Master].replicas: must be 1"),
+        (
+            lambda j: j["spec"]["pytorchReplicaSpecs"].update(Chief=j["spec"]["pytorchReplicaSpecs"]["Master"]),
+            "must be Master or Worker",
+        ),
+        (
+            lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].pop("image"),
+            "has no image",
+        ),
+    ],
+    ids=["container-name", "master-replicas", "replica-type", "image"],
+)
+def test_webhook_rules_catch_violations(mutate, expected):
+    job = render_pytorchjob(RUN, [shard_id(0)], BASE)
+    mutate(job)
+    assert any(expected in p for p in pytorchjob_problems(job))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(nodes=1, gpus_per_node=8, ulysses_degree=12), "= 12 does not divide the world size 8"),
+        (dict(nodes=1, gpus_per_node=8, ulysses_degree=5), "does not divide the model's 24 attention heads"),
+        (
+            dict(nodes=1, gpus_per_node=8, ulysses_degree=4, ring_degree=2, cfg_degree=2),
+            "= 16 does not divide the world size 8",
+        ),
+        (dict(nodes=2, gpus_per_node=4, ulysses_degree=3, ring_degree=2), "= 6 does not divide the world size 8"),
+    ],
+)
+def test_degrees_that_do_not_fit_are_refused(changes, message):
+    with pytest.raises(TopologyError, match=message):
+        render_pytorchjob(RUN, [shard_id(0)], BASE.replace(**changes))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(nodes=0), "nodes must be >= 1"),
+        (dict(cfg_degree=3), "cfg_degree must be 0, 1 or 2"),
+        (dict(image_pull_policy="Sometimes"), "image_pull_policy"),
+        (dict(shm_size="lots"), "shm_size 'lots' is not a Kubernetes quantity"),
+        (dict(model_s3_uri="s3://w/m"), "exclusive"),
+        (dict(namespace="Not_A_Namespace"), "DNS-1123"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        BASE.replace(**changes)
+
+
+def test_names_are_valid_deterministic_and_distinct():
+    long_run = "a-very-long-manifest-name-that-goes-on-and-on-and-on-and-on-0123456789ab"
+    other_long = long_run.replace("on-and-on-0", "on-and-no-0")
+    cases = [
+        (RUN, 0, 0, 1),
+        (RUN, 0, 0, 2),
+        (RUN, 3, 5, 1),
+        (long_run, 0, 2, 1),
+        (other_long, 0, 2, 1),
+        ("9lives_Run-00ff", 1, 1, 1),
+    ]
+    got = [names.job_name(*c) for c in cases]
+    assert got == [names.job_name(*c) for c in cases]  # pure function
+    assert len(set(got)) == len(got)
+    for name in got:
+        assert names.is_dns_label(name, names.MAX_JOB_NAME), name
+        assert names.is_dns_label(name + "-worker-1234567"), "pod Service names must stay DNS-1035 labels"
+    assert got[0] == "prompts-0123456789ab-0-0-a1"
+    assert names.job_name(RUN, shard_id(3), shard_id(5), 1) == got[2]
+    assert names.label_value(long_run) != names.label_value(other_long)
+    assert names.is_label_value(names.label_value(long_run)) and names.is_label_value(
+        names.label_value("x" * 200 + "!")
+    )
+
+
+def test_render_is_deterministic_and_relaunch_keeps_the_group_name():
+    shards = [shard_id(i) for i in (0, 1, 2)]
+    assert render_pytorchjob(RUN, shards, BASE) == render_pytorchjob(RUN, list(reversed(shards)), BASE)
+    relaunch = render_pytorchjob(RUN, [shard_id(0), shard_id(2)], BASE, 2, group=(shard_id(0), shard_id(2)))
+    assert relaunch["metadata"]["name"] == "prompts-0123456789ab-0-2-a2"
+    command = relaunch["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert _flag(command, "--shards") == "0,2"
+
+
+@pytest.mark.parametrize("text, indices", [("0:3", [0, 1, 2]), ("4", [4]), ("1,3,7", [1, 3, 7]), ("2:3", [2])])
+def test_shard_selection_round_trip(text, indices):
+    shards = parse_shard_indices(text)
+    assert shards == [shard_id(i) for i in indices]
+    assert parse_shard_indices(shard_selection(shards)) == shards
+
+
+def test_values_file_keys_are_checked():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['gpus'\]"):
+        LaunchSettings.from_dict({"gpus": 8})
+    with pytest.raises(ConfigError, match="nodes must be an integer"):
+        LaunchSettings.from_dict({"nodes": "2"})
+    assert LaunchSettings.from_dict(BASE.to_dict()) == BASE
+
+
+def test_render_command_prints_valid_yaml(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {"nodes": 2, "gpus_per_node": 8, "ulysses_degree": 8, "ring_degree": 2, "cfg_degree": 1, "model_pvc": "w"}
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "batchgen", "render", "--run-id", RUN, "--shards", "0:2", "--output", "s3://b/o", "--values", str(values), "--image", "img:1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (job,) = list(yaml.safe_load_all(out.stdout))
+    assert pytorchjob_problems(job) == []
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"] == "img:1"
+    bad = subprocess.run(
+        [sys.executable, "-m", "batchgen", "render", "--run-id", RUN, "--shards", "0:2", "--output", "s3://b/o", "--gpus-per-node", "8", "--ulysses-degree", "7"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 6 and "24 attention heads" in bad.stderr
