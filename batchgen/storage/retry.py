@@ -97,9 +97,9 @@ class RetryPolicy:
     def retrying(self, before_sleep=None) -> tenacity.Retrying:
         return tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.max_attempts),
-            wait=tenacity.wait_exponential_jitter(
-                initial=self.backoff_initial_s, max=self.backoff_max_s, jitter=self.backoff_initial_s
-            ),
+            # Exponential backoff plus random jitter, spelled so that every tenacity >= 8.2 accepts it.
+            wait=tenacity.wait_exponential(multiplier=self.backoff_initial_s, max=self.backoff_max_s)
+            + tenacity.wait_random(0, self.backoff_initial_s),
             retry=tenacity.retry_if_exception(is_transient),
             before_sleep=before_sleep,
             reraise=True,
