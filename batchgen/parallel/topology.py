@@ -1,0 +1,221 @@
+"""Parallel degrees and the shape checks that must pass before any weights load. No torch here.
+
+World size = data-parallel x cfg x ulysses x ring. Rank order (innermost first): ulysses, ring, cfg, data, so
+the Ulysses all-to-all, the heaviest collective, stays between neighbouring ranks (the same node's NVLink).
+
+Two rules decide which degrees can work for Mochi:
+- Ulysses scatters attention heads, so its degree must divide the heads (24 for Mochi 1, 4 for the tiny model).
+- Every sequence-parallel rank holds an equal contiguous slice of the visual tokens, so ulysses x ring must divide
+  N = T * (H / 16) * (W / 16) for every item (T = latent frames). Mochi's 1590 tokens per 480x848 frame factor as
+  2 * 3 * 5 * 53, which rules out 4 and 8 at 49 frames: the check says so up front instead of failing in a
+  collective after the weights have loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from batchgen.config import latent_frames
+from batchgen.errors import TopologyError
+
+
+@dataclass(frozen=True)
+class Topology:
+    world_size: int
+    dp: int
+    cfg: int
+    ulysses: int
+    ring: int
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "dp", "cfg", "ulysses", "ring"):
+            if getattr(self, name) < 1:
+                raise TopologyError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cfg not in (1, 2):
+            raise TopologyError(f"cfg degree must be 1 or 2, got {self.cfg}")
+        if self.dp * self.cfg * self.ulysses * self.ring != self.world_size:
+            raise TopologyError(
+                f"dp {self.dp} x cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring} "
+                f"= {self.dp * self.cfg * self.ulysses * self.ring}, not the world size {self.world_size}"
+            )
+
+    @property
+    def sp(self) -> int:
+        """Sequence-parallel degree: ranks that share one forward pass's visual tokens."""
+        return self.ulysses * self.ring
+
+    @property
+    def group_size(self) -> int:
+        """Ranks that work on one item together (one data-parallel group)."""
+        return self.cfg * self.sp
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's index along each axis: {'dp', 'cfg', 'ring', 'ulysses'}."""
+        if not 0 <= rank < self.world_size:
+            raise TopologyError(f"rank {rank} outside world size {self.world_size}")
+        ulysses, rest = rank % self.ulysses, rank // self.ulysses
+        ring, rest = rest % self.ring, rest // self.ring
+        cfg, dp = rest % self.cfg, rest // self.cfg
+        return {"dp": dp, "cfg": cfg, "ring": ring, "ulysses": ulysses}
+
+    def rank_of(self, *, dp: int, cfg: int, ring: int, ulysses: int) -> int:
+        return ((dp * self.cfg + cfg) * self.ring + ring) * self.ulysses + ulysses
+
+    def groups(self, axis: str) -> list[list[int]]:
+        """Every group along ``axis`` ('dp', 'cfg', 'ulysses', 'ring', 'sp' = ulysses x ring), in a fixed order.
+        All ranks must create process groups in this same order."""
+        sizes = {"dp": self.dp, "cfg": self.cfg, "ring": self.ring, "ulysses": self.ulysses}
+        varying = {"sp": ("ring", "ulysses")}.get(axis, (axis,))
+        if any(a not in sizes for a in varying):
+            raise ValueError(f"unknown axis {axis!r}")
+        seen: dict[tuple, list[int]] = {}
+        for rank in range(self.world_size):
+            c = self.coords(rank)
+            key = tuple(c[a] for a in ("dp", "cfg", "ring", "ulysses") if a not in varying)
+            seen.setdefault(key, []).append(rank)
+        return list(seen.values())
+
+    def describe(self) -> str:
+        return f"world {self.world_size} = dp {self.dp} x cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring}"
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "world_size": self.world_size,
+            "dp": self.dp,
+            "cfg": self.cfg,
+            "ulysses": self.ulysses,
+            "ring": self.ring,
+        }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def choose_topology(
+    world_size: int,
+    *,
+    ulysses: int = 0,
+    ring: int = 0,
+    cfg: int = 0,
+    num_heads: int,
+    use_cfg: bool = True,
+    token_counts: Collection[int] = (),
+) -> Topology:
+    """Degrees for ``world_size`` ranks.
+
+    Explicit mode (any degree given, i.e. non-zero): degrees not given are 1 and data parallel fills the rest.
+    Automatic mode (all degrees 0): the whole world works on one item: cfg 2 when guidance is used, then the
+    largest Ulysses degree that divides the heads (and every count in ``token_counts``), then ring for what is
+    left (again dividing the token counts); anything that still does not fit becomes data parallel.
+    """
+    if world_size < 1:
+        raise TopologyError(f"world size must be >= 1, got {world_size}")
+    if num_heads < 1:
+        raise TopologyError(f"num_heads must be >= 1, got {num_heads}")
+    if any(d < 0 for d in (ulysses, ring, cfg)) or cfg > 2:
+        raise TopologyError(f"degrees must be >= 0 and cfg 0, 1 or 2; got ulysses {ulysses} ring {ring} cfg {cfg}")
+    tokens_gcd = 0
+    for n in token_counts:
+        tokens_gcd = math.gcd(tokens_gcd, n)
+
+    if ulysses or ring or cfg:
+        ulysses, ring, cfg = ulysses or 1, ring or 1, cfg or 1
+        if num_heads % ulysses:
+            working = [d for d in _divisors(num_heads) if world_size % d == 0]
+            raise TopologyError(
+                f"ulysses degree {ulysses} does not divide the model's {num_heads} attention heads; "
+                f"working ulysses degrees for world size {world_size}: {', '.join(map(str, working))}"
+            )
+        group = cfg * ulysses * ring
+        if world_size % group:
+            raise TopologyError(
+                f"cfg {cfg} x ulysses {ulysses} x ring {ring} = {group} does not divide the world size "
+                f"{world_size}; data parallel needs a whole number of groups"
+            )
+        return Topology(world_size, world_size // group, cfg, ulysses, ring)
+
+    remaining = world_size
+    cfg = 2 if use_cfg and remaining % 2 == 0 else 1
+    remaining //= cfg
+
+    def fits_tokens(d: int) -> bool:
+        return tokens_gcd == 0 or tokens_gcd % d == 0
+
+    ulysses = max(d for d in _divisors(remaining) if num_heads % d == 0 and fits_tokens(d))
+    remaining //= ulysses
+    ring = max(d for d in _divisors(remaining) if fits_tokens(ulysses * d))
+    return Topology(world_size, remaining // ring, cfg, ulysses, ring)
+
+
+class _ShapedItem(Protocol):
+    id: str
+    num_frames: int
+    height: int
+    width: int
+
+
+def visual_tokens(num_frames: int, height: int, width: int, *, vae_spatial: int = 8, patch: int = 2) -> int:
+    """Visual tokens of one Mochi forward: latent frames x (H / 16) x (W / 16) with the default VAE and patch."""
+    cell = vae_spatial * patch
+    return latent_frames(num_frames) * (height // cell) * (width // cell)
+
+
+def working_layouts(tokens: Iterable[int], *, num_heads: int, max_sp: int | None = None) -> list[tuple[int, int]]:
+    """(ulysses, ring) pairs that satisfy both rules for every token count, smallest product first."""
+    g = 0
+    for n in tokens:
+        g = math.gcd(g, n)
+    limit = max_sp or g or 1
+    pairs = []
+    for sp in _divisors(g) if g else [1]:
+        if sp > limit:
+            break
+        pairs.extend((u, sp // u) for u in _divisors(sp) if num_heads % u == 0)
+    return pairs
+
+
+def check_items(
+    topology: Topology, items: Iterable[_ShapedItem], *, num_heads: int, vae_spatial: int = 8, patch: int = 2
+) -> None:
+    """Raise TopologyError if the degrees cannot run every item, listing the degrees that would."""
+    problems: list[str] = []
+    if num_heads % topology.ulysses:
+        heads_ok = ", ".join(str(d) for d in _divisors(num_heads))
+        problems.append(
+            f"ulysses degree {topology.ulysses} does not divide the {num_heads} attention heads (working: {heads_ok})"
+        )
+
+    by_shape: dict[tuple[int, int, int], list[str]] = {}
+    for item in items:
+        by_shape.setdefault((item.num_frames, item.height, item.width), []).append(item.id)
+    token_counts = {shape: visual_tokens(*shape, vae_spatial=vae_spatial, patch=patch) for shape in by_shape}
+    cell = vae_spatial * patch
+    for (frames, height, width), ids in sorted(by_shape.items()):
+        if height % cell or width % cell:
+            problems.append(f"{frames} frames at {height}x{width}: height and width must be multiples of {cell}")
+            continue
+        n = token_counts[(frames, height, width)]
+        if n % topology.sp:
+            working = ", ".join(str(d) for d in _divisors(n))
+            shown = ", ".join(ids[:3]) + (f" (+{len(ids) - 3} more)" if len(ids) > 3 else "")
+            problems.append(
+                f"{frames} frames at {height}x{width}: N={n}; ulysses x ring must divide {n} but is "
+                f"{topology.ulysses}x{topology.ring}={topology.sp} (items {shown}); working: {working}"
+            )
+    if not problems:
+        return
+    group_world = topology.world_size // topology.cfg
+    fitting = [
+        f"{u}x{r}" for u, r in working_layouts(token_counts.values(), num_heads=num_heads) if group_world % (u * r) == 0
+    ]
+    hint = (
+        f"layouts (ulysses x ring) that fit every item and world size {topology.world_size} with cfg {topology.cfg}: "
+        + (", ".join(fitting) if fitting else "none")
+    )
+    raise TopologyError(
+        f"parallel degrees do not fit ({topology.describe()}):\n  " + "\n  ".join(problems) + f"\n  {hint}"
+    )

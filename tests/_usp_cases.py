@@ -1,0 +1,168 @@
+"""Functions that run inside the gloo worker processes of the USP tests, and the single-process references.
+
+Module level (picklable by reference) and importable by the forkserver children.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# The tiny Mochi's transformer shape (batchgen/generate/tiny.py): 4 heads x 16, 2 blocks, text width 32.
+TINY_TRANSFORMER = {
+    "patch_size": 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "num_layers": 2,
+    "pooled_projection_dim": 32,
+    "in_channels": 12,
+    "qk_norm": "rms_norm",
+    "text_embed_dim": 32,
+    "time_embed_dim": 32,
+    "activation_fn": "swiglu",
+    "max_sequence_length": 256,
+}
+TEXT_LEN = 16
+# 13 frames at 64x96: T = 3 latent frames of 4 x 6 patches = 72 visual tokens (divisible by 1, 2, 3, 4, 6, 8),
+# and a non-square frame so a height/width mix-up in the RoPE slice cannot go unnoticed.
+SHAPE = {"num_frames": 13, "height": 64, "width": 96}
+STEPS = 3
+GUIDANCE = 4.5
+
+
+def tiny_transformer(seed: int = 0):
+    """Deterministic random weights (no zero-initialised tensors: RoPE, adaLN gates and output all matter)."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = MochiTransformer3DModel(**TINY_TRANSFORMER)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            values = torch.randn(param.shape, generator=gen)
+            if param.ndim > 1:
+                values = values / param[0].numel() ** 0.5  # fan-in scaled: activations stay O(1)
+            elif "norm" in name and name.endswith("weight"):
+                values = 1.0 + 0.1 * values
+            else:
+                values = 0.02 * values
+            param.copy_(values)
+        model.pos_frequencies.copy_(torch.rand(model.pos_frequencies.shape, generator=gen) * 0.5)
+    return model.eval()
+
+
+def prompt_tensors(item_seed: int) -> dict[str, torch.Tensor]:
+    """Random T5-like embeddings; cond and uncond have different valid lengths so padding removal matters."""
+    gen = torch.Generator().manual_seed(1000 + item_seed)
+    cond_valid, uncond_valid = 5 + item_seed % 7, 2 + item_seed % 3
+
+    def one(valid: int):
+        embeds = torch.randn(1, TEXT_LEN, TINY_TRANSFORMER["text_embed_dim"], generator=gen)
+        mask = torch.zeros(1, TEXT_LEN, dtype=torch.long)
+        mask[:, :valid] = 1
+        return embeds * mask.unsqueeze(-1), mask
+
+    prompt_embeds, prompt_mask = one(cond_valid)
+    negative_embeds, negative_mask = one(uncond_valid)
+    return {
+        "prompt_embeds": prompt_embeds,
+        "prompt_attention_mask": prompt_mask,
+        "negative_prompt_embeds": negative_embeds,
+        "negative_prompt_attention_mask": negative_mask,
+    }
+
+
+def forward_inputs(item_seed: int) -> dict[str, torch.Tensor]:
+    """One CFG batch [uncond, cond] as MochiPipeline builds it."""
+    p = prompt_tensors(item_seed)
+    gen = torch.Generator().manual_seed(item_seed)
+    latent = torch.randn(1, 12, 3, SHAPE["height"] // 8, SHAPE["width"] // 8, generator=gen)
+    return {
+        "hidden_states": torch.cat([latent, latent]),
+        "encoder_hidden_states": torch.cat([p["negative_prompt_embeds"], p["prompt_embeds"]]),
+        "timestep": torch.tensor([700.0, 700.0]),
+        "encoder_attention_mask": torch.cat([p["negative_prompt_attention_mask"], p["prompt_attention_mask"]]),
+    }
+
+
+def denoise(transformer, item_seed: int) -> torch.Tensor:
+    """The stock diffusers MochiPipeline, latents out (no VAE, no T5: embeddings given)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(invert_sigmas=True)
+    pipe = MochiPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        **prompt_tensors(item_seed),
+        **SHAPE,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(item_seed),
+        output_type="latent",
+    ).frames
+
+
+def reference(item_seed: int) -> dict[str, torch.Tensor]:
+    """Single process, stock model: the transformer forward on one CFG batch and a full denoising run."""
+    transformer = tiny_transformer()
+    with torch.no_grad():
+        forward = transformer(**forward_inputs(item_seed), return_dict=False)[0]
+    return {"forward": forward, "latents": denoise(transformer, item_seed)}
+
+
+def parallel_case(degrees: dict[str, int], backend: str = "native", kernel: str = "auto") -> dict[str, Any]:
+    """On every rank: the parallel transformer forward and the full denoising run of this dp group's item."""
+    from batchgen.config import ParallelConfig
+    from batchgen.parallel.apply import parallelize_transformer
+    from batchgen.parallel.runtime import TorchContext
+    from tests._dist import INIT_TIMEOUT_S
+
+    context = TorchContext.from_env(
+        ParallelConfig(
+            ulysses_degree=degrees.get("ulysses", 1),
+            ring_degree=degrees.get("ring", 1),
+            cfg_degree=degrees.get("cfg", 1),
+            sp_backend=backend,
+        ),
+        num_heads=TINY_TRANSFORMER["num_attention_heads"],
+        timeout_s=INIT_TIMEOUT_S,
+    )
+    item_seed = 11 + context.dp_rank  # data-parallel groups work on different items
+    transformer = parallelize_transformer(tiny_transformer(), context, kernel=kernel)
+    with torch.no_grad():
+        forward = transformer(**forward_inputs(item_seed), return_dict=False)[0]
+    latents = denoise(transformer, item_seed)
+    return {
+        "rank": context.rank,
+        "dp_rank": context.dp_rank,
+        "is_writer": context.is_writer,
+        "topology": context.topology.to_dict(),
+        "item_seed": item_seed,
+        "forward": forward,
+        "latents": latents,
+    }
+
+
+def context_case(fail_rank: int | None = None) -> dict[str, Any]:
+    """ProcessContext semantics over a real process group."""
+    from batchgen.config import ParallelConfig
+    from batchgen.parallel.runtime import TorchContext
+    from tests._dist import INIT_TIMEOUT_S
+
+    context = TorchContext.from_env(ParallelConfig(ulysses_degree=2), num_heads=4, timeout_s=INIT_TIMEOUT_S)
+    if fail_rank == context.rank:
+        raise RuntimeError(f"injected failure on rank {context.rank}")
+    agreed = context.broadcast({"items": [f"item-{context.rank}"]})
+    all_ok = context.all_true(True)
+    one_failed = context.all_true(context.rank != 1)
+    context.barrier()
+    return {
+        "rank": context.rank,
+        "dp_rank": context.dp_rank,
+        "dp_size": context.dp_size,
+        "is_writer": context.is_writer,
+        "agreed": agreed,
+        "all_ok": all_ok,
+        "one_failed": one_failed,
+    }
