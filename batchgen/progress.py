@@ -126,7 +126,7 @@ def scan_run(storage: Storage, plan: RunPlan) -> RunProgress:
 def _names_under(storage: Storage, prefix: str, suffix: str, *, depth: int) -> list[str]:
     names = []
     for info in storage.list(prefix):
-        rest = info.key[len(prefix):]
+        rest = info.key[len(prefix) :]
         if rest.endswith(suffix) and rest.count("/") == depth - 1:
             names.append(rest[: -len(suffix)])
     return names

@@ -291,7 +291,7 @@ def scan_shard(storage: Storage, run_id: str, shard: str) -> ShardScan:
 def _ids_under(storage: Storage, prefix: str, suffix: str, ids: set[str]) -> set[str]:
     found = set()
     for info in storage.list(prefix):
-        name = info.key[len(prefix):]
+        name = info.key[len(prefix) :]
         item_id = name[: -len(suffix)] if name.endswith(suffix) else None
         if item_id in ids:
             found.add(item_id)
@@ -387,7 +387,11 @@ class _WorkerLoop:
         rounds = -(-len(pending) // self.ctx.dp_size)
         log.info(
             "%s: %d items, %d already done, %d adopted, %d to generate",
-            shard, len(scan.items), result.resumed, result.adopted, len(pending),
+            shard,
+            len(scan.items),
+            result.resumed,
+            result.adopted,
+            len(pending),
         )
         if pending:
             self._prepare(mine, shard)
@@ -458,7 +462,12 @@ class _WorkerLoop:
                     last_error = e
                     log.warning(
                         "%s/%s: attempt %d/%d failed on rank %d: %s",
-                        shard, item.id, attempts, self.max_attempts, self.ctx.rank, _describe(e),
+                        shard,
+                        item.id,
+                        attempts,
+                        self.max_attempts,
+                        self.ctx.rank,
+                        _describe(e),
                         exc_info=log.isEnabledFor(logging.DEBUG),
                     )
             what = f"item {item.id}" if item else f"a round of {shard}"
@@ -492,7 +501,9 @@ class _WorkerLoop:
         expected = (item.num_frames, item.height, item.width, 3)
         frames = video.frames
         if tuple(frames.shape) != expected or frames.dtype.name != "uint8":
-            raise ValueError(f"generator returned frames {frames.dtype}{list(frames.shape)}, expected uint8{list(expected)}")
+            raise ValueError(
+                f"generator returned frames {frames.dtype}{list(frames.shape)}, expected uint8{list(expected)}"
+            )
         t0 = time.perf_counter()
         data = encode_mp4(frames, self.generation.fps, self.generation.crf)
         info = probe_mp4(data)
@@ -507,8 +518,9 @@ class _WorkerLoop:
             adopted = True
         _fault("after_video", item.id)
         timings = {} if adopted else {**video.timings, "encode_mp4": t1 - t0}
-        sidecar = self._sidecar(shard, item, data, info, attempt=attempt, adopted=adopted, timings=timings,
-                                extra=video.extra)
+        sidecar = self._sidecar(
+            shard, item, data, info, attempt=attempt, adopted=adopted, timings=timings, extra=video.extra
+        )
         if not adopted:
             sidecar["timings"]["upload"] = time.perf_counter() - t1
         self._put_sidecar(shard, item, sidecar, clear_error)
@@ -605,8 +617,14 @@ class _WorkerLoop:
         }
         key = layout.error_key(self.plan.run_id, shard, item.id)
         self.storage.put_bytes(key, _json_bytes(record), content_type="application/json")
-        log.error("%s/%s: failed after %d attempt(s): %s (recorded in %s)", shard, item.id, attempts, message,
-                  self.storage.url(key))
+        log.error(
+            "%s/%s: failed after %d attempt(s): %s (recorded in %s)",
+            shard,
+            item.id,
+            attempts,
+            message,
+            self.storage.url(key),
+        )
 
     # -- orphans and stats -----------------------------------------------------------------------------
 
@@ -620,8 +638,11 @@ class _WorkerLoop:
             except NotFoundError:
                 continue  # a concurrent worker replaced it; the item is handled like any pending one
             except ValueError as e:
-                log.warning("%s: orphan video is unusable (%s); deleting it and generating the item again",
-                            self.storage.url(key), e)
+                log.warning(
+                    "%s: orphan video is unusable (%s); deleting it and generating the item again",
+                    self.storage.url(key),
+                    e,
+                )
                 self.storage.delete(key)
                 continue
             sidecar = self._sidecar(scan.shard, item, data, info, attempt=0, adopted=True, timings={}, extra={})
@@ -650,5 +671,6 @@ class _WorkerLoop:
             "batchgen_version": __version__,
             "finished_at": _now(),
         }
-        self.storage.put_bytes(layout.stats_key(run_id, scan.shard), _json_bytes(stats),
-                               content_type="application/json")
+        self.storage.put_bytes(
+            layout.stats_key(run_id, scan.shard), _json_bytes(stats), content_type="application/json"
+        )

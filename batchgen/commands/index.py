@@ -1,0 +1,43 @@
+"""``batchgen index``: (re)build a run's Parquet index from its sidecars, and its success marker."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "index"
+HELP = "(re)build a run's index/index.parquet from its sidecars"
+ORDER = 75
+DESCRIPTION = (
+    "Read every sidecar of the run (one listing, parallel reads) and write <run>/index/index.parquet atomically: "
+    "one row per committed video with its key, URI and every sidecar field. Writes _SUCCESS.json when every "
+    "item is done. Exit 5 when the run is not complete (the index then covers the items done so far)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", metavar="URI", help="output root: s3://bucket/prefix or a folder")
+    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run (needed when there are several)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from batchgen import layout
+    from batchgen.commands.status import resolve_run_id
+    from batchgen.errors import EXIT_INCOMPLETE, InputError
+    from batchgen.index import finalize_run
+    from batchgen.plan import list_runs, load_plan
+    from batchgen.progress import scan_run
+    from batchgen.storage import open_storage
+
+    storage = open_storage(args.output)
+    run_id = resolve_run_id(storage, args.run_id)
+    if run_id is None:
+        raise InputError(f"several runs under {storage.uri}; pick one with --run-id: {', '.join(list_runs(storage))}")
+    plan = load_plan(storage, run_id)
+    complete = finalize_run(storage, plan)
+    progress = scan_run(storage, plan)
+    print(f"{storage.url(layout.index_key(run_id))}: {progress.done} rows")
+    if not complete:
+        print(f"run incomplete: {progress.failed} failed, {progress.pending} pending of {progress.total}")
+        return EXIT_INCOMPLETE
+    print(f"complete: {storage.url(layout.success_key(run_id))}")
+    return 0

@@ -1,0 +1,87 @@
+"""``batchgen status``: a run's progress from storage alone (no cluster, no worker needed)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "status"
+HELP = "show a run's progress from storage alone"
+ORDER = 70
+DESCRIPTION = (
+    "Count done, failed and pending items of a run from listings of its stats/, errors/ and meta/ objects. "
+    "Without --run-id: the output's only run, or the list of runs when there are several."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", metavar="URI", help="output root: s3://bucket/prefix or a folder")
+    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run (needed when there are several)")
+    parser.add_argument("--shards", action="store_true", help="also list every shard that is not finished")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def resolve_run_id(storage, run_id: str | None) -> str | None:
+    """The run to show: the given one, or the only run. None when there are several (the caller lists them)."""
+    from batchgen.errors import NotFoundError
+    from batchgen.plan import list_runs
+
+    if run_id:
+        return run_id
+    runs = list_runs(storage)
+    if not runs:
+        raise NotFoundError(f"no planned run under {storage.uri}")
+    return runs[0] if len(runs) == 1 else None
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from batchgen import layout
+    from batchgen.plan import list_runs, load_plan
+    from batchgen.progress import scan_run
+    from batchgen.storage import open_storage
+
+    storage = open_storage(args.output)
+    run_id = resolve_run_id(storage, args.run_id)
+    if run_id is None:
+        runs = list_runs(storage)
+        if args.json:
+            print(json.dumps({"runs": runs}))
+        else:
+            print(f"{len(runs)} runs under {storage.uri}; pick one with --run-id:")
+            for name in runs:
+                print(f"  {name}")
+        return 0
+    plan = load_plan(storage, run_id)
+    progress = scan_run(storage, plan)
+    success = storage.exists(layout.success_key(run_id))
+    if args.json:
+        data = {**progress.to_dict(), "output": storage.uri, "success_marker": success}
+        if args.shards:
+            data["unfinished_shards"] = [
+                {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "finished": s.finished}
+                for s in (progress.shards[name] for name in progress.unfinished_shards)
+            ]
+        print(json.dumps(data, indent=2))
+        return 0
+    percent = 100.0 * progress.done / progress.total if progress.total else 100.0
+    state = (
+        "complete"
+        if progress.complete
+        else "failed items"
+        if progress.failed and not progress.pending
+        else ("in progress" if progress.done or progress.failed else "not started")
+    )
+    print(f"run       {run_id}")
+    print(f"output    {storage.uri}")
+    print(
+        f"items     {progress.done}/{progress.total} done ({percent:.1f}%), {progress.failed} failed, "
+        f"{progress.pending} pending"
+    )
+    print(f"shards    {len(progress.finished_shards)}/{len(progress.shards)} finished")
+    print(f"state     {state}" + (" (_SUCCESS.json present)" if success else ""))
+    if args.shards:
+        for name in progress.unfinished_shards:
+            s = progress.shards[name]
+            print(f"  {name}: {s.done}/{s.total} done, {s.failed} failed" + (", stats written" if s.finished else ""))
+    return 0
