@@ -200,7 +200,9 @@ def check_items(
             continue
         n = token_counts[(frames, height, width)]
         if n % topology.sp:
-            working = ", ".join(str(d) for d in _divisors(n))
+            # Degrees beyond the world size cannot be launched anyway; 8 keeps single-node options in view.
+            limit = max(topology.world_size, 8)
+            working = ", ".join(str(d) for d in _divisors(n) if d <= limit)
             shown = ", ".join(ids[:3]) + (f" (+{len(ids) - 3} more)" if len(ids) > 3 else "")
             problems.append(
                 f"{frames} frames at {height}x{width}: N={n}; ulysses x ring must divide {n} but is "

@@ -1,0 +1,125 @@
+"""Degree selection and the pre-load shape checks (pure Python, no torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from batchgen.errors import EXIT_PARALLEL, TopologyError
+from batchgen.parallel.topology import Topology, check_items, choose_topology, visual_tokens, working_layouts
+
+
+@dataclass
+class Shape:
+    id: str
+    num_frames: int
+    height: int
+    width: int
+
+
+@pytest.mark.parametrize(
+    "world,kwargs,expected",
+    [
+        # automatic: cfg 2 first when guidance is used, then ulysses up to the heads, then ring
+        (1, {"num_heads": 24}, (1, 1, 1, 1)),
+        (2, {"num_heads": 24}, (1, 2, 1, 1)),
+        (2, {"num_heads": 24, "use_cfg": False}, (1, 1, 2, 1)),
+        (8, {"num_heads": 24}, (1, 2, 4, 1)),
+        (8, {"num_heads": 4, "use_cfg": False}, (1, 1, 4, 2)),
+        (16, {"num_heads": 4}, (1, 2, 4, 2)),
+        # 49 frames at 480x848 (N = 14310 = 2*3^3*5*53): 4 does not divide N, so 2 x 2 cannot be chosen
+        (8, {"num_heads": 24, "token_counts": [14310]}, (2, 2, 2, 1)),
+        (6, {"num_heads": 24, "use_cfg": False, "token_counts": [14310]}, (1, 1, 6, 1)),
+        # explicit: missing degrees are 1, data parallel fills the rest
+        (8, {"num_heads": 24, "ulysses": 2}, (4, 1, 2, 1)),
+        (8, {"num_heads": 24, "ulysses": 2, "ring": 2, "cfg": 2}, (1, 2, 2, 2)),
+        (4, {"num_heads": 4, "cfg": 1, "ring": 2}, (2, 1, 1, 2)),
+    ],
+)
+def test_choose_topology(world, kwargs, expected):
+    t = choose_topology(world, **kwargs)
+    assert (t.dp, t.cfg, t.ulysses, t.ring) == expected
+    assert t.dp * t.cfg * t.sp == world
+
+
+@pytest.mark.parametrize(
+    "world,kwargs,message",
+    [
+        (
+            7,
+            {"num_heads": 24, "ulysses": 7},
+            "does not divide the model's 24 attention heads; working ulysses degrees for world size 7: 1",
+        ),
+        (8, {"num_heads": 4, "ulysses": 8}, "working ulysses degrees for world size 8: 1, 2, 4"),
+        (6, {"num_heads": 24, "ulysses": 4}, "does not divide the world size 6"),
+        (4, {"num_heads": 24, "cfg": 3}, "cfg 0, 1 or 2"),
+    ],
+)
+def test_choose_topology_errors(world, kwargs, message):
+    with pytest.raises(TopologyError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        choose_topology(world, **kwargs)
+    assert info.value.exit_code == EXIT_PARALLEL
+
+
+def test_rank_layout_groups_and_coords_round_trip():
+    t = Topology(16, dp=2, cfg=2, ulysses=2, ring=2)
+    for rank in range(16):
+        assert t.rank_of(**t.coords(rank)) == rank
+    assert t.groups("ulysses")[:2] == [[0, 1], [2, 3]]  # innermost: neighbouring ranks
+    assert t.groups("ring")[:2] == [[0, 2], [1, 3]]
+    assert t.groups("sp")[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert t.groups("cfg")[0] == [0, 4]
+    assert t.groups("dp")[0] == [0, 8]
+    for axis in ("dp", "cfg", "ulysses", "ring", "sp"):
+        flat = sorted(r for g in t.groups(axis) for r in g)
+        assert flat == list(range(16)), f"{axis} groups must partition the world"
+
+
+def test_visual_tokens_match_mochi_facts():
+    assert visual_tokens(163, 480, 848) == 44520
+    assert visual_tokens(49, 480, 848) == 14310
+    assert visual_tokens(13, 64, 64) == 48
+
+
+def test_working_layouts_for_49_frames():
+    pairs = working_layouts([14310], num_heads=24, max_sp=6)
+    assert sorted({u * r for u, r in pairs}) == [1, 2, 3, 5, 6]
+    assert (4, 1) not in pairs and (2, 2) not in pairs
+
+
+def test_check_items_lists_working_degrees():
+    items = [Shape(f"clip-{i}", 49, 480, 848) for i in range(5)]
+    with pytest.raises(TopologyError) as info:
+        check_items(Topology(4, dp=1, cfg=1, ulysses=4, ring=1), items, num_heads=24)
+    text = str(info.value)
+    assert "49 frames at 480x848: N=14310; ulysses x ring must divide 14310 but is 4x1=4" in text
+    assert "items clip-0, clip-1, clip-2 (+2 more)" in text
+    assert "working: 1, 2, 3, 5, 6\n" in text
+    # layouts that fit both the items and the world size of 4
+    assert "fit every item and world size 4 with cfg 1: 1x1, 1x2, 2x1" in text
+
+
+def test_check_items_reports_each_failing_shape_and_heads():
+    items = [Shape("a", 13, 64, 64), Shape("b", 7, 48, 48)]  # N = 48 and 2 * 9 = 18
+    with pytest.raises(TopologyError) as info:
+        check_items(Topology(8, dp=1, cfg=1, ulysses=8, ring=1), items, num_heads=4)
+    text = str(info.value)
+    assert "ulysses degree 8 does not divide the 4 attention heads (working: 1, 2, 4)" in text
+    assert "7 frames at 48x48: N=18" in text
+    assert "13 frames at 64x64" not in text  # 48 divides by 8
+    assert "working: 1, 2, 3, 6\n" in text
+    assert "with cfg 1: 1x1, 1x2, 2x1" in text
+
+
+def test_check_items_passes_fitting_items():
+    check_items(Topology(4, dp=1, cfg=1, ulysses=2, ring=2), [Shape("a", 13, 64, 64)], num_heads=4)
+    check_items(Topology(6, dp=1, cfg=1, ulysses=6, ring=1), [Shape("a", 49, 480, 848)], num_heads=24)
+
+
+def test_topology_module_does_not_import_torch():
+    code = "import sys, batchgen.parallel.topology; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
