@@ -64,7 +64,9 @@ def test_example_is_accepted_by_a_cluster(filename):
         (container,) = [c for c in pod["containers"] if c["name"] == CONTAINER_NAME]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
         command = container["command"]
-        degrees = {flag: command[command.index(flag) + 1] for flag in ("--ulysses-degree", "--ring-degree", "--cfg-degree")}
+        degrees = {
+            flag: command[command.index(flag) + 1] for flag in ("--ulysses-degree", "--ring-degree", "--cfg-degree")
+        }
         assert degrees == {"--ulysses-degree": str(ulysses), "--ring-degree": str(ring), "--cfg-degree": str(cfg)}
         assert ulysses * ring * cfg <= nodes * gpus and (nodes * gpus) % (ulysses * ring * cfg) == 0
 
@@ -88,11 +90,15 @@ def test_check_reports_every_kind_of_drift(tmp_path):
 
     # --write repairs what it generates and leaves unrelated files to the user.
     assert examples.main(["--write", str(copy)]) == 0
-    assert examples.drift(copy) == [f"{copy / 'hand-written.yaml'}: not a generated example (remove it or add it to EXAMPLES)"]
+    assert examples.drift(copy) == [
+        f"{copy / 'hand-written.yaml'}: not a generated example (remove it or add it to EXAMPLES)"
+    ]
     assert not list(copy.glob("*.tmp"))
 
 
 def test_examples_need_no_values_file():
     with pytest.raises(ValueError, match="tolerations"):
-        examples.render_flags(LaunchSettings(output="s3://bucket/out", tolerations=({"key": "gpu", "operator": "Exists"},)))
+        examples.render_flags(
+            LaunchSettings(output="s3://bucket/out", tolerations=({"key": "gpu", "operator": "Exists"},))
+        )
     assert examples.render_flags(LaunchSettings()) == []

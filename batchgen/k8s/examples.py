@@ -108,7 +108,14 @@ def render_flags(settings: LaunchSettings) -> list[str]:
 
 def render_args(example: Example) -> list[str]:
     """The full ``batchgen render`` argument list for ``example`` (without the program name)."""
-    return ["render", "--run-id", EXAMPLE_RUN_ID, "--shards", shard_selection(example.shards), *render_flags(example.settings)]
+    return [
+        "render",
+        "--run-id",
+        EXAMPLE_RUN_ID,
+        "--shards",
+        shard_selection(example.shards),
+        *render_flags(example.settings),
+    ]
 
 
 def render_example(example: Example) -> str:
