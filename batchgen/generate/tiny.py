@@ -35,13 +35,15 @@ TRANSFORMER_CONFIG = {
     "max_sequence_length": 256,
 }
 # 32 channels is the floor: the Mochi VAE's group norms use 32 groups and its attention heads are 32 wide.
+# No resnets at full and half resolution (layers_per_block[0:2] = 0): those convolutions cost 90% of the decode
+# time; the causal convolutions at 1/4 and 1/8 resolution still exercise framewise decoding's temporal cache.
 VAE_CONFIG = {
     "in_channels": 15,
     "out_channels": 3,
     "encoder_block_out_channels": (32, 32, 32, 32),
     "decoder_block_out_channels": (32, 32, 32, 32),
     "latent_channels": 12,
-    "layers_per_block": (1, 1, 1, 1, 1),
+    "layers_per_block": (0, 0, 1, 1, 1),
     "act_fn": "silu",
     "temporal_expansions": (1, 2, 3),
     "spatial_expansions": (2, 2, 2),
@@ -66,22 +68,6 @@ T5_CONFIG = {
     "eos_token_id": 1,
     "decoder_start_token_id": 0,
 }
-# genmo/mochi-1-preview scheduler/scheduler_config.json (Mochi runs sigmas from 1 down, hence invert_sigmas).
-SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": True,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": None,
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": False,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
-
 TINY_TOML = """\
 # Generation defaults that fit the tiny random Mochi written next to this file (batchgen tiny-model).
 # 13 frames (T = 3 latent frames) at 64x64 (8x8 latent, 4x4 patches): 48 visual tokens, which divide by
@@ -120,18 +106,31 @@ def _write_tokenizer(path: Path) -> int:
     return len(tokenizer)
 
 
-def write_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
-    """Write the tiny model into ``directory`` (created; must be empty or absent) and return its path."""
+def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "diffusers") -> Path:
+    """Write the tiny model into ``directory`` (created; must be empty or absent) and return its path.
+
+    ``layout="original"`` writes the DiT as ``dit.safetensors`` in Genmo's key layout (same weights) instead of
+    ``transformer/``, to exercise the original-layout loader; the other components stay in their subfolders.
+    """
     import torch
     from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
     from batchgen.errors import InputError
+    from batchgen.generate.loading import (
+        MOCHI_SCHEDULER_CONFIG,
+        ORIGINAL_DIT,
+        _quiet_progress_bars,
+        diffusers_to_original_state_dict,
+    )
 
+    if layout not in ("diffusers", "original"):
+        raise InputError(f"layout must be 'diffusers' or 'original', got {layout!r}")
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
         raise InputError(f"{root}: directory is not empty; the tiny model needs a fresh directory")
     root.mkdir(parents=True, exist_ok=True)
+    _quiet_progress_bars()
 
     vocab_size = _write_tokenizer(root / "tokenizer")
 
@@ -159,7 +158,12 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
         transformer.pos_frequencies.copy_(
             torch.rand(transformer.pos_frequencies.shape, generator=generator, dtype=torch.float32) * 0.5
         )
-    transformer.save_pretrained(str(root / "transformer"), safe_serialization=True)
+    if layout == "diffusers":
+        transformer.save_pretrained(str(root / "transformer"), safe_serialization=True)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(diffusers_to_original_state_dict(transformer.state_dict()), str(root / ORIGINAL_DIT))
 
     vae = AutoencoderKLMochi(**VAE_CONFIG)
     randomize(vae, scale=1.0)
@@ -170,7 +174,7 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
     randomize(text_encoder, scale=1.0)
     text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
 
-    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    scheduler = FlowMatchEulerDiscreteScheduler(**MOCHI_SCHEDULER_CONFIG)
     scheduler.save_pretrained(str(root / "scheduler"))
 
     model_index = {
@@ -185,9 +189,10 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0) -> Path:
         "transformer": ["diffusers", "MochiTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLMochi"],
     }
-    (root / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    if layout == "diffusers":
+        (root / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
     (root / TINY_TOML_NAME).write_text(TINY_TOML)
-    log.info("wrote tiny Mochi (seed %d) to %s", seed, root)
+    log.info("wrote tiny Mochi (seed %d, %s layout) to %s", seed, layout, root)
     return root
 
 

@@ -1,0 +1,406 @@
+"""Mochi generation in stages: T5 once per shard, then denoise and decode per item.
+
+The stages follow diffusers' ``MochiPipeline.__call__`` step for step (same noise from the same seed, same sigma
+schedule, same CFG batch layout, same scheduler), so a single-process fp32 run gives the same latents as the stock
+pipeline; what differs is the split:
+
+- ``encode_prompts``: every prompt of a shard through T5 at once (each distinct text once); the encoder visits the
+  GPU for that and leaves it before denoising starts. An empty prompt is encoded as zeros, as Genmo does.
+- ``denoise``: fp32 latents, sigmas and guidance; the transformer runs in the model dtype (bf16 on GPU). Under
+  sequence/CFG parallelism the transformer was wrapped once by ``batchgen.parallel.apply.parallelize_transformer``
+  with the same call signature, so this code is the same for every topology.
+- ``decode``: the VAE with tiling and framewise decoding (causal context carried between frame groups: no seams,
+  exactly 6T - 5 frames), on the group's writer rank only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchgen.config import ParallelConfig, latent_frames
+from batchgen.errors import InputError
+from batchgen.generate.api import GeneratedVideo
+from batchgen.generate.loading import MochiComponents, fingerprint_model_dir, load_components, resolve_dtype
+from batchgen.item import Item
+from batchgen.parallel.context import ProcessContext, SingleProcess
+
+log = logging.getLogger("batchgen.generate.pipeline")
+
+# Genmo's sampler (and diffusers' MochiPipeline): linear-quadratic sigma schedule with this threshold.
+THRESHOLD_NOISE = 0.025
+VAE_SPATIAL = 8
+VAE_TEMPORAL = 6
+# T5 prompts per forward: bounds activation memory for big shards at no cost in throughput.
+T5_BATCH = 8
+# diffusers' AutoencoderKLMochi tiling defaults (pixels): 256 px tiles every 192 px, 64 px blended overlap.
+DEFAULT_VAE_TILE = (256, 192)
+
+
+@dataclass
+class PromptEmbedding:
+    embeds: torch.Tensor
+    """[1, max_sequence_length, d_model], T5's dtype, on CPU between stages."""
+    mask: torch.Tensor
+    """[1, max_sequence_length] bool; all False for an empty prompt."""
+
+
+@dataclass
+class EncodedItem:
+    cond: PromptEmbedding
+    uncond: PromptEmbedding | None
+    """None when the item does not use classifier-free guidance (guidance_scale <= 1)."""
+    text_encode_s: float
+    """This item's share of the shard's T5 time."""
+
+
+def linear_quadratic_sigmas(steps: int, threshold_noise: float = THRESHOLD_NOISE) -> list[float]:
+    """Genmo's schedule (diffusers' linear_quadratic_schedule): ``steps // 2`` linear steps down to
+    ``threshold_noise``, then quadratic to 0; returned as sigmas from 1 downwards (without the final 0)."""
+    from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
+
+    return [float(s) for s in linear_quadratic_schedule(steps, threshold_noise, steps // 2)]
+
+
+class MochiGenerator:
+    """Implements ``batchgen.generate.api.VideoGenerator`` for Mochi 1."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        context: ProcessContext | None = None,
+        parallel: ParallelConfig = ParallelConfig(),
+        device: str | None = None,
+        dtype: str = "auto",
+        vae_tile: tuple[int, int] = DEFAULT_VAE_TILE,
+        max_sequence_length: int = 256,
+    ):
+        device = _pick_device(device, context)
+        offload = parallel.offload == "model" and torch.device(device).type != "cpu"
+        # With offload the weights wait in host memory and visit the GPU stage by stage.
+        components = load_components(model_dir, dtype=resolve_dtype(dtype, device), device="cpu" if offload else device)
+        identity = {"path": str(model_dir), "fingerprint": fingerprint_model_dir(model_dir)}
+        self._setup(components, context, parallel, device, identity, vae_tile, max_sequence_length)
+
+    @classmethod
+    def from_components(
+        cls,
+        components: MochiComponents,
+        *,
+        context: ProcessContext | None = None,
+        parallel: ParallelConfig = ParallelConfig(),
+        device: str | None = None,
+        model_identity: dict[str, Any] | None = None,
+        vae_tile: tuple[int, int] = DEFAULT_VAE_TILE,
+        max_sequence_length: int = 256,
+    ) -> MochiGenerator:
+        """A generator over components already in memory (e.g. a full-size random model for the GPU benchmark)."""
+        self = cls.__new__(cls)
+        identity = model_identity or {"path": f"<{components.layout}>", "fingerprint": ""}
+        self._setup(components, context, parallel, _pick_device(device, context), identity, vae_tile, max_sequence_length)
+        return self
+
+    def _setup(self, components, context, parallel, device, identity, vae_tile, max_sequence_length) -> None:
+        self.components = components
+        self.context = context or SingleProcess()
+        self.parallel = parallel
+        self.device = torch.device(device)
+        self.offload = parallel.offload == "model" and self.device.type != "cpu"
+        self.model_identity = identity
+        self.max_sequence_length = max_sequence_length
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.vae = components.vae
+        self.scheduler_config = components.scheduler.config
+        self.transformer_dtype = next(components.transformer.parameters()).dtype
+        self.latent_channels = components.transformer.config.in_channels
+        self.num_heads = components.transformer.config.num_attention_heads
+
+        if not self.offload:
+            components.transformer.to(self.device)
+            self.vae.to(self.device)
+        # T5 waits in host memory between shards: it is needed once per shard, the DiT for every step.
+        self.text_encoder.to("cpu")
+
+        # Tiled + framewise decoding: bounded memory at any resolution and length, causal context carried
+        # across frame groups (no lost frames, no temporal seams), tiles blended over their overlap.
+        if vae_tile:
+            tile, stride = vae_tile
+            self.vae.enable_tiling(
+                tile_sample_min_height=tile, tile_sample_min_width=tile,
+                tile_sample_stride_height=stride, tile_sample_stride_width=stride,
+            )
+        enable_framewise_decoding(self.vae)
+
+        # diffusers computes RoPE under an fp32 autocast that CPU autocast rejects (it then runs in fp32 anyway).
+        warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+
+        self.topology = getattr(self.context, "topology", None)
+        self.transformer = components.transformer
+        if self.topology is not None and (self.topology.sp > 1 or self.topology.cfg > 1):
+            from batchgen.parallel.apply import parallelize_transformer
+
+            self.transformer = parallelize_transformer(components.transformer, self.context)
+        self._encoded: dict[str, EncodedItem] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # VideoGenerator
+
+    def prepare(self, items: Sequence[Item]) -> None:
+        """Encode every prompt of the shard now (T5 once), replacing the previous shard's embeddings."""
+        self._encoded = {}
+        if items:
+            self._encoded = self.encode_prompts(items)
+
+    def generate(self, item: Item) -> GeneratedVideo | None:
+        if item.id not in self._encoded:
+            # Not prepared (a single item from the CLI, or a retry after prepare dropped it): encode it alone.
+            self._encoded.update(self.encode_prompts([item]))
+        encoded = self._encoded[item.id]
+        started = time.perf_counter()
+        latents = self.denoise(item, encoded)
+        denoise_s = time.perf_counter() - started
+        if not self.context.is_writer:
+            return None
+        started = time.perf_counter()
+        frames = self.decode(latents)
+        decode_s = time.perf_counter() - started
+        return GeneratedVideo(
+            frames=frames,
+            timings={"text_encode": round(encoded.text_encode_s, 4), "denoise": round(denoise_s, 4), "decode": round(decode_s, 4)},
+            extra={"parallel": self.parallel_facts(), "dtype": str(self.transformer_dtype).replace("torch.", "")},
+        )
+
+    def close(self) -> None:
+        self._encoded = {}
+        for name in ("transformer", "vae", "text_encoder", "components"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def parallel_facts(self) -> dict[str, Any]:
+        topology = self.topology
+        facts: dict[str, Any] = {"world_size": self.context.world_size, "offload": self.parallel.offload}
+        if topology is not None:
+            for name in ("dp", "cfg", "ulysses", "ring"):
+                facts[name] = getattr(topology, name, None)
+            facts["sp_backend"] = self.parallel.sp_backend
+        return facts
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Stages
+
+    @torch.no_grad()
+    def encode_prompts(self, items: Sequence[Item]) -> dict[str, EncodedItem]:
+        """T5 embeddings for every item (conditional and, with CFG, unconditional), each distinct text once."""
+        started = time.perf_counter()
+        texts = sorted({item.prompt for item in items} | {item.negative_prompt for item in items if _uses_cfg(item)})
+        nonempty = [t for t in texts if t != ""]
+        embeddings: dict[str, PromptEmbedding] = {}
+        if "" in texts:
+            embeddings[""] = self._zeros_embedding()
+        if nonempty:
+            with self._on_device(self.text_encoder, always=True):
+                for start in range(0, len(nonempty), T5_BATCH):
+                    batch = nonempty[start : start + T5_BATCH]
+                    embeds, masks = self._t5(batch)
+                    for i, text in enumerate(batch):
+                        embeddings[text] = PromptEmbedding(embeds[i : i + 1].cpu(), masks[i : i + 1].cpu())
+        share = (time.perf_counter() - started) / max(1, len(items))
+        log.debug("encoded %d distinct prompt(s) for %d item(s) in %.2fs", len(texts), len(items), share * len(items))
+        return {
+            item.id: EncodedItem(
+                cond=embeddings[item.prompt],
+                uncond=embeddings[item.negative_prompt] if _uses_cfg(item) else None,
+                text_encode_s=share,
+            )
+            for item in items
+        }
+
+    def _t5(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        ids = inputs.input_ids.to(self.text_encoder.device)
+        mask = inputs.attention_mask.bool().to(self.text_encoder.device)
+        embeds = self.text_encoder(ids, attention_mask=mask)[0]
+        return embeds, mask
+
+    def _zeros_embedding(self) -> PromptEmbedding:
+        # Genmo zeroes an empty prompt's tokens and mask (diffusers: force_zeros_for_empty_prompt). With an empty
+        # mask no text token reaches attention or the caption pooling, so the embedding values never matter:
+        # zeros, without running T5.
+        width = self.text_encoder.config.d_model
+        dtype = next(self.text_encoder.parameters()).dtype
+        return PromptEmbedding(
+            torch.zeros(1, self.max_sequence_length, width, dtype=dtype),
+            torch.zeros(1, self.max_sequence_length, dtype=torch.bool),
+        )
+
+    @torch.no_grad()
+    def denoise(self, item: Item, encoded: EncodedItem | None = None) -> torch.Tensor:
+        """The final fp32 latents [1, 12, T, H/8, W/8] for ``item`` (collective across a parallel group)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if encoded is None:
+            encoded = self._encoded.get(item.id) or self.encode_prompts([item])[item.id]
+        _check_shape(item)
+        device = self.device
+        shape = (1, self.latent_channels, latent_frames(item.num_frames), item.height // VAE_SPATIAL, item.width // VAE_SPATIAL)
+        # A CPU generator seeded with the item's seed, as a user passes one to MochiPipeline: the same noise on
+        # every rank and every kind of device.
+        generator = torch.Generator("cpu").manual_seed(item.seed)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+        use_cfg = encoded.uncond is not None
+        if use_cfg:
+            # The CFG batch in MochiPipeline's order: [unconditional, conditional].
+            embeds = torch.cat([encoded.uncond.embeds, encoded.cond.embeds]).to(device)
+            mask = torch.cat([encoded.uncond.mask, encoded.cond.mask]).to(device)
+        else:
+            embeds, mask = encoded.cond.embeds.to(device), encoded.cond.mask.to(device)
+        embeds = embeds.to(self.transformer_dtype)
+
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(sigmas=np.array(linear_quadratic_sigmas(item.num_inference_steps)), device=device)
+        scheduler.set_begin_index(0)
+
+        with self._on_device(self.components.transformer):
+            for t in scheduler.timesteps:
+                model_input = torch.cat([latents] * 2) if use_cfg else latents
+                timestep = t.expand(model_input.shape[0]).to(torch.float32)
+                noise_pred = self.transformer(
+                    hidden_states=model_input.to(self.transformer_dtype),
+                    encoder_hidden_states=embeds,
+                    timestep=timestep,
+                    encoder_attention_mask=mask,
+                    attention_kwargs=None,
+                    return_dict=False,
+                )[0].to(torch.float32)
+                if use_cfg:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + item.guidance_scale * (cond - uncond)
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0].to(torch.float32)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """fp32 latents [1, 12, T, h, w] -> uint8 RGB frames [6T - 5, 8h, 8w, 3]."""
+        config = self.vae.config
+        latents = latents.to(self.device, torch.float32)
+        channels = latents.shape[1]
+        if config.latents_mean is not None and config.latents_std is not None:
+            mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=latents.device).view(1, channels, 1, 1, 1)
+            std = torch.tensor(config.latents_std, dtype=torch.float32, device=latents.device).view(1, channels, 1, 1, 1)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        with self._on_device(self.vae):
+            video = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        expected = 6 * latents.shape[2] - 5
+        if video.shape[2] != expected:
+            raise RuntimeError(f"VAE decoded {video.shape[2]} frames from {latents.shape[2]} latent frames, expected {expected}")
+        # [-1, 1] -> uint8, as diffusers' video processor (which then truncates; rounding is the unbiased choice).
+        frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _on_device(self, module, *, always: bool = False):
+        """Move ``module`` to the GPU for the block and back to host memory afterwards when offloading
+        (``always``: the T5 encoder, which leaves the GPU after every shard in both modes)."""
+        return _Visit(module, self.device, enabled=always or self.offload)
+
+
+def enable_framewise_decoding(vae) -> None:
+    """Decode a few latent frames at a time, carrying each causal convolution's last input frames forward.
+
+    diffusers' own ``_enable_framewise_decoding`` switches the causal convolutions to zero spatial padding without
+    giving their inner Conv3d that padding (0.42: the decoder then fails on a shape mismatch), and zero padding
+    would change the borders anyway. Here the convolutions keep their replicate padding and gain the temporal
+    cache; since the decoder is otherwise frame-local (per-frame group norm, per-frame depth-to-space, no
+    attention), the result equals one-shot decoding.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
+
+    for module in vae.decoder.modules():
+        if type(module) is CogVideoXCausalConv3d and module.pad_mode == "replicate":
+            module.__class__ = _CachedReplicateCausalConv3d
+    vae.use_framewise_decoding = True
+
+
+def _cached_replicate_forward(self, inputs: torch.Tensor, conv_cache: torch.Tensor | None = None):
+    import torch.nn.functional as F
+
+    history = self.time_kernel_size - 1
+    if history > 0:
+        # The previous group's last input frames, or (at the start) the first frame repeated: exactly what
+        # one-shot decoding's replicate padding puts in front of frame 0.
+        prefix = conv_cache if conv_cache is not None else inputs[:, :, :1].expand(-1, -1, history, -1, -1)
+        inputs = torch.cat([prefix, inputs], dim=2)
+        conv_cache = inputs[:, :, -history:].clone()
+    inputs = F.pad(inputs, (self.width_pad, self.width_pad, self.height_pad, self.height_pad, 0, 0), mode="replicate")
+    return self.conv(inputs), conv_cache
+
+
+def _make_cached_conv_class():
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
+
+    return type("CachedReplicateCausalConv3d", (CogVideoXCausalConv3d,), {"forward": _cached_replicate_forward})
+
+
+class _Visit:
+    def __init__(self, module, device: torch.device, enabled: bool):
+        self.module, self.device, self.enabled = module, device, enabled and device.type != "cpu"
+
+    def __enter__(self):
+        if self.enabled:
+            self.module.to(self.device)
+        return self.module
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.module.to("cpu")
+            torch.cuda.empty_cache()
+        return False
+
+
+_CachedReplicateCausalConv3d = _make_cached_conv_class()
+
+
+def _uses_cfg(item: Item) -> bool:
+    return item.guidance_scale > 1.0
+
+
+def _check_shape(item: Item) -> None:
+    if (item.num_frames - 1) % VAE_TEMPORAL or item.height % 16 or item.width % 16:
+        raise InputError(
+            f"item {item.id}: {item.num_frames} frames at {item.height}x{item.width} does not fit Mochi "
+            "(frames 6k+1, height and width multiples of 16)"
+        )
+
+
+def _pick_device(device: str | None, context: ProcessContext | None) -> str:
+    if device:
+        return str(device)
+    context_device = getattr(context, "device", None)
+    if context_device is not None:
+        return str(context_device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
