@@ -428,8 +428,12 @@ class _Scan:
         self.digest = ""
         self.derived_ids = False
 
-    def batches(self, generation: GenerationConfig | None) -> Iterator[pa.RecordBatch]:
-        """Yield resolved batches while problems are absent (when ``generation`` is given); always scan to the end."""
+    def batches(self, generation: GenerationConfig | None, *, check_rows: bool = True) -> Iterator[pa.RecordBatch]:
+        """Yield resolved batches while problems are absent (when ``generation`` is given); always scan to the end.
+
+        ``check_rows=False`` skips the row checks (not the schema checks or the digest): for a second pass over
+        a file already validated, whose digest the caller compares at the end.
+        """
         problems = self.problems
         parquet = _open(self.path, problems)
         if parquet is None:
@@ -444,10 +448,12 @@ class _Scan:
         try:
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=present):
                 columns = _canonical(batch, present)
-                _check_batch(columns, present, start, problems)
+                if check_rows:
+                    _check_batch(columns, present, start, problems)
                 _update_digest(hashers, columns)
                 ids = _ids_of(columns, present)
-                _check_duplicates(ids, start, seen, self.derived_ids, problems)
+                if check_rows:
+                    _check_duplicates(ids, start, seen, self.derived_ids, problems)
                 if generation is not None and not problems.total:
                     yield _resolve(columns, ids, start, generation)
                 start += batch.num_rows
@@ -482,11 +488,12 @@ def iter_item_batches(
     """Resolved items as Arrow batches (ITEM_SCHEMA), streamed by row group.
 
     Validates as it goes and raises ManifestError at the end if anything is wrong, so a consumer must not
-    commit anything before the iterator is exhausted. With ``expected_digest``, also raises if the file's
-    content no longer matches it (changed since it was validated).
+    commit anything before the iterator is exhausted. With ``expected_digest`` (the digest of an earlier
+    successful ``validate_manifest``), rows are not checked again; instead it raises at the end if the
+    content no longer matches the digest (the file changed since it was validated).
     """
     scan = _Scan(path, 50)
-    yield from scan.batches(generation)
+    yield from scan.batches(generation, check_rows=expected_digest is None)
     summary = scan.summary()
     if expected_digest is not None and summary.digest != expected_digest:
         raise ManifestError(summary.path, [f"{summary.path}: the file changed while it was being planned; plan again"])

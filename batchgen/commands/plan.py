@@ -1,0 +1,49 @@
+"""``batchgen plan MANIFEST --output URI``: validate, then store the run's plan and shards (or reuse them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from batchgen.commands._options import add_generation_arguments, add_shard_size_argument, config_from_args
+
+NAME = "plan"
+HELP = "validate a manifest and store the run's deterministic shard plan under the output (idempotent)"
+DESCRIPTION = (
+    "Validate MANIFEST, derive the run id from its content, the generation settings and the shard size, and "
+    "store the plan under OUTPUT/<run-id>/plan/. Planning again with the same inputs reuses the stored plan; "
+    "a run of the same name planned from other inputs is refused (exit 4) unless --new-run."
+)
+ORDER = 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", metavar="MANIFEST", help="Parquet file with at least a 'prompt' column")
+    parser.add_argument("--output", "-o", required=True, metavar="URI", help="s3://bucket/prefix, file:///dir or a path")
+    parser.add_argument("--run-name", metavar="NAME", help="run name (default: the manifest file name)")
+    parser.add_argument(
+        "--new-run", action="store_true", help="plan a separate run even if a run of this name has other inputs"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_generation_arguments(parser)
+    add_shard_size_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from batchgen import layout
+    from batchgen.plan import plan_manifest
+    from batchgen.storage import open_storage
+
+    config = config_from_args(args)
+    storage = open_storage(args.output)
+    plan, reused = plan_manifest(args.manifest, config, storage, run_name=args.run_name, new_run=args.new_run)
+    where = storage.url(layout.plan_key(plan.run_id))
+    if args.json:
+        print(json.dumps({"run_id": plan.run_id, "reused": reused, "rows": plan.row_count,
+                          "shards": len(plan.shards), "shard_size": plan.shard_size,
+                          "fingerprint": plan.fingerprint, "plan": where}))  # fmt: skip
+    else:
+        state = "reused the stored plan" if reused else "planned"
+        print(f"{state}: run {plan.run_id}, {plan.row_count} items in {len(plan.shards)} shards of {plan.shard_size}")
+        print(f"plan: {where}")
+    return 0
