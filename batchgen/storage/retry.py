@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import tenacity
 from botocore import exceptions as boto_errors
+from botocore.parsers import ResponseParserError
 
 from batchgen.errors import ConfigError
 
@@ -39,6 +40,7 @@ TRANSIENT_WIRE_ERRORS = (
     boto_errors.IncompleteReadError,
     boto_errors.FlexibleChecksumError,  # a body cut short or corrupted in transit
     boto_errors.AwsChunkedWrapperError,
+    ResponseParserError,  # a response body cut short (botocore itself says "further retries may succeed")
 )
 
 
@@ -59,7 +61,9 @@ def http_status(exc: BaseException) -> int | None:
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, boto_errors.ClientError):
         status = http_status(exc) or 0
-        return error_code(exc) in TRANSIENT_CODES or status >= 500 or status == 429
+        # 409 on an object operation is a conflicting concurrent request; checked by status too because an
+        # error whose body was lost arrives with only its status for a code.
+        return error_code(exc) in TRANSIENT_CODES or status >= 500 or status in (409, 429)
     return isinstance(exc, TRANSIENT_WIRE_ERRORS)
 
 

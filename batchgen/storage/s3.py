@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import boto3
 from botocore import exceptions as boto_errors
 from botocore.config import Config
+from botocore.parsers import ResponseParserError
 
 from batchgen.errors import AlreadyExistsError, NotFoundError, StorageError, TransientStorageError
 from batchgen.storage.base import ObjectInfo, Storage
@@ -38,6 +39,7 @@ DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
 LIST_PAGE_SIZE = 1000
+CHECK_BUCKET = "check bucket"
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _ACCESS_CODES = frozenset({"AccessDenied", "403", "Forbidden", "AllAccessDisabled"})
@@ -149,7 +151,7 @@ class S3Storage(Storage):
 
         try:
             return self._retry.retrying(before_sleep=before_sleep)(once)
-        except (boto_errors.BotoCoreError, boto_errors.ClientError) as exc:
+        except (boto_errors.BotoCoreError, boto_errors.ClientError, ResponseParserError) as exc:
             raise self._translate(exc, what, key, attempts) from exc
 
     def _translate(self, exc: Exception, what: str, key: str | None, attempts: int) -> StorageError:
@@ -164,7 +166,8 @@ class S3Storage(Storage):
                 f"S3 {what} {where}: no usable AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 "AWS_PROFILE, or run with an IAM role)"
             )
-        if code == "NoSuchBucket":
+        # Listing names no key, so a bare 404 there (its error body lost) can only mean the bucket.
+        if code == "NoSuchBucket" or (what == CHECK_BUCKET and http_status(exc) == 404):
             return StorageError(
                 f"S3 {what} {where}: bucket {self.bucket!r} does not exist (endpoint {self._client.meta.endpoint_url})"
             )
@@ -191,7 +194,7 @@ class S3Storage(Storage):
         prefix-scoped policy can grant), unlike HeadBucket.
         """
         self._run(
-            "check bucket",
+            CHECK_BUCKET,
             None,
             lambda _: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self._root, MaxKeys=1),
             check_bucket=False,

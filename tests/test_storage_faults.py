@@ -1,0 +1,219 @@
+"""S3 under faults, through a real fault-injecting proxy in front of the moto server: transient failures are
+retried (bounded) without losing or duplicating anything; permanent ones fail fast, clearly, and never
+leak the secret key."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import uuid
+
+import pytest
+
+from batchgen.errors import (
+    EXIT_STORAGE,
+    EXIT_TRANSIENT,
+    AlreadyExistsError,
+    NotFoundError,
+    StorageError,
+    TransientStorageError,
+)
+from batchgen.storage import open_storage
+from tests.fixtures.faultproxy import FAULTS, FaultProxy
+
+PART = 5 * 1024 * 1024
+
+
+@pytest.fixture
+def proxy_factory(s3_server, monkeypatch):
+    """Start a FaultProxy in front of the moto server and point AWS_ENDPOINT_URL at it, with fast backoff."""
+    started: list[FaultProxy] = []
+
+    def start(failure_rate: float, seed: int = 1, **options) -> FaultProxy:
+        proxy = FaultProxy(s3_server, failure_rate, seed, **options)
+        proxy.start()
+        started.append(proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("BATCHGEN_S3_BACKOFF_S", "0.002")
+        monkeypatch.setenv("BATCHGEN_S3_BACKOFF_MAX_S", "0.05")
+        monkeypatch.setenv("BATCHGEN_S3_MAX_ATTEMPTS", "12")
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def test_operations_survive_a_fifth_of_requests_failing(
+    proxy_factory, s3_uri, s3_bucket, s3_client, tmp_path, monkeypatch
+):
+    proxy = proxy_factory(failure_rate=0.2, seed=20240611)
+    monkeypatch.setenv("BATCHGEN_S3_MULTIPART_THRESHOLD", str(PART))
+    storage = open_storage(s3_uri)
+
+    expected: dict[str, bytes] = {}
+    conditional_keys = []
+    for i in range(100):
+        key = f"run/videos/shard-000000/item-{i:04d}.mp4"
+        data = os.urandom(2000 + i)
+        conditional = i % 2 == 0
+        # A first conditional create must succeed even when its answer is lost and the retry meets our own object.
+        storage.put_bytes(key, data, if_absent=conditional, content_type="video/mp4")
+        expected[key] = data
+        if conditional:
+            conditional_keys.append(key)
+    for i, key in enumerate(conditional_keys):
+        sidecar = key.replace("/videos/", "/meta/").replace(".mp4", ".json")
+        storage.put_bytes(sidecar, f'{{"n": {i}}}'.encode(), if_absent=True)
+        expected[sidecar] = f'{{"n": {i}}}'.encode()
+    # Second creates must lose every time, faults or not.
+    for key in conditional_keys:
+        with pytest.raises(AlreadyExistsError):
+            storage.put_bytes(key, b"impostor", if_absent=True)
+    for n in range(2):
+        source = tmp_path / f"large-{n}.bin"
+        source.write_bytes(os.urandom(PART + 1000))
+        storage.put_file(f"run/large/{n}.bin", source, if_absent=True)
+        expected[f"run/large/{n}.bin"] = source.read_bytes()
+    for key in list(expected)[:10]:
+        storage.delete(key)
+        storage.delete(key)
+        del expected[key]
+
+    for key, data in expected.items():
+        assert storage.get_bytes(key) == data, key
+    storage.get_file("run/large/1.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == expected["run/large/1.bin"]
+    for _ in range(5):
+        assert [o.key for o in storage.list("run/")] == sorted(expected)
+    assert storage.head("run/large/0.bin").size == PART + 1000
+
+    # Ground truth straight from the server, not through the proxy: nothing lost, nothing extra.
+    stored = {
+        obj["Key"].removeprefix("out/")
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
+        for obj in page.get("Contents", [])
+    }
+    assert stored == set(expected)
+    for key in conditional_keys[10:]:
+        assert s3_client.get_object(Bucket=s3_bucket, Key=f"out/{key}")["Body"].read() == expected[key]
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+    # The faults really happened, at about the rate asked for, and every request was counted.
+    assert all(proxy.counts[fault] > 0 for fault in FAULTS), proxy.counts
+    assert 0.12 < proxy.faults_injected / proxy.total < 0.28, proxy.counts
+    assert storage.request_count == proxy.total
+    ambiguous = {(m, p) for m, p, outcome in proxy.events if outcome == "drop_after"}
+    assert any(("PUT", f"/{s3_bucket}/out/{key}") in ambiguous for key in conditional_keys), (
+        "no conditional put had its answer dropped after the write: the ambiguous case went untested"
+    )
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "drop_before", "drop_after"])
+def test_retries_are_bounded_then_transient(proxy_factory, s3_uri, monkeypatch, fault):
+    proxy = proxy_factory(failure_rate=1.0, faults=(fault,))
+    monkeypatch.setenv("BATCHGEN_S3_MAX_ATTEMPTS", "3")
+    storage = open_storage(s3_uri)
+    with pytest.raises(TransientStorageError) as caught:
+        storage.put_bytes("run/x.json", b"{}")
+    assert caught.value.exit_code == EXIT_TRANSIENT
+    assert "3 attempt(s)" in str(caught.value) and s3_uri in str(caught.value)
+    assert proxy.total == 3 == storage.request_count
+
+
+def test_access_denied_fails_fast_with_a_clear_message(proxy_factory, s3_uri, s3_bucket):
+    proxy = proxy_factory(failure_rate=0.0, deny_path_prefix=f"/{s3_bucket}/out/private/")
+    storage = open_storage(s3_uri)
+    storage.put_bytes("public/ok.json", b"{}")
+    for operation in (
+        lambda: storage.put_bytes("private/x.json", b"{}"),
+        lambda: storage.put_bytes("private/x.json", b"{}", if_absent=True),
+        lambda: storage.get_bytes("private/x.json"),
+    ):
+        before = proxy.total
+        started = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            operation()
+        elapsed = time.monotonic() - started
+        assert type(caught.value) is StorageError  # not retryable, not "not found", not "already exists"
+        assert caught.value.exit_code == EXIT_STORAGE
+        message = str(caught.value)
+        assert "access denied" in message and "AccessDenied" in message
+        assert f"{s3_uri}/private/x.json" in message
+        assert proxy.total - before == 1, "a 403 must not be retried"
+        assert elapsed < 0.5
+
+
+def test_access_denied_on_first_use_fails_before_any_work(proxy_factory, s3_uri, s3_bucket):
+    proxy = proxy_factory(failure_rate=0.0, deny_path_prefix=f"/{s3_bucket}")
+    storage = open_storage(s3_uri)
+    with pytest.raises(StorageError, match=r"check bucket .*access denied \(S3 error AccessDenied\)"):
+        list(storage.list("run/meta/"))
+    assert proxy.counts == {"403": 1}
+
+
+def test_missing_bucket_fails_fast(s3_server):
+    bucket = f"bg-missing-{uuid.uuid4().hex[:8]}"
+    storage = open_storage(f"s3://{bucket}/out")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=rf"bucket '{bucket}' does not exist \(endpoint {s3_server}\)") as caught:
+        storage.put_bytes("run/plan/run.json", b"{}", if_absent=True)
+    assert time.monotonic() - started < 0.5
+    assert caught.value.exit_code == EXIT_STORAGE
+    assert storage.request_count == 1
+
+
+def test_missing_credentials_fail_fast(s3_uri, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role probe on a laptop
+    with pytest.raises(StorageError, match="no usable AWS credentials"):
+        open_storage(s3_uri).put_bytes("x", b"")
+
+
+def test_secret_key_never_appears_in_errors_or_logs(
+    proxy_factory, s3_uri, s3_bucket, s3_credentials, monkeypatch, caplog
+):
+    secret = s3_credentials["AWS_SECRET_ACCESS_KEY"]
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret
+    caplog.set_level(logging.DEBUG)
+    proxy = proxy_factory(failure_rate=0.3, seed=99, deny_path_prefix=f"/{s3_bucket}/out/private/")
+    storage = open_storage(s3_uri)
+
+    errors: list[BaseException] = []
+    for i in range(20):
+        storage.put_bytes(f"run/{i}.json", b"{}", if_absent=True)
+        assert storage.get_bytes(f"run/{i}.json") == b"{}"
+    list(storage.list("run/"))
+    permanent_failures = [
+        lambda: storage.put_bytes("private/x.json", b"{}"),
+        lambda: storage.get_bytes("run/missing.json"),
+        lambda: storage.put_bytes("run/0.json", b"{}", if_absent=True),
+        lambda: next(open_storage("s3://bg-missing-bucket-for-secrets/out").list("x")),
+    ]
+    for failure in permanent_failures:
+        with pytest.raises(StorageError) as caught:
+            failure()
+        errors.append(caught.value)
+    monkeypatch.setenv("BATCHGEN_S3_MAX_ATTEMPTS", "2")
+    proxy.failure_rate = 1.0
+    with pytest.raises(TransientStorageError) as caught:
+        open_storage(s3_uri).get_bytes("run/1.json")
+    errors.append(caught.value)
+    assert [type(e) for e in errors] == [
+        StorageError,
+        NotFoundError,
+        AlreadyExistsError,
+        StorageError,
+        TransientStorageError,
+    ]
+
+    texts = ["".join(traceback.format_exception(e)) for e in errors]
+    formatter = logging.Formatter("%(name)s %(message)s")
+    texts += [formatter.format(record) for record in caplog.records]
+    assert any(record.name.startswith("batchgen.storage") for record in caplog.records), "expected retry logs"
+    assert len(caplog.records) > 50  # botocore's debug logging was on too
+    leaks = [text for text in texts if secret in text]
+    assert not leaks, leaks[0][:500]
