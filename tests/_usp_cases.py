@@ -118,6 +118,11 @@ def parallel_case(degrees: dict[str, int], backend: str = "native", kernel: str 
     from batchgen.parallel.runtime import TorchContext
     from tests._dist import INIT_TIMEOUT_S
 
+    if backend == "xfuser-shim":
+        from tests import _xfuser_shim
+
+        _xfuser_shim.install()
+        backend = "xfuser"
     context = TorchContext.from_env(
         ParallelConfig(
             ulysses_degree=degrees.get("ulysses", 1),

@@ -130,7 +130,8 @@ class TorchContext:
         for name in AXES:
             for ranks in topology.groups(name):
                 # new_group is collective over the whole world: every rank creates every group, same order.
-                group = dist.new_group(ranks) if len(ranks) > 1 else None
+                # Size-1 groups too: xDiT/yunchang expect real groups (None would mean the whole world).
+                group = dist.new_group(ranks)
                 if rank in ranks:
                     axes[name] = Axis(group=group, size=len(ranks), rank=ranks.index(rank), ranks=tuple(ranks))
         return cls(topology, rank, device or torch.device("cpu"), dist.get_backend(), axes, sp_backend=sp_backend)

@@ -52,7 +52,7 @@ COMM_STATS = CommStats()
 
 @dataclass
 class Axis:
-    """One process group axis as this rank sees it. ``group`` is None when the axis has size 1."""
+    """One process group axis as this rank sees it. Collectives are skipped when the axis has size 1."""
 
     group: dist.ProcessGroup | None
     size: int

@@ -1,0 +1,94 @@
+"""``--sp-backend xfuser``: Mochi's joint attention through xDiT's ``xFuserLongContextAttention``.
+
+This is how mochi-xdit runs Mochi: each rank's visual slice is the query/key/value, the replicated valid text
+tokens are the joint tensors appended at the rear (``joint_strategy="rear"``), and xDiT does the Ulysses
+all-to-all and the ring attention (flash-attn kernels, CUDA only). Tensors are [B, S, H, D]; the output holds
+[visual slice ; text] rows for all heads. Mochi drops padded text tokens per sample, so samples go one by one.
+
+xfuser needs CUDA and flash-attn, imports ``triton`` unconditionally, and with PyPI's yunchang 0.6.4 fails with
+``cannot import name 'update_npu_out' from 'yunchang.ring.utils'``; the native backend has none of these needs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from batchgen.errors import InputError
+from batchgen.parallel.usp import Axis, project_out, project_qkv, valid_text_indices
+
+log = logging.getLogger("batchgen.parallel.xfuser_backend")
+
+INSTALL_HINT = (
+    "the xfuser backend needs CUDA, flash-attn and an xfuser/yunchang pair that import together: install torch "
+    "first, then `pip install flash-attn --no-build-isolation`, then xfuser together with a yunchang whose "
+    "yunchang.ring.utils provides update_npu_out (PyPI's yunchang 0.6.4 does not; install yunchang from its "
+    "repository, feifeibear/long-context-attention, or an xfuser release that predates the import); or use "
+    "--sp-backend native, which needs none of this"
+)
+
+
+def load_xfuser():
+    """xDiT's attention class and yunchang's process-group registry, or an InputError saying what to install."""
+    try:
+        from xfuser.core.long_ctx_attention import xFuserLongContextAttention
+        from yunchang.globals import PROCESS_GROUP
+    except Exception as e:  # ImportError, or triton/CUDA errors raised while xfuser imports
+        reason = f"{type(e).__name__}: {e}"
+        if "update_npu_out" in str(e):
+            reason += " (the known xfuser / PyPI yunchang 0.6.4 mismatch)"
+        raise InputError(f"--sp-backend xfuser: cannot import xfuser ({reason}); {INSTALL_HINT}") from e
+    return xFuserLongContextAttention, PROCESS_GROUP
+
+
+def _attn_type():
+    try:
+        from yunchang.kernels import AttnType
+    except ImportError:  # older yunchang: the constructor picks flash-attn itself
+        return None
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return AttnType.TORCH
+    return AttnType.FA
+
+
+def setup_xfuser_groups(ulysses: Axis, ring: Axis) -> None:
+    """Point yunchang's global groups at ours (xDiT's attention reads them in its constructor)."""
+    _, process_group = load_xfuser()
+    process_group.ULYSSES_PG = ulysses.group
+    process_group.RING_PG = ring.group
+
+
+class XFuserMochiAttnProcessor:
+    """Drop-in for diffusers' ``MochiAttnProcessor2_0`` on a rank holding a slice of the visual tokens."""
+
+    def __init__(self, ulysses: Axis, ring: Axis):
+        attention_class, _ = load_xfuser()
+        attn_type = _attn_type()
+        self.attention = attention_class(attn_type=attn_type) if attn_type is not None else attention_class()
+        self.ulysses = ulysses
+        self.ring = ring
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
+        query, key, value, enc_query, enc_key, enc_value = project_qkv(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb
+        )
+        batch, local_tokens = query.shape[:2]
+        visual_out, text_out = [], torch.zeros_like(enc_query)
+        for b in range(batch):
+            idx = valid_text_indices(attention_mask, b)
+            rows = slice(b, b + 1)
+            joint = {}
+            if idx.numel():
+                joint = {
+                    "joint_tensor_query": enc_query[rows, idx],
+                    "joint_tensor_key": enc_key[rows, idx],
+                    "joint_tensor_value": enc_value[rows, idx],
+                    "joint_strategy": "rear",
+                }
+            out = self.attention(None, query[rows], key[rows], value[rows], **joint)  # [1, S_local + L_valid, H, D]
+            visual_out.append(out[:, :local_tokens])
+            text_out[b, idx] = out[0, local_tokens:]
+        return project_out(attn, torch.cat(visual_out).flatten(2, 3), text_out.flatten(2, 3))
