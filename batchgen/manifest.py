@@ -262,7 +262,7 @@ def _canonical(batch: pa.RecordBatch, present: list[str]) -> dict[str, pa.Array]
             columns[name] = array.cast(pa.float64())
         elif pa.types.is_uint64(array.type):
             # Values above int64's range are reported by the seed/override checks; keep them out of the cast.
-            too_big = pc.fill_null(pc.greater(array, MAX_SEED), False)
+            too_big = pc.fill_null(pc.greater(array, pa.scalar(MAX_SEED, pa.uint64())), False)
             columns[name] = pc.if_else(too_big, pa.scalar(None, pa.uint64()), array).cast(pa.int64())
             columns[name + ":too_big"] = too_big
             columns[name + ":raw"] = array
