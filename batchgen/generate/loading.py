@@ -513,3 +513,69 @@ def _restore_fp32(transformer, folder: Path) -> None:
                         setattr(transformer, name, torch.nn.Parameter(value.to(param.device), requires_grad=False))
                     break
 
+
+
+# Real sizes (genmo/mochi-1-preview; T5 = google/t5-v1_1-xxl's encoder) for benchmarks with random weights.
+T5_XXL_CONFIG: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "tie_word_embeddings": False,
+    "dropout_rate": 0.0,
+    "layer_norm_epsilon": 1e-6,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+
+
+def build_random_components(
+    *, full_size: bool = True, dtype: Any = "auto", device: Any = None, seed: int = 0
+) -> MochiComponents:
+    """Mochi with random weights built in memory: the real architecture sizes (``full_size``: 10 B DiT, full VAE,
+    T5-XXL encoder) or the tiny model's. Modules are created on the meta device and materialised once, straight
+    in ``dtype`` on ``device`` (default: CUDA when available, where random fill is fast). The tokenizer is the
+    tiny model's offline one (its ids are valid for T5-XXL's vocabulary; prompts are padded to 256 anyway)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    from batchgen.generate import tiny
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(dtype, device)
+    if full_size:
+        transformer_config, vae_config, t5_config = {}, {}, dict(T5_XXL_CONFIG)
+    else:
+        transformer_config, vae_config = dict(tiny.TRANSFORMER_CONFIG), dict(tiny.VAE_CONFIG)
+        t5_config = dict(tiny.T5_CONFIG, vocab_size=len(tiny._tokenizer_vocab()))
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def materialise(build):
+        with torch.device("meta"):
+            module = build()
+        module.to_empty(device=device)
+        tiny.randomize_parameters(module, generator)
+        for name, param in module.named_parameters():
+            if name not in FP32_TENSORS:
+                param.data = param.data.to(dtype)
+        return module.eval().requires_grad_(False)
+
+    transformer = materialise(lambda: MochiTransformer3DModel(**transformer_config))
+    vae = materialise(lambda: AutoencoderKLMochi(**vae_config))
+    text_encoder = materialise(lambda: T5EncoderModel(T5Config(**t5_config)))
+    with tempfile.TemporaryDirectory(prefix="batchgen-tokenizer-") as scratch:
+        tiny._write_tokenizer(Path(scratch))
+        tokenizer = T5TokenizerFast.from_pretrained(scratch)
+    scheduler = FlowMatchEulerDiscreteScheduler(**MOCHI_SCHEDULER_CONFIG)
+    return MochiComponents(transformer, vae, text_encoder, tokenizer, scheduler, layout="memory")

@@ -29,7 +29,14 @@ import torch
 from batchgen.config import ParallelConfig, latent_frames
 from batchgen.errors import InputError
 from batchgen.generate.api import GeneratedVideo
-from batchgen.generate.loading import MochiComponents, fingerprint_model_dir, load_components, resolve_dtype
+from batchgen.generate.vae import enable_causal_framewise_decoding
+from batchgen.generate.loading import (  # noqa: F401  (build_random_components: re-exported for bench/gpu.py)
+    MochiComponents,
+    build_random_components,
+    fingerprint_model_dir,
+    load_components,
+    resolve_dtype,
+)
 from batchgen.item import Item
 from batchgen.parallel.context import ProcessContext, SingleProcess
 
@@ -125,21 +132,23 @@ class MochiGenerator:
         self.latent_channels = components.transformer.config.in_channels
         self.num_heads = components.transformer.config.num_attention_heads
 
-        if not self.offload:
-            components.transformer.to(self.device)
-            self.vae.to(self.device)
+        # With offload the DiT and VAE wait in host memory and visit the GPU only while they run.
+        placement = torch.device("cpu") if self.offload else self.device
+        components.transformer.to(placement)
+        self.vae.to(placement)
         # T5 waits in host memory between shards: it is needed once per shard, the DiT for every step.
         self.text_encoder.to("cpu")
 
         # Tiled + framewise decoding: bounded memory at any resolution and length, causal context carried
         # across frame groups (no lost frames, no temporal seams), tiles blended over their overlap.
+        # (batchgen.generate.vae: diffusers' own framewise switch breaks the decoder's shapes.)
+        enable_causal_framewise_decoding(self.vae, tiling=False)
         if vae_tile:
             tile, stride = vae_tile
             self.vae.enable_tiling(
                 tile_sample_min_height=tile, tile_sample_min_width=tile,
                 tile_sample_stride_height=stride, tile_sample_stride_width=stride,
             )
-        enable_framewise_decoding(self.vae)
 
         # diffusers computes RoPE under an fp32 autocast that CPU autocast rejects (it then runs in fp32 anyway).
         warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
@@ -329,43 +338,6 @@ class MochiGenerator:
         return _Visit(module, self.device, enabled=always or self.offload)
 
 
-def enable_framewise_decoding(vae) -> None:
-    """Decode a few latent frames at a time, carrying each causal convolution's last input frames forward.
-
-    diffusers' own ``_enable_framewise_decoding`` switches the causal convolutions to zero spatial padding without
-    giving their inner Conv3d that padding (0.42: the decoder then fails on a shape mismatch), and zero padding
-    would change the borders anyway. Here the convolutions keep their replicate padding and gain the temporal
-    cache; since the decoder is otherwise frame-local (per-frame group norm, per-frame depth-to-space, no
-    attention), the result equals one-shot decoding.
-    """
-    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
-
-    for module in vae.decoder.modules():
-        if type(module) is CogVideoXCausalConv3d and module.pad_mode == "replicate":
-            module.__class__ = _CachedReplicateCausalConv3d
-    vae.use_framewise_decoding = True
-
-
-def _cached_replicate_forward(self, inputs: torch.Tensor, conv_cache: torch.Tensor | None = None):
-    import torch.nn.functional as F
-
-    history = self.time_kernel_size - 1
-    if history > 0:
-        # The previous group's last input frames, or (at the start) the first frame repeated: exactly what
-        # one-shot decoding's replicate padding puts in front of frame 0.
-        prefix = conv_cache if conv_cache is not None else inputs[:, :, :1].expand(-1, -1, history, -1, -1)
-        inputs = torch.cat([prefix, inputs], dim=2)
-        conv_cache = inputs[:, :, -history:].clone()
-    inputs = F.pad(inputs, (self.width_pad, self.width_pad, self.height_pad, self.height_pad, 0, 0), mode="replicate")
-    return self.conv(inputs), conv_cache
-
-
-def _make_cached_conv_class():
-    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
-
-    return type("CachedReplicateCausalConv3d", (CogVideoXCausalConv3d,), {"forward": _cached_replicate_forward})
-
-
 class _Visit:
     def __init__(self, module, device: torch.device, enabled: bool):
         self.module, self.device, self.enabled = module, device, enabled and device.type != "cpu"
@@ -380,9 +352,6 @@ class _Visit:
             self.module.to("cpu")
             torch.cuda.empty_cache()
         return False
-
-
-_CachedReplicateCausalConv3d = _make_cached_conv_class()
 
 
 def _uses_cfg(item: Item) -> bool:

@@ -136,28 +136,8 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
 
     generator = torch.Generator().manual_seed(seed)
 
-    def randomize(module: torch.nn.Module, scale: float) -> None:
-        # Explicit values from our own generator instead of each class's default init: deterministic across
-        # torch versions, and no zero-initialised tensors (pos_frequencies, adaLN) that would hide bugs in RoPE
-        # or modulation handling.
-        with torch.no_grad():
-            for name, param in sorted(module.named_parameters()):
-                values = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-                if param.ndim > 1:
-                    values = values * scale / param[0].numel() ** 0.5  # fan-in scaled: activations stay O(1)
-                elif "norm" in name and name.endswith("weight"):
-                    values = 1.0 + 0.1 * values  # norm gains near 1
-                else:
-                    values = values * 0.02
-                param.copy_(values)
-
     transformer = MochiTransformer3DModel(**TRANSFORMER_CONFIG)
-    randomize(transformer, scale=1.0)
-    with torch.no_grad():
-        # RoPE frequencies of a magnitude that visibly rotates neighbouring positions.
-        transformer.pos_frequencies.copy_(
-            torch.rand(transformer.pos_frequencies.shape, generator=generator, dtype=torch.float32) * 0.5
-        )
+    randomize_parameters(transformer, generator)
     if layout == "diffusers":
         transformer.save_pretrained(str(root / "transformer"), safe_serialization=True)
     else:
@@ -166,12 +146,12 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
         save_file(diffusers_to_original_state_dict(transformer.state_dict()), str(root / ORIGINAL_DIT))
 
     vae = AutoencoderKLMochi(**VAE_CONFIG)
-    randomize(vae, scale=1.0)
+    randomize_parameters(vae, generator)
     vae.save_pretrained(str(root / "vae"), safe_serialization=True)
 
     t5_config = T5Config(vocab_size=vocab_size, **T5_CONFIG)
     text_encoder = T5EncoderModel(t5_config)
-    randomize(text_encoder, scale=1.0)
+    randomize_parameters(text_encoder, generator)
     text_encoder.save_pretrained(str(root / "text_encoder"), safe_serialization=True)
 
     scheduler = FlowMatchEulerDiscreteScheduler(**MOCHI_SCHEDULER_CONFIG)
@@ -194,6 +174,28 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
     (root / TINY_TOML_NAME).write_text(TINY_TOML)
     log.info("wrote tiny Mochi (seed %d, %s layout) to %s", seed, layout, root)
     return root
+
+
+def randomize_parameters(module, generator) -> None:
+    """Fill every parameter from ``generator`` (on the parameters' device): fan-in scaled normals for matrices
+    and convolutions (activations stay O(1) through many layers), gains near 1 for norms, small biases, and
+    RoPE frequencies that visibly rotate neighbouring positions. Explicit values instead of each class's default
+    init: deterministic across library versions, and nothing zero-initialised (pos_frequencies, adaLN) that
+    would hide a bug in RoPE or modulation handling."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in sorted(module.named_parameters()):
+            values = torch.randn(param.shape, generator=generator, dtype=torch.float32, device=param.device)
+            if name == "pos_frequencies":
+                values = values.abs() * 0.25
+            elif param.ndim > 1:
+                values = values / param[0].numel() ** 0.5
+            elif "norm" in name and name.endswith("weight"):
+                values = 1.0 + 0.1 * values
+            else:
+                values = values * 0.02
+            param.copy_(values)
 
 
 def _diffusers_version() -> str:
