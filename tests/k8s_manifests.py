@@ -5,6 +5,7 @@ tests/k8s_schema.py), plus the project's own rules: exact RBAC, hardened pods, n
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 from collections.abc import Iterable
@@ -14,6 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from batchgen.k8s.render import LaunchSettings
 from tests.k8s_schema import SCHEMAS, metadata_problems, pytorchjob_problems
 
 CORE_SCHEMAS = SCHEMAS / "k8s"
@@ -141,3 +143,41 @@ def secret_env_problems(objects: Iterable[dict[str, Any]]) -> list[str]:
     for obj in objects:
         walk(obj, f"{obj['kind']}/{obj['metadata']['name']}")
     return problems
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def controller_pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (job,) = by_kind(objects, "Job")
+    return job["spec"]["template"]["spec"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {var["name"]: var for var in container.get("env") or []}
+
+
+def submit_args(objects: list[dict[str, Any]], tmp_path: Path, namespace: str) -> argparse.Namespace:
+    """The controller's command line parsed by the real ``batchgen submit`` parser, as the pod would run it in
+    ``namespace``: ``$(POD_NAMESPACE)`` expanded by the kubelet, the ConfigMap's files at their mount path."""
+    from batchgen.cli import build_parser
+
+    (container,) = controller_pod(objects)["containers"]
+    assert env_of(container)["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "config")
+    (config_map,) = by_kind(objects, "ConfigMap")
+    folder = tmp_path / "etc-batchgen"
+    folder.mkdir(exist_ok=True)
+    for name, text in config_map["data"].items():
+        (folder / name).write_text(text)
+    args = [arg.replace("$(POD_NAMESPACE)", namespace).replace(mount, str(folder)) for arg in container["args"]]
+    return build_parser().parse_args(args)
+
+
+def controller_launch_settings(objects: list[dict[str, Any]], tmp_path: Path, namespace: str) -> LaunchSettings:
+    """The launch settings `batchgen submit` in the controller pod would create PyTorchJobs with."""
+    from batchgen.k8s.options import settings_from_args
+
+    args = submit_args(objects, tmp_path, namespace)
+    return settings_from_args(args, output=args.output)

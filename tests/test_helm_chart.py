@@ -22,11 +22,16 @@ from batchgen.k8s.render import KUEUE_QUEUE_LABEL, LaunchSettings, render_pytorc
 from batchgen.layout import shard_id
 from tests.k8s_manifests import (
     all_problems,
+    by_kind,
+    controller_launch_settings,
+    controller_pod,
+    env_of,
     load_all,
     pod_security_problems,
     rbac_problems,
     secret_env_problems,
 )
+from tests.k8s_manifests import submit_args as _submit_args
 from tests.k8s_schema import pytorchjob_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,44 +77,12 @@ def objects_of(rendered: dict[str, str]) -> list[dict[str, Any]]:
     return [obj for path, text in sorted(rendered.items()) if not path.endswith("NOTES.txt") for obj in load_all(text)]
 
 
-def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind]
-
-
-def controller_pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    (job,) = by_kind(objects, "Job")
-    return job["spec"]["template"]["spec"]
-
-
 def submit_args(objects: list[dict[str, Any]], tmp_path: Path) -> argparse.Namespace:
-    """The controller's command line parsed by the real ``batchgen submit`` parser, as the pod would run it:
-    ``$(POD_NAMESPACE)`` expanded by the kubelet and the ConfigMap's files at their mount path."""
-    from batchgen.cli import build_parser
-
-    pod = controller_pod(objects)
-    (container,) = pod["containers"]
-    env = env_of(container)
-    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "config")
-    (config_map,) = by_kind(objects, "ConfigMap")
-    folder = tmp_path / "etc-batchgen"
-    folder.mkdir(exist_ok=True)
-    for name, text in config_map["data"].items():
-        (folder / name).write_text(text)
-    args = [arg.replace("$(POD_NAMESPACE)", NAMESPACE).replace(mount, str(folder)) for arg in container["args"]]
-    return build_parser().parse_args(args)
+    return _submit_args(objects, tmp_path, NAMESPACE)
 
 
 def launch_settings(objects: list[dict[str, Any]], tmp_path: Path) -> LaunchSettings:
-    """What `batchgen submit` in the controller pod would launch workers with."""
-    from batchgen.k8s.options import settings_from_args
-
-    args = submit_args(objects, tmp_path)
-    return settings_from_args(args, output=args.output)
-
-
-def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {var["name"]: var for var in container.get("env") or []}
+    return controller_launch_settings(objects, tmp_path, NAMESPACE)
 
 
 CASES: dict[str, dict[str, Any]] = {
@@ -534,7 +507,9 @@ def test_notes_say_how_to_follow_resume_and_cancel(chart):
     notes = render(chart, merged())[f"{CHART.name}/templates/NOTES.txt"]
     assert f"kubectl -n {NAMESPACE} logs -f job/gen-batchgen-controller" in notes
     assert f"batchgen status s3://videos-out/runs --namespace {NAMESPACE}" in notes
-    assert f"batchgen cancel s3://videos-out/runs --namespace {NAMESPACE}" in notes
+    assert notes.index(f"helm uninstall {RELEASE} -n {NAMESPACE}") < notes.index(
+        f"batchgen cancel <run-id> --namespace {NAMESPACE}"
+    )
     # Each printed command is well-formed shell.
     for line in notes.splitlines():
         if line.startswith("  kubectl") or line.startswith("  batchgen"):
