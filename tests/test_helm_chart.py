@@ -506,7 +506,7 @@ def test_every_values_key_has_a_comment():
 def test_notes_say_how_to_follow_resume_and_cancel(chart):
     notes = render(chart, merged())[f"{CHART.name}/templates/NOTES.txt"]
     assert f"kubectl -n {NAMESPACE} logs -f job/gen-batchgen-controller" in notes
-    assert f"batchgen status s3://videos-out/runs --namespace {NAMESPACE}" in notes
+    assert "batchgen status s3://videos-out/runs --run-id <run-id>" in notes
     assert notes.index(f"helm uninstall {RELEASE} -n {NAMESPACE}") < notes.index(
         f"batchgen cancel <run-id> --namespace {NAMESPACE}"
     )
