@@ -514,3 +514,18 @@ def test_notes_say_how_to_follow_resume_and_cancel(chart):
     for line in notes.splitlines():
         if line.startswith("  kubectl") or line.startswith("  batchgen"):
             shlex.split(line)
+
+
+def test_values_example_in_the_docs_installs(chart, tmp_path):
+    """The values file docs/kubernetes.md shows passes the schema and renders valid objects."""
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    block = re.search(r"`values-june\.yaml`:\n\n```yaml\n(.*?)```", docs, re.S)
+    assert block, "values example not found in docs/kubernetes.md"
+    values = yaml.safe_load(block[1])
+    chart.validate_schema(values)
+    objects = objects_of(render(chart, {**values, "crdCheck": {"enabled": False}}))
+    assert all_problems(objects) == []
+    settings = launch_settings(objects, tmp_path)
+    job = render_pytorchjob("june-batch-0123456789ab", [shard_id(0), shard_id(1)], settings)
+    assert pytorchjob_problems(job) == []
+    assert settings.image == "registry.example.com/ml/batchgen:0.1.0"
