@@ -67,13 +67,18 @@ class EncodedItem:
     """None when the item does not use classifier-free guidance (guidance_scale <= 1)."""
     text_encode_s: float
     """This item's share of the shard's T5 time."""
+    texts: tuple[str, str | None] = ("", None)
+    """(prompt, negative prompt or None without CFG): what was encoded, checked before use."""
 
 
 def linear_quadratic_sigmas(steps: int, threshold_noise: float = THRESHOLD_NOISE) -> list[float]:
     """Genmo's schedule (diffusers' linear_quadratic_schedule): ``steps // 2`` linear steps down to
-    ``threshold_noise``, then quadratic to 0; returned as sigmas from 1 downwards (without the final 0)."""
+    ``threshold_noise``, then quadratic to 0; returned as sigmas from 1 downwards (without the final 0).
+    One step has no linear part (the formula would divide by zero there): a single Euler step from 1."""
     from diffusers.pipelines.mochi.pipeline_mochi import linear_quadratic_schedule
 
+    if steps // 2 == 0:
+        return [1.0]
     return [float(s) for s in linear_quadratic_schedule(steps, threshold_noise, steps // 2)]
 
 
@@ -171,10 +176,7 @@ class MochiGenerator:
             self._encoded = self.encode_prompts(items)
 
     def generate(self, item: Item) -> GeneratedVideo | None:
-        if item.id not in self._encoded:
-            # Not prepared (a single item from the CLI, or a retry after prepare dropped it): encode it alone.
-            self._encoded.update(self.encode_prompts([item]))
-        encoded = self._encoded[item.id]
+        encoded = self._embeddings_for(item)
         started = time.perf_counter()
         latents = self.denoise(item, encoded)
         denoise_s = time.perf_counter() - started
@@ -188,6 +190,14 @@ class MochiGenerator:
             timings={"text_encode": round(encoded.text_encode_s, 4), "denoise": round(denoise_s, 4), "decode": round(decode_s, 4)},
             extra={"parallel": self.parallel_facts(), "dtype": str(self.transformer_dtype).replace("torch.", "")},
         )
+
+    def _embeddings_for(self, item: Item) -> EncodedItem:
+        encoded = self._encoded.get(item.id)
+        if encoded is None or encoded.texts != _texts(item):
+            # Not prepared (a single item, or an id reused with other text): encode it alone.
+            encoded = self.encode_prompts([item])[item.id]
+            self._encoded[item.id] = encoded
+        return encoded
 
     def close(self) -> None:
         self._encoded = {}
@@ -232,6 +242,7 @@ class MochiGenerator:
                 cond=embeddings[item.prompt],
                 uncond=embeddings[item.negative_prompt] if _uses_cfg(item) else None,
                 text_encode_s=share,
+                texts=_texts(item),
             )
             for item in items
         }
@@ -267,7 +278,9 @@ class MochiGenerator:
         from diffusers.utils.torch_utils import randn_tensor
 
         if encoded is None:
-            encoded = self._encoded.get(item.id) or self.encode_prompts([item])[item.id]
+            encoded = self._embeddings_for(item)
+        elif encoded.texts != _texts(item):
+            raise ValueError(f"item {item.id}: embeddings were encoded for other text")
         _check_shape(item)
         device = self.device
         shape = (1, self.latent_channels, latent_frames(item.num_frames), item.height // VAE_SPATIAL, item.width // VAE_SPATIAL)
@@ -356,6 +369,10 @@ class _Visit:
 
 def _uses_cfg(item: Item) -> bool:
     return item.guidance_scale > 1.0
+
+
+def _texts(item: Item) -> tuple[str, str | None]:
+    return (item.prompt, item.negative_prompt if _uses_cfg(item) else None)
 
 
 def _check_shape(item: Item) -> None:
