@@ -391,16 +391,16 @@ def test_run_config_is_valid_toml_for_batchgen(chart, tmp_path):
     assert load_config(path) == load_config(None)
 
 
-def test_config_change_rolls_the_controller_pod(chart):
-    def checksum(values):
-        return controller_pod_meta(objects_of(render(chart, values)))["annotations"]["checksum/config"]
-
-    def controller_pod_meta(objects):
-        (job,) = by_kind(objects, "Job")
-        return job["spec"]["template"]["metadata"]
-
-    assert checksum(merged()) == checksum(merged())
-    assert checksum(merged()) != checksum(merged({"workers": {"gpusPerNode": 4}}))
+def test_pod_annotations_and_labels(chart):
+    values = merged(
+        {"controller": {"podAnnotations": {"prometheus.io/scrape": "false"}, "podLabels": {"team": "video"}}}
+    )
+    (job,) = by_kind(objects_of(render(chart, values)), "Job")
+    meta = job["spec"]["template"]["metadata"]
+    assert meta["annotations"] == {"prometheus.io/scrape": "false"}
+    assert meta["labels"]["team"] == "video" and meta["labels"]["app.kubernetes.io/component"] == "controller"
+    (job,) = by_kind(objects_of(render(chart, merged())), "Job")
+    assert "annotations" not in job["spec"]["template"]["metadata"]
 
 
 GUARD_CASES = {

@@ -85,18 +85,13 @@ def test_every_object_is_valid(which, request, tmp_path):
 
 
 def _normalised(obj: dict[str, Any]) -> dict[str, Any]:
-    """What differs only by tool: namespace (set at install), who manages it, Helm's chart label and its
-    config checksum, key order and comments (gone after parsing)."""
+    """What differs only by tool: namespace (set at install), who manages it, Helm's chart label, key order and
+    comments (gone after parsing)."""
     obj = copy.deepcopy(obj)
     meta = obj["metadata"]
     meta.pop("namespace", None)
     for key in ("helm.sh/chart", "app.kubernetes.io/managed-by"):
         meta.get("labels", {}).pop(key, None)
-    if obj["kind"] == "Job":
-        template_meta = obj["spec"]["template"]["metadata"]
-        template_meta.get("annotations", {}).pop("checksum/config", None)
-        if not template_meta.get("annotations"):
-            template_meta.pop("annotations", None)
     if obj["kind"] == "ConfigMap":  # compared by meaning below: the kustomize files carry comments
         obj["data"] = {
             "run.toml": _toml_meaning(obj["data"]["run.toml"]),
