@@ -289,7 +289,7 @@ class Bench:
         q, k, v = (torch.randn(1, heads, seq, dim, generator=gen).to(self.device, self.dtype) for _ in range(3))
         reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         out: dict = {"shape": [1, heads, seq, dim], "dtype": str(self.dtype), "kernels": {}}
-        for kernel in native.list_kernels(self.device):
+        for kernel in native.list_kernels(self.device, self.dtype, dim):
             try:
                 result, lse = native.attention_with_lse(q, k, v, kernel=kernel)
                 sdpa = F.scaled_dot_product_attention(q, k, v)
@@ -305,13 +305,15 @@ class Bench:
         return out
 
     def native_forward_check(self) -> dict:
-        """A whole transformer forward with the native processors installed at degree 1 vs the stock processors."""
-        from batchgen.parallel.apply import install_attention_processors
-
-        s = dict(self.shape)
-        layers = 4 if not self.args.tiny else s["layers"]
+        """Whole transformer forwards with the native sequence-parallel processor installed at degree 1 (every
+        local kernel it can use) against the stock diffusers processor."""
         from diffusers import MochiTransformer3DModel
 
+        from batchgen.parallel import attention as native
+        from batchgen.parallel.usp import Axis, USPMochiAttnProcessor
+
+        s = self.shape
+        layers = 4 if not self.args.tiny else s["layers"]
         model = build_random(
             lambda: MochiTransformer3DModel(
                 num_layers=layers,
@@ -324,15 +326,25 @@ class Bench:
             self.dtype,
         )
         inputs = self.dit_inputs(self.shape["frames"][0])
+        single = Axis(group=None, size=1, rank=0, ranks=(0,))
+        stock_processors = [block.attn1.processor for block in model.transformer_blocks]
+        out: dict = {"forward_layers": layers, "frames": self.shape["frames"][0], "forward_vs_stock": {}}
         with torch.no_grad():
             stock = model(**inputs)[0].float()
-            install_attention_processors(model)
-            native = model(**inputs)[0].float()
-        return {
-            "forward_layers": layers,
-            "forward_max_abs_diff_native_vs_stock": float((native - stock).abs().max()),
-            "forward_output_abs_max": float(stock.abs().max()),
-        }
+            out["forward_output_abs_max"] = float(stock.abs().max())
+            for kernel in native.list_kernels(self.device, self.dtype, s["head_dim"]):
+                for block in model.transformer_blocks:
+                    block.attn1.processor = USPMochiAttnProcessor(single, single, kernel=kernel)
+                try:
+                    result = model(**inputs)[0].float()
+                    out["forward_vs_stock"][kernel] = {"max_abs_diff": float((result - stock).abs().max())}
+                except Exception as e:
+                    out["forward_vs_stock"][kernel] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                finally:
+                    for block, processor in zip(model.transformer_blocks, stock_processors):
+                        block.attn1.processor = processor
+        del model
+        return out
 
     def vae_decode(self) -> dict:
         from diffusers import AutoencoderKLMochi
@@ -401,13 +413,13 @@ class Bench:
 
     def pipeline(self) -> dict:
         """The whole single-GPU generator at the longest frame count with --offload model and a few steps."""
-        from batchgen.generate.pipeline import build_random_components, MochiGenerator
         from batchgen.config import ParallelConfig
+        from batchgen.generate.pipeline import MochiGenerator, build_random_components
         from batchgen.item import Item
 
         frames = max(self.shape["frames"])
         steps = self.args.pipeline_steps
-        components = build_random_components(full_size=not self.args.tiny, dtype=self.dtype)
+        components = build_random_components(full_size=not self.args.tiny, dtype=self.dtype, device=self.device)
         generator = MochiGenerator.from_components(components, parallel=ParallelConfig(offload="model"), device=str(self.device))
         item = Item(id="bench", prompt="a red fox running through fresh snow at dawn", negative_prompt="", seed=0, num_frames=frames,
                     height=self.shape["height"], width=self.shape["width"], num_inference_steps=steps, guidance_scale=4.5, row=0)
