@@ -1,0 +1,365 @@
+"""Job submission behind a small interface, and its PyTorchJob implementation over the official client.
+
+Every Kubernetes API error is translated here, once, into what the rest of batchgen understands:
+- 409 on create: the job exists (a previous submit, or another controller, created it): read it back and adopt it;
+- 403: ``ClusterError`` naming the RBAC verb and resource the controller's identity lacks;
+- 404 on the collection: the PyTorchJob CRD is not installed;
+- 422: ``ClusterError`` with the API server's reason;
+- 5xx, 429 and connection errors: retried with exponential backoff, then ``TransientClusterError`` (retryable exit);
+- 410 during a watch: list again and watch from the list's resourceVersion.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tenacity import RetryError, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying as _Retrying
+
+from batchgen.errors import ClusterError, TransientClusterError
+from batchgen.k8s import names
+
+log = logging.getLogger("batchgen.k8s.backend")
+
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+RESOURCE = f"{PLURAL}.{GROUP}"
+FINISHED_STATES = ("Succeeded", "Failed")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What the controller needs to know about one job, read from the cluster."""
+
+    name: str
+    namespace: str
+    uid: str
+    resource_version: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> JobInfo:
+        meta = obj.get("metadata") or {}
+        return cls(
+            name=meta.get("name", ""),
+            namespace=meta.get("namespace", ""),
+            uid=meta.get("uid", ""),
+            resource_version=str(meta.get("resourceVersion", "")),
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+            conditions=list((obj.get("status") or {}).get("conditions") or []),
+            raw=obj,
+        )
+
+    @property
+    def attempt(self) -> int:
+        return int(self.labels.get(names.ATTEMPT_LABEL, "0") or 0)
+
+    @property
+    def group(self) -> tuple[int, int] | None:
+        try:
+            return int(self.labels[names.SHARD_FIRST_LABEL]), int(self.labels[names.SHARD_LAST_LABEL])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def shards(self) -> list[str]:
+        text = self.annotations.get(names.SHARDS_ANNOTATION, "")
+        return [s for s in text.split(",") if s]
+
+    def condition(self, kind: str) -> dict[str, Any] | None:
+        # The operator appends conditions; their order is not a contract, so look each type up.
+        for c in self.conditions:
+            if c.get("type") == kind and str(c.get("status")) == "True":
+                return c
+        return None
+
+    @property
+    def state(self) -> str:
+        """Succeeded, Failed, Suspended, Restarting, Running, Created or Pending (no condition yet)."""
+        for kind in ("Succeeded", "Failed", "Suspended", "Restarting", "Running", "Created"):
+            if self.condition(kind):
+                return kind
+        return "Pending"
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    def reason(self) -> str:
+        c = self.condition(self.state)
+        return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") if c else ""
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str
+    """ADDED, MODIFIED, DELETED, or RESYNC (the watch expired and the jobs were listed again)."""
+    job: JobInfo | None
+
+
+class JobBackend(abc.ABC):
+    """Where jobs run. Names are chosen by the caller (deterministic); the backend never invents one."""
+
+    namespace: str
+
+    @abc.abstractmethod
+    def create(self, manifest: dict[str, Any]) -> tuple[JobInfo, bool]:
+        """Create the job; if one of that name exists, return it. Returns (job, created_by_this_call)."""
+
+    @abc.abstractmethod
+    def get(self, name: str) -> JobInfo | None: ...
+
+    @abc.abstractmethod
+    def list(self, label_selector: str) -> tuple[list[JobInfo], str]:
+        """Jobs matching the selector, and the collection's resourceVersion to watch from."""
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> bool:
+        """Delete the job (and, through the operator, its pods); False if it did not exist."""
+
+    @abc.abstractmethod
+    def watch(self, label_selector: str, resource_version: str, timeout_s: int) -> Iterator[WatchEvent]:
+        """Changes after ``resource_version`` until ``timeout_s`` passes."""
+
+
+def _is_retryable(error: BaseException) -> bool:
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(error, ApiException):
+        return error.status in (429, 500, 502, 503, 504) or error.status == 0
+    import urllib3
+
+    return isinstance(error, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+def _status_body(error: Any) -> dict[str, Any]:
+    try:
+        return json.loads(error.body or "{}")
+    except (TypeError, ValueError):
+        return {}
+
+
+def load_api_client(kubeconfig: str | None = None, context: str | None = None):
+    """An ApiClient from ``kubeconfig``/``KUBECONFIG``/~/.kube/config, or the pod's service account in-cluster."""
+    from kubernetes import client, config
+
+    try:
+        if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config()
+            return client.ApiClient()
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+        return client.ApiClient(configuration)
+    except config.ConfigException as e:
+        raise ClusterError(f"no Kubernetes configuration: {e} (set KUBECONFIG or run inside the cluster)") from e
+
+
+class PyTorchJobBackend(JobBackend):
+    """Kubeflow PyTorchJobs (kubeflow.org/v1) in one namespace, through ``CustomObjectsApi``."""
+
+    def __init__(
+        self,
+        namespace: str,
+        api_client: Any = None,
+        *,
+        attempts: int = 6,
+        max_wait_s: float = 10.0,
+        request_timeout_s: float = 30.0,
+    ):
+        from kubernetes import client
+
+        self.namespace = namespace
+        self.api = client.CustomObjectsApi(api_client or load_api_client())
+        self.attempts = attempts
+        self.max_wait_s = max_wait_s
+        self.request_timeout_s = request_timeout_s
+
+    # -- error translation -------------------------------------------------------------------------------
+
+    def _call(self, verb: str, fn: Callable[..., T], *args: Any, name: str | None = None, **kwargs: Any) -> T:
+        from kubernetes.client.exceptions import ApiException
+
+        retrying = _Retrying(
+            retry=retry_if_exception(_is_retryable),
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_exponential(multiplier=0.2, max=self.max_wait_s),
+            reraise=False,
+            before_sleep=lambda state: log.warning(
+                "Kubernetes API %s %s failed (%s); retrying", verb, RESOURCE, _short(state.outcome.exception())
+            ),
+        )
+        try:
+            return retrying(fn, *args, **kwargs)
+        except RetryError as e:
+            last = e.last_attempt.exception()
+            raise TransientClusterError(
+                f"Kubernetes API {verb} {RESOURCE} in namespace {self.namespace!r} still failing after "
+                f"{self.attempts} attempts: {_short(last)}"
+            ) from last
+        except ApiException as e:
+            raise self._translate(verb, e, name) from e
+
+    def _translate(self, verb: str, error: Any, name: str | None) -> ClusterError:
+        body = _status_body(error)
+        message = body.get("message") or error.reason or ""
+        what = f"{RESOURCE} {name!r}" if name else RESOURCE
+        if error.status == 403:
+            return ClusterError(
+                f"forbidden: the controller's identity may not '{verb}' resource '{PLURAL}' in API group '{GROUP}' "
+                f"in namespace {self.namespace!r}; grant the verb '{verb}' on '{PLURAL}' in a Role bound to it "
+                f"(API server: {message})"
+            )
+        if error.status == 401:
+            return ClusterError(f"unauthorized: the Kubernetes credentials were refused ({message})")
+        if error.status == 404 and _collection_missing(body):
+            return ClusterError(
+                f"PyTorchJob API ({GROUP}/{VERSION}) not installed in this cluster: install the Kubeflow training "
+                f"operator (its {RESOURCE} CRD) before submitting"
+            )
+        if error.status == 422:
+            return ClusterError(f"the API server rejected {what}: {message}")
+        return ClusterError(f"Kubernetes API {verb} {what} failed with HTTP {error.status}: {message}")
+
+    # -- JobBackend ----------------------------------------------------------------------------------------
+
+    def create(self, manifest: dict[str, Any]) -> tuple[JobInfo, bool]:
+        name = manifest["metadata"]["name"]
+        try:
+            obj = self._raw_create(manifest)
+            return JobInfo.from_object(obj), True
+        except _AlreadyExists:
+            existing = self.get(name)
+            if existing is None:  # deleted between our create and get: try once more
+                try:
+                    return JobInfo.from_object(self._raw_create(manifest)), True
+                except _AlreadyExists:
+                    existing = self.get(name)
+                    if existing is None:
+                        raise ClusterError(f"{RESOURCE} {name!r} keeps appearing and disappearing") from None
+            log.info("job %s already exists: adopted", name)
+            return existing, False
+
+    def _raw_create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        name = manifest["metadata"]["name"]
+
+        def attempt() -> dict[str, Any]:
+            try:
+                return self.api.create_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, manifest, _request_timeout=self.request_timeout_s
+                )
+            except ApiException as e:
+                if e.status == 409:
+                    raise _AlreadyExists() from e
+                raise
+
+        return self._call("create", attempt, name=name)
+
+    def get(self, name: str) -> JobInfo | None:
+        from kubernetes.client.exceptions import ApiException
+
+        def attempt() -> dict[str, Any] | None:
+            try:
+                return self.api.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=self.request_timeout_s
+                )
+            except ApiException as e:
+                if e.status == 404 and not _collection_missing(_status_body(e)):
+                    return None
+                raise
+
+        obj = self._call("get", attempt, name=name)
+        return JobInfo.from_object(obj) if obj else None
+
+    def list(self, label_selector: str) -> tuple[list[JobInfo], str]:
+        result = self._call(
+            "list",
+            self.api.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            label_selector=label_selector,
+            _request_timeout=self.request_timeout_s,
+        )
+        jobs = [JobInfo.from_object(o) for o in result.get("items", [])]
+        return jobs, str((result.get("metadata") or {}).get("resourceVersion", ""))
+
+    def delete(self, name: str) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        def attempt() -> bool:
+            try:
+                self.api.delete_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, name,
+                    propagation_policy="Foreground", _request_timeout=self.request_timeout_s,
+                )  # fmt: skip
+                return True
+            except ApiException as e:
+                if e.status == 404 and not _collection_missing(_status_body(e)):
+                    return False
+                raise
+
+        return self._call("delete", attempt, name=name)
+
+    def watch(self, label_selector: str, resource_version: str, timeout_s: int) -> Iterator[WatchEvent]:
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+
+        rv = resource_version
+        try:
+            stream = watch.Watch().stream(
+                self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
+                label_selector=label_selector, resource_version=rv, timeout_seconds=max(1, int(timeout_s)),
+                allow_watch_bookmarks=True, _request_timeout=timeout_s + self.request_timeout_s,
+            )  # fmt: skip
+            for event in stream:
+                kind = event.get("type")
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    yield WatchEvent(kind, JobInfo.from_object(event["object"]))
+        except ApiException as e:
+            if e.status != 410:
+                if _is_retryable(e):
+                    log.warning("watch of %s interrupted (%s); resyncing", RESOURCE, _short(e))
+                    yield WatchEvent("RESYNC", None)
+                    return
+                raise self._translate("watch", e, None) from e
+            # The resourceVersion we watched from was compacted away: what changed meanwhile is only
+            # knowable by listing again; the caller resyncs from the listing and watches from its version.
+            log.info("watch expired (410 Gone) at resourceVersion %s; listing again", rv)
+            yield WatchEvent("RESYNC", None)
+        except Exception as e:
+            if not _is_retryable(e):
+                raise
+            log.warning("watch of %s interrupted (%s); resyncing", RESOURCE, _short(e))
+            yield WatchEvent("RESYNC", None)
+
+
+class _AlreadyExists(Exception):
+    pass
+
+
+def _collection_missing(body: dict[str, Any]) -> bool:
+    """A 404 for the resource type (CRD absent) rather than for one named object."""
+    details = body.get("details") or {}
+    return not details.get("name")
+
+
+def _short(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    status = getattr(error, "status", None)
+    if status is not None:
+        return f"HTTP {status} {getattr(error, 'reason', '')}".strip()
+    return f"{type(error).__name__}: {error}"[:300]

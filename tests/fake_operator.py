@@ -1,0 +1,319 @@
+"""A local stand-in for the Kubeflow training operator, driving PyTorchJobs on the API emulator.
+
+For every PyTorchJob it starts one local process per pod (Master, then Workers) running the pod's own command,
+with the environment the real operator and kubelet give it:
+- container ``env`` values, and ``secretKeyRef`` entries resolved from ``secrets`` (as the kubelet would);
+- ``MASTER_ADDR``/``PET_MASTER_ADDR`` = 127.0.0.1 (the master pod's Service), ``MASTER_PORT``/``PET_MASTER_PORT`` = a
+  free port, ``WORLD_SIZE`` = pods x nprocPerNode, ``PET_NNODES``, ``PET_NPROC_PER_NODE``, and ``RANK`` =
+  ``PET_NODE_RANK`` = the pod's index (Master 0, Worker i -> i + 1).
+Image paths are mapped to local ones through ``path_map`` (e.g. the model mount to the tiny model); ``python`` is
+this interpreter. Status conditions (Created, Running, Restarting, Succeeded, Failed) and replicaStatuses are
+written through the status subresource. ``restartPolicy: ExitCode`` is honoured: exit codes >= 128 restart the
+pod up to the backoff limit, 1-127 fail the job. ``cleanPodPolicy: Running``: when the job ends, pods still
+running are killed. ``fail_first_attempt(job)`` selects jobs whose attempt-1 Master exits 1 instead of running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+
+log = logging.getLogger("tests.fake_operator")
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Pod:
+    name: str
+    rtype: str
+    index: int
+    node_rank: int
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+
+
+@dataclass
+class JobRun:
+    name: str
+    uid: str
+    pods: list[Pod]
+    backoff_limit: int
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+
+
+class FakeOperator:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        workdir: Path,
+        *,
+        path_map: dict[str, str] | None = None,
+        secrets: dict[str, dict[str, str]] | None = None,
+        base_env: dict[str, str] | None = None,
+        fail_first_attempt: Callable[[dict[str, Any]], bool] | None = None,
+        poll_s: float = 0.2,
+    ):
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        self.api = client.CustomObjectsApi(client.ApiClient(configuration))
+        self.namespace = namespace
+        self.workdir = workdir
+        self.path_map = dict(path_map or {})
+        self.secrets = secrets or {}
+        self.base_env = base_env or {}
+        self.fail_first_attempt = fail_first_attempt
+        self.poll_s = poll_s
+        self.runs: dict[str, JobRun] = {}
+        self.started_jobs: list[str] = []
+        """Names of every job that got pods, in order (one entry per uid)."""
+        self.errors: list[BaseException] = []
+        self.peak_running = 0
+        """Most jobs with live pods at once (the controller's --max-jobs bound)."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fake-operator", daemon=True)
+
+    def start(self) -> FakeOperator:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for run in self.runs.values():
+            for pod in run.pods:
+                self._kill(pod)
+
+    # -- pods ------------------------------------------------------------------------------------------------
+
+    def _map(self, value: str) -> str:
+        for image_path, local_path in self.path_map.items():
+            if value == image_path or value.startswith(image_path + "/"):
+                return local_path + value[len(image_path) :]
+        return value
+
+    def _container_env(self, container: dict[str, Any]) -> dict[str, str]:
+        env = {}
+        for entry in container.get("env") or []:
+            if "value" in entry:
+                env[entry["name"]] = self._map(str(entry["value"]))
+            elif "secretKeyRef" in (entry.get("valueFrom") or {}):
+                ref = entry["valueFrom"]["secretKeyRef"]
+                try:
+                    env[entry["name"]] = self.secrets[ref["name"]][ref["key"]]
+                except KeyError:
+                    raise RuntimeError(
+                        f"secret {ref['name']}/{ref['key']} not found (CreateContainerConfigError)"
+                    ) from None
+        return env
+
+    def _pods(self, job: dict[str, Any]) -> list[Pod]:
+        name = job["metadata"]["name"]
+        specs = job["spec"]["pytorchReplicaSpecs"]
+        nproc = int(job["spec"].get("nprocPerNode") or 1)
+        replicas = [("Master", i) for i in range(int(specs["Master"].get("replicas", 1)))]
+        if "Worker" in specs:
+            replicas += [("Worker", i) for i in range(int(specs["Worker"].get("replicas", 0)))]
+        port = _free_port()
+        injected_failure = (
+            self.fail_first_attempt is not None
+            and job["metadata"]["labels"].get("batchgen.io/attempt") == "1"
+            and self.fail_first_attempt(job)
+        )
+        pods = []
+        for node_rank, (rtype, index) in enumerate(replicas):
+            container = next(c for c in specs[rtype]["template"]["spec"]["containers"] if c["name"] == "pytorch")
+            argv = [self._map(a) for a in container.get("command", []) + container.get("args", [])]
+            if argv and argv[0] == "python":
+                argv[0] = sys.executable
+            if injected_failure and rtype == "Master":
+                argv = [sys.executable, "-c", "import sys; sys.exit(1)"]
+            env = {
+                **self.base_env,
+                **self._container_env(container),
+                "MASTER_ADDR": "127.0.0.1",
+                "PET_MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "PET_MASTER_PORT": str(port),
+                "WORLD_SIZE": str(len(replicas) * nproc),
+                "PET_NNODES": str(len(replicas)),
+                "PET_NPROC_PER_NODE": str(nproc),
+                "PET_NODE_RANK": str(node_rank),
+                "RANK": str(node_rank),
+            }
+            pod_name = f"{name}-{rtype.lower()}-{index}"
+            for mount in container.get("volumeMounts") or []:
+                local = self._map(mount["mountPath"])
+                if local != mount["mountPath"]:
+                    Path(local).mkdir(parents=True, exist_ok=True)
+            log_dir = self.workdir / "logs"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            pods.append(Pod(pod_name, rtype, index, node_rank, argv, env, log_dir / f"{pod_name}.log"))
+        return pods
+
+    def _spawn(self, pod: Pod) -> None:
+        with open(pod.log_path, "ab") as out:
+            pod.process = subprocess.Popen(
+                pod.argv, env=pod.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+            )
+        pod.exit_code = None
+
+    def _kill(self, pod: Pod) -> None:
+        if pod.process is None or pod.process.poll() is not None:
+            return
+        try:
+            os.killpg(pod.process.pid, signal.SIGTERM)
+            pod.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(pod.process.pid, signal.SIGKILL)
+            pod.process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    # -- status ----------------------------------------------------------------------------------------------
+
+    def _set_condition(self, run: JobRun, kind: str, reason: str, message: str) -> None:
+        now = _now()
+        for c in run.conditions:
+            if (
+                c["type"] in ("Running", "Restarting")
+                and c["type"] != kind
+                and kind in ("Running", "Restarting", "Succeeded", "Failed")
+            ):
+                c["status"] = "False"
+        existing = next((c for c in run.conditions if c["type"] == kind), None)
+        entry = {
+            "type": kind,
+            "status": "True",
+            "reason": reason,
+            "message": message,
+            "lastUpdateTime": now,
+            "lastTransitionTime": now,
+        }
+        if existing:
+            existing.update(entry)
+        else:
+            run.conditions.append(entry)
+        replica_statuses: dict[str, dict[str, int]] = {}
+        for pod in run.pods:
+            counts = replica_statuses.setdefault(pod.rtype, {"active": 0, "succeeded": 0, "failed": 0})
+            if pod.process is not None and pod.process.poll() is None:
+                counts["active"] += 1
+            elif pod.exit_code == 0:
+                counts["succeeded"] += 1
+            elif pod.exit_code is not None:
+                counts["failed"] += 1
+        status: dict[str, Any] = {"conditions": run.conditions, "replicaStatuses": replica_statuses}
+        if run.finished:
+            status["completionTime"] = now
+        try:
+            self.api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, self.namespace, PLURAL, run.name, {"status": status}
+            )
+        except client.exceptions.ApiException as e:
+            if e.status != 404:  # deleted meanwhile
+                raise
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception as e:  # surfaced by the test through .errors
+                log.exception("fake operator error")
+                self.errors.append(e)
+            self._stop.wait(self.poll_s)
+
+    def _tick(self) -> None:
+        jobs = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)["items"]
+        present = {j["metadata"]["uid"]: j for j in jobs}
+        for uid, run in list(self.runs.items()):
+            if uid not in present:  # deleted: the real operator deletes its pods
+                for pod in run.pods:
+                    self._kill(pod)
+                del self.runs[uid]
+        for uid, job in present.items():
+            run = self.runs.get(uid)
+            if run is None:
+                run = JobRun(
+                    job["metadata"]["name"],
+                    uid,
+                    self._pods(job),
+                    int(job["spec"].get("runPolicy", {}).get("backoffLimit", 0)),
+                )
+                self.runs[uid] = run
+                self.started_jobs.append(run.name)
+                self._set_condition(run, "Created", "PyTorchJobCreated", f"PyTorchJob {run.name} is created.")
+                for pod in run.pods:
+                    self._spawn(pod)
+                self._set_condition(run, "Running", "PyTorchJobRunning", f"PyTorchJob {run.name} is running.")
+                continue
+            if not run.finished:
+                self._advance(run)
+        self.peak_running = max(self.peak_running, sum(1 for r in self.runs.values() if not r.finished))
+
+    def _advance(self, run: JobRun) -> None:
+        for pod in run.pods:
+            if pod.process is None or pod.exit_code is not None:
+                continue
+            code = pod.process.poll()
+            if code is None:
+                continue
+            pod.exit_code = 128 - code if code < 0 else code
+            log.info("pod %s exited %s", pod.name, pod.exit_code)
+            if pod.exit_code == 0:
+                continue
+            if pod.exit_code >= 128 and pod.restarts < run.backoff_limit:
+                pod.restarts += 1
+                self._set_condition(
+                    run, "Restarting", "PyTorchJobRestarting", f"pod {pod.name} exited {pod.exit_code}; restarting"
+                )
+                self._spawn(pod)
+                self._set_condition(run, "Running", "PyTorchJobRunning", f"PyTorchJob {run.name} is running.")
+                continue
+            run.finished = True
+            for other in run.pods:
+                self._kill(other)
+            self._set_condition(
+                run,
+                "Failed",
+                "PyTorchJobFailed",
+                f"{pod.rtype} replica {pod.index} ({pod.name}) exited with code {pod.exit_code}",
+            )
+            return
+        master = next(p for p in run.pods if p.rtype == "Master")
+        if master.exit_code == 0:
+            run.finished = True
+            for pod in run.pods:  # cleanPodPolicy: Running
+                self._kill(pod)
+            self._set_condition(
+                run, "Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {run.name} is successfully completed."
+            )

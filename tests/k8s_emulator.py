@@ -1,0 +1,412 @@
+"""A Kubernetes API emulator for kubeflow.org/v1 PyTorchJobs, over real HTTP on 127.0.0.1.
+
+Enough of the API server for the official ``kubernetes`` client and the controller: create (201, 409, 422 from
+the real CRD schema with strict field validation and the operator's webhook rules), get, list with
+labelSelector, delete, merge-patch, the status subresource, watch from a resourceVersion (410 Gone once the
+history was compacted, which a test triggers with ``compact()``), uids and resourceVersions. RBAC denials
+(``deny``), a missing CRD (``crd_installed = False``) and transient 5xx (``fail_next``) can be switched on.
+kmock answers 200 to creates, ignores label selectors and keeps no resourceVersions, hence this emulator.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+from tests.k8s_schema import pytorchjob_problems
+
+GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
+_PATH = re.compile(
+    rf"^/apis/{GROUP}/{VERSION}/namespaces/(?P<ns>[^/]+)/{PLURAL}(?:/(?P<name>[^/]+))?(?:/(?P<sub>status))?/?$"
+)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def parse_selector(text: str) -> list[tuple[str, str, str | None]]:
+    """'a=b,c!=d,e,!f' -> [(key, op, value)]; ops: =, !=, exists, !exists."""
+    requirements = []
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        if "!=" in part:
+            key, value = part.split("!=", 1)
+            requirements.append((key.strip(), "!=", value.strip()))
+        elif "=" in part:
+            key, value = part.split("=", 1)
+            requirements.append((key.strip().rstrip("="), "=", value.strip().lstrip("=")))
+        elif part.startswith("!"):
+            requirements.append((part[1:].strip(), "!exists", None))
+        else:
+            requirements.append((part, "exists", None))
+    return requirements
+
+
+def selector_matches(requirements: list[tuple[str, str, str | None]], labels: dict[str, str]) -> bool:
+    for key, op, value in requirements:
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+        if op == "exists" and key not in labels:
+            return False
+        if op == "!exists" and key in labels:
+            return False
+    return True
+
+
+class KubeEmulator:
+    def __init__(self, *, user: str = "system:serviceaccount:batch:batchgen-controller"):
+        self.user = user
+        self.crd_installed = True
+        self.deny: set[tuple[str, str]] = set()
+        """(verb, resource) pairs refused with 403, e.g. ("create", "pytorchjobs")."""
+        self._fail_next: list[int] = []
+        self._lock = threading.Condition()
+        self._objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self._history: list[tuple[int, str, dict[str, Any]]] = []
+        self._rv = 100
+        self._compacted_rv = 0
+        self.requests: list[tuple[str, str]] = []
+        self.create_count: dict[str, int] = {}
+        """name -> successful creates (201): a duplicate job would show as a count > 1 or as extra names."""
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="kube-emulator", daemon=True)
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> KubeEmulator:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+                    "users": [{"name": "controller", "user": {"token": "emulator-token"}}],
+                    "contexts": [
+                        {
+                            "name": "emulator",
+                            "context": {"cluster": "emulator", "user": "controller", "namespace": namespace},
+                        }
+                    ],
+                    "current-context": "emulator",
+                }
+            )
+        )
+        return path
+
+    # -- test controls ---------------------------------------------------------------------------------------
+
+    def fail_next(self, *statuses: int) -> None:
+        """Answer the next requests with these HTTP statuses (e.g. 503, 500) before serving normally."""
+        with self._lock:
+            self._fail_next.extend(statuses)
+
+    def compact(self) -> None:
+        """Forget the event history, as etcd compaction does: older watches get 410 Gone."""
+        with self._lock:
+            self._compacted_rv = self._rv
+            self._history.clear()
+            self._lock.notify_all()
+
+    def jobs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [copy.deepcopy(o) for (ns, _), o in sorted(self._objects.items()) if namespace in (None, ns)]
+
+    # -- state changes (under the lock) ----------------------------------------------------------------------
+
+    def _bump(self, kind: str, obj: dict[str, Any]) -> None:
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        self._history.append((self._rv, kind, copy.deepcopy(obj)))
+        self._lock.notify_all()
+
+    def _create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        meta = body.get("metadata") or {}
+        name = meta.get("name")
+        if not name:
+            return 422, _status(422, "Invalid", f"{KIND}.{GROUP} is invalid: metadata.name: Required value")
+        if meta.get("namespace") not in (None, ns):
+            return 400, _status(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            )
+        problems = pytorchjob_problems({**body, "metadata": {**meta, "namespace": ns}})
+        if problems:
+            return 422, _status(422, "Invalid", f'{KIND}.{GROUP} "{name}" is invalid: ' + "; ".join(problems), name)
+        if (ns, name) in self._objects:
+            return 409, _status(409, "AlreadyExists", f'{PLURAL}.{GROUP} "{name}" already exists', name)
+        obj = copy.deepcopy(body)
+        obj.pop("status", None)  # the main resource ignores status when a status subresource exists
+        obj["metadata"] = {
+            **meta,
+            "namespace": ns,
+            "uid": str(uuid.uuid4()),
+            "creationTimestamp": _now(),
+            "generation": 1,
+        }
+        self._objects[(ns, name)] = obj
+        self.create_count[name] = self.create_count.get(name, 0) + 1
+        self._bump("ADDED", obj)
+        return 201, copy.deepcopy(obj)
+
+    def _patch(self, ns: str, name: str, patch: Any, sub: str | None) -> tuple[int, dict[str, Any]]:
+        obj = self._objects.get((ns, name))
+        if obj is None:
+            return 404, _status(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', name)
+        if not isinstance(patch, dict):
+            return 400, _status(400, "BadRequest", "merge patch body must be an object")
+        if sub == "status":
+            patched = merge_patch(obj, {"status": patch.get("status")}) if "status" in patch else obj
+        else:
+            patched = merge_patch(obj, {k: v for k, v in patch.items() if k != "status"})
+            problems = pytorchjob_problems({k: v for k, v in patched.items() if k != "status"})
+            if problems:
+                return 422, _status(422, "Invalid", f'{KIND}.{GROUP} "{name}" is invalid: ' + "; ".join(problems), name)
+        patched["metadata"]["uid"] = obj["metadata"]["uid"]
+        self._objects[(ns, name)] = patched
+        self._bump("MODIFIED", patched)
+        return 200, copy.deepcopy(patched)
+
+    def _delete(self, ns: str, name: str) -> tuple[int, dict[str, Any]]:
+        obj = self._objects.pop((ns, name), None)
+        if obj is None:
+            return 404, _status(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', name)
+        self._bump("DELETED", obj)
+        return 200, copy.deepcopy(obj)
+
+    def _list(self, ns: str, selector: str) -> dict[str, Any]:
+        requirements = parse_selector(selector)
+        items = [
+            copy.deepcopy(o)
+            for (ons, _), o in sorted(self._objects.items())
+            if ons == ns and selector_matches(requirements, (o["metadata"].get("labels") or {}))
+        ]
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": f"{KIND}List",
+            "metadata": {"resourceVersion": str(self._rv)},
+            "items": items,
+        }
+
+    def _watch(self, ns: str, selector: str, since: str | None, timeout_s: float) -> Iterator[dict[str, Any]]:
+        requirements = parse_selector(selector)
+
+        def relevant(obj: dict[str, Any]) -> bool:
+            return obj["metadata"]["namespace"] == ns and selector_matches(
+                requirements, obj["metadata"].get("labels") or {}
+            )
+
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            if since in (None, "", "0"):
+                # "Get state and start at most recent": synthetic ADDED for what exists now.
+                cursor = self._rv
+                initial = [{"type": "ADDED", "object": copy.deepcopy(o)} for o in self._objects.values() if relevant(o)]
+            else:
+                cursor = int(since)
+                initial = []
+                if cursor < self._compacted_rv:
+                    initial = [
+                        {
+                            "type": "ERROR",
+                            "object": _status(
+                                410, "Expired", f"too old resource version: {cursor} ({self._compacted_rv})"
+                            ),
+                        }
+                    ]
+        yield from initial
+        if initial and initial[0]["type"] == "ERROR":
+            return
+        while True:
+            with self._lock:
+                while not self._stopping:
+                    if cursor < self._compacted_rv:
+                        events = None
+                        break
+                    events = [(rv, kind, obj) for rv, kind, obj in self._history if rv > cursor]
+                    if events:
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    self._lock.wait(min(remaining, 0.5))
+                if self._stopping:
+                    return
+            if events is None:
+                yield {"type": "ERROR", "object": _status(410, "Expired", f"too old resource version: {cursor}")}
+                return
+            for rv, kind, obj in events:
+                cursor = rv
+                if relevant(obj):
+                    yield {"type": kind, "object": copy.deepcopy(obj)}
+
+    # -- HTTP ------------------------------------------------------------------------------------------------
+
+    def _handler_class(self):
+        emulator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+                pass
+
+            def _send(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> Any:
+                length = int(self.headers.get("Content-Length") or 0)
+                return json.loads(self.rfile.read(length) or b"null") if length else None
+
+            def _route(self, method: str) -> None:
+                parts = urlsplit(self.path)
+                query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+                body = self._body() if method in ("POST", "PATCH", "PUT", "DELETE") else None
+                emulator.requests.append((method, self.path))
+                with emulator._lock:
+                    injected = emulator._fail_next.pop(0) if emulator._fail_next else None
+                if injected:
+                    return self._send(injected, _status(injected, "InternalError", "injected failure"))
+                match = _PATH.match(parts.path)
+                if not match or not emulator.crd_installed:
+                    return self._send(404, _status(404, "NotFound", "the server could not find the requested resource"))
+                ns, name, sub = match["ns"], match["name"], match["sub"]
+                watching = query.get("watch") in ("true", "1")
+                verb = {
+                    "POST": "create", "DELETE": "delete", "PATCH": "patch", "PUT": "update",
+                    "GET": ("watch" if watching else "list") if name is None else "get",
+                }[method]  # fmt: skip
+                resource = PLURAL + ("/status" if sub else "")
+                if (verb, resource) in emulator.deny:
+                    return self._send(
+                        403,
+                        _status(
+                            403,
+                            "Forbidden",
+                            f'{PLURAL}.{GROUP}{" " + repr(name) if name else ""} is forbidden: User "{emulator.user}" '
+                            f'cannot {verb} resource "{resource}" in API group "{GROUP}" in the namespace "{ns}"',
+                        ),
+                    )
+                if watching and name is None and method == "GET":
+                    return self._stream(ns, query)
+                with emulator._lock:
+                    if method == "POST" and name is None:
+                        return self._send(*emulator._create(ns, body or {}))
+                    if method == "GET" and name is None:
+                        return self._send(200, emulator._list(ns, query.get("labelSelector", "")))
+                    if method == "GET":
+                        obj = emulator._objects.get((ns, name))
+                        if obj is None:
+                            return self._send(
+                                404, _status(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', name)
+                            )
+                        return self._send(200, copy.deepcopy(obj))
+                    if method == "PATCH":
+                        content_type = self.headers.get("Content-Type", "")
+                        if "merge-patch" not in content_type:
+                            return self._send(
+                                415, _status(415, "UnsupportedMediaType", f"unsupported patch type {content_type}")
+                            )
+                        return self._send(*emulator._patch(ns, name, body, sub))
+                    if method == "DELETE" and name is not None:
+                        return self._send(*emulator._delete(ns, name))
+                return self._send(405, _status(405, "MethodNotAllowed", f"{method} not allowed on {parts.path}"))
+
+            def _stream(self, ns: str, query: dict[str, str]) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                timeout = float(query.get("timeoutSeconds") or 300)
+                try:
+                    for event in emulator._watch(
+                        ns, query.get("labelSelector", ""), query.get("resourceVersion"), timeout
+                    ):
+                        line = json.dumps(event).encode() + b"\n"
+                        self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._route("GET")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._route("POST")
+
+            def do_PATCH(self) -> None:  # noqa: N802
+                self._route("PATCH")
+
+            def do_DELETE(self) -> None:  # noqa: N802
+                self._route("DELETE")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self._route("PUT")
+
+        return Handler
+
+
+def _status(code: int, reason: str, message: str, name: str | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "details": {"name": name, "group": GROUP, "kind": PLURAL} if name else {},
+        "code": code,
+    }

@@ -1,0 +1,152 @@
+"""End to end on Kubernetes without a cluster: ``batchgen submit`` (a real process, through the real kubernetes
+client) against the API emulator, the fake training operator running each pod's actual command (torchrun ->
+``batchgen worker`` on the tiny model), and S3 on a moto server. Faults: a job's first attempt fails, a controller
+is killed with SIGKILL mid-run and restarted, two controllers run the same submit at once.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen import layout
+from batchgen.k8s import names
+from batchgen.plan import list_runs
+from batchgen.storage import open_storage
+from tests.fake_operator import FakeOperator
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ITEMS = 12
+SHARD_SIZE = 4  # 3 shards
+SECRET = "s3-credentials"
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    path = tmp_path / "k8s-prompts.parquet"
+    ids = [f"clip-{i:02d}" for i in range(ITEMS)]
+    pq.write_table(pa.table({"id": ids, "prompt": [f"a tiny red fox number {i}" for i in range(ITEMS)]}), path)
+    return path
+
+
+@pytest.fixture
+def cluster(kube, tmp_path, tiny_model_dir, s3_server, s3_credentials):
+    """The emulator plus a running fake operator; yields (kube, operator factory)."""
+    operators: list[FakeOperator] = []
+
+    def start(**kwargs) -> FakeOperator:
+        operator = FakeOperator(
+            kube.kubeconfig,
+            kube.namespace,
+            tmp_path / "nodes",
+            path_map={"/models/mochi": str(tiny_model_dir), "/scratch": str(tmp_path / "nodes" / "scratch")},
+            secrets={SECRET: dict(s3_credentials)},
+            # What the image provides: the interpreter's environment and the package. One thread per process
+            # keeps three concurrent pods civil on a small machine.
+            base_env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"},
+            **kwargs,
+        ).start()
+        operators.append(operator)
+        return operator
+
+    yield kube, start
+    for operator in operators:
+        operator.stop()
+
+
+def submit_command(kube, manifest: Path, output: str, endpoint: str, tiny_model_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "batchgen", "submit", str(manifest),
+        "--output", output,
+        "--config", str(tiny_model_dir / "batchgen-tiny.toml"), "--steps", "2", "--shard-size", str(SHARD_SIZE),
+        "--kubeconfig", str(kube.kubeconfig), "--namespace", kube.namespace,
+        "--image", "localhost/batchgen:test", "--gpus-per-node", "1", "--num-heads", "4",
+        "--s3-endpoint", endpoint, "--s3-region", "us-east-1", "--s3-secret", SECRET,
+        "--wait", "--resync-seconds", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def check_outputs(output: str, kube, operator: FakeOperator) -> tuple[str, list[str]]:
+    """Every item exactly once (videos, sidecars, index rows, success marker) and no duplicate job."""
+    storage = open_storage(output)
+    (run_id,) = list_runs(storage)
+    videos = [o.key for o in storage.list(f"{run_id}/videos/")]
+    sidecars = [o.key for o in storage.list(layout.meta_prefix(run_id))]
+    assert len(videos) == ITEMS and len(sidecars) == ITEMS
+    index = pq.read_table(io.BytesIO(storage.get_bytes(layout.index_key(run_id))))
+    ids = index.column("id").to_pylist()
+    assert sorted(ids) == [f"clip-{i:02d}" for i in range(ITEMS)]
+    assert storage.exists(layout.success_key(run_id))
+
+    jobs = kube.emulator.jobs(kube.namespace)
+    created = kube.emulator.create_count
+    assert all(count == 1 for count in created.values()), created
+    assert len(operator.started_jobs) == len(set(operator.started_jobs)), operator.started_jobs
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(created)
+    assert all(j["metadata"]["labels"][names.RUN_LABEL] == run_id for j in jobs)
+    assert not operator.errors, operator.errors
+    return run_id, sorted(created)
+
+
+def test_submit_runs_jobs_relaunches_a_failed_first_attempt_and_writes_the_index(
+    cluster, manifest, s3_server, s3_uri, tiny_model_dir
+):
+    kube, start_operator = cluster
+    # shard 1's job fails on its first attempt (its Master exits 1: a permanent failure for ExitCode).
+    operator = start_operator(fail_first_attempt=lambda job: job["metadata"]["labels"][names.SHARD_FIRST_LABEL] == "1")
+    command = submit_command(kube, manifest, s3_uri, s3_server, tiny_model_dir, "--max-jobs", "3")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    run_id, jobs = check_outputs(s3_uri, kube, operator)
+    assert jobs == sorted([f"{run_id}-{i}-{i}-a1" for i in range(3)] + [f"{run_id}-1-1-a2"])
+    failed = next(j for j in kube.emulator.jobs(kube.namespace) if j["metadata"]["name"] == f"{run_id}-1-1-a1")
+    assert any(c["type"] == "Failed" and c["status"] == "True" for c in failed["status"]["conditions"])
+    assert "relaunching shards shard-000001 as attempt 2" in done.stderr
+
+    # Submitting again: everything is done, nothing is created, the run is still complete.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"items {ITEMS}/{ITEMS} done" in again.stdout
+    check_outputs(s3_uri, kube, operator)
+
+
+def test_killed_controller_and_concurrent_controllers_converge_without_duplicates(
+    cluster, manifest, s3_server, s3_uri, tiny_model_dir
+):
+    kube, start_operator = cluster
+    operator = start_operator()
+    command = submit_command(kube, manifest, s3_uri, s3_server, tiny_model_dir, "--max-jobs", "2")
+    logs = manifest.parent
+    first = subprocess.Popen(command, stdout=open(logs / "c1.out", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    second = subprocess.Popen(command, stdout=open(logs / "c2.out", "w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(operator.started_jobs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(operator.started_jobs) == 2, "the controllers created no jobs"
+        first.send_signal(signal.SIGKILL)  # mid-run: jobs are running, nothing is finalized
+        first.wait(timeout=10)
+        assert first.returncode == -signal.SIGKILL
+        restarted = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=ROOT)
+        assert restarted.returncode == 0, restarted.stdout + restarted.stderr[-4000:]
+        assert second.wait(timeout=120) == 0, (logs / "c2.out").read_text()[-4000:]
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+
+    run_id, jobs = check_outputs(s3_uri, kube, operator)
+    assert jobs == [f"{run_id}-{i}-{i}-a1" for i in range(3)]
+    assert operator.peak_running <= 2
