@@ -391,6 +391,18 @@ def test_run_config_is_valid_toml_for_batchgen(chart, tmp_path):
     assert load_config(path) == load_config(None)
 
 
+def test_permanent_exit_codes_fail_the_controller_job_at_once(chart):
+    from batchgen.errors import EXIT_CODES
+
+    (job,) = by_kind(objects_of(render(chart, merged())), "Job")
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    fail, ignore = job["spec"]["podFailurePolicy"]["rules"]
+    assert fail["action"] == "FailJob" and fail["onExitCodes"]["operator"] == "In"
+    # Exactly batchgen's permanent codes (1-127); retryable ones (>= 128) and evictions are retried.
+    assert fail["onExitCodes"]["values"] == sorted(code for code in EXIT_CODES if 0 < code < 128)
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
 def test_pod_annotations_and_labels(chart):
     values = merged(
         {"controller": {"podAnnotations": {"prometheus.io/scrape": "false"}, "podLabels": {"team": "video"}}}
