@@ -118,8 +118,8 @@ def race_conditional_puts(instances, key: str) -> dict[int, str]:
 
 def test_if_absent_race_has_exactly_one_winner(storage_factory):
     # Separate Storage instances (separate clients/connections), as separate workers would have.
-    instances = [storage_factory() for _ in range(8)]
-    for round_number in range(10):
+    instances = [storage_factory() for _ in range(6)]
+    for round_number in range(5):
         key = f"race/{round_number}.json"
         outcomes = race_conditional_puts(instances, key)
         winners = [i for i, outcome in outcomes.items() if outcome == "won"]
