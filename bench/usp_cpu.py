@@ -1,0 +1,206 @@
+"""CPU benchmark of the native USP backend on the tiny Mochi transformer (gloo, one thread per process).
+
+For 1, 2 and 4 processes and each degree layout: median seconds per denoising step (the stock MochiPipeline
+driving the parallelized transformer; step 0 is warm-up and excluded) and the bytes each rank sends per step,
+counted in our collectives, next to the analytic formula. Writes bench/results/usp-cpu.json, prints a table.
+
+    python bench/usp_cpu.py [--steps 6]
+
+On this tiny model communication and Python overhead dominate, and more processes than cores oversubscribe the
+machine: these numbers check the bookkeeping and the relative cost of layouts, not GPU speed-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# 25 frames at 128x128: T = 5 latent frames of 8 x 8 patches = 320 visual tokens; 16 text tokens (12 / 4 valid).
+SHAPE = {"num_frames": 25, "height": 128, "width": 128}
+LAYOUTS = [
+    # (world, degrees)
+    (1, {}),
+    (2, {"ulysses": 2}),
+    (2, {"ring": 2}),
+    (2, {"cfg": 2}),
+    (4, {"ulysses": 4}),
+    (4, {"ring": 4}),
+    (4, {"ulysses": 2, "ring": 2}),
+    (4, {"cfg": 2, "ulysses": 2}),
+]
+
+
+def expected_bytes(degrees: dict[str, int], *, tokens: int, text_len: int, config: dict, latent_shape, elt: int = 4):
+    """Bytes one rank sends per denoising step (one forward of its share of the CFG batch)."""
+    u, r, c = degrees.get("ulysses", 1), degrees.get("ring", 1), degrees.get("cfg", 1)
+    sp = u * r
+    batch = 2 // c  # the CFG batch [uncond, cond], split over the cfg pair
+    heads, head_dim, layers = config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]
+    local = tokens // sp
+    per_layer = {
+        "ulysses": (3 + 1) * batch * local * heads * head_dim * elt * (u - 1) // u,  # q,k,v out; attention back
+        "text_gather": batch * text_len * (heads // u) * head_dim * elt * (u - 1),
+        "ring": (r - 1) * 2 * batch * local * heads * head_dim * elt,  # K and V chunks, r - 1 hops
+    }
+    out_width = config["patch_size"] ** 2 * config["in_channels"]
+    per_forward = {
+        "output_gather": batch * local * out_width * elt * (sp - 1),
+        "cfg_gather": batch * latent_shape.numel() // 2 * elt * (c - 1),  # latent_shape: the full CFG batch
+    }
+    result = {k: v * layers for k, v in per_layer.items()}
+    result.update(per_forward)
+    return {k: v for k, v in result.items() if v}
+
+
+def worker(degrees: dict[str, int], steps: int) -> dict:
+    import warnings
+
+    import torch
+
+    # diffusers computes RoPE under an fp32 autocast that CPU autocast rejects (and then runs in fp32 anyway).
+    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
+
+    from batchgen.config import ParallelConfig
+    from batchgen.parallel.apply import parallelize_transformer
+    from batchgen.parallel.runtime import TorchContext
+    from batchgen.parallel.usp import COMM_STATS
+    from tests import _usp_cases as cases
+
+    transformer = cases.tiny_transformer()
+    context = None
+    if degrees:
+        context = TorchContext.from_env(
+            ParallelConfig(
+                ulysses_degree=degrees.get("ulysses", 1),
+                ring_degree=degrees.get("ring", 1),
+                cfg_degree=degrees.get("cfg", 1),
+            ),
+            num_heads=cases.TINY_TRANSFORMER["num_attention_heads"],
+            timeout_s=60,
+        )
+        transformer = parallelize_transformer(transformer, context)
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    pipe = MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+        vae=None, text_encoder=None, tokenizer=None, transformer=transformer,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    marks: list[float] = []
+    comm: list[dict[str, int]] = []
+
+    def on_step_end(pipeline, step, timestep, kwargs):
+        marks.append(time.perf_counter())
+        comm.append(dict(COMM_STATS.bytes))
+        COMM_STATS.reset()
+        return {}
+
+    if context is not None:
+        context.barrier()
+    COMM_STATS.reset()
+    marks.append(time.perf_counter())
+    pipe(
+        **cases.prompt_tensors(3),
+        **SHAPE,
+        num_inference_steps=steps,
+        guidance_scale=4.5,
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+        callback_on_step_end=on_step_end,
+    )
+    step_s = [b - a for a, b in zip(marks, marks[1:], strict=False)][1:]  # step 0: warm-up
+    return {"step_s": step_s, "bytes_per_step": comm[-1], "rank": int(os.environ.get("RANK", 0))}
+
+
+def run_layout(world: int, degrees: dict[str, int], steps: int) -> list[dict]:
+    if world == 1:
+        import torch
+
+        torch.set_num_threads(1)
+        return [worker({}, steps)]
+    from tests._dist import run_world
+
+    return run_world(world, worker, degrees, steps, timeout_s=300)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", default=str(ROOT / "bench/results/usp-cpu.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    from batchgen.config import latent_frames
+    from tests import _usp_cases as cases
+
+    config = cases.TINY_TRANSFORMER
+    t = latent_frames(SHAPE["num_frames"])
+    tokens = t * (SHAPE["height"] // 16) * (SHAPE["width"] // 16)
+    latent_shape = torch.Size([2, 12, t, SHAPE["height"] // 8, SHAPE["width"] // 8])
+    rows = []
+    started = time.perf_counter()
+    for world, degrees in LAYOUTS:
+        results = run_layout(world, degrees, args.steps)
+        per_rank_median = [statistics.median(r["step_s"]) for r in results]
+        measured = results[0]["bytes_per_step"]
+        # Every rank of a layout sends the same amount; record the spread to show it.
+        totals = [sum(r["bytes_per_step"].values()) for r in results]
+        expected = expected_bytes(
+            degrees, tokens=tokens, text_len=cases.TEXT_LEN, config=config, latent_shape=latent_shape
+        )
+        name = " x ".join(f"{k} {v}" for k, v in degrees.items()) or "single process"
+        rows.append({
+            "layout": name,
+            "processes": world,
+            "degrees": {"ulysses": degrees.get("ulysses", 1), "ring": degrees.get("ring", 1), "cfg": degrees.get("cfg", 1)},
+            "median_step_s": statistics.median(per_rank_median),
+            "max_rank_median_step_s": max(per_rank_median),
+            "bytes_per_step_per_rank": {"measured": measured, "formula": expected,
+                                         "measured_total": sum(measured.values()),
+                                         "formula_total": sum(expected.values()),
+                                         "rank_totals": totals},
+            "matches_formula": measured == expected and len(set(totals)) == 1,
+        })  # fmt: skip
+    report = {
+        "benchmark": "bench/usp_cpu.py",
+        "backend": "native (torch.distributed gloo)",
+        "xfuser": "not measured: xfuser needs CUDA + flash-attn (its CPU check is the shim test, which times nothing)",
+        "model": "tiny Mochi transformer (tests/_usp_cases.TINY_TRANSFORMER), fp32, random weights",
+        "shape": {**SHAPE, "latent_frames": t, "visual_tokens": tokens, "text_tokens": cases.TEXT_LEN},
+        "steps": args.steps,
+        "threads_per_process": 1,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "seconds_total": round(time.perf_counter() - started, 1),
+        "layouts": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"tiny Mochi, {tokens} visual tokens, {args.steps} steps, {os.cpu_count()} CPUs, 1 thread/process")
+    print(f"{'layout':<22} {'procs':>5} {'step s':>8} {'KiB/step/rank':>14} {'formula KiB':>12}  ok")
+    for row in rows:
+        b = row["bytes_per_step_per_rank"]
+        print(
+            f"{row['layout']:<22} {row['processes']:>5} {row['median_step_s']:>8.4f} "
+            f"{b['measured_total'] / 1024:>14.1f} {b['formula_total'] / 1024:>12.1f}  {'yes' if row['matches_formula'] else 'NO'}"
+        )
+    print(f"wrote {args.out}")
+    return 0 if all(r["matches_formula"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
