@@ -172,12 +172,19 @@ class RunController:
             state.status = "running" if not job.finished else "launch"
         return result
 
-    def run(self, *, wait: bool, deadline_s: float | None = None) -> Reconciled:
+    def run(
+        self,
+        *,
+        wait: bool,
+        deadline_s: float | None = None,
+        finalize: Callable[[Storage, Any], bool] | None = None,
+    ) -> Reconciled:
         """Reconcile; with ``wait``, keep reconciling on every job change until settled, then finalize.
 
         Returns the last pass. Raises IncompleteRunError when groups gave up and items are missing.
         """
-        from batchgen.index import finalize_run
+        if finalize is None:
+            from batchgen.index import finalize_run as finalize
 
         started = time.monotonic()
         while True:
@@ -190,7 +197,7 @@ class RunController:
             if deadline_s is not None and time.monotonic() - started > deadline_s:
                 return state
             self._wait_for_change()
-        complete = finalize_run(self.storage, self.plan)
+        complete = finalize(self.storage, self.plan)
         if complete:
             log.info("run %s complete: index and success marker written", self.plan.run_id)
             return state

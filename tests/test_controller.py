@@ -1,0 +1,202 @@
+"""The job backend and the controller's decisions, through the real kubernetes client against the API emulator.
+
+Storage progress here comes from a small stand-in scan (a set of finished shards) so each decision can be set up
+directly; the end-to-end tests run the real worker and progress scan.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from batchgen.errors import ClusterError, IncompleteRunError, TransientClusterError
+from batchgen.k8s import names
+from batchgen.k8s.controller import RunController, cancel_run, describe_jobs, format_jobs, make_groups
+from batchgen.k8s.render import LaunchSettings, render_pytorchjob
+from batchgen.layout import shard_id
+
+RUN = "clips-00aa11bb22cc"
+SETTINGS = LaunchSettings(output="s3://bucket/out", namespace="batch", gpus_per_node=1)
+
+
+@dataclass
+class Plan:
+    run_id: str = RUN
+    shards: list[str] = field(default_factory=lambda: [shard_id(i) for i in range(5)])
+    config: None = None
+
+
+@dataclass
+class Progress:
+    finished_shards: set[str]
+    done: int
+    total: int
+
+
+def scan_of(finished: set[str], plan: Plan):
+    return lambda storage, plan_: Progress(set(finished), len(finished), len(plan.shards))
+
+
+def set_state(kube, name: str, state: str) -> None:
+    backend = kube.backend()
+    backend.api.patch_namespaced_custom_object_status(
+        "kubeflow.org", "v1", kube.namespace, "pytorchjobs", name,
+        {"status": {"conditions": [{"type": "Created", "status": "True"}, {"type": state, "status": "True", "reason": f"PyTorchJob{state}"}]}},
+    )  # fmt: skip
+
+
+def job(attempt: int = 1, shards=(0,)) -> dict:
+    return render_pytorchjob(RUN, [shard_id(i) for i in shards], SETTINGS, attempt)
+
+
+# -- backend: error translation -------------------------------------------------------------------------------
+
+
+def test_create_is_201_then_409_adopts_the_existing_job(kube):
+    backend = kube.backend()
+    first, created = backend.create(job())
+    again, created_again = backend.create(job())
+    assert (created, created_again) == (True, False)
+    assert again.uid == first.uid and kube.emulator.create_count == {first.name: 1}
+
+
+@pytest.mark.parametrize(
+    "setup, call, error, message",
+    [
+        (lambda e: e.deny.add(("create", "pytorchjobs")), lambda b: b.create(job()), ClusterError,
+         "may not 'create' resource 'pytorchjobs' in API group 'kubeflow.org' in namespace 'batch'"),
+        (lambda e: e.deny.add(("list", "pytorchjobs")), lambda b: b.list(""), ClusterError, "grant the verb 'list'"),
+        (lambda e: e.deny.add(("delete", "pytorchjobs")), lambda b: b.delete("x"), ClusterError, "may not 'delete'"),
+        (lambda e: setattr(e, "crd_installed", False), lambda b: b.create(job()), ClusterError,
+         r"PyTorchJob API \(kubeflow.org/v1\) not installed"),
+        (lambda e: setattr(e, "crd_installed", False), lambda b: b.get("x"), ClusterError, "not installed"),
+        (lambda e: None, lambda b: b.create({**job(), "spec": {**job()["spec"], "nprocPerNode": 8}}), ClusterError,
+         "rejected .* spec.nprocPerNode: 8 is not of type 'string'"),
+        (lambda e: e.fail_next(*[503] * 3), lambda b: b.list(""), TransientClusterError, "still failing after 3 attempts: HTTP 503"),
+    ],
+    ids=["403-create", "403-list", "403-delete", "404-crd-create", "404-crd-get", "422", "5xx-exhausted"],
+)  # fmt: skip
+def test_api_errors_are_translated(kube, setup, call, error, message):
+    setup(kube.emulator)
+    with pytest.raises(error, match=message) as raised:
+        call(kube.backend(attempts=3, max_wait_s=0.05))
+    assert raised.type is error
+
+
+def test_transient_errors_are_retried(kube):
+    backend = kube.backend(attempts=4, max_wait_s=0.05)
+    kube.emulator.fail_next(500, 503, 502)
+    created, was_created = backend.create(job())
+    assert was_created and backend.get(created.name).uid == created.uid
+
+
+def test_get_and_delete_of_a_missing_job(kube):
+    backend = kube.backend()
+    assert backend.get("absent") is None and backend.delete("absent") is False
+
+
+def test_list_honours_the_label_selector(kube):
+    backend = kube.backend()
+    backend.create(job())
+    backend.create(render_pytorchjob("other-run-0123", [shard_id(0)], SETTINGS))
+    jobs, version = backend.list(names.run_selector(RUN))
+    assert [j.name for j in jobs] == [names.job_name(RUN, 0, 0, 1)] and int(version) > 0
+
+
+def test_watch_sees_changes_and_recovers_from_410_gone(kube):
+    backend = kube.backend()
+    created, _ = backend.create(job())
+    _, version = backend.list(names.run_selector(RUN))
+    threading.Timer(0.3, set_state, (kube, created.name, "Succeeded")).start()
+    event = next(iter(backend.watch(names.run_selector(RUN), version, 5)))
+    assert (event.type, event.job.state) == ("MODIFIED", "Succeeded")
+
+    kube.emulator.compact()  # the version we hold is now too old
+    started = time.monotonic()
+    assert [e.type for e in backend.watch(names.run_selector(RUN), version, 5)] == ["RESYNC"]
+    assert time.monotonic() - started < 3  # answered by the 410, not by the timeout
+    _, fresh = backend.list(names.run_selector(RUN))
+    threading.Timer(0.3, set_state, (kube, created.name, "Failed")).start()
+    assert next(iter(backend.watch(names.run_selector(RUN), fresh, 5))).job.state == "Failed"
+
+
+# -- controller decisions -------------------------------------------------------------------------------------
+
+
+def controller(kube, finished=(), **kwargs) -> RunController:
+    plan = Plan()
+    options = {"max_jobs": 2, "shards_per_job": 2, "max_attempts": 2, **kwargs}
+    return RunController(kube.backend(), None, plan, SETTINGS, scan=scan_of(set(finished), plan), **options)
+
+
+def test_groups_are_a_pure_function_of_the_plan():
+    groups = make_groups([shard_id(i) for i in range(5)], 2)
+    assert [g.key for g in groups] == [(0, 1), (2, 3), (4, 4)]
+
+
+def test_creates_at_most_max_jobs_and_skips_finished_groups(kube):
+    result = controller(kube, finished={shard_id(0), shard_id(1)}).reconcile()
+    assert result.created == [names.job_name(RUN, 2, 3, 1), names.job_name(RUN, 4, 4, 1)]
+    assert [g.status for g in result.groups] == ["done", "running", "running"]
+    # a second controller (or a restarted one) creates nothing and adopts nothing new
+    again = controller(kube, finished={shard_id(0), shard_id(1)}).reconcile()
+    assert again.created == [] and again.count("running") == 2
+    assert kube.emulator.create_count == {n: 1 for n in result.created}
+
+
+def test_max_jobs_counts_jobs_still_holding_pods(kube):
+    result = controller(kube).reconcile()
+    assert result.created == [names.job_name(RUN, 0, 1, 1), names.job_name(RUN, 2, 3, 1)]
+    # group 0-1 is finished in storage but its job has not ended yet: no third job
+    assert controller(kube, finished={shard_id(0), shard_id(1)}).reconcile().created == []
+    set_state(kube, names.job_name(RUN, 0, 1, 1), "Succeeded")
+    assert controller(kube, finished={shard_id(0), shard_id(1)}).reconcile().created == [names.job_name(RUN, 4, 4, 1)]
+
+
+def test_failed_job_is_relaunched_for_its_unfinished_shards_then_given_up(kube):
+    backend = kube.backend()
+    controller(kube, max_jobs=1).reconcile()
+    set_state(kube, names.job_name(RUN, 0, 1, 1), "Failed")
+    result = controller(kube, finished={shard_id(0)}, max_jobs=1).reconcile()
+    relaunch = names.job_name(RUN, 0, 1, 2)
+    assert result.created == [relaunch]
+    relaunched = backend.get(relaunch)
+    assert relaunched.shards == [shard_id(1)] and relaunched.group == (0, 1) and relaunched.attempt == 2
+    command = relaunched.raw["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--shards") + 1] == "1:2"
+    set_state(kube, relaunch, "Failed")
+    final = controller(kube, finished={shard_id(0)}, max_jobs=1).reconcile()
+    assert final.groups[0].status == "gave-up"
+    assert final.created == [names.job_name(RUN, 2, 3, 1)]  # the slot it held goes to the next group
+
+
+def test_run_gives_up_with_incomplete_run_error(kube, tmp_path):
+    from batchgen.storage import open_storage
+
+    ctl = controller(kube, max_jobs=1, max_attempts=1)
+    ctl.plan.shards = [shard_id(0)]
+    ctl.groups = make_groups(ctl.plan.shards, 1)
+    ctl.reconcile()
+    set_state(kube, names.job_name(RUN, 0, 0, 1), "Failed")
+    ctl.storage = open_storage(str(tmp_path))
+    with pytest.raises(
+        IncompleteRunError, match=r"not done after 1 attempt\(s\) of job\(s\) clips-00aa11bb22cc-0-0-a1"
+    ):
+        ctl.run(wait=True, finalize=lambda storage, plan: False)
+
+
+def test_cancel_and_describe(kube):
+    controller(kube).reconcile()
+    set_state(kube, names.job_name(RUN, 0, 1, 1), "Running")
+    other, _ = kube.backend().create(render_pytorchjob("other-run-0123", [shard_id(0)], SETTINGS))
+    rows = describe_jobs(kube.backend(), RUN)
+    assert [(r["name"], r["state"], r["shards"]) for r in rows] == [
+        (names.job_name(RUN, 0, 1, 1), "Running", "shard-000000,shard-000001"),
+        (names.job_name(RUN, 2, 3, 1), "Pending", "shard-000002,shard-000003"),
+    ]
+    assert format_jobs(rows).splitlines()[0].split() == ["JOB", "ATTEMPT", "STATE", "PODS", "SHARDS", "REASON"]
+    assert sorted(cancel_run(kube.backend(), RUN)) == sorted(r["name"] for r in rows)
+    assert [j["metadata"]["name"] for j in kube.emulator.jobs()] == [other.name]
