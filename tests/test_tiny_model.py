@@ -46,7 +46,11 @@ def test_configs_are_consistent_with_the_real_architecture(tiny_model_dir):
     vae = json.loads((tiny_model_dir / "vae/config.json").read_text())
     t5 = json.loads((tiny_model_dir / "text_encoder/config.json").read_text())
     scheduler = json.loads((tiny_model_dir / "scheduler/scheduler_config.json").read_text())
-    assert (transformer["num_layers"], transformer["num_attention_heads"], transformer["attention_head_dim"]) == (2, 4, 16)
+    assert (transformer["num_layers"], transformer["num_attention_heads"], transformer["attention_head_dim"]) == (
+        2,
+        4,
+        16,
+    )
     assert transformer["text_embed_dim"] == t5["d_model"]
     assert transformer["in_channels"] == vae["latent_channels"] == 12
     assert len(vae["latents_mean"]) == len(vae["latents_std"]) == 12

@@ -23,13 +23,19 @@ ORDER = 80
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-dir", required=True, metavar="DIR", help="Mochi weights (diffusers or original layout)")
+    parser.add_argument(
+        "--model-dir", required=True, metavar="DIR", help="Mochi weights (diffusers or original layout)"
+    )
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--out", required=True, metavar="FILE.mp4", help="output MP4 (written atomically)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    parser.add_argument("--save-latents", metavar="FILE", default=None, help="also write the final fp32 latents (safetensors)")
+    parser.add_argument(
+        "--save-latents", metavar="FILE", default=None, help="also write the final fp32 latents (safetensors)"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: the rank's GPU, else cpu)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="model dtype (auto: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="model dtype (auto: bf16 on GPU, fp32 on CPU)"
+    )
     add_generation_arguments(parser)
     add_parallel_arguments(parser)
 
@@ -121,8 +127,12 @@ def run(args: argparse.Namespace) -> int:
         context = SingleProcess()
     try:
         topology = getattr(context, "topology", None) or choose_topology(
-            1, ulysses=parallel.ulysses_degree, ring=parallel.ring_degree, cfg=parallel.cfg_degree,
-            num_heads=num_heads, use_cfg=use_cfg,
+            1,
+            ulysses=parallel.ulysses_degree,
+            ring=parallel.ring_degree,
+            cfg=parallel.cfg_degree,
+            num_heads=num_heads,
+            use_cfg=use_cfg,
         )
         check_items(topology, [item], num_heads=num_heads)
         # One video: data-parallel groups beyond the first have nothing to do.
@@ -169,9 +179,7 @@ def _generate(args, item, generation, parallel, context, out_path, latents_path,
     data = encode_mp4(frames, fps=generation.fps, crf=generation.crf)
     info = probe_mp4(data)
     _write_atomically(out_path, data)
-    log.info(
-        "load %.2fs, text encode %.2fs, denoise %.2fs, decode %.2fs", load_s, encode_s, denoise_s, decode_s
-    )
+    log.info("load %.2fs, text encode %.2fs, denoise %.2fs, decode %.2fs", load_s, encode_s, denoise_s, decode_s)
     print(f"{out_path}\t{info.frames} frames {info.width}x{info.height} @ {info.fps:g} fps, {len(data)} bytes")
     if latents_path is not None:
         print(f"{latents_path}\tlatents {list(latents.shape)} float32")

@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", metavar="DIR", help="output directory (created; must be empty)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
     parser.add_argument(
-        "--layout", choices=("diffusers", "original"), default="diffusers",
+        "--layout",
+        choices=("diffusers", "original"),
+        default="diffusers",
         help="where the DiT goes: transformer/ (diffusers, default) or dit.safetensors (Genmo's original layout)",
     )
 

@@ -93,7 +93,9 @@ def detect_layout(model_dir: str | Path) -> str:
     if (path / ORIGINAL_DIT).is_file():
         return "original"
     if (path / "transformer" / "config.json").is_file():
-        raise InputError(f"{path / 'transformer'}: config.json but no weight file (diffusion_pytorch_model*.safetensors)")
+        raise InputError(
+            f"{path / 'transformer'}: config.json but no weight file (diffusion_pytorch_model*.safetensors)"
+        )
     raise InputError(
         f"{path}: not a Mochi model directory: expected transformer/diffusion_pytorch_model*.safetensors "
         f"(diffusers layout, with model_index.json) or {ORIGINAL_DIT} (Genmo's original layout)"
@@ -139,7 +141,9 @@ def infer_original_transformer_config(header: dict[str, Any], source: str = ORIG
         _inner, time_embed_dim = shapes["t_embedder.mlp.0.weight"]
         out_features, _inner = shapes["final_layer.linear.weight"]
     except (KeyError, ValueError) as e:
-        raise InputError(f"{source}: not a Mochi DiT checkpoint in Genmo's layout (missing or odd tensor {e})") from None
+        raise InputError(
+            f"{source}: not a Mochi DiT checkpoint in Genmo's layout (missing or odd tensor {e})"
+        ) from None
     blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks or blocks != set(range(len(blocks))):
         raise InputError(f"{source}: transformer blocks are missing or not numbered 0..N-1")
@@ -185,7 +189,9 @@ def fingerprint_model_dir(model_dir: str | Path) -> str:
     path = _require_dir(model_dir)
     digest = hashlib.sha256()
     files = sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
         raise InputError(f"model directory {path} is empty")
@@ -412,7 +418,7 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
     from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
     from transformers import T5EncoderModel, T5TokenizerFast
 
-    _quiet_progress_bars()
+    quiet_progress_bars()
     path = _require_dir(model_dir)
     layout = detect_layout(path)
     device = torch.device(device)
@@ -427,7 +433,9 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
         raise InputError(f"{path / 'text_encoder'}: no weight file (model*.safetensors)")
     if not _weight_files(path / "vae"):
         hint = " (decoder.safetensors from the original release is not converted: take vae/ from genmo/mochi-1-preview)"
-        raise InputError(f"{path / 'vae'}: no weight file (diffusion_pytorch_model*.safetensors){hint if (path / 'decoder.safetensors').exists() else ''}")
+        raise InputError(
+            f"{path / 'vae'}: no weight file (diffusion_pytorch_model*.safetensors){hint if (path / 'decoder.safetensors').exists() else ''}"
+        )
 
     try:
         if layout == "diffusers":
@@ -445,11 +453,15 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
         transformer.to(device)
 
         vae = AutoencoderKLMochi.from_pretrained(
-            str(path / "vae"), torch_dtype=dtype, variant=_variant_for(path / "vae", dtype), low_cpu_mem_usage=True,
+            str(path / "vae"),
+            torch_dtype=dtype,
+            variant=_variant_for(path / "vae", dtype),
+            low_cpu_mem_usage=True,
             **_device_map(device),
         ).to(device)
         text_encoder = T5EncoderModel.from_pretrained(
-            str(path / "text_encoder"), variant=_variant_for(path / "text_encoder", dtype),
+            str(path / "text_encoder"),
+            variant=_variant_for(path / "text_encoder", dtype),
             **_transformers_dtype_kwarg(dtype),
         )
         tokenizer = T5TokenizerFast.from_pretrained(str(path / "tokenizer"))
@@ -467,7 +479,7 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
     return MochiComponents(transformer, vae, text_encoder, tokenizer, scheduler, layout=layout)
 
 
-def _quiet_progress_bars() -> None:
+def quiet_progress_bars() -> None:
     # Per-shard "Loading weights" bars would interleave with the worker's own progress output.
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -514,7 +526,6 @@ def _restore_fp32(transformer, folder: Path) -> None:
                     break
 
 
-
 # Real sizes (genmo/mochi-1-preview; T5 = google/t5-v1_1-xxl's encoder) for benchmarks with random weights.
 T5_XXL_CONFIG: dict[str, Any] = {
     "vocab_size": 32128,
@@ -558,7 +569,7 @@ def build_random_components(
         transformer_config, vae_config, t5_config = {}, {}, dict(T5_XXL_CONFIG)
     else:
         transformer_config, vae_config = dict(tiny.TRANSFORMER_CONFIG), dict(tiny.VAE_CONFIG)
-        t5_config = dict(tiny.T5_CONFIG, vocab_size=len(tiny._tokenizer_vocab()))
+        t5_config = dict(tiny.T5_CONFIG, vocab_size=len(tiny.tokenizer_vocab()))
     generator = torch.Generator(device).manual_seed(seed)
 
     def materialise(build):
@@ -575,7 +586,7 @@ def build_random_components(
     vae = materialise(lambda: AutoencoderKLMochi(**vae_config))
     text_encoder = materialise(lambda: T5EncoderModel(T5Config(**t5_config)))
     with tempfile.TemporaryDirectory(prefix="batchgen-tokenizer-") as scratch:
-        tiny._write_tokenizer(Path(scratch))
+        tiny.write_tokenizer(Path(scratch))
         tokenizer = T5TokenizerFast.from_pretrained(scratch)
     scheduler = FlowMatchEulerDiscreteScheduler(**MOCHI_SCHEDULER_CONFIG)
     return MochiComponents(transformer, vae, text_encoder, tokenizer, scheduler, layout="memory")

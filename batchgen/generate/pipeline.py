@@ -29,7 +29,6 @@ import torch
 from batchgen.config import ParallelConfig, latent_frames
 from batchgen.errors import InputError
 from batchgen.generate.api import GeneratedVideo
-from batchgen.generate.vae import enable_causal_framewise_decoding
 from batchgen.generate.loading import (  # noqa: F401  (build_random_components: re-exported for bench/gpu.py)
     MochiComponents,
     build_random_components,
@@ -37,6 +36,7 @@ from batchgen.generate.loading import (  # noqa: F401  (build_random_components:
     load_components,
     resolve_dtype,
 )
+from batchgen.generate.vae import enable_causal_framewise_decoding
 from batchgen.item import Item
 from batchgen.parallel.context import ProcessContext, SingleProcess
 
@@ -50,6 +50,7 @@ VAE_TEMPORAL = 6
 T5_BATCH = 8
 # diffusers' AutoencoderKLMochi tiling defaults (pixels): 256 px tiles every 192 px, 64 px blended overlap.
 DEFAULT_VAE_TILE = (256, 192)
+DEFAULT_PARALLEL = ParallelConfig()  # frozen: safe as a shared default
 
 
 @dataclass
@@ -90,7 +91,7 @@ class MochiGenerator:
         model_dir: str | Path,
         *,
         context: ProcessContext | None = None,
-        parallel: ParallelConfig = ParallelConfig(),
+        parallel: ParallelConfig = DEFAULT_PARALLEL,
         device: str | None = None,
         dtype: str = "auto",
         vae_tile: tuple[int, int] = DEFAULT_VAE_TILE,
@@ -109,7 +110,7 @@ class MochiGenerator:
         components: MochiComponents,
         *,
         context: ProcessContext | None = None,
-        parallel: ParallelConfig = ParallelConfig(),
+        parallel: ParallelConfig = DEFAULT_PARALLEL,
         device: str | None = None,
         model_identity: dict[str, Any] | None = None,
         vae_tile: tuple[int, int] = DEFAULT_VAE_TILE,
@@ -118,7 +119,9 @@ class MochiGenerator:
         """A generator over components already in memory (e.g. a full-size random model for the GPU benchmark)."""
         self = cls.__new__(cls)
         identity = model_identity or {"path": f"<{components.layout}>", "fingerprint": ""}
-        self._setup(components, context, parallel, _pick_device(device, context), identity, vae_tile, max_sequence_length)
+        self._setup(
+            components, context, parallel, _pick_device(device, context), identity, vae_tile, max_sequence_length
+        )
         return self
 
     def _setup(self, components, context, parallel, device, identity, vae_tile, max_sequence_length) -> None:
@@ -151,8 +154,10 @@ class MochiGenerator:
         if vae_tile:
             tile, stride = vae_tile
             self.vae.enable_tiling(
-                tile_sample_min_height=tile, tile_sample_min_width=tile,
-                tile_sample_stride_height=stride, tile_sample_stride_width=stride,
+                tile_sample_min_height=tile,
+                tile_sample_min_width=tile,
+                tile_sample_stride_height=stride,
+                tile_sample_stride_width=stride,
             )
 
         # diffusers computes RoPE under an fp32 autocast that CPU autocast rejects (it then runs in fp32 anyway).
@@ -187,7 +192,11 @@ class MochiGenerator:
         decode_s = time.perf_counter() - started
         return GeneratedVideo(
             frames=frames,
-            timings={"text_encode": round(encoded.text_encode_s, 4), "denoise": round(denoise_s, 4), "decode": round(decode_s, 4)},
+            timings={
+                "text_encode": round(encoded.text_encode_s, 4),
+                "denoise": round(denoise_s, 4),
+                "decode": round(decode_s, 4),
+            },
             extra={"parallel": self.parallel_facts(), "dtype": str(self.transformer_dtype).replace("torch.", "")},
         )
 
@@ -283,7 +292,13 @@ class MochiGenerator:
             raise ValueError(f"item {item.id}: embeddings were encoded for other text")
         _check_shape(item)
         device = self.device
-        shape = (1, self.latent_channels, latent_frames(item.num_frames), item.height // VAE_SPATIAL, item.width // VAE_SPATIAL)
+        shape = (
+            1,
+            self.latent_channels,
+            latent_frames(item.num_frames),
+            item.height // VAE_SPATIAL,
+            item.width // VAE_SPATIAL,
+        )
         # A CPU generator seeded with the item's seed, as a user passes one to MochiPipeline: the same noise on
         # every rank and every kind of device.
         generator = torch.Generator("cpu").manual_seed(item.seed)
@@ -329,8 +344,12 @@ class MochiGenerator:
         latents = latents.to(self.device, torch.float32)
         channels = latents.shape[1]
         if config.latents_mean is not None and config.latents_std is not None:
-            mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=latents.device).view(1, channels, 1, 1, 1)
-            std = torch.tensor(config.latents_std, dtype=torch.float32, device=latents.device).view(1, channels, 1, 1, 1)
+            mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=latents.device).view(
+                1, channels, 1, 1, 1
+            )
+            std = torch.tensor(config.latents_std, dtype=torch.float32, device=latents.device).view(
+                1, channels, 1, 1, 1
+            )
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
@@ -338,7 +357,9 @@ class MochiGenerator:
             video = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         expected = 6 * latents.shape[2] - 5
         if video.shape[2] != expected:
-            raise RuntimeError(f"VAE decoded {video.shape[2]} frames from {latents.shape[2]} latent frames, expected {expected}")
+            raise RuntimeError(
+                f"VAE decoded {video.shape[2]} frames from {latents.shape[2]} latent frames, expected {expected}"
+            )
         # [-1, 1] -> uint8, as diffusers' video processor (which then truncates; rounding is the unbiased choice).
         frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()

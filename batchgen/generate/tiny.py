@@ -82,7 +82,7 @@ fps = 30
 """
 
 
-def _tokenizer_vocab() -> list[tuple[str, float]]:
+def tokenizer_vocab() -> list[tuple[str, float]]:
     """A small SentencePiece-style unigram vocabulary: T5's special tokens first (pad 0, eos 1, unk 2), then
     word-initial and inner pieces for letters and digits, then some whole words, so ordinary prompts tokenize
     into several tokens and unknown characters into <unk>."""
@@ -98,10 +98,10 @@ def _tokenizer_vocab() -> list[tuple[str, float]]:
     return pieces
 
 
-def _write_tokenizer(path: Path) -> int:
+def write_tokenizer(path: Path) -> int:
     from transformers import T5TokenizerFast
 
-    tokenizer = T5TokenizerFast(vocab=_tokenizer_vocab(), extra_ids=0, model_max_length=256)
+    tokenizer = T5TokenizerFast(vocab=tokenizer_vocab(), extra_ids=0, model_max_length=256)
     tokenizer.save_pretrained(str(path))
     return len(tokenizer)
 
@@ -120,8 +120,8 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
     from batchgen.generate.loading import (
         MOCHI_SCHEDULER_CONFIG,
         ORIGINAL_DIT,
-        _quiet_progress_bars,
         diffusers_to_original_state_dict,
+        quiet_progress_bars,
     )
 
     if layout not in ("diffusers", "original"):
@@ -130,9 +130,9 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
     if root.exists() and any(root.iterdir()):
         raise InputError(f"{root}: directory is not empty; the tiny model needs a fresh directory")
     root.mkdir(parents=True, exist_ok=True)
-    _quiet_progress_bars()
+    quiet_progress_bars()
 
-    vocab_size = _write_tokenizer(root / "tokenizer")
+    vocab_size = write_tokenizer(root / "tokenizer")
 
     generator = torch.Generator().manual_seed(seed)
 
