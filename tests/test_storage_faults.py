@@ -72,11 +72,10 @@ def test_operations_survive_a_fifth_of_requests_failing(
     for key in conditional_keys:
         with pytest.raises(AlreadyExistsError):
             storage.put_bytes(key, b"impostor", if_absent=True)
-    for n in range(2):
-        source = tmp_path / f"large-{n}.bin"
-        source.write_bytes(os.urandom(PART + 1000))
-        storage.put_file(f"run/large/{n}.bin", source, if_absent=True)
-        expected[f"run/large/{n}.bin"] = source.read_bytes()
+    source = tmp_path / "large.bin"
+    source.write_bytes(os.urandom(PART + 1000))
+    storage.put_file("run/large/0.bin", source, if_absent=True)
+    expected["run/large/0.bin"] = source.read_bytes()
     for key in list(expected)[:10]:
         storage.delete(key)
         storage.delete(key)
@@ -84,8 +83,8 @@ def test_operations_survive_a_fifth_of_requests_failing(
 
     for key, data in expected.items():
         assert storage.get_bytes(key) == data, key
-    storage.get_file("run/large/1.bin", tmp_path / "back.bin")
-    assert (tmp_path / "back.bin").read_bytes() == expected["run/large/1.bin"]
+    storage.get_file("run/large/0.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == expected["run/large/0.bin"]
     for _ in range(5):
         assert [o.key for o in storage.list("run/")] == sorted(expected)
     assert storage.head("run/large/0.bin").size == PART + 1000
@@ -99,13 +98,16 @@ def test_operations_survive_a_fifth_of_requests_failing(
     assert stored == set(expected)
     for key in conditional_keys[10:]:
         assert s3_client.get_object(Bucket=s3_bucket, Key=f"out/{key}")["Body"].read() == expected[key]
-    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    # An upload whose creation answer was lost cannot be found again (S3 has no idempotent create): those,
+    # and only those, may remain (a lifecycle rule cleans them up on AWS).
+    lost_creations = sum(1 for m, _, q, outcome in proxy.events if (m, q, outcome) == ("POST", "uploads", "drop_after"))
+    assert len(s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])) <= lost_creations
 
     # The faults really happened, at about the rate asked for, and every request was counted.
     assert all(proxy.counts[fault] > 0 for fault in FAULTS), proxy.counts
     assert 0.12 < proxy.faults_injected / proxy.total < 0.28, proxy.counts
     assert storage.request_count == proxy.total
-    ambiguous = {(m, p) for m, p, outcome in proxy.events if outcome == "drop_after"}
+    ambiguous = {(m, p) for m, p, _, outcome in proxy.events if outcome == "drop_after"}
     assert any(("PUT", f"/{s3_bucket}/out/{key}") in ambiguous for key in conditional_keys), (
         "no conditional put had its answer dropped after the write: the ambiguous case went untested"
     )

@@ -283,9 +283,22 @@ class S3Storage(Storage):
         create_args: dict[str, Any] = {"Bucket": self.bucket, "Key": full_key, "Metadata": {WRITE_ID_META: write_id}}
         if content_type:
             create_args["ContentType"] = content_type
-        upload_id = self._run(
-            "create multipart upload", key, lambda _: self._client.create_multipart_upload(**create_args)
-        )["UploadId"]
+        create_attempts = 0
+
+        def create(attempt: int) -> dict:
+            nonlocal create_attempts
+            create_attempts = attempt
+            return self._client.create_multipart_upload(**create_args)
+
+        upload_id = self._run("create multipart upload", key, create)["UploadId"]
+        if create_attempts > 1:
+            # S3 has no idempotent create: an attempt whose answer was lost may have started an upload we
+            # cannot tell from a concurrent writer's. It stays invisible; a lifecycle rule removes it.
+            log.info(
+                "S3 %s: retried multipart creation may have left an incomplete upload behind "
+                "(an AbortIncompleteMultipartUpload lifecycle rule cleans these up)",
+                self._where(key),
+            )
         completed = False
         try:
             parts = []
