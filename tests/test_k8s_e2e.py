@@ -121,6 +121,19 @@ def test_submit_runs_jobs_relaunches_a_failed_first_attempt_and_writes_the_index
     assert f"items {ITEMS}/{ITEMS} done" in again.stdout
     check_outputs(s3_uri, kube, operator)
 
+    cluster_args = ["--namespace", kube.namespace, "--kubeconfig", str(kube.kubeconfig)]
+    status = subprocess.run(
+        [sys.executable, "-m", "batchgen", "status", s3_uri, *cluster_args], capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    table = {line.split()[0]: line.split()[2] for line in status.stdout.splitlines() if line.startswith(run_id)}
+    assert table == {name: ("Failed" if name.endswith("-1-1-a1") else "Succeeded") for name in jobs}
+    cancel = subprocess.run(
+        [sys.executable, "-m", "batchgen", "cancel", run_id, *cluster_args], capture_output=True, text=True, timeout=60
+    )
+    assert cancel.returncode == 0 and f"{len(jobs)} job(s) deleted" in cancel.stdout, cancel.stderr
+    assert kube.emulator.jobs(kube.namespace) == []
+
 
 def test_killed_controller_and_concurrent_controllers_converge_without_duplicates(
     cluster, manifest, s3_server, s3_uri, tiny_model_dir

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", default=None, metavar="RUN", help="which run (needed when there are several)")
     parser.add_argument("--shards", action="store_true", help="also list every shard that is not finished")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--namespace", default=None, help="also show the run's PyTorchJobs in this namespace")
+    parser.add_argument("--kubeconfig", metavar="FILE", default=None, help="kubeconfig for --namespace")
 
 
 def resolve_run_id(storage, run_id: str | None) -> str | None:
@@ -62,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
                 {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "finished": s.finished}
                 for s in (progress.shards[name] for name in progress.unfinished_shards)
             ]
+        if args.namespace:
+            data["jobs"] = _jobs(args, run_id)
         print(json.dumps(data, indent=2))
         return 0
     percent = 100.0 * progress.done / progress.total if progress.total else 100.0
@@ -84,4 +88,16 @@ def run(args: argparse.Namespace) -> int:
         for name in progress.unfinished_shards:
             s = progress.shards[name]
             print(f"  {name}: {s.done}/{s.total} done, {s.failed} failed" + (", stats written" if s.finished else ""))
+    if args.namespace:
+        from batchgen.k8s.controller import format_jobs
+
+        print(f"jobs in namespace {args.namespace}:")
+        print(format_jobs(_jobs(args, run_id)))
     return 0
+
+
+def _jobs(args: argparse.Namespace, run_id: str) -> list[dict]:
+    from batchgen.k8s.backend import PyTorchJobBackend, load_api_client
+    from batchgen.k8s.controller import describe_jobs
+
+    return describe_jobs(PyTorchJobBackend(args.namespace, load_api_client(args.kubeconfig)), run_id)
