@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -296,3 +297,30 @@ def test_render_command_prints_valid_yaml(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 6 and "24 attention heads" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "child, expected",
+    [
+        ("raise SystemExit(0)", 0),
+        ("raise SystemExit(3)", 3),  # permanent: the operator's ExitCode policy fails the job
+        ("raise SystemExit(200)", 200),  # retryable (transient storage outage)
+        ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 143),  # preempted: retryable, not torchrun's 1
+    ],
+)
+def test_launcher_exits_with_the_workers_code(child, expected, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # The variables the training operator injects; torchrun reads them instead of flags.
+    env = {
+        "PATH": os.environ["PATH"], "PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "batchgen.k8s.launch", "--max-restarts=0", "--no-python", sys.executable, "-c", child],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == expected, done.stderr[-2000:]
