@@ -327,3 +327,23 @@ def test_generate_command_bad_input_exits_2(tmp_path, tiny_model_dir, argv):
     values = {"missing": str(tmp_path / "nope"), "model": str(tiny_model_dir), "tmp": str(tmp_path)}
     assert main(["generate", *[a.format(**values) for a in argv]]) == EXIT_BAD_INPUT
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_bf16_components_generate_with_fp32_kept_tensors():
+    """The GPU path in miniature: bf16 weights with pos_frequencies kept fp32 (as loading does) must not leak an
+    fp32 compute dtype into the DiT's inputs (caught on an H200 as 'mat1 and mat2 must have the same dtype')."""
+    import torch
+
+    from batchgen.config import ParallelConfig
+    from batchgen.generate.pipeline import MochiGenerator, build_random_components
+    from batchgen.item import Item
+
+    components = build_random_components(full_size=False, dtype=torch.bfloat16, device="cpu")
+    assert components.transformer.pos_frequencies.dtype == torch.float32
+    generator = MochiGenerator.from_components(components, parallel=ParallelConfig(offload="model"), device="cpu")
+    item = Item(id="bf16", prompt="a fox", negative_prompt="", seed=0, num_frames=13, height=64, width=64,
+                num_inference_steps=2, guidance_scale=4.5, row=0)
+    generator.prepare([item])
+    video = generator.generate(item)
+    assert video.frames.shape == (13, 64, 64, 3)
+    assert video.extra["dtype"] == "bfloat16"

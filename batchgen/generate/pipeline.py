@@ -136,7 +136,9 @@ class MochiGenerator:
         self.tokenizer = components.tokenizer
         self.vae = components.vae
         self.scheduler_config = components.scheduler.config
-        self.transformer_dtype = next(components.transformer.parameters()).dtype
+        # The compute dtype is the projection weights'; a few tensors (pos_frequencies) stay fp32 on purpose, so
+        # the first parameter's dtype is not the model's.
+        self.transformer_dtype = components.transformer.proj_out.weight.dtype
         self.latent_channels = components.transformer.config.in_channels
         self.num_heads = components.transformer.config.num_attention_heads
 
