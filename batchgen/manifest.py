@@ -21,7 +21,6 @@ group size keeps the digest, and with it the run id.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import struct
@@ -57,8 +56,17 @@ DIGEST_VERSION = "batchgen-manifest-v1"
 _STRING_COLUMNS = ("id", "prompt", "negative_prompt")
 _INT_COLUMNS = ("seed", "num_frames", "height", "width", "num_inference_steps")
 _FLOAT_COLUMNS = ("guidance_scale",)
-KNOWN_COLUMNS = ("id", "prompt", "negative_prompt", "seed", "num_frames", "height", "width",
-                 "num_inference_steps", "guidance_scale")  # fmt: skip
+KNOWN_COLUMNS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "num_frames",
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+)
 _OVERRIDE_CHECKS: dict[str, Callable[[int | float], str | None]] = {
     "num_frames": check_frames,
     "height": check_side,
@@ -151,7 +159,9 @@ def derive_seed(item_id: str) -> int:
 def _is_string(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_string(t.value_type)
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _t: False)(t)
+    return (
+        pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _t: False)(t)
+    )
 
 
 def _type_problem(column: str, t: pa.DataType) -> str | None:
@@ -301,22 +311,28 @@ def _check_batch(columns: dict[str, pa.Array], present: list[str], start: int, p
         report("id", _rows(pc.is_null(ids)), lambda i: "is null (leave the column out to derive ids)")
         id_len = pc.utf8_length(ids)
         report("id", _rows(pc.equal(id_len, 0)), lambda i: "is empty")
-        report("id", _rows(pc.greater(id_len, MAX_ID_CHARS)),
-               lambda i: f"is {id_len[i].as_py()} characters long; at most {MAX_ID_CHARS} allowed")  # fmt: skip
+        report(
+            "id",
+            _rows(pc.greater(id_len, MAX_ID_CHARS)),
+            lambda i: f"is {id_len[i].as_py()} characters long; at most {MAX_ID_CHARS} allowed",
+        )
         nonempty = pc.greater(id_len, 0)
         bad_chars = pc.and_(nonempty, pc.invert(pc.match_substring_regex(ids, ID_PATTERN)))
-        report("id", _rows(bad_chars),
-               lambda i: f"{ids[i].as_py()!r} has characters outside [A-Za-z0-9._-]")  # fmt: skip
+        report("id", _rows(bad_chars), lambda i: f"{ids[i].as_py()!r} has characters outside [A-Za-z0-9._-]")
         unsafe = pc.and_(pc.invert(bad_chars), pc.or_(pc.starts_with(ids, "."), pc.match_substring(ids, "..")))
-        report("id", _rows(pc.and_(nonempty, unsafe)),
-               lambda i: f"{ids[i].as_py()!r} is unsafe as an object key (starts with '.' or contains '..')")  # fmt: skip
+        report(
+            "id",
+            _rows(pc.and_(nonempty, unsafe)),
+            lambda i: f"{ids[i].as_py()!r} is unsafe as an object key (starts with '.' or contains '..')",
+        )
 
     if "seed" in present:
         seeds = columns["seed"]
         if "seed:too_big" in columns:
             raw = columns["seed:raw"]
-            report("seed", _rows(columns["seed:too_big"]),
-                   lambda i: f"must be between 0 and 2**63-1, got {raw[i].as_py()}")  # fmt: skip
+            report(
+                "seed", _rows(columns["seed:too_big"]), lambda i: f"must be between 0 and 2**63-1, got {raw[i].as_py()}"
+            )
         report("seed", _rows(pc.less(seeds, 0)), lambda i: f"must be between 0 and 2**63-1, got {seeds[i].as_py()}")
 
     # The config's own scalar checks run once per distinct value, then map back to rows: exact same rules
@@ -327,8 +343,7 @@ def _check_batch(columns: dict[str, pa.Array], present: list[str], start: int, p
         values = columns[name]
         if name + ":too_big" in columns:
             raw = columns[name + ":raw"]
-            report(name, _rows(columns[name + ":too_big"]),
-                   lambda i, raw=raw, check=check: str(check(raw[i].as_py())))  # fmt: skip
+            report(name, _rows(columns[name + ":too_big"]), lambda i, raw=raw, check=check: str(check(raw[i].as_py())))
         bad = [v for v in pc.unique(pc.drop_null(values)).to_pylist() if check(v)]
         if bad:
             mask = pc.is_in(values, value_set=pa.array(bad, values.type))
@@ -380,22 +395,29 @@ def _ids_of(columns: dict[str, pa.Array], present: list[str]) -> list[str | None
 
 
 def _check_duplicates(ids: list, start: int, seen: dict[str, int], derived: bool, problems: _Problems) -> None:
+    # Fast path, all in C: no repeats inside the batch and none shared with earlier batches.
+    batch = dict(zip(ids, range(start, start + len(ids)), strict=True))
+    batch.pop(None, None)
+    non_null = len(ids) - ids.count(None)
+    if len(batch) == non_null and not (seen.keys() & batch.keys()):
+        seen.update(batch)
+        return
     for offset, item_id in enumerate(ids):
         if item_id is None:
             continue
         first = seen.setdefault(item_id, start + offset)
         if first != start + offset:
             if derived:
-                message = (f"row is identical to row {first} (derived id {item_id}); give the rows different "
-                           "seeds or add an 'id' column")  # fmt: skip
+                message = (
+                    f"row is identical to row {first} (derived id {item_id}); give the rows different "
+                    "seeds or add an 'id' column"
+                )
             else:
                 message = f"duplicate id {item_id!r} (first at row {first})"
             problems.add(message, row=start + offset, column="id")
 
 
-def _resolve(
-    columns: dict[str, pa.Array], ids: list[str], start: int, generation: GenerationConfig
-) -> pa.RecordBatch:
+def _resolve(columns: dict[str, pa.Array], ids: list[str], start: int, generation: GenerationConfig) -> pa.RecordBatch:
     """The batch's items with every parameter resolved, in ITEM_SCHEMA."""
     seeds = columns["seed"]
     if seeds.null_count:
@@ -476,6 +498,25 @@ def validate_manifest(path: str | Path, generation: GenerationConfig, *, max_err
     scan = _Scan(path, max_errors)
     for _ in scan.batches(None):
         pass
+    return _finish(scan)
+
+
+def validate_and_resolve(
+    path: str | Path, generation: GenerationConfig, spill: str | Path, *, max_errors: int = 50
+) -> ManifestSummary:
+    """``validate_manifest`` that also writes the resolved items (ITEM_SCHEMA) to an Arrow IPC stream file.
+
+    One pass instead of validate-then-resolve, and the items written are exactly the rows the digest was
+    computed from. The spill file is only meaningful when this returns (it raises like validate_manifest).
+    """
+    scan = _Scan(path, max_errors)
+    with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_stream(sink, ITEM_SCHEMA) as writer:
+        for batch in scan.batches(generation):
+            writer.write_batch(batch)
+    return _finish(scan)
+
+
+def _finish(scan: _Scan) -> ManifestSummary:
     summary = scan.summary()
     for warning in summary.warnings:
         log.warning("%s: %s", summary.path, warning)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,14 +33,14 @@ from batchgen import __version__, layout
 from batchgen.config import GenerationConfig, RunConfig
 from batchgen.errors import AlreadyExistsError, InputError, NotFoundError, PlanConflictError, StorageError
 from batchgen.item import Item
-from batchgen.manifest import ITEM_SCHEMA, ManifestSummary, items_from_table, iter_item_batches, validate_manifest
+from batchgen.manifest import ITEM_SCHEMA, ManifestSummary, items_from_table, validate_and_resolve
 from batchgen.storage.base import Storage
+from batchgen.storage.local import LocalStorage
 
 log = logging.getLogger("batchgen.plan")
 
 PLAN_FORMAT = 1
 MAX_SLUG_CHARS = 40
-WRITE_THREADS = 16  # shard puts are latency-bound on S3; threads overlap the round trips
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ class RunPlan:
             raise InputError(f"plan format {data.get('format')!r} is not supported (expected {PLAN_FORMAT})")
         shards = list(data["shards"])
         if len(shards) != data["shard_count"]:
-            raise InputError(f"plan of {data['run_id']}: shard list has {len(shards)} entries, expected {data['shard_count']}")
+            raise InputError(
+                f"plan of {data['run_id']}: shard list has {len(shards)} entries, expected {data['shard_count']}"
+            )
         return cls(
             run_id=data["run_id"],
             name=data["name"],
@@ -189,7 +192,9 @@ def load_shard_items(storage: Storage, run_id: str, shard: str) -> list[Item]:
     try:
         data = storage.get_bytes(key)
     except NotFoundError:
-        raise NotFoundError(f"run {run_id!r} has no shard {shard!r} under {storage.uri} ({key} does not exist)") from None
+        raise NotFoundError(
+            f"run {run_id!r} has no shard {shard!r} under {storage.uri} ({key} does not exist)"
+        ) from None
     try:
         table = pq.read_table(pa.BufferReader(data))
     except pa.ArrowException as e:
@@ -228,8 +233,14 @@ def _shard_tables(batches: Iterator[pa.RecordBatch], shard_size: int) -> Iterato
         yield pa.Table.from_batches(pending, ITEM_SCHEMA)
 
 
-def _write_shards(storage: Storage, plan: RunPlan, manifest_path: str | Path, generation: GenerationConfig) -> None:
-    batches = iter_item_batches(manifest_path, generation, expected_digest=plan.manifest_digest)
+def _write_threads(storage: Storage) -> int:
+    # S3 puts wait on the network: many in flight. Local puts are fsync- and CPU-bound: more threads only
+    # contend (measured on 2 cores: 16 threads cost 1.6x the CPU of 1-4 for the same 15,625 puts).
+    return 4 if isinstance(storage, LocalStorage) else 16
+
+
+def _write_shards(storage: Storage, plan: RunPlan, items: Iterator[pa.RecordBatch]) -> None:
+    threads = _write_threads(storage)
 
     def put(index: int, table: pa.Table) -> None:
         shard = layout.shard_id(index)
@@ -242,11 +253,11 @@ def _write_shards(storage: Storage, plan: RunPlan, manifest_path: str | Path, ge
     written = 0
     # A bounded window of in-flight puts keeps memory flat however many shards there are.
     window: deque[Future] = deque()
-    with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="plan-put") as pool:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="plan-put") as pool:
         try:
-            for index, table in enumerate(_shard_tables(batches, plan.shard_size)):
+            for index, table in enumerate(_shard_tables(items, plan.shard_size)):
                 window.append(pool.submit(put, index, table))
-                if len(window) >= 4 * WRITE_THREADS:
+                if len(window) >= 4 * threads:
                     window.popleft().result()
                 written += 1
             while window:
@@ -256,7 +267,7 @@ def _write_shards(storage: Storage, plan: RunPlan, manifest_path: str | Path, ge
                 future.cancel()
             raise
     if written != len(plan.shards):
-        raise StorageError(f"planned {len(plan.shards)} shards but wrote {written}")  # the manifest changed under us
+        raise StorageError(f"planned {len(plan.shards)} shards but wrote {written}")  # a bug, never a user error
 
 
 # -- conflicts ----------------------------------------------------------------------------------------------
@@ -291,7 +302,9 @@ def _conflict(
     lines = [f"{storage.uri} already holds run {previous.run_id!r} named {slug!r}, planned from different inputs:"]
     lines += [f"  - {change}" for change in describe_changes(previous, summary, config)]
     if len(plans) > 1:
-        lines.append(f"  (other runs with this name: {', '.join(sorted(p.run_id for p in plans if p is not previous))})")
+        lines.append(
+            f"  (other runs with this name: {', '.join(sorted(p.run_id for p in plans if p is not previous))})"
+        )
     lines.append(
         f"To continue {previous.run_id}, plan again with its manifest and generation settings "
         f"(stored in {storage.url(layout.plan_key(previous.run_id))})."
@@ -313,7 +326,24 @@ def plan_manifest(
     max_errors: int = 50,
 ) -> tuple[RunPlan, bool]:
     """Like ``make_plan``, and also says whether the plan was reused (True) or written now (False)."""
-    summary = validate_manifest(manifest_path, config.generation, max_errors=max_errors)
+    with tempfile.TemporaryDirectory(prefix="batchgen-plan-") as scratch:
+        # The resolved items wait in a local Arrow file while the digest (hence the run id) is unknown:
+        # one pass over the manifest, bounded memory, and the shards hold exactly the rows that were hashed.
+        spill = Path(scratch) / "items.arrow"
+        summary = validate_and_resolve(manifest_path, config.generation, spill, max_errors=max_errors)
+        return _plan_validated(manifest_path, summary, spill, config, storage, run_name=run_name, new_run=new_run)
+
+
+def _plan_validated(
+    manifest_path: str | Path,
+    summary: ManifestSummary,
+    spill: Path,
+    config: RunConfig,
+    storage: Storage,
+    *,
+    run_name: str | None,
+    new_run: bool,
+) -> tuple[RunPlan, bool]:
     slug = slugify(run_name if run_name else Path(manifest_path).stem)
     shard_size = config.worker.shard_size
     fingerprint = plan_fingerprint(summary.digest, summary.rows, config.generation, shard_size)
@@ -350,7 +380,8 @@ def plan_manifest(
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     log.info("planning %s: %d items in %d shards of %d", run_id, plan.row_count, len(plan.shards), shard_size)
-    _write_shards(storage, plan, manifest_path, config.generation)
+    with pa.memory_map(str(spill)) as source:
+        _write_shards(storage, plan, iter(pa.ipc.open_stream(source)))
     body = json.dumps(plan.to_dict(), indent=1, sort_keys=True).encode()
     try:
         storage.put_bytes(layout.plan_key(run_id), body, if_absent=True, content_type="application/json")

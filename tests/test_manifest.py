@@ -57,25 +57,44 @@ MALFORMED = [
     ("missing-file", lambda tmp: tmp / "nope.parquet", ["nope.parquet", "file not found"]),
     ("empty-file", _bytes("empty.parquet", b""), ["empty.parquet", "file is empty"]),
     ("csv-file", _bytes("prompts.csv", b"prompt\na cat\n"), ["prompts.csv", "not a Parquet file", "a .csv file"]),
-    ("truncated-parquet", _bytes("cut.parquet", b"PAR1" + b"\x00" * 20), ["cut.parquet", "not a readable Parquet file"]),
+    (
+        "truncated-parquet",
+        _bytes("cut.parquet", b"PAR1" + b"\x00" * 20),
+        ["cut.parquet", "not a readable Parquet file"],
+    ),
     ("zero-rows", _table(prompt=pa.array([], pa.string())), ["m.parquet", "manifest has no rows"]),
     ("no-prompt-column", _table(text=["a cat"]), ["column 'prompt'", "required column is missing"]),
     ("prompt-wrong-type", _table(prompt=[1, 2]), ["column 'prompt'", "must be a string column, got type int64"]),
     ("seed-wrong-type", _table(prompt=["a"], seed=["7"]), ["column 'seed'", "must be an integer column"]),
-    ("height-float-from-pandas", _table(prompt=["a", "b"], height=[480.0, None]),
-     ["column 'height'", "must be an integer column, got type double", "Int64"]),  # fmt: skip
+    (
+        "height-float-from-pandas",
+        _table(prompt=["a", "b"], height=[480.0, None]),
+        ["column 'height'", "must be an integer column, got type double", "Int64"],
+    ),
     ("id-int-type", _table(prompt=["a"], id=[5]), ["column 'id'", "must be a string column", "cast it to string"]),
     ("null-prompt", _table(prompt=["a", None]), ["row 1, column 'prompt': is null"]),
     ("whitespace-prompt", _table(prompt=[" \t\n", "b"]), ["row 0, column 'prompt': is empty or whitespace only"]),
     ("empty-prompt", _table(prompt=["a", "b", ""]), ["row 2, column 'prompt': is empty"]),
-    ("long-prompt", _table(prompt=["a", "x" * (MAX_PROMPT_CHARS + 1)]),
-     [f"row 1, column 'prompt': is {MAX_PROMPT_CHARS + 1} characters long"]),  # fmt: skip
-    ("long-negative-prompt", _table(prompt=["a"], negative_prompt=["n" * (MAX_PROMPT_CHARS + 5)]),
-     ["row 0, column 'negative_prompt'", f"at most {MAX_PROMPT_CHARS}"]),  # fmt: skip
-    ("duplicate-id", _table(prompt=["a", "b", "c"], id=["x", "y", "x"]),
-     ["row 2, column 'id': duplicate id 'x' (first at row 0)"]),  # fmt: skip
-    ("identical-rows-derived-id", _table(prompt=["a cat", "a dog", "a cat"]),
-     ["row 2, column 'id': row is identical to row 0"]),  # fmt: skip
+    (
+        "long-prompt",
+        _table(prompt=["a", "x" * (MAX_PROMPT_CHARS + 1)]),
+        [f"row 1, column 'prompt': is {MAX_PROMPT_CHARS + 1} characters long"],
+    ),
+    (
+        "long-negative-prompt",
+        _table(prompt=["a"], negative_prompt=["n" * (MAX_PROMPT_CHARS + 5)]),
+        ["row 0, column 'negative_prompt'", f"at most {MAX_PROMPT_CHARS}"],
+    ),
+    (
+        "duplicate-id",
+        _table(prompt=["a", "b", "c"], id=["x", "y", "x"]),
+        ["row 2, column 'id': duplicate id 'x' (first at row 0)"],
+    ),
+    (
+        "identical-rows-derived-id",
+        _table(prompt=["a cat", "a dog", "a cat"]),
+        ["row 2, column 'id': row is identical to row 0"],
+    ),
     ("null-id", _table(prompt=["a", "b"], id=["x", None]), ["row 1, column 'id': is null"]),
     ("empty-id", _table(prompt=["a"], id=[""]), ["row 0, column 'id': is empty"]),
     ("id-with-slash", _table(prompt=["a"], id=["a/b"]), ["row 0, column 'id'", "'a/b' has characters outside"]),
@@ -83,8 +102,11 @@ MALFORMED = [
     ("id-leading-dot", _table(prompt=["a"], id=[".hidden"]), ["row 0, column 'id'", "unsafe as an object key"]),
     ("id-too-long", _table(prompt=["a"], id=["i" * 129]), ["row 0, column 'id': is 129 characters long"]),
     ("negative-seed", _table(prompt=["a", "b"], seed=[1, -5]), ["row 1, column 'seed'", "got -5"]),
-    ("uint64-seed-too-big", _table(prompt=["a"], seed=pa.array([2**64 - 1], pa.uint64())),
-     ["row 0, column 'seed'", f"got {2**64 - 1}"]),  # fmt: skip
+    (
+        "uint64-seed-too-big",
+        _table(prompt=["a"], seed=pa.array([2**64 - 1], pa.uint64())),
+        ["row 0, column 'seed'", f"got {2**64 - 1}"],
+    ),
     ("frames-not-6k+1", _table(prompt=["a", "b"], num_frames=[13, 12]), ["row 1, column 'num_frames'", "6k+1"]),
     ("frames-too-many", _table(prompt=["a"], num_frames=[601]), ["row 0, column 'num_frames'", "at most 511"]),
     ("height-not-16", _table(prompt=["a"], height=[500]), ["row 0, column 'height'", "multiple of 16, got 500"]),
@@ -194,10 +216,18 @@ def test_derived_ids_stable_across_processes(tmp_path):
         "print(json.dumps([[i.id, i.seed] for i in iter_items(sys.argv[1], GenerationConfig())]))"
     )
     runs = [
-        json.loads(subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, capture_output=True,
-                                  text=True, check=True, env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout)
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", script, str(path)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+                env={"PYTHONHASHSEED": str(seed), "PATH": ""},
+            ).stdout
+        )
         for seed in (1, 2)
-    ]  # fmt: skip
+    ]
     assert runs[0] == runs[1]
     ids = [i for i, _ in runs[0]]
     assert len(set(ids)) == 3  # the third row differs by its seed only
@@ -219,9 +249,15 @@ def test_vectorised_ids_match_scalar_definition(tmp_path):
     items = list(iter_items(path, GenerationConfig()))
     for i, item in enumerate(items):
         expected = derive_id(
-            columns["prompt"][i], columns["negative_prompt"][i], columns["seed"][i].as_py(),
-            columns["num_frames"][i].as_py(), None, None, None, columns["guidance_scale"][i],
-        )  # fmt: skip
+            columns["prompt"][i],
+            columns["negative_prompt"][i],
+            columns["seed"][i].as_py(),
+            columns["num_frames"][i].as_py(),
+            None,
+            None,
+            None,
+            columns["guidance_scale"][i],
+        )
         assert item.id == expected, i
 
 
@@ -259,13 +295,31 @@ def test_items_resolve_defaults_and_overrides(tmp_path):
             "guidance_scale": pa.array([None, 2], pa.int64()),
         },
     )
-    g = GenerationConfig(num_frames=13, height=128, width=160, num_inference_steps=3, guidance_scale=5.0,
-                         negative_prompt="default neg")  # fmt: skip
+    g = GenerationConfig(
+        num_frames=13, height=128, width=160, num_inference_steps=3, guidance_scale=5.0, negative_prompt="default neg"
+    )
     a, b = iter_items(path, g)
-    assert (a.id, a.prompt, a.negative_prompt, a.seed, a.num_frames, a.height, a.width, a.num_inference_steps,
-            a.guidance_scale, a.row) == ("a", "first", "default neg", derive_seed("a"), 13, 128, 160, 3, 5.0, 0)  # fmt: skip
+    assert (
+        a.id,
+        a.prompt,
+        a.negative_prompt,
+        a.seed,
+        a.num_frames,
+        a.height,
+        a.width,
+        a.num_inference_steps,
+        a.guidance_scale,
+        a.row,
+    ) == ("a", "first", "default neg", derive_seed("a"), 13, 128, 160, 3, 5.0, 0)
     assert (b.negative_prompt, b.seed, b.num_frames, b.height, b.width, b.guidance_scale, b.row) == (
-        "ugly", 42, 7, 64, 160, 2.0, 1)  # fmt: skip
+        "ugly",
+        42,
+        7,
+        64,
+        160,
+        2.0,
+        1,
+    )
     assert isinstance(b.guidance_scale, float) and isinstance(b.seed, int)
 
 

@@ -220,9 +220,10 @@ def test_plan_on_s3(tmp_path, s3_uri, s3_client):
     local = make_plan(m, config(shard_size=4), LocalStorage(tmp_path / "local"))
     assert local.run_id == plan.run_id
     for shard in plan.shards:
-        assert fresh.get_bytes(layout.shard_plan_key(plan.run_id, shard)) == (
-            tmp_path / "local" / layout.shard_plan_key(plan.run_id, shard)
-        ).read_bytes()
+        assert (
+            fresh.get_bytes(layout.shard_plan_key(plan.run_id, shard))
+            == (tmp_path / "local" / layout.shard_plan_key(plan.run_id, shard)).read_bytes()
+        )
 
 
 def test_plan_to_file_uri_via_cli(tmp_path, capsys):
@@ -268,7 +269,13 @@ def test_parse_shard_selection_rejects(text, tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "slug"),
-    [("prompts", "prompts"), ("My Run #2!", "my-run-2"), ("__", "run"), ("a" * 60, "a" * 40), ("x-" * 30, "x-" * 19 + "x")],
+    [
+        ("prompts", "prompts"),
+        ("My Run #2!", "my-run-2"),
+        ("__", "run"),
+        ("a" * 60, "a" * 40),
+        ("x-" * 30, "x-" * 19 + "x"),
+    ],
 )
 def test_slugify(name, slug):
     assert slugify(name) == slug

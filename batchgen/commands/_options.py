@@ -45,7 +45,9 @@ def _dest(flag: str) -> str:
 def _add(parser: argparse.ArgumentParser, table, title: str) -> None:
     group = parser.add_argument_group(title)
     for flag, _section, _key, kind, help_text in table:
-        group.add_argument(flag, dest=_dest(flag), type=kind, default=None, metavar=kind.__name__.upper(), help=help_text)
+        group.add_argument(
+            flag, dest=_dest(flag), type=kind, default=None, metavar=kind.__name__.upper(), help=help_text
+        )
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,9 @@ ORDER = 20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", metavar="MANIFEST", help="Parquet file with at least a 'prompt' column")
-    parser.add_argument("--output", "-o", required=True, metavar="URI", help="s3://bucket/prefix, file:///dir or a path")
+    parser.add_argument(
+        "--output", "-o", required=True, metavar="URI", help="s3://bucket/prefix, file:///dir or a path"
+    )
     parser.add_argument("--run-name", metavar="NAME", help="run name (default: the manifest file name)")
     parser.add_argument(
         "--new-run", action="store_true", help="plan a separate run even if a run of this name has other inputs"
@@ -39,9 +41,19 @@ def run(args: argparse.Namespace) -> int:
     plan, reused = plan_manifest(args.manifest, config, storage, run_name=args.run_name, new_run=args.new_run)
     where = storage.url(layout.plan_key(plan.run_id))
     if args.json:
-        print(json.dumps({"run_id": plan.run_id, "reused": reused, "rows": plan.row_count,
-                          "shards": len(plan.shards), "shard_size": plan.shard_size,
-                          "fingerprint": plan.fingerprint, "plan": where}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "run_id": plan.run_id,
+                    "reused": reused,
+                    "rows": plan.row_count,
+                    "shards": len(plan.shards),
+                    "shard_size": plan.shard_size,
+                    "fingerprint": plan.fingerprint,
+                    "plan": where,
+                }
+            )
+        )
     else:
         state = "reused the stored plan" if reused else "planned"
         print(f"{state}: run {plan.run_id}, {plan.row_count} items in {len(plan.shards)} shards of {plan.shard_size}")

@@ -29,8 +29,17 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     summary = validate_manifest(args.manifest, config.generation, max_errors=args.max_errors)
     if args.json:
-        print(json.dumps({"manifest": summary.path, "rows": summary.rows, "digest": summary.digest,
-                          "derived_ids": summary.derived_ids, "warnings": summary.warnings}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "manifest": summary.path,
+                    "rows": summary.rows,
+                    "digest": summary.digest,
+                    "derived_ids": summary.derived_ids,
+                    "warnings": summary.warnings,
+                }
+            )
+        )
     else:
         ids = "derived from row content" if summary.derived_ids else "from the 'id' column"
         print(f"{summary.path}: OK, {summary.rows} rows, ids {ids}, {len(summary.warnings)} warning(s)")
