@@ -116,7 +116,7 @@ def test_decoded_video_matches_diffusers_and_has_6t_minus_5_frames(generator, re
         output_type="np",
     ).frames[0]
     assert np.abs(video.frames.astype(np.float64) - expected * 255).max() <= 1.0
-    assert set(video.timings) == {"text_encode", "denoise", "decode"} and all(v >= 0 for v in video.timings.values())
+    assert set(video.timings) == {"text_encode", "denoise", "denoise_loop", "decode"} and all(v >= 0 for v in video.timings.values())
 
 
 @pytest.mark.parametrize("num_frames", [7, 19])
