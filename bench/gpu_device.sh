@@ -11,4 +11,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -m pip install -q --no-index --no-deps .device/wheels/*.whl 2>&1 | tail -3
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 python3 -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>/dev/null || echo "flash_attn: not installed"
-PYTHONUNBUFFERED=1 python3 bench/gpu.py --out "$out/gpu.json" --budget-s "${BENCH_BUDGET_S:-420}" 2>&1 | tee "$out/gpu-log.txt"
+PYTHONUNBUFFERED=1 python3 bench/gpu.py --out "$out/gpu.json" --budget-s "${BENCH_BUDGET_S:-420}" "$@" 2>&1 | tee "$out/gpu-log.txt"
