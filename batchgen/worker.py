@@ -315,7 +315,8 @@ def run_worker(
     stop: threading.Event | None = None,
 ) -> WorkerSummary:
     """Process ``shards`` of ``plan`` (every rank of the job calls this with the same arguments)."""
-    unknown = [s for s in shards if s not in set(plan.shards)]
+    known = set(plan.shards)
+    unknown = [s for s in shards if s not in known]
     if unknown:
         raise InputError(f"run {plan.run_id} has no shard(s) {unknown[:5]} (it has {len(plan.shards)})")
     loop = _WorkerLoop(storage, plan, generator, context, stop or threading.Event())

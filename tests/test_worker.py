@@ -89,7 +89,7 @@ def test_commit_then_resume_generates_nothing(storage, generator, tmp_path, tiny
     for sidecar in sidecars.values():
         assert SIDECAR_FIELDS <= set(sidecar)
         assert sidecar["adopted"] is False and sidecar["attempt"] == 1
-        assert set(sidecar["timings"]) == {"text_encode", "denoise", "decode", "encode_mp4", "upload"}
+        assert {"text_encode", "denoise", "decode", "encode_mp4", "upload"} <= set(sidecar["timings"])
         assert sidecar["model"] == generator.model_identity and sidecar["model"]["fingerprint"]
         assert sidecar["video_uri"] == storage.url(sidecar["video_key"])
         assert sidecar["fps"] == tiny_config.generation.fps
