@@ -7,10 +7,11 @@ A TOML file may set any field; CLI flags override the file. The config is stored
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from batchgen.errors import ConfigError
 

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -232,11 +231,11 @@ class Bench:
                     out["runs"].append({"frames": frames, "kernel": kernel_name, "skipped": "time budget"})
                     continue
                 reset_peak(self.device)
-                for block, stock in zip(model.transformer_blocks, stock_processors):
+                for block, stock in zip(model.transformer_blocks, stock_processors, strict=True):
                     block.attn1.processor = KernelPinnedProcessor(stock, backend)
                 try:
                     with torch.no_grad():
-                        times = self.timer.measure(lambda: model(**inputs), warmup=1, repeats=self.args.repeats)
+                        times = self.timer.measure(lambda inputs=inputs: model(**inputs), warmup=1, repeats=self.args.repeats)
                 except Exception as e:  # a kernel that does not support this shape or GPU
                     out["runs"].append({"frames": frames, "kernel": kernel_name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
                     continue
@@ -265,7 +264,6 @@ class Bench:
         self.results["best_forward"] = out["best"]
         if not self.args.tiny and self.device.type == "cuda" and best and self.left_s() > 90:
             out["profile"] = self.profile_forward(model, max(best), best[max(best)]["kernel"], kernels)
-        del model
         return out
 
     def profile_forward(self, model, frames: int, kernel_name: str, kernels: dict) -> dict:
@@ -359,9 +357,8 @@ class Bench:
                 except Exception as e:
                     out["forward_vs_stock"][kernel] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 finally:
-                    for block, processor in zip(model.transformer_blocks, stock_processors):
+                    for block, processor in zip(model.transformer_blocks, stock_processors, strict=True):
                         block.attn1.processor = processor
-        del model
         return out
 
     def vae_decode(self) -> dict:
@@ -396,7 +393,6 @@ class Bench:
             "peak_memory_gib": peak_memory_gib(self.device),
             "vae_parameters": sum(p.numel() for p in vae.parameters()),
         }
-        del vae, video
         return result
 
     def t5_encoder(self) -> dict:
@@ -419,14 +415,13 @@ class Bench:
             ids = torch.randint(0, 32128, (batch, 256), device=self.device)
             mask = torch.ones_like(ids)
 
-            def run():
+            def run(ids=ids, mask=mask):
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask)
 
             times = self.timer.measure(run, warmup=1, repeats=self.args.repeats)
             median = statistics.median(times)
             out["batches"].append({"batch": batch, "tokens": 256, "seconds_per_batch": round(median, 4), "seconds_per_prompt": round(median / batch, 4)})
-        del model
         return out
 
     def pipeline(self) -> dict:

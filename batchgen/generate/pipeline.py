@@ -16,7 +16,6 @@ pipeline; what differs is the split:
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import time
 import warnings
