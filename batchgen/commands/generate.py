@@ -40,10 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_parallel_arguments(parser)
 
 
-def _under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-
-
 def _load_config(args: argparse.Namespace):
     import logging
     from pathlib import Path
@@ -91,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.errors import InputError
     from batchgen.generate.loading import read_transformer_config
     from batchgen.item import Item
-    from batchgen.parallel.topology import check_items, choose_topology
+    from batchgen.parallel.context import open_context
+    from batchgen.parallel.topology import check_items, visual_tokens
 
     log = logging.getLogger("batchgen.commands.generate")
     if not args.prompt.strip():
@@ -115,25 +112,9 @@ def run(args: argparse.Namespace) -> int:
     # Shape and degree checks before any weights load.
     num_heads = int(read_transformer_config(args.model_dir)["num_attention_heads"])
     use_cfg = item.guidance_scale > 1.0
-    if _under_torchrun():
-        from batchgen.parallel.runtime import TorchContext
-        from batchgen.parallel.topology import visual_tokens
-
-        tokens = (visual_tokens(item.num_frames, item.height, item.width),)
-        context = TorchContext.from_env(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=tokens)
-    else:
-        from batchgen.parallel.context import SingleProcess
-
-        context = SingleProcess()
+    tokens = (visual_tokens(item.num_frames, item.height, item.width),)
+    context, topology = open_context(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=tokens)
     try:
-        topology = getattr(context, "topology", None) or choose_topology(
-            1,
-            ulysses=parallel.ulysses_degree,
-            ring=parallel.ring_degree,
-            cfg=parallel.cfg_degree,
-            num_heads=num_heads,
-            use_cfg=use_cfg,
-        )
         check_items(topology, [item], num_heads=num_heads)
         # One video: data-parallel groups beyond the first have nothing to do.
         if context.dp_rank == 0:

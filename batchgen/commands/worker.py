@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 NAME = "worker"
 HELP = "generate the pending items of some shards of a planned run (what local runs and Kubernetes jobs start)"
@@ -32,17 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_parallel_arguments(parser)
 
 
-def _under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import logging
 
     from batchgen.commands._options import config_from_args
     from batchgen.generate.loading import read_transformer_config
-    from batchgen.parallel.topology import check_items, choose_topology, visual_tokens
+    from batchgen.parallel.context import open_context
+    from batchgen.parallel.topology import check_items, visual_tokens
     from batchgen.plan import load_plan, load_shard_items, parse_shard_selection
     from batchgen.storage import open_storage
     from batchgen.worker import StopRequest, run_worker
@@ -70,23 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     stop = StopRequest()
     with stop.handling_signals():
-        if _under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
-            from batchgen.parallel.runtime import TorchContext
-
-            context = TorchContext.from_env(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
-        else:
-            from batchgen.parallel.context import SingleProcess
-
-            context = SingleProcess()
+        context, topology = open_context(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
         try:
-            topology = getattr(context, "topology", None) or choose_topology(
-                1,
-                ulysses=parallel.ulysses_degree,
-                ring=parallel.ring_degree,
-                cfg=parallel.cfg_degree,
-                num_heads=num_heads,
-                use_cfg=use_cfg,
-            )
             check_items(topology, items, num_heads=num_heads)
             from batchgen.generate.pipeline import MochiGenerator
 

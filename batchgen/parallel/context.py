@@ -7,6 +7,7 @@ group am I in, am I the group's writer, and a way for all ranks to agree on a Py
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -51,3 +52,39 @@ class SingleProcess:
 
     def close(self) -> None:
         pass
+
+
+def under_torchrun() -> bool:
+    """True when launched by torchrun (or the training operator) with more than one process."""
+    env = os.environ
+    return "RANK" in env and "LOCAL_RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1
+
+
+def open_context(parallel, *, num_heads: int, use_cfg: bool, token_counts: tuple[int, ...] = ()):
+    """The process context for a command: a TorchContext under torchrun (imports torch), else SingleProcess.
+
+    Returns (context, topology). The topology's degrees are checked against the model's heads and the items'
+    token counts before any weights load (``batchgen.parallel.topology.check_items`` does the per-item check).
+    """
+    from batchgen.parallel.topology import choose_topology
+
+    if under_torchrun():
+        from batchgen.parallel.runtime import TorchContext
+
+        context = TorchContext.from_env(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
+        return context, context.topology
+    context = SingleProcess()
+    try:
+        topology = choose_topology(
+            1,
+            ulysses=parallel.ulysses_degree,
+            ring=parallel.ring_degree,
+            cfg=parallel.cfg_degree,
+            num_heads=num_heads,
+            use_cfg=use_cfg,
+            token_counts=token_counts,
+        )
+    except BaseException:
+        context.close()
+        raise
+    return context, topology
