@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -276,28 +277,55 @@ class ShardScan:
 
 
 def scan_shard(storage: Storage, run_id: str, shard: str) -> ShardScan:
-    """The shard's items and which are done, with one listing per prefix (never a request per item)."""
+    """The shard's items and which are done, from listings (never a request per item)."""
     items = load_shard_items(storage, run_id, shard)
     ids = {item.id for item in items}
-    done = _ids_under(storage, layout.sidecars_prefix(run_id, shard), ".json", ids)
-    errored = _ids_under(storage, layout.errors_prefix(run_id, shard), ".json", ids)
+    done = _ids_under(storage, layout.sidecars_prefix(run_id, shard), ".json", ids, by_ranges=True)
+    # errors/ is empty in the common case: one plain listing, not one per key range.
+    errored = _ids_under(storage, layout.errors_prefix(run_id, shard), ".json", ids, by_ranges=False)
     orphans: set[str] = set()
     if done != ids:
-        orphans = _ids_under(storage, layout.videos_prefix(run_id, shard), ".mp4", ids) - done
+        orphans = _ids_under(storage, layout.videos_prefix(run_id, shard), ".mp4", ids, by_ranges=True) - done
     stats_exists = storage.head(layout.stats_key(run_id, shard)) is not None if done == ids else False
     return ShardScan(shard, items, done, errored, orphans, stats_exists)
 
 
-def _ids_under(storage: Storage, prefix: str, suffix: str, ids: set[str]) -> set[str]:
+# A listing page holds 1000 keys. Ranges a little smaller than a page let each concurrent lister see the next
+# range's first key on its only page and stop there, so listing N keys by ranges still costs about N/900
+# requests, while their latencies overlap instead of adding up.
+_KEYS_PER_RANGE = 900
+_LIST_THREADS = 8
+
+
+def _ids_under(storage: Storage, prefix: str, suffix: str, ids: set[str], *, by_ranges: bool) -> set[str]:
+    expected = sorted(f"{prefix}{item_id}{suffix}" for item_id in ids)
+    bounds = expected[_KEYS_PER_RANGE - 1 : -1 : _KEYS_PER_RANGE] if by_ranges else []
+    # Ranges (None, b0], (b0, b1], ..., (b_last, None) cover every key under the prefix, strays included.
+    ranges = list(zip([None, *bounds], [*bounds, None], strict=True))
+    if len(ranges) == 1:
+        listed = [list(storage.list(prefix))]
+    else:
+        with ThreadPoolExecutor(min(len(ranges), _LIST_THREADS), thread_name_prefix="scan") as pool:
+            listed = list(pool.map(lambda bounds: _list_range(storage, prefix, *bounds), ranges))
     found = set()
-    for info in storage.list(prefix):
-        name = info.key[len(prefix) :]
-        item_id = name[: -len(suffix)] if name.endswith(suffix) else None
-        if item_id in ids:
-            found.add(item_id)
-        else:
-            log.warning("ignoring %s: not an item of this shard", storage.url(info.key))
+    for infos in listed:
+        for info in infos:
+            name = info.key[len(prefix) :]
+            item_id = name[: -len(suffix)] if name.endswith(suffix) else None
+            if item_id in ids:
+                found.add(item_id)
+            else:
+                log.warning("ignoring %s: not an item of this shard", storage.url(info.key))
     return found
+
+
+def _list_range(storage: Storage, prefix: str, start_after: str | None, last: str | None) -> list:
+    infos = []
+    for info in storage.list(prefix, start_after=start_after):
+        if last is not None and info.key > last:
+            break  # the listing is lazy: no further page is requested
+        infos.append(info)
+    return infos
 
 
 # -- the loop -----------------------------------------------------------------------------------------------
@@ -655,8 +683,9 @@ class _WorkerLoop:
     def _write_stats(self, scan: ShardScan, result: ShardResult, started: float) -> None:
         run_id = self.plan.run_id
         ids = {item.id for item in scan.items}
-        done = _ids_under(self.storage, layout.sidecars_prefix(run_id, scan.shard), ".json", ids)
-        errored = _ids_under(self.storage, layout.errors_prefix(run_id, scan.shard), ".json", ids) - done
+        done = _ids_under(self.storage, layout.sidecars_prefix(run_id, scan.shard), ".json", ids, by_ranges=True)
+        errored = _ids_under(self.storage, layout.errors_prefix(run_id, scan.shard), ".json", ids, by_ranges=False)
+        errored -= done
         stats = {
             "shard": scan.shard,
             "run_id": run_id,

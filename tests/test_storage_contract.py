@@ -77,6 +77,27 @@ def test_list_is_in_key_order_and_respects_prefixes(storage):
         assert [o.key for o in storage.list(prefix)] == expected, prefix
 
 
+def test_list_start_after_gives_the_keys_that_sort_after_it(storage):
+    for key in KEYS:
+        storage.put_bytes(key, key.encode())
+    everything = [o.key for o in storage.list("run/")]
+    cases = {
+        None: everything,
+        "run/a/10.json": [k for k in everything if k > "run/a/10.json"],
+        "run/a/2": [k for k in everything if k > "run/a/2"],  # not itself a key
+        "run/": everything,
+        "run/zzz": [],
+    }
+    for start_after, expected in cases.items():
+        assert [o.key for o in storage.list("run/", start_after=start_after)] == expected, start_after
+    # Disjoint ranges listed separately cover the prefix exactly once.
+    bounds = [everything[1], everything[3]]
+    pieces = []
+    for start_after, last in zip([None, *bounds], [*bounds, None], strict=True):
+        pieces += [o.key for o in storage.list("run/", start_after=start_after) if last is None or o.key <= last]
+    assert pieces == everything
+
+
 def test_storage_root_isolates_sibling_roots(storage_uri):
     # "<root>-sibling" shares the root's string prefix; its objects must not leak into the root's listings.
     root = open_storage(storage_uri)

@@ -54,8 +54,9 @@ class Storage(abc.ABC):
         return self.head(key) is not None
 
     @abc.abstractmethod
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object whose key starts with ``prefix``, in key order."""
+    def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order; with ``start_after``, only keys that sort
+        after it (S3 ``StartAfter``), so disjoint key ranges can be listed concurrently."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

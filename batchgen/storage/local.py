@@ -162,7 +162,7 @@ class LocalStorage(Storage):
             return None
         return ObjectInfo(key=key, size=st.st_size)
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         # Walk only the folders that can hold matching keys, then sort: keys compare like S3's (code point
         # order equals UTF-8 byte order), so both backends list in the same order.
         start_dir = prefix.rpartition("/")[0]
@@ -171,6 +171,8 @@ class LocalStorage(Storage):
         found: list[ObjectInfo] = []
         self._collect(self.root / start_dir if start_dir else self.root, start_dir, prefix, found)
         found.sort(key=lambda info: info.key)
+        if start_after is not None:
+            found = [info for info in found if info.key > start_after]
         return iter(found)
 
     def _collect(self, folder: Path, folder_key: str, prefix: str, out: list[ObjectInfo]) -> None:

@@ -395,11 +395,13 @@ class S3Storage(Storage):
         etag = response.get("ETag", "").strip('"') or None
         return ObjectInfo(key=key, size=int(response["ContentLength"]), etag=etag)
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         if prefix.startswith("/"):
             raise StorageError(f"{self.uri}: list prefix {prefix!r} must be relative")
         full_prefix = self._root + prefix
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix, "MaxKeys": LIST_PAGE_SIZE}
+        if start_after is not None:
+            args["StartAfter"] = self._root + start_after
         while True:
             page = self._run("list", prefix or None, lambda _, a=dict(args): self._client.list_objects_v2(**a))
             for obj in page.get("Contents", ()):
