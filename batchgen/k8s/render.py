@@ -452,4 +452,12 @@ def render_pytorchjob(
 def to_yaml(objects: Sequence[Mapping[str, Any]]) -> str:
     import yaml
 
-    return yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False, default_flow_style=False)
+    class _PlainDumper(yaml.SafeDumper):
+        # Master and Worker share one pod template object; anchors (&id001 / *id001) would be valid YAML but
+        # unreadable for anyone reviewing the job with kubectl.
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return yaml.dump_all(
+        [dict(o) for o in objects], Dumper=_PlainDumper, sort_keys=False, default_flow_style=False
+    )
