@@ -24,7 +24,9 @@ import hashlib
 import logging
 import re
 import struct
+import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from batchgen.config import (
     check_side,
     check_steps,
 )
-from batchgen.errors import ManifestError
+from batchgen.errors import ManifestError, NotFoundError
 from batchgen.item import Item
 
 log = logging.getLogger("batchgen.manifest")
@@ -204,6 +206,31 @@ class _Problems:
 
     def error(self) -> ManifestError:
         return ManifestError(self.path, self.messages, self.total - len(self.messages))
+
+
+@contextmanager
+def _local_copy(path: str, problems: _Problems) -> Iterator[str | None]:
+    """A local file for ``path``: itself, or for an ``s3://`` / ``file://`` URI a temporary copy (same file name)
+    that lives while the scan runs. Manifests are streamed by row group, which wants a seekable local file."""
+    if "://" not in path:
+        yield path
+        return
+    from batchgen.storage import open_storage
+
+    parent, _, name = path.rpartition("/")
+    if not name or "://" not in parent:
+        problems.add("a manifest URI must name a file, e.g. s3://bucket/prompts.parquet")
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="batchgen-manifest-") as scratch:
+        local = Path(scratch) / name
+        try:
+            open_storage(parent).get_file(name, local)
+        except NotFoundError:
+            problems.add("file not found")
+            yield None
+            return
+        yield str(local)
 
 
 def _open(path: str, problems: _Problems) -> pq.ParquetFile | None:
@@ -457,7 +484,13 @@ class _Scan:
         a file already validated, whose digest the caller compares at the end.
         """
         problems = self.problems
-        parquet = _open(self.path, problems)
+        with _local_copy(self.path, problems) as local:
+            if local is not None:
+                yield from self._batches(local, generation, check_rows)
+
+    def _batches(self, local: str, generation: GenerationConfig | None, check_rows: bool) -> Iterator[pa.RecordBatch]:
+        problems = self.problems
+        parquet = _open(local, problems)
         if parquet is None:
             return
         present, self.warnings = _check_schema(parquet.schema_arrow, problems)

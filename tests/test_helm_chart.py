@@ -200,7 +200,7 @@ def test_controller_runs_submit_with_the_values(chart, tmp_path):
     args = container["args"]
     assert container["image"] == "registry.example.com/ml/batchgen:0.1.0-cu124"
     assert container["imagePullPolicy"] == "Always"
-    assert args[:3] == ["-vv", "submit", "/tmp/manifest/prompts.parquet"]
+    assert args[:3] == ["-vv", "submit", "s3://videos-in/prompts.parquet"]
     assert _flag_values(args[3:]) == {
         "--output": "s3://videos-out/runs",
         "--namespace": "$(POD_NAMESPACE)",
@@ -216,15 +216,13 @@ def test_controller_runs_submit_with_the_values(chart, tmp_path):
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/etc/batchgen"]["readOnly"] is True
 
-    # An s3:// manifest is copied onto the scratch volume first, since submit validates a local file.
-    (fetch,) = pod["initContainers"]
-    assert fetch["command"][-2:] == ["s3://videos-in/prompts.parquet", "/tmp/manifest/prompts.parquet"]
-    assert {m["mountPath"] for m in fetch["volumeMounts"]} == {"/tmp"}
+    # submit reads an s3:// manifest itself (into a temporary file on the scratch volume): no init container.
+    assert "initContainers" not in pod
 
     # The real `batchgen submit` parser takes the command line as the pod runs it.
     parsed = submit_args(objects, tmp_path)
     assert parsed.command == "submit" and parsed.verbose == 2
-    assert parsed.manifest == "/tmp/manifest/prompts.parquet"
+    assert parsed.manifest == "s3://videos-in/prompts.parquet"
     assert (parsed.output, parsed.run_name, parsed.new_run, parsed.wait) == (
         "s3://videos-out/runs",
         "june-batch",
@@ -233,30 +231,6 @@ def test_controller_runs_submit_with_the_values(chart, tmp_path):
     )
     assert (parsed.max_jobs, parsed.shards_per_job, parsed.max_attempts) == (16, 2, 5)
     assert parsed.launch_namespace == NAMESPACE
-
-
-def test_fetch_manifest_script_copies_one_object(chart, tmp_path, s3_client, s3_bucket):
-    """The init container's script, run against the moto S3 server (credentials and endpoint from the env)."""
-    import subprocess
-    import sys
-
-    (fetch,) = controller_pod(objects_of(render(chart, merged())))["initContainers"]
-    assert fetch["command"][:2] == ["python", "-c"]
-    s3_client.put_object(Bucket=s3_bucket, Key="in/prompts.parquet", Body=b"PAR1 manifest bytes")
-    s3_client.put_object(Bucket=s3_bucket, Key="in/other.parquet", Body=b"not wanted")
-    dest = tmp_path / "manifest" / "prompts.parquet"
-    dest.parent.mkdir()
-    script = fetch["command"][2]
-    uri = f"s3://{s3_bucket}/in/prompts.parquet"
-    subprocess.run([sys.executable, "-c", script, uri, str(dest)], check=True, cwd=ROOT, timeout=60)
-    assert dest.read_bytes() == b"PAR1 manifest bytes"
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["prompts.parquet"]
-    missing = subprocess.run(
-        [sys.executable, "-c", script, f"s3://{s3_bucket}/in/absent.parquet", str(dest.parent / "absent.parquet")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert missing.returncode != 0 and "absent.parquet" in missing.stderr
-    assert not (dest.parent / "absent.parquet").exists()
 
 
 def _flag_values(args: list[str]) -> dict[str, str | None]:

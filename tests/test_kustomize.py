@@ -136,15 +136,15 @@ def test_overlay_customises_the_run(overlay, tmp_path):
             "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/batchgen-videos"
         }
     pod = controller_pod(overlay)
-    for container in pod["containers"] + pod["initContainers"]:
+    assert "initContainers" not in pod
+    for container in pod["containers"]:
         assert container["image"] == "registry.example.com/ml/batchgen:0.1.0-cu124"
         env = env_of(container)
         # Workload identity: no static credentials left from the base.
         assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
         assert env["AWS_REGION"]["value"] == "us-east-1"
-    (fetch,) = pod["initContainers"]
     args = submit_args(overlay, tmp_path, "videos")
-    assert fetch["command"][-2:] == ["s3://acme-video-prompts/2025-06/june-batch.parquet", args.manifest]
+    assert args.manifest == "s3://acme-video-prompts/2025-06/june-batch.parquet"
     assert (args.max_jobs, args.shards_per_job, args.wait) == (8, 2, True)
 
     settings = controller_launch_settings(overlay, tmp_path, "videos")

@@ -19,7 +19,7 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from batchgen.commands._options import add_generation_arguments, add_parallel_arguments, add_shard_size_argument
 
-    parser.add_argument("manifest", metavar="MANIFEST", help="Parquet prompt manifest")
+    parser.add_argument("manifest", metavar="MANIFEST", help="Parquet prompt manifest (a path or an s3:// URI)")
     parser.add_argument("--output", required=True, metavar="URI", help="output root: s3://bucket/prefix or a folder")
     parser.add_argument("--model-dir", required=True, metavar="DIR", help="Mochi model directory (diffusers layout)")
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="local worker processes (default 1)")

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from batchgen.commands._options import add_generation_arguments, add_shard_size_argument
     from batchgen.k8s.options import add_launch_arguments
 
-    parser.add_argument("manifest", metavar="MANIFEST", help="Parquet manifest")
+    parser.add_argument("manifest", metavar="MANIFEST", help="Parquet manifest (a path or an s3:// URI)")
     parser.add_argument("--output", required=True, metavar="URI", help="output root (s3://bucket/prefix)")
     parser.add_argument("--run-name", default=None, help="run name (default: the manifest file stem)")
     parser.add_argument("--new-run", action="store_true", help="plan a new run even if one of this name exists")

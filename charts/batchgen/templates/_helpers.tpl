@@ -135,24 +135,6 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
-{{/*
-Where the controller reads the manifest: `batchgen submit` validates a local Parquet file, so an s3:// manifest
-is first copied onto the scratch volume by the fetch-manifest init container; a path is read from
-run.manifestVolume.
-*/}}
-{{- define "batchgen.controllerManifestPath" -}}
-{{- if hasPrefix "s3://" .Values.run.manifest -}}
-{{- printf "/tmp/manifest/%s" (base .Values.run.manifest) -}}
-{{- else -}}
-{{- .Values.run.manifest -}}
-{{- end -}}
-{{- end -}}
-
-{{/* Copies one object: open the storage at the URI's folder and get the file by its name. */}}
-{{- define "batchgen.fetchObjectScript" -}}
-import posixpath, sys; from batchgen.storage import open_storage; uri, dest = sys.argv[1:]; folder, name = posixpath.split(uri); open_storage(folder).get_file(name, dest)
-{{- end -}}
-
 {{- define "batchgen.manifestMounts" -}}
 {{- if .Values.run.manifestVolume }}
 - name: manifests
