@@ -73,18 +73,13 @@ def open_context(parallel, *, num_heads: int, use_cfg: bool, token_counts: tuple
 
         context = TorchContext.from_env(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
         return context, context.topology
-    context = SingleProcess()
-    try:
-        topology = choose_topology(
-            1,
-            ulysses=parallel.ulysses_degree,
-            ring=parallel.ring_degree,
-            cfg=parallel.cfg_degree,
-            num_heads=num_heads,
-            use_cfg=use_cfg,
-            token_counts=token_counts,
-        )
-    except BaseException:
-        context.close()
-        raise
-    return context, topology
+    topology = choose_topology(
+        1,
+        ulysses=parallel.ulysses_degree,
+        ring=parallel.ring_degree,
+        cfg=parallel.cfg_degree,
+        num_heads=num_heads,
+        use_cfg=use_cfg,
+        token_counts=token_counts,
+    )
+    return SingleProcess(), topology
