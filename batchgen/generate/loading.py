@@ -526,14 +526,8 @@ def _restore_fp32(transformer, folder: Path) -> None:
                     break
 
 
-# Real sizes (genmo/mochi-1-preview; T5 = google/t5-v1_1-xxl's encoder) for benchmarks with random weights.
-T5_XXL_CONFIG: dict[str, Any] = {
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
+# T5 v1.1 (the family of google/t5-v1_1-xxl, Mochi's text encoder): what every T5 built here shares, real or tiny.
+T5_V1_1_FLAGS: dict[str, Any] = {
     "relative_attention_num_buckets": 32,
     "relative_attention_max_distance": 128,
     "feed_forward_proj": "gated-gelu",
@@ -545,6 +539,16 @@ T5_XXL_CONFIG: dict[str, Any] = {
     "pad_token_id": 0,
     "eos_token_id": 1,
     "decoder_start_token_id": 0,
+}
+# Real sizes (genmo/mochi-1-preview; T5 = google/t5-v1_1-xxl's encoder) for benchmarks with random weights.
+T5_XXL_CONFIG: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    **T5_V1_1_FLAGS,
 }
 
 

@@ -13,6 +13,8 @@ import logging
 import string
 from pathlib import Path
 
+from batchgen.generate.loading import T5_V1_1_FLAGS
+
 log = logging.getLogger("batchgen.generate.tiny")
 
 TINY_TOML_NAME = "batchgen-tiny.toml"
@@ -56,17 +58,7 @@ T5_CONFIG = {
     "d_ff": 64,
     "num_layers": 2,
     "num_heads": 4,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",  # T5 v1.1, as T5-XXL
-    "dense_act_fn": "gelu_new",
-    "is_gated_act": True,
-    "tie_word_embeddings": False,
-    "dropout_rate": 0.0,
-    "layer_norm_epsilon": 1e-6,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
+    **T5_V1_1_FLAGS,  # T5 v1.1, as T5-XXL
 }
 TINY_TOML = """\
 # Generation defaults that fit the tiny random Mochi written next to this file (batchgen tiny-model).
