@@ -260,6 +260,23 @@ def test_s3_request_count_counts_wire_requests(s3_uri):
     assert storage.request_count == 5
 
 
+def test_s3_timestamps_are_parsed_without_dateutil_and_stay_timezone_aware(s3_uri):
+    from datetime import datetime, timezone
+
+    from botocore.utils import parse_timestamp
+
+    from batchgen.storage.s3 import _parse_timestamp
+
+    assert _parse_timestamp("2026-11-26T06:03:07.000Z") == datetime(2026, 11, 26, 6, 3, 7, tzinfo=timezone.utc)
+    # HTTP-date headers and zone-less strings are not ISO 8601 with a zone: botocore's parser still reads them.
+    assert _parse_timestamp("Thu, 26 Nov 2026 06:03:07 GMT") == datetime(2026, 11, 26, 6, 3, 7, tzinfo=timezone.utc)
+    assert _parse_timestamp("2026-11-26T06:03:07") == parse_timestamp("2026-11-26T06:03:07")
+    storage = open_storage(s3_uri)
+    storage.put_bytes("stamped", b"1")
+    listed = storage._client.list_objects_v2(Bucket=storage.bucket, Prefix=storage._root)["Contents"]
+    assert all(obj["LastModified"].tzinfo is not None for obj in listed)
+
+
 def test_s3_multipart_completion_is_conditional(s3_bucket, s3_client, tmp_path):
     # Another writer creates the object while our parts are uploading: completing must lose, not overwrite,
     # and our upload must be aborted.

@@ -18,6 +18,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ import boto3
 from botocore import exceptions as boto_errors
 from botocore.config import Config
 from botocore.parsers import ResponseParserError
+from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from batchgen.errors import AlreadyExistsError, NotFoundError, StorageError, TransientStorageError
 from batchgen.storage.base import ObjectInfo, Storage
@@ -52,7 +54,23 @@ def _session(aws_environment: tuple[tuple[str, str], ...]) -> boto3.session.Sess
     # A session loads botocore's service models and resolves credentials once (~0.1 s of CPU); sharing it
     # makes each further client cheap. Keyed on the AWS_* environment so a changed configuration gets a
     # fresh chain instead of stale cached credentials.
-    return boto3.session.Session()
+    session = boto3.session.Session()
+    session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
+    return session
+
+
+def _parse_timestamp(value: Any) -> datetime:
+    # botocore reads every listed object's LastModified with dateutil, about 33 us each: a third of a second of
+    # a 10,000-key resume scan spent on a field we never use. S3 sends ISO 8601 with a zone, which the standard
+    # library reads some 250 times faster; anything else still goes to botocore's own parser.
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed
+    return botocore_parse_timestamp(value)
 
 
 _session_lock = threading.Lock()
