@@ -27,8 +27,9 @@ demo: $(STAMP) ## demo batch run: tiny Mochi model, 6 prompts, local folder outp
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff check and ruff format --check
 	$(BIN)/ruff check batchgen tests bench
+	$(BIN)/ruff format --check batchgen tests bench
 
 bench: $(STAMP) ## CPU benchmarks -> bench/results/
 	$(BIN)/python bench/pipeline.py

@@ -13,13 +13,23 @@ def test_gpu_benchmark_sections_run_on_cpu_in_tiny_mode(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--repeats", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["errors"] == {}
     sections = results["sections"]
-    assert set(sections) == {"matmul_peak", "native_attention", "transformer_forward", "t5_encoder", "vae_decode", "pipeline", "projection"}
+    assert set(sections) == {
+        "matmul_peak",
+        "native_attention",
+        "transformer_forward",
+        "t5_encoder",
+        "vae_decode",
+        "pipeline",
+        "projection",
+    }
 
     native = sections["native_attention"]
     assert native["kernels"] and all(k["max_abs_diff_vs_fp32_reference"] < 1e-4 for k in native["kernels"].values())

@@ -18,7 +18,9 @@ ORDER = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", metavar="MANIFEST", help="Parquet file (a path or an s3:// URI) with at least a 'prompt' column")
+    parser.add_argument(
+        "manifest", metavar="MANIFEST", help="Parquet file (a path or an s3:// URI) with at least a 'prompt' column"
+    )
     parser.add_argument(
         "--output", "-o", required=True, metavar="URI", help="s3://bucket/prefix, file:///dir or a path"
     )

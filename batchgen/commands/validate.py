@@ -17,7 +17,9 @@ ORDER = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", metavar="MANIFEST", help="Parquet file (a path or an s3:// URI) with at least a 'prompt' column")
+    parser.add_argument(
+        "manifest", metavar="MANIFEST", help="Parquet file (a path or an s3:// URI) with at least a 'prompt' column"
+    )
     parser.add_argument("--max-errors", type=int, default=50, metavar="N", help="problems to list (default 50)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_generation_arguments(parser)

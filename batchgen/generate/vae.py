@@ -37,7 +37,9 @@ def enable_causal_framewise_decoding(vae, *, tiling: bool = True) -> None:
     for module in vae.decoder.modules():
         if isinstance(module, CogVideoXCausalConv3d):
             if module.pad_mode != "replicate":
-                raise ValueError("expected Mochi's replicate-padded causal convs; was _enable_framewise_decoding() called?")
+                raise ValueError(
+                    "expected Mochi's replicate-padded causal convs; was _enable_framewise_decoding() called?"
+                )
             module.forward = types.MethodType(_causal_forward, module)
     vae.use_framewise_decoding = True
     if tiling:
