@@ -96,7 +96,9 @@ class GenerationConfig:
         if not 1 <= self.fps <= 240:
             raise ConfigError(f"generation.fps must be between 1 and 240, got {self.fps}")
         if not 1 <= self.max_sequence_length <= 256:
-            raise ConfigError(f"generation.max_sequence_length must be between 1 and 256, got {self.max_sequence_length}")
+            raise ConfigError(
+                f"generation.max_sequence_length must be between 1 and 256, got {self.max_sequence_length}"
+            )
         if not 0 <= self.crf <= 51:
             raise ConfigError(f"generation.crf must be between 0 and 51, got {self.crf}")
 

@@ -35,7 +35,9 @@ VISUAL_LINEAR_PARAMS = 5.4e9
 REAL_LAYERS, REAL_WIDTH = 48, 3072
 
 
-def dit_flops(visual_tokens: int, layers: int = REAL_LAYERS, width: int = REAL_WIDTH, linear_params: float = VISUAL_LINEAR_PARAMS) -> float:
+def dit_flops(
+    visual_tokens: int, layers: int = REAL_LAYERS, width: int = REAL_WIDTH, linear_params: float = VISUAL_LINEAR_PARAMS
+) -> float:
     return 2 * linear_params * visual_tokens + 4 * layers * visual_tokens**2 * width
 
 
@@ -146,9 +148,29 @@ class Bench:
         slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         self.out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu-{slug}.json"
         if args.tiny:
-            self.shape = dict(height=64, width=64, frames=[13, 19], layers=2, heads=4, head_dim=16, text_dim=32, t5_layers=2, t5_dim=32)
+            self.shape = dict(
+                height=64,
+                width=64,
+                frames=[13, 19],
+                layers=2,
+                heads=4,
+                head_dim=16,
+                text_dim=32,
+                t5_layers=2,
+                t5_dim=32,
+            )
         else:
-            self.shape = dict(height=480, width=848, frames=[49, 163], layers=48, heads=24, head_dim=128, text_dim=4096, t5_layers=24, t5_dim=4096)
+            self.shape = dict(
+                height=480,
+                width=848,
+                frames=[49, 163],
+                layers=48,
+                heads=24,
+                head_dim=128,
+                text_dim=4096,
+                t5_layers=24,
+                t5_dim=4096,
+            )
 
     # -- bookkeeping -------------------------------------------------------------------------------------------------
     def left_s(self) -> float:
@@ -207,12 +229,20 @@ class Bench:
         s = self.shape
         latent_t = (frames - 1) // 6 + 1
         gen = torch.Generator(device="cpu").manual_seed(0)
-        hidden = torch.randn(1, 12, latent_t, s["height"] // 8, s["width"] // 8, generator=gen).to(self.device, self.dtype)
+        hidden = torch.randn(1, 12, latent_t, s["height"] // 8, s["width"] // 8, generator=gen).to(
+            self.device, self.dtype
+        )
         text = torch.randn(1, text_tokens, s["text_dim"], generator=gen).to(self.device, self.dtype)
         mask = torch.zeros(1, text_tokens, dtype=torch.bool, device=self.device)
         mask[:, :valid_text] = True  # a typical prompt: Mochi drops the padding tokens from attention
         timestep = torch.tensor([500.0], device=self.device)
-        return dict(hidden_states=hidden, encoder_hidden_states=text, timestep=timestep, encoder_attention_mask=mask, return_dict=False)
+        return dict(
+            hidden_states=hidden,
+            encoder_hidden_states=text,
+            timestep=timestep,
+            encoder_attention_mask=mask,
+            return_dict=False,
+        )
 
     def transformer_forward(self) -> dict:
         model = self.transformer()
@@ -225,7 +255,11 @@ class Bench:
         for frames in self.shape["frames"]:
             inputs = self.dit_inputs(frames)
             n = visual_tokens(frames, self.shape["height"], self.shape["width"])
-            flops = dit_flops(n) if not self.args.tiny else dit_flops(n, self.shape["layers"], self.shape["heads"] * self.shape["head_dim"], params)
+            flops = (
+                dit_flops(n)
+                if not self.args.tiny
+                else dit_flops(n, self.shape["layers"], self.shape["heads"] * self.shape["head_dim"], params)
+            )
             for kernel_name, backend in kernels.items():
                 if self.left_s() < 60:
                     out["runs"].append({"frames": frames, "kernel": kernel_name, "skipped": "time budget"})
@@ -235,9 +269,13 @@ class Bench:
                     block.attn1.processor = KernelPinnedProcessor(stock, backend)
                 try:
                     with torch.no_grad():
-                        times = self.timer.measure(lambda inputs=inputs: model(**inputs), warmup=1, repeats=self.args.repeats)
+                        times = self.timer.measure(
+                            lambda inputs=inputs: model(**inputs), warmup=1, repeats=self.args.repeats
+                        )
                 except Exception as e:  # a kernel that does not support this shape or GPU
-                    out["runs"].append({"frames": frames, "kernel": kernel_name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    out["runs"].append(
+                        {"frames": frames, "kernel": kernel_name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    )
                     continue
                 median = statistics.median(times)
                 run = {
@@ -258,9 +296,13 @@ class Bench:
                 print(f"   {frames} frames {kernel_name}: {median:.3f} s/forward", flush=True)
         best = {}
         for run in out["runs"]:
-            if "seconds_per_forward" in run and (run["frames"] not in best or run["seconds_per_forward"] < best[run["frames"]]["seconds_per_forward"]):
+            if "seconds_per_forward" in run and (
+                run["frames"] not in best or run["seconds_per_forward"] < best[run["frames"]]["seconds_per_forward"]
+            ):
                 best[run["frames"]] = run
-        out["best"] = {str(f): {"kernel": r["kernel"], "seconds_per_forward": r["seconds_per_forward"]} for f, r in best.items()}
+        out["best"] = {
+            str(f): {"kernel": r["kernel"], "seconds_per_forward": r["seconds_per_forward"]} for f, r in best.items()
+        }
         self.results["best_forward"] = out["best"]
         if not self.args.tiny and self.device.type == "cuda" and best and self.left_s() > 90:
             out["profile"] = self.profile_forward(model, max(best), best[max(best)]["kernel"], kernels)
@@ -290,7 +332,10 @@ class Bench:
             "frames": frames,
             "kernel": kernel_name,
             "gpu_kernel_ms_total": round(kernel_total / 1e3, 1),
-            "top_kernels": [{"name": k[:120], "ms": round(us / 1e3, 1), "share": round(us / kernel_total, 3), "calls": c} for k, us, c in kernels_only[:15]],
+            "top_kernels": [
+                {"name": k[:120], "ms": round(us / 1e3, 1), "share": round(us / kernel_total, 3), "calls": c}
+                for k, us, c in kernels_only[:15]
+            ],
         }
 
     def native_attention_check(self) -> dict:
@@ -365,7 +410,15 @@ class Bench:
         from diffusers import AutoencoderKLMochi
 
         if self.args.tiny:
-            vae = build_random(lambda: AutoencoderKLMochi(encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1)), self.device, self.dtype)
+            vae = build_random(
+                lambda: AutoencoderKLMochi(
+                    encoder_block_out_channels=(32, 32, 32, 32),
+                    decoder_block_out_channels=(32, 32, 32, 32),
+                    layers_per_block=(1, 1, 1, 1, 1),
+                ),
+                self.device,
+                self.dtype,
+            )
         else:
             vae = build_random(AutoencoderKLMochi, self.device, self.dtype)
         from batchgen.generate.vae import enable_causal_framewise_decoding
@@ -373,7 +426,9 @@ class Bench:
         enable_causal_framewise_decoding(vae, tiling=True)
         frames = max(self.shape["frames"])
         latent_t = (frames - 1) // 6 + 1
-        z = torch.randn(1, 12, latent_t, self.shape["height"] // 8, self.shape["width"] // 8).to(self.device, self.dtype)
+        z = torch.randn(1, 12, latent_t, self.shape["height"] // 8, self.shape["width"] // 8).to(
+            self.device, self.dtype
+        )
         reset_peak(self.device)
         decoded = {}
 
@@ -421,7 +476,14 @@ class Bench:
 
             times = self.timer.measure(run, warmup=1, repeats=self.args.repeats)
             median = statistics.median(times)
-            out["batches"].append({"batch": batch, "tokens": 256, "seconds_per_batch": round(median, 4), "seconds_per_prompt": round(median / batch, 4)})
+            out["batches"].append(
+                {
+                    "batch": batch,
+                    "tokens": 256,
+                    "seconds_per_batch": round(median, 4),
+                    "seconds_per_prompt": round(median / batch, 4),
+                }
+            )
         return out
 
     def pipeline(self) -> dict:
@@ -433,9 +495,21 @@ class Bench:
         frames = max(self.shape["frames"])
         steps = self.args.pipeline_steps
         components = build_random_components(full_size=not self.args.tiny, dtype=self.dtype, device=self.device)
-        generator = MochiGenerator.from_components(components, parallel=ParallelConfig(offload="model"), device=str(self.device))
-        item = Item(id="bench", prompt="a red fox running through fresh snow at dawn", negative_prompt="", seed=0, num_frames=frames,
-                    height=self.shape["height"], width=self.shape["width"], num_inference_steps=steps, guidance_scale=4.5, row=0)
+        generator = MochiGenerator.from_components(
+            components, parallel=ParallelConfig(offload="model"), device=str(self.device)
+        )
+        item = Item(
+            id="bench",
+            prompt="a red fox running through fresh snow at dawn",
+            negative_prompt="",
+            seed=0,
+            num_frames=frames,
+            height=self.shape["height"],
+            width=self.shape["width"],
+            num_inference_steps=steps,
+            guidance_scale=4.5,
+            row=0,
+        )
         reset_peak(self.device)
         start = time.perf_counter()
         generator.prepare([item])
@@ -475,7 +549,9 @@ class Bench:
                 "total_s": round(seconds + decode + 2 * (t5_prompt or 0), 1),
             }
         if pipe.get("seconds_per_denoising_step") and str(pipe.get("frames")) in {str(k) for k in best}:
-            out[f"{pipe['frames']}_frames"]["total_s_from_pipeline_step"] = round(64 * pipe["seconds_per_denoising_step"] + pipe["timings"].get("decode", 0), 1)
+            out[f"{pipe['frames']}_frames"]["total_s_from_pipeline_step"] = round(
+                64 * pipe["seconds_per_denoising_step"] + pipe["timings"].get("decode", 0), 1
+            )
         out["published_anchors"] = {
             "mochi-xdit L40 49 frames 64 steps 1 GPU": 394,
             "ParaAttention A100 ~84 frames 28 steps 1 GPU": 196.5,
@@ -488,11 +564,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="small shapes on CPU (smoke test)")
     parser.add_argument("--out", help="results file (default bench/results/gpu-<device>.json)")
-    parser.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 480)), help="stop starting sections after this")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=float(os.environ.get("BENCH_BUDGET_S", 480)),
+        help="stop starting sections after this",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pipeline-steps", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="run only these sections")
-    parser.add_argument("--resume-from", help="start from an earlier results file of the same device (its sections are kept unless rerun)")
+    parser.add_argument(
+        "--resume-from",
+        help="start from an earlier results file of the same device (its sections are kept unless rerun)",
+    )
     args = parser.parse_args(argv)
     bench = Bench(args)
     if args.resume_from:

@@ -116,7 +116,9 @@ def test_decoded_video_matches_diffusers_and_has_6t_minus_5_frames(generator, re
         output_type="np",
     ).frames[0]
     assert np.abs(video.frames.astype(np.float64) - expected * 255).max() <= 1.0
-    assert set(video.timings) == {"text_encode", "denoise", "denoise_loop", "decode"} and all(v >= 0 for v in video.timings.values())
+    assert set(video.timings) == {"text_encode", "denoise", "denoise_loop", "decode"} and all(
+        v >= 0 for v in video.timings.values()
+    )
 
 
 @pytest.mark.parametrize("num_frames", [7, 19])
@@ -341,8 +343,18 @@ def test_bf16_components_generate_with_fp32_kept_tensors():
     components = build_random_components(full_size=False, dtype=torch.bfloat16, device="cpu")
     assert components.transformer.pos_frequencies.dtype == torch.float32
     generator = MochiGenerator.from_components(components, parallel=ParallelConfig(offload="model"), device="cpu")
-    item = Item(id="bf16", prompt="a fox", negative_prompt="", seed=0, num_frames=13, height=64, width=64,
-                num_inference_steps=2, guidance_scale=4.5, row=0)
+    item = Item(
+        id="bf16",
+        prompt="a fox",
+        negative_prompt="",
+        seed=0,
+        num_frames=13,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=4.5,
+        row=0,
+    )
     generator.prepare([item])
     video = generator.generate(item)
     assert video.frames.shape == (13, 64, 64, 3)

@@ -114,7 +114,11 @@ ORPHANS = [
     # (case, bytes left at the video key before the worker starts, expected outcome)
     ("decodable orphan is adopted", _blank_video, "adopted"),
     ("undecodable orphan is replaced", lambda item: b"\x00\x00\x00 not an mp4", "regenerated"),
-    ("orphan with the wrong frame count is replaced", lambda item: _blank_video(item, frames=item.num_frames + 6), "regenerated"),
+    (
+        "orphan with the wrong frame count is replaced",
+        lambda item: _blank_video(item, frames=item.num_frames + 6),
+        "regenerated",
+    ),
 ]
 
 

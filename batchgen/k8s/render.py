@@ -458,6 +458,4 @@ def to_yaml(objects: Sequence[Mapping[str, Any]]) -> str:
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
-    return yaml.dump_all(
-        [dict(o) for o in objects], Dumper=_PlainDumper, sort_keys=False, default_flow_style=False
-    )
+    return yaml.dump_all([dict(o) for o in objects], Dumper=_PlainDumper, sort_keys=False, default_flow_style=False)
