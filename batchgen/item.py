@@ -27,3 +27,34 @@ class Item:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Item:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+EXAMPLES_PER_SHAPE = 3
+
+
+@dataclass(frozen=True)
+class ShapeGroup:
+    """How many items of a run share one video shape, with the first few ids as examples.
+
+    The plan stores these so that parallel degrees can be checked against every item (the visual token count
+    must divide by ulysses x ring) wherever the plan is at hand, without reading the manifest or the shards again.
+    """
+
+    num_frames: int
+    height: int
+    width: int
+    items: int
+    examples: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "examples": list(self.examples)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShapeGroup:
+        return cls(
+            num_frames=int(data["num_frames"]),
+            height=int(data["height"]),
+            width=int(data["width"]),
+            items=int(data["items"]),
+            examples=tuple(str(e) for e in data["examples"]),
+        )

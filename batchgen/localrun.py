@@ -203,12 +203,11 @@ def _clock(seconds: float) -> str:
 # -- the run ------------------------------------------------------------------------------------------------
 
 
-def check_parallel(manifest: str | Path, config: RunConfig, model_dir: str | Path, nproc: int):
-    """Degrees for ``nproc`` processes per worker, checked against the model and every item before anything
-    starts. Returns the Topology."""
+def check_parallel(plan: RunPlan, config: RunConfig, model_dir: str | Path, nproc: int):
+    """Degrees for ``nproc`` processes per worker, checked against the model and every item (the plan's shapes)
+    before anything starts. Returns the Topology."""
     from batchgen.generate.loading import read_transformer_config
-    from batchgen.manifest import iter_items
-    from batchgen.parallel.topology import check_items, choose_topology
+    from batchgen.parallel.topology import check_shapes, choose_topology
 
     num_heads = int(read_transformer_config(model_dir)["num_attention_heads"])
     parallel = config.parallel
@@ -221,7 +220,7 @@ def check_parallel(manifest: str | Path, config: RunConfig, model_dir: str | Pat
         use_cfg=config.generation.guidance_scale > 1.0,
     )
     if topology.sp > 1:
-        check_items(topology, iter_items(manifest, config.generation), num_heads=num_heads)
+        check_shapes(topology, plan.shapes, num_heads=num_heads)
     return topology
 
 
@@ -247,7 +246,7 @@ def run_local(
     started = time.monotonic()
     storage = open_storage(output)
     plan = make_plan(manifest, config, storage, run_name=run_name, new_run=new_run)
-    topology = check_parallel(manifest, config, model_dir, nproc_per_worker)
+    topology = check_parallel(plan, config, model_dir, nproc_per_worker)
 
     before = scan_run(storage, plan)
     pending = before.unfinished_shards

@@ -44,7 +44,7 @@ from batchgen.config import (
     check_steps,
 )
 from batchgen.errors import ManifestError, NotFoundError
-from batchgen.item import Item
+from batchgen.item import EXAMPLES_PER_SHAPE, Item, ShapeGroup
 
 log = logging.getLogger("batchgen.manifest")
 
@@ -103,6 +103,8 @@ class ManifestSummary:
     warnings: list[str] = field(default_factory=list)
     derived_ids: bool = False
     """True when the manifest has no ``id`` column and ids were derived from row content."""
+    shapes: tuple[ShapeGroup, ...] = ()
+    """Items per (num_frames, height, width) after per-row overrides; only when items were resolved."""
 
 
 def _id_field(value: str | int | float | None) -> str:
@@ -476,6 +478,7 @@ class _Scan:
         self.rows = 0
         self.digest = ""
         self.derived_ids = False
+        self.shapes: dict[tuple[int, int, int], tuple[int, list[str]]] = {}
 
     def batches(self, generation: GenerationConfig | None, *, check_rows: bool = True) -> Iterator[pa.RecordBatch]:
         """Yield resolved batches while problems are absent (when ``generation`` is given); always scan to the end.
@@ -510,7 +513,9 @@ class _Scan:
                 if check_rows:
                     _check_duplicates(ids, start, seen, self.derived_ids, problems)
                 if generation is not None and not problems.total:
-                    yield _resolve(columns, ids, start, generation)
+                    resolved = _resolve(columns, ids, start, generation)
+                    _tally_shapes(self.shapes, resolved)
+                    yield resolved
                 start += batch.num_rows
         except (pa.ArrowException, OSError) as e:
             problems.add(f"cannot read the Parquet data after row {start}: {e}")
@@ -523,7 +528,31 @@ class _Scan:
     def summary(self) -> ManifestSummary:
         if self.problems.total:
             raise self.problems.error()
-        return ManifestSummary(self.path, self.rows, self.digest, list(self.warnings), self.derived_ids)
+        shapes = tuple(
+            ShapeGroup(frames, height, width, count, tuple(examples))
+            for (frames, height, width), (count, examples) in sorted(self.shapes.items())
+        )
+        return ManifestSummary(self.path, self.rows, self.digest, list(self.warnings), self.derived_ids, shapes)
+
+
+def _tally_shapes(tally: dict[tuple[int, int, int], tuple[int, list[str]]], batch: pa.RecordBatch) -> None:
+    """Count the batch's items per shape and keep the first few ids of each (vectorised: one pass per batch)."""
+    frames, height, width = (batch.column(name).to_numpy(zero_copy_only=False) for name in _SHAPE_COLUMNS)
+    # Validated sides and frame counts are far below 2**21, so one int64 holds the whole shape.
+    codes = (frames.astype(np.int64) << 42) | (height.astype(np.int64) << 21) | width.astype(np.int64)
+    uniques, counts = np.unique(codes, return_counts=True)
+    for code, count in zip(uniques.tolist(), counts.tolist(), strict=True):
+        shape = (code >> 42, (code >> 21) & _SIDE_MASK, code & _SIDE_MASK)
+        seen, examples = tally.get(shape, (0, []))
+        missing = EXAMPLES_PER_SHAPE - len(examples)
+        if missing > 0:
+            rows = np.flatnonzero(codes == code)[:missing]
+            examples = [*examples, *batch.column("id").take(pa.array(rows)).to_pylist()]
+        tally[shape] = (seen + count, examples)
+
+
+_SHAPE_COLUMNS = ("num_frames", "height", "width")
+_SIDE_MASK = (1 << 21) - 1
 
 
 def validate_manifest(path: str | Path, generation: GenerationConfig, *, max_errors: int = 50) -> ManifestSummary:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from batchgen import __version__, layout
 from batchgen.config import GenerationConfig, RunConfig
 from batchgen.errors import AlreadyExistsError, InputError, NotFoundError, PlanConflictError, StorageError
-from batchgen.item import Item
+from batchgen.item import Item, ShapeGroup
 from batchgen.manifest import ITEM_SCHEMA, ManifestSummary, items_from_table, validate_and_resolve
 from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
@@ -60,6 +60,8 @@ class RunPlan:
     fingerprint: str
     batchgen_version: str
     created_at: str
+    shapes: tuple[ShapeGroup, ...] = ()
+    """Items per video shape, for checking parallel degrees against every item without reading them again."""
 
     def items_in_shard(self, shard: str) -> int:
         index = layout.shard_index(shard)
@@ -82,6 +84,7 @@ class RunPlan:
             "config": self.config.to_dict(),
             "batchgen_version": self.batchgen_version,
             "created_at": self.created_at,
+            "shapes": [group.to_dict() for group in self.shapes],
         }
 
     @classmethod
@@ -105,6 +108,7 @@ class RunPlan:
             fingerprint=data["fingerprint"],
             batchgen_version=data["batchgen_version"],
             created_at=data["created_at"],
+            shapes=tuple(ShapeGroup.from_dict(group) for group in data.get("shapes", ())),
         )
 
 
@@ -359,7 +363,8 @@ def _plan_validated(
             )
         _register(storage, stored)  # in case an earlier planner crashed right after run.json
         log.info("reusing the stored plan of %s (%d shards)", run_id, len(stored.shards))
-        return stored, True
+        # Same digest, same items: the shapes just counted are the stored plan's, even where it predates them.
+        return dataclasses.replace(stored, shapes=summary.shapes), True
 
     if not new_run:
         others = [r for r in _runs_named(storage, slug) if r != run_id]
@@ -379,6 +384,7 @@ def _plan_validated(
         fingerprint=fingerprint,
         batchgen_version=__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        shapes=summary.shapes,
     )
     log.info("planning %s: %d items in %d shards of %d", run_id, plan.row_count, len(plan.shards), shard_size)
     with pa.memory_map(str(spill)) as source:

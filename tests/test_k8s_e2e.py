@@ -163,3 +163,22 @@ def test_killed_controller_and_concurrent_controllers_converge_without_duplicate
     run_id, jobs = check_outputs(s3_uri, kube, operator)
     assert jobs == [f"{run_id}-{i}-{i}-a1" for i in range(3)]
     assert operator.peak_running <= 2
+
+
+def test_submit_refuses_degrees_that_cannot_split_an_items_tokens_before_creating_any_job(
+    kube, tmp_path, s3_server, s3_uri, tiny_model_dir
+):
+    path = tmp_path / "long-and-short.parquet"
+    # 163 frames at 480x848 split 8 ways (N = 178080); 49 frames (N = 14310) do not.
+    pq.write_table(pa.table({"id": ["long", "short"], "prompt": ["a fox", "a boat"], "num_frames": [163, 49]}), path)
+    command = [
+        sys.executable, "-m", "batchgen", "submit", str(path), "--output", s3_uri,
+        "--kubeconfig", str(kube.kubeconfig), "--namespace", kube.namespace, "--image", "localhost/batchgen:test",
+        "--gpus-per-node", "8", "--ulysses-degree", "8", "--s3-endpoint", s3_server, "--s3-secret", SECRET,
+    ]  # fmt: skip
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert refused.returncode == 6, refused.stderr[-4000:]
+    assert (
+        "49 frames at 480x848: N=14310; ulysses x ring must divide 14310 but is 8x1=8 (items short)" in refused.stderr
+    )
+    assert kube.emulator.create_count == {} and kube.emulator.jobs(kube.namespace) == []

@@ -109,6 +109,31 @@ def test_replan_reuses_stored_plan_without_rewriting(tmp_path):
     assert RunPlan.from_dict(json.loads(json.dumps(first.to_dict()))) == first
 
 
+def test_plan_counts_items_per_shape_after_overrides(tmp_path, monkeypatch):
+    import batchgen.manifest
+
+    # Small batches, so counts and examples must carry across batch boundaries.
+    monkeypatch.setattr(batchgen.manifest, "BATCH_ROWS", 4)
+    frames = [None, 7, None, 7, None, 7, 7, None, None, 7, 7]
+    widths = [None, None, None, None, 96, None, None, None, None, None, None]
+    m = manifest(tmp_path / "m.parquet", n=11, id=[f"c{i}" for i in range(11)], num_frames=frames, width=widths)
+    storage = LocalStorage(tmp_path / "out")
+    plan = make_plan(m, config(), storage)
+    assert [g.to_dict() for g in plan.shapes] == [
+        {"num_frames": 7, "height": 64, "width": 64, "items": 6, "examples": ["c1", "c3", "c5"]},
+        {"num_frames": 13, "height": 64, "width": 64, "items": 4, "examples": ["c0", "c2", "c7"]},
+        {"num_frames": 13, "height": 64, "width": 96, "items": 1, "examples": ["c4"]},
+    ]
+    assert load_plan(storage, plan.run_id).shapes == plan.shapes
+    # A plan stored without shapes (as an older batchgen wrote it) still loads, and replanning fills them in.
+    key = layout.plan_key(plan.run_id)
+    stored = json.loads(storage.get_bytes(key))
+    del stored["shapes"]
+    storage.put_bytes(key, json.dumps(stored).encode())
+    assert load_plan(storage, plan.run_id).shapes == ()
+    assert make_plan(m, config(), storage).shapes == plan.shapes
+
+
 def test_conflict_names_what_changed_and_how_to_proceed(tmp_path):
     m = manifest(tmp_path / "prompts.parquet", n=10)
     storage = LocalStorage(tmp_path / "out")

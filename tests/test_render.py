@@ -211,6 +211,62 @@ def test_degrees_that_do_not_fit_are_refused(changes, message):
         render_pytorchjob(RUN, [shard_id(0)], BASE.replace(**changes))
 
 
+def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluster_is_touched(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Mochi's defaults (163 frames at 480x848, N = 178080) split 8 and 16 ways; 49-frame rows (N = 14310) do not.
+    rows = 5
+    frames = [49 if i % 2 else None for i in range(rows)]
+    manifest = tmp_path / "mixed.parquet"
+    pq.write_table(
+        pa.table({"id": [f"clip-{i}" for i in range(rows)], "prompt": ["a fox"] * rows, "num_frames": frames}), manifest
+    )
+    common = [
+        sys.executable,
+        "-m",
+        "batchgen",
+        "render",
+        "--manifest",
+        str(manifest),
+        "--output",
+        str(tmp_path / "out"),
+        "--shards",
+        "all",
+        "--image",
+        "img:1",
+        "--model-pvc",
+        "w",
+    ]
+    bad = subprocess.run(
+        [*common, "--gpus-per-node", "8", "--ulysses-degree", "8"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 6, bad.stderr
+    assert (
+        "49 frames at 480x848: N=14310; ulysses x ring must divide 14310 but is 8x1=8 (items clip-1, clip-3)"
+        in bad.stderr
+    )
+    assert "163 frames" not in bad.stderr
+    assert "fit every item and world size 8 with cfg 1: 1x1, 1x2, 2x1" in bad.stderr
+    assert bad.stdout == ""
+    good = subprocess.run(
+        [*common, "--gpus-per-node", "8", "--ulysses-degree", "2", "--cfg-degree", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert good.returncode == 0, good.stderr
+    (job,) = list(yaml.safe_load_all(good.stdout))
+    assert pytorchjob_problems(job) == []
+    only_long = subprocess.run(
+        [*common, "--gpus-per-node", "8", "--ulysses-degree", "8", "--num-frames", "163"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert only_long.returncode == 6 and "(items clip-1, clip-3)" in only_long.stderr  # per-row overrides win
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

@@ -114,6 +114,22 @@ def test_check_items_reports_each_failing_shape_and_heads():
     assert "with cfg 1: 1x1, 1x2, 2x1" in text
 
 
+def test_check_shapes_reports_counted_items_like_check_items():
+    from batchgen.item import ShapeGroup
+    from batchgen.parallel.topology import check_shapes
+
+    groups = [ShapeGroup(49, 480, 848, items=1000, examples=("a", "b", "c")), ShapeGroup(163, 480, 848, 5, ("d",))]
+    with pytest.raises(TopologyError) as info:
+        check_shapes(Topology(8, dp=1, cfg=1, ulysses=8, ring=1), groups, num_heads=24)
+    text = str(info.value)
+    assert (
+        "49 frames at 480x848: N=14310; ulysses x ring must divide 14310 but is 8x1=8 (items a, b, c (+997 more))"
+        in text
+    )
+    assert "163 frames" not in text  # N = 178080 divides by 8
+    check_shapes(Topology(8, dp=1, cfg=1, ulysses=8, ring=1), groups[1:], num_heads=24)
+
+
 def test_check_items_passes_fitting_items():
     check_items(Topology(4, dp=1, cfg=1, ulysses=2, ring=2), [Shape("a", 13, 64, 64)], num_heads=4)
     check_items(Topology(6, dp=1, cfg=1, ulysses=6, ring=1), [Shape("a", 49, 480, 848)], num_heads=24)

@@ -221,12 +221,14 @@ def parse_shard_indices(text: str) -> list[str]:
 
 
 def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
-    """Check the degrees against the pods' GPUs and the model's heads before anything is created.
+    """Check the degrees against the pods' GPUs, the model's heads and (with a plan) every item's shape, before
+    anything is created: a degree that cannot split an item's tokens would otherwise fail only once the pods had
+    their GPUs and had loaded the weights.
 
     Settings win; zero falls back to the plan's config, and zero there means "choose automatically".
     Returns the ``batchgen.parallel.topology.Topology``; raises TopologyError with the degrees that would fit.
     """
-    from batchgen.parallel.topology import choose_topology
+    from batchgen.parallel.topology import check_shapes, choose_topology
 
     parallel = getattr(getattr(plan, "config", None), "parallel", None)
     generation = getattr(getattr(plan, "config", None), "generation", None)
@@ -234,9 +236,13 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
     ring = settings.ring_degree or getattr(parallel, "ring_degree", 0)
     cfg = settings.cfg_degree or getattr(parallel, "cfg_degree", 0)
     use_cfg = generation.guidance_scale > 1.0 if generation is not None else True
-    return choose_topology(
+    topology = choose_topology(
         settings.world_size, ulysses=ulysses, ring=ring, cfg=cfg, num_heads=settings.num_heads, use_cfg=use_cfg
     )
+    shapes = getattr(plan, "shapes", ())
+    if topology.sp > 1 and shapes:
+        check_shapes(topology, shapes, num_heads=settings.num_heads)
+    return topology
 
 
 def worker_command(run_id: str, shards: Sequence[str], settings: LaunchSettings, topology: Any) -> list[str]:

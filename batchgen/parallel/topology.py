@@ -20,6 +20,7 @@ from typing import Protocol
 
 from batchgen.config import latent_frames
 from batchgen.errors import TopologyError
+from batchgen.item import EXAMPLES_PER_SHAPE, ShapeGroup
 
 
 @dataclass(frozen=True)
@@ -178,10 +179,31 @@ def working_layouts(tokens: Iterable[int], *, num_heads: int, max_sp: int | None
     return pairs
 
 
+class _ShapeCount(Protocol):
+    num_frames: int
+    height: int
+    width: int
+    items: int
+    examples: tuple[str, ...]
+
+
 def check_items(
     topology: Topology, items: Iterable[_ShapedItem], *, num_heads: int, vae_spatial: int = 8, patch: int = 2
 ) -> None:
     """Raise TopologyError if the degrees cannot run every item, listing the degrees that would."""
+    by_shape: dict[tuple[int, int, int], list[str]] = {}
+    for item in items:
+        by_shape.setdefault((item.num_frames, item.height, item.width), []).append(item.id)
+    groups = [
+        ShapeGroup(*shape, items=len(ids), examples=tuple(ids[:EXAMPLES_PER_SHAPE])) for shape, ids in by_shape.items()
+    ]
+    check_shapes(topology, groups, num_heads=num_heads, vae_spatial=vae_spatial, patch=patch)
+
+
+def check_shapes(
+    topology: Topology, shapes: Iterable[_ShapeCount], *, num_heads: int, vae_spatial: int = 8, patch: int = 2
+) -> None:
+    """``check_items`` for items already counted per shape (a plan's ``shapes``)."""
     problems: list[str] = []
     if num_heads % topology.ulysses:
         heads_ok = ", ".join(str(d) for d in _divisors(num_heads))
@@ -189,12 +211,10 @@ def check_items(
             f"ulysses degree {topology.ulysses} does not divide the {num_heads} attention heads (working: {heads_ok})"
         )
 
-    by_shape: dict[tuple[int, int, int], list[str]] = {}
-    for item in items:
-        by_shape.setdefault((item.num_frames, item.height, item.width), []).append(item.id)
+    by_shape = {(g.num_frames, g.height, g.width): g for g in shapes}
     token_counts = {shape: visual_tokens(*shape, vae_spatial=vae_spatial, patch=patch) for shape in by_shape}
     cell = vae_spatial * patch
-    for (frames, height, width), ids in sorted(by_shape.items()):
+    for (frames, height, width), group in sorted(by_shape.items()):
         if height % cell or width % cell:
             problems.append(f"{frames} frames at {height}x{width}: height and width must be multiples of {cell}")
             continue
@@ -203,7 +223,8 @@ def check_items(
             # Degrees beyond the world size cannot be launched anyway; 8 keeps single-node options in view.
             limit = max(topology.world_size, 8)
             working = ", ".join(str(d) for d in _divisors(n) if d <= limit)
-            shown = ", ".join(ids[:3]) + (f" (+{len(ids) - 3} more)" if len(ids) > 3 else "")
+            more = group.items - len(group.examples)
+            shown = ", ".join(group.examples) + (f" (+{more} more)" if more > 0 else "")
             problems.append(
                 f"{frames} frames at {height}x{width}: N={n}; ulysses x ring must divide {n} but is "
                 f"{topology.ulysses}x{topology.ring}={topology.sp} (items {shown}); working: {working}"
