@@ -535,6 +535,10 @@ class _Scan:
         return ManifestSummary(self.path, self.rows, self.digest, list(self.warnings), self.derived_ids, shapes)
 
 
+_SHAPE_COLUMNS = ("num_frames", "height", "width")
+_SIDE_MASK = (1 << 21) - 1
+
+
 def _tally_shapes(tally: dict[tuple[int, int, int], tuple[int, list[str]]], batch: pa.RecordBatch) -> None:
     """Count the batch's items per shape and keep the first few ids of each (vectorised: one pass per batch)."""
     frames, height, width = (batch.column(name).to_numpy(zero_copy_only=False) for name in _SHAPE_COLUMNS)
@@ -549,10 +553,6 @@ def _tally_shapes(tally: dict[tuple[int, int, int], tuple[int, list[str]]], batc
             rows = np.flatnonzero(codes == code)[:missing]
             examples = [*examples, *batch.column("id").take(pa.array(rows)).to_pylist()]
         tally[shape] = (seen + count, examples)
-
-
-_SHAPE_COLUMNS = ("num_frames", "height", "width")
-_SIDE_MASK = (1 << 21) - 1
 
 
 def validate_manifest(path: str | Path, generation: GenerationConfig, *, max_errors: int = 50) -> ManifestSummary:

@@ -65,9 +65,9 @@ def _mux(frames: np.ndarray, path: str, *, fps: int, crf: int) -> None:
         stream.time_base = Fraction(1, fps)
         # One encoder thread per video: the workers already use every core for generation. PyAV's default
         # thread_type (SLICE) would otherwise ask libx264 for sliced threading, so libavcodec threading is off.
-        # Bytes are not promised to repeat: libx264's AVX-512 code gives slightly different streams for the same
-        # frames from run to run (measured on AMD EPYC, not with the AVX-512 bit masked off), so the worker
-        # hashes what it stores and adopts an existing video rather than expecting a re-encode to match it.
+        # Bytes are not promised to repeat: on AVX-512 CPUs libx264 gives slightly different streams for the same
+        # frames from run to run (seen on AMD EPYC; gone with AVX-512 masked off), so the worker hashes what it
+        # stores and adopts an existing video rather than expecting a re-encode to match it.
         stream.options = {"crf": str(crf), "preset": "medium"}
         stream.codec_context.thread_count = 1
         stream.codec_context.thread_type = "NONE"

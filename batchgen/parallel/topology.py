@@ -179,14 +179,6 @@ def working_layouts(tokens: Iterable[int], *, num_heads: int, max_sp: int | None
     return pairs
 
 
-class _ShapeCount(Protocol):
-    num_frames: int
-    height: int
-    width: int
-    items: int
-    examples: tuple[str, ...]
-
-
 def check_items(
     topology: Topology, items: Iterable[_ShapedItem], *, num_heads: int, vae_spatial: int = 8, patch: int = 2
 ) -> None:
@@ -201,7 +193,7 @@ def check_items(
 
 
 def check_shapes(
-    topology: Topology, shapes: Iterable[_ShapeCount], *, num_heads: int, vae_spatial: int = 8, patch: int = 2
+    topology: Topology, shapes: Iterable[ShapeGroup], *, num_heads: int, vae_spatial: int = 8, patch: int = 2
 ) -> None:
     """``check_items`` for items already counted per shape (a plan's ``shapes``)."""
     problems: list[str] = []
