@@ -31,6 +31,7 @@ from batchgen.errors import (
     InputError,
 )
 from batchgen.index import finalize_run
+from batchgen.launch_contract import TORCHRUN, WorkerArgs, exit_code_of
 from batchgen.plan import RunPlan, make_plan
 from batchgen.progress import RunProgress, scan_run
 from batchgen.storage import open_storage
@@ -98,14 +99,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shard_selection(shards: Sequence[str]) -> str:
-    """``--shards`` text for a worker: "A:B" (half-open) when contiguous, else "i,j,k"."""
-    indices = sorted(layout.shard_index(s) for s in shards)
-    if indices == list(range(indices[0], indices[-1] + 1)):
-        return f"{indices[0]}:{indices[-1] + 1}"
-    return ",".join(map(str, indices))
-
-
 def split_shards(shards: Sequence[str], workers: int) -> list[list[str]]:
     """Disjoint, balanced groups (round-robin, so early shards finish first across all workers)."""
     count = max(1, min(workers, len(shards)))
@@ -125,9 +118,8 @@ def worker_command(
 ) -> list[str]:
     """The command line of one local worker (``torchrun`` through batchgen.k8s.launch when ``nproc`` > 1)."""
     if nproc > 1:
-        # batchgen.k8s.launch is torchrun that exits with the failing rank's own exit code.
         prefix = [
-            sys.executable, "-m", "batchgen.k8s.launch",
+            sys.executable, *TORCHRUN,
             "--nnodes=1", f"--nproc-per-node={nproc}", "--max-restarts=0",
             "--master-addr=127.0.0.1", f"--master-port={free_port()}",
             "-m", "batchgen",
@@ -137,19 +129,12 @@ def worker_command(
     logging_flags = ["-" + "v" * verbose] if verbose else ["-q"]
     parallel = config.parallel
     ulysses, ring, cfg = degrees or (parallel.ulysses_degree, parallel.ring_degree, parallel.cfg_degree)
-    return prefix + logging_flags + [
-        "worker",
-        "--output", storage_uri,
-        "--run-id", plan.run_id,
-        "--shards", shard_selection(shards),
-        "--model-dir", str(model_dir),
-        "--ulysses-degree", str(ulysses),
-        "--ring-degree", str(ring),
-        "--cfg-degree", str(cfg),
-        "--sp-backend", parallel.sp_backend,
-        "--offload", parallel.offload,
-        "--max-attempts", str(config.worker.max_attempts),
-    ]  # fmt: skip
+    worker = WorkerArgs(
+        output=storage_uri, run_id=plan.run_id, shards=tuple(shards), model_dir=str(model_dir),
+        ulysses=ulysses, ring=ring, cfg=cfg, sp_backend=parallel.sp_backend, offload=parallel.offload,
+        max_attempts=config.worker.max_attempts,
+    )  # fmt: skip
+    return prefix + logging_flags + worker.argv()
 
 
 # -- progress display ---------------------------------------------------------------------------------------
@@ -351,13 +336,9 @@ def _supervise(commands, poll, display: ProgressDisplay, poll_s: float) -> tuple
                 proc.wait()
         for sig, old in previous.items():
             signal.signal(sig, old)
-    codes = [_exit_code(p.returncode) for p in procs]
+    codes = [exit_code_of(p.returncode) for p in procs]
     for index, (proc, code) in enumerate(zip(procs, codes, strict=True)):
         if code not in (EXIT_OK, EXIT_INCOMPLETE):
             how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with code {code}"
             log.error("worker %d (pid %d) %s", index, proc.pid, how)
     return codes, (received[0] if received else None)
-
-
-def _exit_code(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode

@@ -11,7 +11,8 @@ import yaml
 
 from batchgen.errors import ConfigError, TopologyError
 from batchgen.k8s import names
-from batchgen.k8s.render import LaunchSettings, parse_shard_indices, render_pytorchjob, shard_selection
+from batchgen.k8s.render import LaunchSettings, parse_shard_indices, render_pytorchjob
+from batchgen.launch_contract import shard_selection
 from batchgen.layout import shard_id
 from tests.k8s_schema import pytorchjob_problems, strict_schema
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from batchgen.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
-from batchgen.k8s.render import LaunchSettings, render_pytorchjob, shard_selection, to_yaml
+from batchgen.k8s.render import LaunchSettings, render_pytorchjob, to_yaml
+from batchgen.launch_contract import shard_selection
 from batchgen.layout import shard_id
 
 log = logging.getLogger("batchgen.k8s.examples")

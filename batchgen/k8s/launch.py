@@ -15,15 +15,12 @@ import sys
 log = logging.getLogger("batchgen.k8s.launch")
 
 
-def exit_code_of(returncode: int) -> int:
-    """A child's return code as a shell would report it (negative = killed by that signal)."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    from batchgen.launch_contract import exit_code_of
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:

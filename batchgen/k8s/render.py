@@ -22,11 +22,13 @@ from typing import Any
 
 from batchgen.errors import ConfigError
 from batchgen.k8s import names
+from batchgen.launch_contract import TORCHRUN, WorkerArgs
 from batchgen.layout import shard_id, shard_index
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
 CONTAINER_NAME = "pytorch"  # the operator's webhook requires exactly this name
+FETCH_CONTAINER = "fetch-model"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MOCHI_HEADS = 24
 
@@ -196,14 +198,6 @@ class LaunchSettings:
         return dataclasses.replace(self, **changes)
 
 
-def shard_selection(shards: Sequence[str]) -> str:
-    """The worker's ``--shards`` text: "A:B" (half-open) for a contiguous range, else "i,j,k"."""
-    indices = sorted(shard_index(s) for s in shards)
-    if indices == list(range(indices[0], indices[-1] + 1)):
-        return f"{indices[0]}:{indices[-1] + 1}"
-    return ",".join(str(i) for i in indices)
-
-
 def parse_shard_indices(text: str) -> list[str]:
     """ "A:B" (half-open) or "1,3,7" -> shard ids, without a plan (for rendering offline)."""
     text = text.strip()
@@ -246,23 +240,17 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
 
 
 def worker_command(run_id: str, shards: Sequence[str], settings: LaunchSettings, topology: Any) -> list[str]:
-    """The container command: torchrun (through batchgen.k8s.launch) running ``batchgen worker``."""
-    command = [
-        "python", "-m", "batchgen.k8s.launch",
-        # A failed rank fails the pod; the operator's ExitCode policy decides whether to restart it.
-        "--max-restarts=0",
-        "-m", "batchgen", "worker",
-        "--output", settings.output,
-        "--run-id", run_id,
-        "--shards", shard_selection(shards),
-        "--model-dir", settings.model_dir,
-        "--ulysses-degree", str(topology.ulysses),
-        "--ring-degree", str(topology.ring),
-        "--cfg-degree", str(topology.cfg),
-        "--sp-backend", settings.sp_backend,
-        "--offload", settings.offload,
-    ]  # fmt: skip
-    return command
+    """The trainer container's command: torchrun (through batchgen.k8s.launch) running ``batchgen worker``.
+
+    Both launchers inject the ``PET_*`` variables torchrun reads, so the command carries no rendezvous flags.
+    """
+    worker = WorkerArgs(
+        output=settings.output, run_id=run_id, shards=tuple(shards), model_dir=settings.model_dir,
+        ulysses=topology.ulysses, ring=topology.ring, cfg=topology.cfg, sp_backend=settings.sp_backend,
+        offload=settings.offload,
+    )  # fmt: skip
+    # A failed rank fails the pod; the job's failure policy decides whether to retry it.
+    return ["python", *TORCHRUN, "--max-restarts=0", "-m", "batchgen", *worker.argv()]
 
 
 def _s3_env(settings: LaunchSettings) -> list[dict[str, Any]]:
@@ -297,9 +285,30 @@ def _container_security() -> dict[str, Any]:
     }
 
 
-def _pod_template(
-    run_id: str, shards: Sequence[str], settings: LaunchSettings, topology: Any, labels: dict[str, str]
+def node_resources(settings: LaunchSettings) -> dict[str, Any]:
+    """Requests and limits of one node's trainer container: its GPUs, and CPU and memory when set."""
+    resources: dict[str, Any] = {"limits": {settings.gpu_resource: str(settings.gpus_per_node)}}
+    for name in ("cpu", "memory"):
+        value = getattr(settings, name)
+        if value is not None:
+            resources["limits"][name] = str(value)
+            resources.setdefault("requests", {})[name] = str(value)
+    return resources
+
+
+def pod_template(
+    settings: LaunchSettings,
+    labels: Mapping[str, str],
+    *,
+    container_name: str,
+    command: list[str] | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The hardened worker pod both launchers run: read-only root, caches on scratch, /dev/shm, the weights.
+
+    The TrainJob launcher leaves ``command`` and ``resources`` out here (its runtime is shared by every job)
+    and sets them per job in the TrainJob's ``trainer``.
+    """
     env = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         # The root filesystem is read-only: every cache and HOME live on the scratch emptyDir.
@@ -334,7 +343,7 @@ def _pod_template(
         mounts.append({"name": "model", "mountPath": settings.model_dir, "readOnly": True})
         init_containers.append(
             {
-                "name": "fetch-model",
+                "name": FETCH_CONTAINER,
                 "image": settings.image,
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": ["python", "-m", "batchgen.k8s.fetch", settings.model_s3_uri, settings.model_dir],
@@ -347,22 +356,17 @@ def _pod_template(
                 "securityContext": _container_security(),
             }
         )
-    resources: dict[str, Any] = {"limits": {settings.gpu_resource: str(settings.gpus_per_node)}}
-    for name in ("cpu", "memory"):
-        value = getattr(settings, name)
-        if value is not None:
-            resources["limits"][name] = str(value)
-            resources.setdefault("requests", {})[name] = str(value)
-    container = {
-        "name": CONTAINER_NAME,
+    container: dict[str, Any] = {
+        "name": container_name,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": worker_command(run_id, shards, settings, topology),
-        "env": env,
-        "resources": resources,
-        "volumeMounts": mounts,
-        "securityContext": _container_security(),
     }
+    if command is not None:
+        container["command"] = command
+    container["env"] = env
+    if resources is not None:
+        container["resources"] = resources
+    container.update({"volumeMounts": mounts, "securityContext": _container_security()})
     spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
@@ -425,7 +429,13 @@ def render_pytorchjob(
     job_labels = dict(labels)
     if settings.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = settings.queue_name
-    template = _pod_template(run_id, ordered, settings, topology, labels)
+    template = pod_template(
+        settings,
+        labels,
+        container_name=CONTAINER_NAME,
+        command=worker_command(run_id, ordered, settings, topology),
+        resources=node_resources(settings),
+    )
     replica_specs: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
     if settings.nodes > 1:
         replica_specs["Worker"] = {"replicas": settings.nodes - 1, "restartPolicy": "ExitCode", "template": template}
