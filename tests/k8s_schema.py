@@ -104,3 +104,36 @@ def pytorchjob_problems(job: dict[str, Any]) -> list[str]:
     problems += metadata_problems(job.get("metadata") or {})
     problems += webhook_problems(job)
     return problems
+
+
+# -- Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1) ---------------------------------------------------------
+
+TRAINER_VERSIONS = ("v2.1.0", "v2.3.0")
+TRAINER_PLURALS = {"TrainJob": "trainjobs", "TrainingRuntime": "trainingruntimes"}
+_RFC1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@functools.cache
+def _trainer_validator(version: str, kind: str) -> jsonschema.Draft7Validator:
+    path = SCHEMAS / f"trainer-{version}" / f"trainer.kubeflow.org_{TRAINER_PLURALS[kind]}.yaml"
+    crd_doc = yaml.safe_load(path.read_text())
+    served = next(v for v in crd_doc["spec"]["versions"] if v["name"] == "v1alpha1")
+    return jsonschema.Draft7Validator(_strict(copy.deepcopy(served["schema"]["openAPIV3Schema"])))
+
+
+def trainer_problems(obj: dict[str, Any], version: str) -> list[str]:
+    """Every reason a cluster running Kubeflow Trainer ``version`` would refuse a TrainJob or TrainingRuntime:
+    its CRD schema with strict field validation, plus the CRD's CEL rule on TrainJob names (jsonschema cannot
+    evaluate CEL; kubeflow/trainer pkg/apis/trainer/v1alpha1/trainjob_types.go states it)."""
+    kind = obj.get("kind")
+    if obj.get("apiVersion") != "trainer.kubeflow.org/v1alpha1" or kind not in TRAINER_PLURALS:
+        return [f"apiVersion/kind {obj.get('apiVersion')}/{kind} is not a trainer.kubeflow.org/v1alpha1 kind"]
+    problems = [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+        for e in _trainer_validator(version, kind).iter_errors(obj)
+    ]
+    metadata = obj.get("metadata") or {}
+    problems += metadata_problems(metadata)
+    if kind == "TrainJob" and not _RFC1035.match(metadata.get("name", "")):
+        problems.append("metadata.name must match RFC 1035 DNS label format")
+    return problems

@@ -1,4 +1,4 @@
-"""``batchgen cancel``: delete a run's PyTorchJobs (their pods go with them). Outputs stay; submit resumes."""
+"""``batchgen cancel``: delete a run's jobs (their pods go with them). Outputs stay; submit resumes."""
 
 from __future__ import annotations
 
@@ -6,23 +6,25 @@ import argparse
 import sys
 
 NAME = "cancel"
-HELP = "delete the PyTorchJobs of a run (outputs are kept; submit again to resume)"
+HELP = "delete the TrainJobs or PyTorchJobs of a run (outputs are kept; submit again to resume)"
 ORDER = 63
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from batchgen.commands.status import add_launcher_argument
     from batchgen.commands.submit import add_cluster_arguments
 
     parser.add_argument("run_id", metavar="RUN_ID", help="the run id (printed by submit and status)")
     parser.add_argument("--namespace", default="default", help="namespace of the jobs (default: default)")
     add_cluster_arguments(parser)
+    add_launcher_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchgen.k8s.backend import PyTorchJobBackend, load_api_client
+    from batchgen.k8s.backend import load_api_client, make_backend
     from batchgen.k8s.controller import cancel_run
 
-    backend = PyTorchJobBackend(args.namespace, load_api_client(args.kubeconfig, args.context))
+    backend = make_backend(args.launcher, args.namespace, load_api_client(args.kubeconfig, args.context))
     deleted = cancel_run(backend, args.run_id)
     for name in deleted:
         sys.stdout.write(f"deleted {name}\n")

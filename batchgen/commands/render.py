@@ -1,4 +1,5 @@
-"""``batchgen render``: print the PyTorchJob(s) for some shards of a run as YAML (nothing is created)."""
+"""``batchgen render``: print the TrainJob(s) or PyTorchJob(s) for some shards of a run as YAML (nothing is
+created)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import argparse
 import sys
 
 NAME = "render"
-HELP = "print PyTorchJob YAML for shards of a run (no cluster needed)"
+HELP = "print TrainJob or PyTorchJob YAML for shards of a run (no cluster needed)"
 ORDER = 60
 DESCRIPTION = (
-    "Print the PyTorchJob that `batchgen submit` would create for the given shards. With --run-id nothing is "
-    "read: the shards are indices. With --manifest the run is planned (and the plan stored) under --output first."
+    "Print the jobs that `batchgen submit` would create for the given shards: with --launcher trainjob (or auto, "
+    "since no cluster is asked) the TrainingRuntime they reference followed by the TrainJobs, with --launcher "
+    "pytorchjob the PyTorchJobs. With --run-id nothing is read: the shards are indices. With --manifest the run "
+    "is planned (and the plan stored) under --output first."
 )
 
 
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.errors import ConfigError
     from batchgen.k8s.options import settings_from_args
     from batchgen.k8s.render import parse_shard_indices, render_pytorchjob, to_yaml
+    from batchgen.k8s.trainjob import render_trainingruntime, render_trainjob
 
     settings = settings_from_args(args, output=args.output)
     if not settings.output:
@@ -58,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     size = args.shards_per_job or len(shards)
     if size < 1:
         raise ConfigError(f"--shards-per-job must be >= 1, got {args.shards_per_job}")
-    jobs = [
-        render_pytorchjob(plan_or_run, shards[i : i + size], settings, args.attempt)
-        for i in range(0, len(shards), size)
-    ]
-    sys.stdout.write(to_yaml(jobs))
+    # No cluster to ask which kind it serves: auto renders what submit prefers.
+    trainjob = settings.launcher != "pytorchjob"
+    render_job = render_trainjob if trainjob else render_pytorchjob
+    jobs = [render_job(plan_or_run, shards[i : i + size], settings, args.attempt) for i in range(0, len(shards), size)]
+    sys.stdout.write(to_yaml([render_trainingruntime(settings), *jobs] if trainjob else jobs))
     return 0

@@ -13,13 +13,23 @@ DESCRIPTION = (
 )
 
 
+def add_launcher_argument(parser: argparse.ArgumentParser) -> None:
+    from batchgen.k8s.render import LAUNCHERS
+
+    parser.add_argument(
+        "--launcher", choices=LAUNCHERS, default="auto",
+        help="job kind: trainjob, pytorchjob, or auto (ask the API server, prefer TrainJob; default)",
+    )  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", metavar="URI", help="output root: s3://bucket/prefix or a folder")
     parser.add_argument("--run-id", default=None, metavar="RUN", help="which run (needed when there are several)")
     parser.add_argument("--shards", action="store_true", help="also list every shard that is not finished")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--namespace", default=None, help="also show the run's PyTorchJobs in this namespace")
+    parser.add_argument("--namespace", default=None, help="also show the run's jobs in this namespace")
     parser.add_argument("--kubeconfig", metavar="FILE", default=None, help="kubeconfig for --namespace")
+    add_launcher_argument(parser)
 
 
 def resolve_run_id(storage, run_id: str | None) -> str | None:
@@ -97,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace, run_id: str) -> list[dict]:
-    from batchgen.k8s.backend import PyTorchJobBackend, load_api_client
+    from batchgen.k8s.backend import load_api_client, make_backend
     from batchgen.k8s.controller import describe_jobs
 
-    return describe_jobs(PyTorchJobBackend(args.namespace, load_api_client(args.kubeconfig)), run_id)
+    return describe_jobs(make_backend(args.launcher, args.namespace, load_api_client(args.kubeconfig)), run_id)

@@ -1,4 +1,4 @@
-"""``batchgen submit``: run a manifest on Kubernetes as PyTorchJobs, resumably."""
+"""``batchgen submit``: run a manifest on Kubernetes as TrainJobs or PyTorchJobs, resumably."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import argparse
 import sys
 
 NAME = "submit"
-HELP = "validate, plan and run a manifest on Kubernetes as PyTorchJobs (idempotent, resumable)"
+HELP = "validate, plan and run a manifest on Kubernetes as TrainJobs or PyTorchJobs (idempotent, resumable)"
 ORDER = 61
 DESCRIPTION = (
-    "Validate the manifest, plan the run under --output, and create one PyTorchJob per group of pending shards, "
+    "Validate the manifest, plan the run under --output, and create one job (a TrainJob, or a PyTorchJob: see "
+    "--launcher) per group of pending shards, "
     "at most --max-jobs at a time. With --wait, watch the jobs, relaunch failed ones (up to --max-attempts) and "
     "build the index when every shard is done. Safe to rerun, or to run twice: existing jobs are adopted by "
     "name and labels, finished shards are never relaunched."
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from batchgen.commands._options import config_from_args
     from batchgen.errors import ConfigError
-    from batchgen.k8s.backend import PyTorchJobBackend, load_api_client
+    from batchgen.k8s.backend import TrainJobBackend, load_api_client, make_backend
     from batchgen.k8s.controller import RunController
     from batchgen.k8s.options import settings_from_args
     from batchgen.k8s.render import resolve_degrees
@@ -68,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         "run %s: %d items in %d shards; pods: %s", plan.run_id, plan.row_count, len(plan.shards), topology.describe()
     )
-    backend = PyTorchJobBackend(settings.namespace, load_api_client(args.kubeconfig, args.context))
+    backend = make_backend(settings.launcher, settings.namespace, load_api_client(args.kubeconfig, args.context))
+    if isinstance(backend, TrainJobBackend):
+        backend.check_runtime(settings.runtime_name)
     controller = RunController(
         backend,
         storage,
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(f"index: {storage.url(f'{plan.run_id}/index/index.parquet')}\n")
     else:
         sys.stdout.write(
-            f"follow: batchgen status {args.output} --namespace {settings.namespace}; rerun this command to continue\n"
+            f"follow: batchgen status {args.output} --namespace {settings.namespace} --launcher "
+            f"{backend.kind.lower()}; rerun this command to continue\n"
         )
     return 0

@@ -1,9 +1,13 @@
-"""Job submission behind a small interface, and its PyTorchJob implementation over the official client.
+"""Job submission behind a small interface, implemented for PyTorchJob (kubeflow.org/v1) and TrainJob
+(trainer.kubeflow.org/v1alpha1) over the official client's ``CustomObjectsApi``.
+
+The controller sees only ``JobBackend`` and ``JobInfo``: each launcher renders its own kind and maps that kind's
+conditions onto one set of states (Succeeded, Failed, Suspended, Restarting, Running, Created, Pending).
 
 Every Kubernetes API error is translated here, once, into what the rest of batchgen understands:
 - 409 on create: the job exists (a previous submit, or another controller, created it): read it back and adopt it;
 - 403: ``ClusterError`` naming the RBAC verb and resource the controller's identity lacks;
-- 404 on the collection: the PyTorchJob CRD is not installed;
+- 404 on the collection: the kind's CRD is not installed;
 - 422: ``ClusterError`` with the API server's reason;
 - 5xx, 429 and connection errors: retried with exponential backoff, then ``TransientClusterError`` (retryable exit);
 - 410 during a watch: list again and watch from the list's resourceVersion.
@@ -24,11 +28,10 @@ from tenacity import Retrying as _Retrying
 
 from batchgen.errors import ClusterError, TransientClusterError
 from batchgen.k8s import names
+from batchgen.k8s.render import LAUNCHERS
 
 log = logging.getLogger("batchgen.k8s.backend")
 
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
-RESOURCE = f"{PLURAL}.{GROUP}"
 FINISHED_STATES = ("Succeeded", "Failed")
 T = TypeVar("T")
 
@@ -45,11 +48,13 @@ class JobInfo:
     annotations: dict[str, str]
     conditions: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    kind: str = "PyTorchJob"
 
     @classmethod
-    def from_object(cls, obj: dict[str, Any]) -> JobInfo:
+    def from_object(cls, obj: dict[str, Any], kind: str = "PyTorchJob") -> JobInfo:
         meta = obj.get("metadata") or {}
         return cls(
+            kind=kind,
             name=meta.get("name", ""),
             namespace=meta.get("namespace", ""),
             uid=meta.get("uid", ""),
@@ -86,18 +91,39 @@ class JobInfo:
     @property
     def state(self) -> str:
         """Succeeded, Failed, Suspended, Restarting, Running, Created or Pending (no condition yet)."""
+        if self.kind == "TrainJob":
+            return self._trainjob_state()
         for kind in ("Succeeded", "Failed", "Suspended", "Restarting", "Running", "Created"):
             if self.condition(kind):
                 return kind
         return "Pending"
+
+    def _trainjob_state(self) -> str:
+        # Trainer v2 sets only Complete, Failed and Suspended (pkg/apis/trainer/v1alpha1/trainjob_types.go in
+        # kubeflow/trainer); whether it runs is read from its JobSet's child jobs in status.jobsStatus.
+        for condition, state in (("Complete", "Succeeded"), ("Failed", "Failed"), ("Suspended", "Suspended")):
+            if self.condition(condition):
+                return state
+        return "Running" if self.active_pods else "Created"
+
+    @property
+    def active_pods(self) -> int:
+        status = self.raw.get("status") or {}
+        if self.kind == "TrainJob":
+            return sum(int(j.get("active") or 0) for j in status.get("jobsStatus") or [])
+        return sum(int(r.get("active") or 0) for r in (status.get("replicaStatuses") or {}).values())
 
     @property
     def finished(self) -> bool:
         return self.state in FINISHED_STATES
 
     def reason(self) -> str:
-        c = self.condition(self.state)
+        c = self.condition(self._condition_type())
         return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") if c else ""
+
+    def _condition_type(self) -> str:
+        state = self.state
+        return {"Succeeded": "Complete"}.get(state, state) if self.kind == "TrainJob" else state
 
 
 @dataclass(frozen=True)
@@ -111,6 +137,13 @@ class JobBackend(abc.ABC):
     """Where jobs run. Names are chosen by the caller (deterministic); the backend never invents one."""
 
     namespace: str
+    kind: str
+
+    @abc.abstractmethod
+    def render(
+        self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]
+    ) -> dict[str, Any]:
+        """The job object for ``shards`` of ``plan`` (a pure function of its arguments)."""
 
     @abc.abstractmethod
     def create(self, manifest: dict[str, Any]) -> tuple[JobInfo, bool]:
@@ -164,8 +197,18 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None):
         raise ClusterError(f"no Kubernetes configuration: {e} (set KUBECONFIG or run inside the cluster)") from e
 
 
-class PyTorchJobBackend(JobBackend):
-    """Kubeflow PyTorchJobs (kubeflow.org/v1) in one namespace, through ``CustomObjectsApi``."""
+class CustomObjectBackend(JobBackend):
+    """Jobs of one custom resource kind in one namespace, through ``CustomObjectsApi``."""
+
+    group: str
+    version: str
+    plural: str
+    install_hint: str
+    """What to install when the API server does not serve the kind."""
+
+    @property
+    def resource(self) -> str:
+        return f"{self.plural}.{self.group}"
 
     def __init__(
         self,
@@ -195,7 +238,7 @@ class PyTorchJobBackend(JobBackend):
             wait=wait_exponential(multiplier=0.2, max=self.max_wait_s),
             reraise=False,
             before_sleep=lambda state: log.warning(
-                "Kubernetes API %s %s failed (%s); retrying", verb, RESOURCE, _short(state.outcome.exception())
+                "Kubernetes API %s %s failed (%s); retrying", verb, self.resource, _short(state.outcome.exception())
             ),
         )
         try:
@@ -203,7 +246,7 @@ class PyTorchJobBackend(JobBackend):
         except RetryError as e:
             last = e.last_attempt.exception()
             raise TransientClusterError(
-                f"Kubernetes API {verb} {RESOURCE} in namespace {self.namespace!r} still failing after "
+                f"Kubernetes API {verb} {self.resource} in namespace {self.namespace!r} still failing after "
                 f"{self.attempts} attempts: {_short(last)}"
             ) from last
         except ApiException as e:
@@ -212,19 +255,18 @@ class PyTorchJobBackend(JobBackend):
     def _translate(self, verb: str, error: Any, name: str | None) -> ClusterError:
         body = _status_body(error)
         message = body.get("message") or error.reason or ""
-        what = f"{RESOURCE} {name!r}" if name else RESOURCE
+        what = f"{self.resource} {name!r}" if name else self.resource
         if error.status == 403:
             return ClusterError(
-                f"forbidden: the controller's identity may not '{verb}' resource '{PLURAL}' in API group '{GROUP}' "
-                f"in namespace {self.namespace!r}; grant the verb '{verb}' on '{PLURAL}' in a Role bound to it "
-                f"(API server: {message})"
+                f"forbidden: the controller's identity may not '{verb}' resource '{self.plural}' in API group "
+                f"'{self.group}' in namespace {self.namespace!r}; grant the verb '{verb}' on '{self.plural}' in a "
+                f"Role bound to it (API server: {message})"
             )
         if error.status == 401:
             return ClusterError(f"unauthorized: the Kubernetes credentials were refused ({message})")
         if error.status == 404 and _collection_missing(body):
             return ClusterError(
-                f"PyTorchJob API ({GROUP}/{VERSION}) not installed in this cluster: install the Kubeflow training "
-                f"operator (its {RESOURCE} CRD) before submitting"
+                f"{self.kind} API ({self.group}/{self.version}) not installed in this cluster: {self.install_hint}"
             )
         if error.status == 422:
             return ClusterError(f"the API server rejected {what}: {message}")
@@ -236,16 +278,16 @@ class PyTorchJobBackend(JobBackend):
         name = manifest["metadata"]["name"]
         try:
             obj = self._raw_create(manifest)
-            return JobInfo.from_object(obj), True
+            return self._info(obj), True
         except _AlreadyExists:
             existing = self.get(name)
             if existing is None:  # deleted between our create and get: try once more
                 try:
-                    return JobInfo.from_object(self._raw_create(manifest)), True
+                    return self._info(self._raw_create(manifest)), True
                 except _AlreadyExists:
                     existing = self.get(name)
                     if existing is None:
-                        raise ClusterError(f"{RESOURCE} {name!r} keeps appearing and disappearing") from None
+                        raise ClusterError(f"{self.resource} {name!r} keeps appearing and disappearing") from None
             log.info("job %s already exists: adopted", name)
             return existing, False
 
@@ -257,8 +299,9 @@ class PyTorchJobBackend(JobBackend):
         def attempt() -> dict[str, Any]:
             try:
                 return self.api.create_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, manifest, _request_timeout=self.request_timeout_s
-                )
+                    self.group, self.version, self.namespace, self.plural, manifest,
+                    _request_timeout=self.request_timeout_s,
+                )  # fmt: skip
             except ApiException as e:
                 if e.status == 409:
                     raise _AlreadyExists() from e
@@ -272,28 +315,29 @@ class PyTorchJobBackend(JobBackend):
         def attempt() -> dict[str, Any] | None:
             try:
                 return self.api.get_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=self.request_timeout_s
-                )
+                    self.group, self.version, self.namespace, self.plural, name,
+                    _request_timeout=self.request_timeout_s,
+                )  # fmt: skip
             except ApiException as e:
                 if e.status == 404 and not _collection_missing(_status_body(e)):
                     return None
                 raise
 
         obj = self._call("get", attempt, name=name)
-        return JobInfo.from_object(obj) if obj else None
+        return self._info(obj) if obj else None
 
     def list(self, label_selector: str) -> tuple[list[JobInfo], str]:
         result = self._call(
             "list",
             self.api.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
+            self.group,
+            self.version,
             self.namespace,
-            PLURAL,
+            self.plural,
             label_selector=label_selector,
             _request_timeout=self.request_timeout_s,
         )
-        jobs = [JobInfo.from_object(o) for o in result.get("items", [])]
+        jobs = [self._info(o) for o in result.get("items", [])]
         return jobs, str((result.get("metadata") or {}).get("resourceVersion", ""))
 
     def delete(self, name: str) -> bool:
@@ -302,7 +346,7 @@ class PyTorchJobBackend(JobBackend):
         def attempt() -> bool:
             try:
                 self.api.delete_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, name,
+                    self.group, self.version, self.namespace, self.plural, name,
                     propagation_policy="Foreground", _request_timeout=self.request_timeout_s,
                 )  # fmt: skip
                 return True
@@ -320,18 +364,18 @@ class PyTorchJobBackend(JobBackend):
         rv = resource_version
         try:
             stream = watch.Watch().stream(
-                self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
+                self.api.list_namespaced_custom_object, self.group, self.version, self.namespace, self.plural,
                 label_selector=label_selector, resource_version=rv, timeout_seconds=max(1, int(timeout_s)),
                 allow_watch_bookmarks=True, _request_timeout=timeout_s + self.request_timeout_s,
             )  # fmt: skip
             for event in stream:
                 kind = event.get("type")
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
-                    yield WatchEvent(kind, JobInfo.from_object(event["object"]))
+                    yield WatchEvent(kind, self._info(event["object"]))
         except ApiException as e:
             if e.status != 410:
                 if _is_retryable(e):
-                    log.warning("watch of %s interrupted (%s); resyncing", RESOURCE, _short(e))
+                    log.warning("watch of %s interrupted (%s); resyncing", self.resource, _short(e))
                     yield WatchEvent("RESYNC", None)
                     return
                 raise self._translate("watch", e, None) from e
@@ -342,8 +386,104 @@ class PyTorchJobBackend(JobBackend):
         except Exception as e:
             if not _is_retryable(e):
                 raise
-            log.warning("watch of %s interrupted (%s); resyncing", RESOURCE, _short(e))
+            log.warning("watch of %s interrupted (%s); resyncing", self.resource, _short(e))
             yield WatchEvent("RESYNC", None)
+
+    def _info(self, obj: dict[str, Any]) -> JobInfo:
+        return JobInfo.from_object(obj, self.kind)
+
+
+class PyTorchJobBackend(CustomObjectBackend):
+    """Kubeflow PyTorchJobs (kubeflow.org/v1, training-operator v1.9)."""
+
+    group, version, plural, kind = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
+    install_hint = (
+        "install the Kubeflow training operator v1.9 (its pytorchjobs.kubeflow.org CRD), or use --launcher trainjob"
+    )
+
+    def render(
+        self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]
+    ) -> dict[str, Any]:
+        from batchgen.k8s.render import render_pytorchjob
+
+        return render_pytorchjob(plan, shards, settings, attempt, group=group)
+
+
+class TrainJobBackend(CustomObjectBackend):
+    """Kubeflow Trainer v2 TrainJobs (trainer.kubeflow.org/v1alpha1) running a namespaced TrainingRuntime."""
+
+    group, version, plural, kind = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+    install_hint = "install Kubeflow Trainer v2 (its trainjobs.trainer.kubeflow.org CRD), or use --launcher pytorchjob"
+
+    def render(
+        self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]
+    ) -> dict[str, Any]:
+        from batchgen.k8s.trainjob import render_trainjob
+
+        return render_trainjob(plan, shards, settings, attempt, group=group)
+
+    def check_runtime(self, name: str) -> None:
+        """Refuse to launch when the TrainingRuntime the jobs reference is missing: the trainer would otherwise
+        accept each TrainJob and leave it without pods."""
+        from kubernetes.client.exceptions import ApiException
+
+        from batchgen.k8s.trainjob import RUNTIME_PLURAL
+
+        def attempt() -> None:
+            try:
+                self.api.get_namespaced_custom_object(
+                    self.group, self.version, self.namespace, RUNTIME_PLURAL, name,
+                    _request_timeout=self.request_timeout_s,
+                )  # fmt: skip
+            except ApiException as e:
+                if e.status == 404 and not _collection_missing(_status_body(e)):
+                    raise ClusterError(
+                        f"TrainingRuntime {name!r} not found in namespace {self.namespace!r}: install the chart or "
+                        "kustomize base (they ship it), or `batchgen render --launcher trainjob ... | kubectl apply "
+                        "-f -`; set runtime_name to use another"
+                    ) from None
+                raise
+
+        self._call("get", attempt, name=name)
+
+
+BACKENDS: dict[str, type[CustomObjectBackend]] = {"trainjob": TrainJobBackend, "pytorchjob": PyTorchJobBackend}
+
+
+def served_launchers(api_client: Any) -> list[str]:
+    """The launchers whose kind the API server serves, from discovery (``/apis/<group>/<version>``), which every
+    authenticated identity may read (the ``system:discovery`` ClusterRole): no Role rule is needed."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = client.CustomObjectsApi(api_client)
+    served = []
+    for launcher, backend in BACKENDS.items():
+        try:
+            resources = api.get_api_resources(backend.group, backend.version)
+        except ApiException as e:
+            if e.status == 404:
+                continue
+            raise ClusterError(f"discovery of {backend.group}/{backend.version} failed: HTTP {e.status}") from e
+        if any(r.name == backend.plural for r in resources.resources or []):
+            served.append(launcher)
+    return served
+
+
+def make_backend(launcher: str, namespace: str, api_client: Any) -> CustomObjectBackend:
+    """The backend for ``launcher``; ``auto`` asks the API server and prefers TrainJob over PyTorchJob."""
+    if launcher not in LAUNCHERS:
+        raise ClusterError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    if launcher == "auto":
+        served = served_launchers(api_client)
+        if not served:
+            raise ClusterError(
+                "this cluster serves neither TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2) nor "
+                "PyTorchJob (kubeflow.org/v1, training operator v1.9): install one of them"
+            )
+        launcher = served[0]
+        log.info("launcher auto: using %s (served: %s)", launcher, ", ".join(served))
+    return BACKENDS[launcher](namespace, api_client)
 
 
 class _AlreadyExists(Exception):

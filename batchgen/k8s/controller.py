@@ -1,4 +1,4 @@
-"""The run controller: shards -> PyTorchJobs, watched and relaunched until every shard is done.
+"""The run controller: shards -> jobs (TrainJobs or PyTorchJobs, whichever the backend launches), watched and relaunched until every shard is done.
 
 State lives in two places and nowhere else: which items are done comes from storage (``scan_run``), which jobs
 exist comes from the API server (by label). The controller keeps nothing in memory that a restart would need, so
@@ -24,7 +24,7 @@ from typing import Any
 from batchgen.errors import IncompleteRunError
 from batchgen.k8s import names
 from batchgen.k8s.backend import JobBackend, JobInfo
-from batchgen.k8s.render import LaunchSettings, render_pytorchjob
+from batchgen.k8s.render import LaunchSettings
 from batchgen.layout import shard_index
 from batchgen.storage.base import Storage
 
@@ -163,7 +163,7 @@ class RunController:
                     state.latest.name, state.latest.state.lower(), state.latest.reason() or "no reason given",
                     ",".join(state.pending), attempt,
                 )  # fmt: skip
-            manifest = render_pytorchjob(self.plan, state.pending, self.settings, attempt, group=state.group.range)
+            manifest = self.backend.render(self.plan, state.pending, self.settings, attempt, group=state.group.range)
             job, created = self.backend.create(manifest)
             (result.created if created else result.adopted).append(job.name)
             if created:
@@ -234,7 +234,6 @@ def describe_jobs(backend: JobBackend, run_id: str) -> list[dict[str, Any]]:
     for job in sorted(jobs, key=lambda j: (j.group or (0, 0), j.attempt)):
         if job.annotations.get(names.RUN_ANNOTATION, run_id) != run_id:
             continue
-        replicas = (job.raw.get("status") or {}).get("replicaStatuses") or {}
         rows.append(
             {
                 "name": job.name,
@@ -242,7 +241,7 @@ def describe_jobs(backend: JobBackend, run_id: str) -> list[dict[str, Any]]:
                 "shards": ",".join(job.shards),
                 "state": job.state,
                 "reason": job.reason(),
-                "active_pods": sum(int(r.get("active") or 0) for r in replicas.values()),
+                "active_pods": job.active_pods,
             }
         )
     return rows

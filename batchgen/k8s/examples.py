@@ -31,6 +31,7 @@ EXAMPLE_RUN_ID = "prompts-0123456789ab"
 # What a typical cluster run shares: weights on a read-only PVC, S3 credentials from an existing Secret,
 # pods pinned to H100 nodes.
 _COMMON = LaunchSettings(
+    launcher="pytorchjob",
     output="s3://my-bucket/videos",
     namespace="videos",
     model_pvc="mochi-weights",

@@ -40,6 +40,8 @@ _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$")
 _PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 _SP_BACKENDS = ("native", "xfuser")
 _OFFLOAD = ("none", "model")
+LAUNCHERS = ("auto", "trainjob", "pytorchjob")
+TRAINER_APIS = ("v2.1", "v2.3")
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,13 @@ class LaunchSettings:
     run_as_user: int = 1000
     run_as_group: int = 1000
     fs_group: int = 1000
+    launcher: str = "auto"
+    """trainjob, pytorchjob, or auto: ask the API server which it serves, preferring TrainJob (render, which
+    asks no server, renders TrainJobs for auto)."""
+    trainer_api: str = "v2.1"
+    """Kubeflow Trainer release of the cluster: v2.1 (pod patch in podTemplateOverrides) or v2.3 (runtimePatches)."""
+    runtime_name: str = "batchgen"
+    """The TrainingRuntime, in the jobs' namespace, that the TrainJobs run (the chart and kustomize base ship it)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -133,6 +142,12 @@ class LaunchSettings:
             problems.append(f"image_pull_policy must be one of {_PULL_POLICIES}, got {self.image_pull_policy!r}")
         if self.sp_backend not in _SP_BACKENDS:
             problems.append(f"sp_backend must be one of {_SP_BACKENDS}, got {self.sp_backend!r}")
+        if self.launcher not in LAUNCHERS:
+            problems.append(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.trainer_api not in TRAINER_APIS:
+            problems.append(f"trainer_api must be one of {TRAINER_APIS}, got {self.trainer_api!r}")
+        if not names.is_dns_label(self.runtime_name):
+            problems.append(f"runtime_name {self.runtime_name!r} is not a DNS-1035 label")
         if self.offload not in _OFFLOAD:
             problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
         if not self.image:
@@ -399,21 +414,27 @@ def pod_template(
     return {"metadata": {"labels": dict(labels)}, "spec": spec}
 
 
-def render_pytorchjob(
-    plan_or_run_id: Any,
-    shards: Sequence[str],
-    settings: LaunchSettings,
-    attempt: int = 1,
-    *,
-    group: tuple[str, str] | None = None,
-) -> dict[str, Any]:
-    """The PyTorchJob that runs ``batchgen worker`` for ``shards`` of a run.
+@dataclass(frozen=True)
+class JobIdentity:
+    """What every launcher's job carries: name, labels, annotations, the shards and the checked degrees."""
 
-    ``plan_or_run_id`` is a ``RunPlan`` (its config supplies degrees the settings leave at 0 and whether CFG is
-    used) or a run id string. ``group`` is the (first, last) shard range the job's name and labels carry; it
-    defaults to the shards' own range. A relaunch passes the original group so attempt N+1 of a job is named
-    like attempt N, even when only some of its shards are left to do.
-    Raises TopologyError when the degrees do not fit nodes x gpus_per_node or the model's heads.
+    run_id: str
+    shards: list[str]
+    topology: Any
+    name: str
+    pod_labels: dict[str, str]
+    """The job's labels minus the Kueue queue label (which belongs on the job only)."""
+    metadata: dict[str, Any]
+
+
+def job_identity(
+    plan_or_run_id: Any, shards: Sequence[str], settings: LaunchSettings, attempt: int, group: tuple[str, str] | None
+) -> JobIdentity:
+    """Check the inputs and name the job. ``plan_or_run_id`` is a ``RunPlan`` (its config supplies degrees the
+    settings leave at 0 and whether CFG is used) or a run id string. ``group`` is the (first, last) shard range
+    the job's name and labels carry, by default the shards' own: a relaunch passes the original group so attempt
+    N+1 is named like attempt N even when only some of its shards are left to do.
+    Raises TopologyError when the degrees do not fit nodes x gpus_per_node, the model's heads or the items.
     """
     if not shards:
         raise ConfigError("render: no shards given")
@@ -424,16 +445,39 @@ def render_pytorchjob(
     ordered = sorted(set(shards), key=shard_index)
     first, last = group or (ordered[0], ordered[-1])
     topology = resolve_degrees(settings, plan)
-    name = names.job_name(run_id, first, last, attempt)
     labels = names.job_labels(run_id, first, last, attempt)
     job_labels = dict(labels)
     if settings.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = settings.queue_name
+    name = names.job_name(run_id, first, last, attempt)
+    metadata = {
+        "name": name,
+        "namespace": settings.namespace,
+        "labels": job_labels,
+        "annotations": {
+            names.RUN_ANNOTATION: run_id,
+            names.SHARDS_ANNOTATION: ",".join(ordered),
+            names.OUTPUT_ANNOTATION: settings.output,
+        },
+    }
+    return JobIdentity(run_id, ordered, topology, name, labels, metadata)
+
+
+def render_pytorchjob(
+    plan_or_run_id: Any,
+    shards: Sequence[str],
+    settings: LaunchSettings,
+    attempt: int = 1,
+    *,
+    group: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """The PyTorchJob that runs ``batchgen worker`` for ``shards`` of a run (see ``job_identity``)."""
+    job = job_identity(plan_or_run_id, shards, settings, attempt, group)
     template = pod_template(
         settings,
-        labels,
+        job.pod_labels,
         container_name=CONTAINER_NAME,
-        command=worker_command(run_id, ordered, settings, topology),
+        command=worker_command(job.run_id, job.shards, settings, job.topology),
         resources=node_resources(settings),
     )
     replica_specs: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}
@@ -447,16 +491,7 @@ def render_pytorchjob(
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {
-            "name": name,
-            "namespace": settings.namespace,
-            "labels": job_labels,
-            "annotations": {
-                names.RUN_ANNOTATION: run_id,
-                names.SHARDS_ANNOTATION: ",".join(ordered),
-                names.OUTPUT_ANNOTATION: settings.output,
-            },
-        },
+        "metadata": job.metadata,
         "spec": {
             "nprocPerNode": str(settings.gpus_per_node),
             "runPolicy": run_policy,
