@@ -1,4 +1,5 @@
-"""A Kubernetes API emulator for kubeflow.org/v1 PyTorchJobs, over real HTTP on 127.0.0.1.
+"""A Kubernetes API emulator for kubeflow.org/v1 PyTorchJobs and trainer.kubeflow.org/v1alpha1 TrainJobs and
+TrainingRuntimes (``RESOURCES``), over real HTTP on 127.0.0.1.
 
 Enough of the API server for the official ``kubernetes`` client and the controller: create (201, 409, 422 from
 the real CRD schema with strict field validation and the operator's webhook rules), get, list with
@@ -11,12 +12,14 @@ kmock answers 200 to creates, ignores label selectors and keeps no resourceVersi
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,12 +28,37 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from tests.k8s_schema import pytorchjob_problems
+from tests.k8s_schema import pytorchjob_problems, trainer_problems
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
+TRAINER_GROUP, TRAINER_VERSION = "trainer.kubeflow.org", "v1alpha1"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One served custom resource: what discovery lists and how a create or patch is validated."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    problems: Callable[[dict[str, Any]], list[str]]
+
+
+def _resources(trainer_version: str) -> dict[str, Resource]:
+    trainer = functools.partial(trainer_problems, version=trainer_version)
+    return {
+        PLURAL: Resource(GROUP, VERSION, PLURAL, KIND, pytorchjob_problems),
+        "trainjobs": Resource(TRAINER_GROUP, TRAINER_VERSION, "trainjobs", "TrainJob", trainer),
+        "trainingruntimes": Resource(TRAINER_GROUP, TRAINER_VERSION, "trainingruntimes", "TrainingRuntime", trainer),
+    }
+
+
 _PATH = re.compile(
-    rf"^/apis/{GROUP}/{VERSION}/namespaces/(?P<ns>[^/]+)/{PLURAL}(?:/(?P<name>[^/]+))?(?:/(?P<sub>status))?/?$"
+    r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
+    r"(?:/(?P<name>[^/]+))?(?:/(?P<sub>status))?/?$"
 )
+_DISCOVERY = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/?$")
 
 
 def _now() -> str:
@@ -81,15 +109,19 @@ def selector_matches(requirements: list[tuple[str, str, str | None]], labels: di
 
 
 class KubeEmulator:
-    def __init__(self, *, user: str = "system:serviceaccount:batch:batchgen-controller"):
+    def __init__(self, *, user: str = "system:serviceaccount:batch:batchgen-controller", trainer_version="v2.1.0"):
         self.user = user
         self.crd_installed = True
+        self.resources = _resources(trainer_version)
+        self.served = set(self.resources)
+        """Plurals whose CRD is installed: drop "trainjobs" and "trainingruntimes" for a v1-only cluster."""
         self.deny: set[tuple[str, str]] = set()
         """(verb, resource) pairs refused with 403, e.g. ("create", "pytorchjobs")."""
         self._fail_next: list[int] = []
         self._lock = threading.Condition()
-        self._objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self._history: list[tuple[int, str, dict[str, Any]]] = []
+        self._objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        """(plural, namespace, name) -> object."""
+        self._history: list[tuple[int, str, str, dict[str, Any]]] = []
         self._rv = 100
         self._compacted_rv = 0
         self.requests: list[tuple[str, str]] = []
@@ -152,34 +184,47 @@ class KubeEmulator:
             self._history.clear()
             self._lock.notify_all()
 
-    def jobs(self, namespace: str | None = None) -> list[dict[str, Any]]:
+    def jobs(self, namespace: str | None = None, plural: str = PLURAL) -> list[dict[str, Any]]:
         with self._lock:
-            return [copy.deepcopy(o) for (ns, _), o in sorted(self._objects.items()) if namespace in (None, ns)]
+            return [
+                copy.deepcopy(o)
+                for (p, ns, _), o in sorted(self._objects.items())
+                if p == plural and namespace in (None, ns)
+            ]
+
+    def put(self, obj: dict[str, Any]) -> None:
+        """Install an object as an administrator would (kubectl apply), e.g. a TrainingRuntime."""
+        plural = next(p for p, r in self.resources.items() if r.kind == obj["kind"])
+        with self._lock:
+            code, body = self._create(self.resources[plural], obj["metadata"]["namespace"], obj)
+        if code != 201:
+            raise ValueError(f"emulator refused {obj['kind']}: {body['message']}")
 
     # -- state changes (under the lock) ----------------------------------------------------------------------
 
-    def _bump(self, kind: str, obj: dict[str, Any]) -> None:
+    def _bump(self, kind: str, plural: str, obj: dict[str, Any]) -> None:
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
-        self._history.append((self._rv, kind, copy.deepcopy(obj)))
+        self._history.append((self._rv, plural, kind, copy.deepcopy(obj)))
         self._lock.notify_all()
 
-    def _create(self, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _create(self, res: Resource, ns: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         meta = body.get("metadata") or {}
         name = meta.get("name")
         if not name:
-            return 422, _status(422, "Invalid", f"{KIND}.{GROUP} is invalid: metadata.name: Required value")
+            return 422, _status(422, "Invalid", f"{res.kind}.{res.group} is invalid: metadata.name: Required value")
         if meta.get("namespace") not in (None, ns):
             return 400, _status(
                 400,
                 "BadRequest",
                 "the namespace of the provided object does not match the namespace sent on the request",
             )
-        problems = pytorchjob_problems({**body, "metadata": {**meta, "namespace": ns}})
+        problems = res.problems({**body, "metadata": {**meta, "namespace": ns}})
         if problems:
-            return 422, _status(422, "Invalid", f'{KIND}.{GROUP} "{name}" is invalid: ' + "; ".join(problems), name)
-        if (ns, name) in self._objects:
-            return 409, _status(409, "AlreadyExists", f'{PLURAL}.{GROUP} "{name}" already exists', name)
+            message = f'{res.kind}.{res.group} "{name}" is invalid: ' + "; ".join(problems)
+            return 422, _status(422, "Invalid", message, name)
+        if (res.plural, ns, name) in self._objects:
+            return 409, _status(409, "AlreadyExists", f'{res.plural}.{res.group} "{name}" already exists', name)
         obj = copy.deepcopy(body)
         obj.pop("status", None)  # the main resource ignores status when a status subresource exists
         obj["metadata"] = {
@@ -189,56 +234,61 @@ class KubeEmulator:
             "creationTimestamp": _now(),
             "generation": 1,
         }
-        self._objects[(ns, name)] = obj
+        self._objects[(res.plural, ns, name)] = obj
         self.create_count[name] = self.create_count.get(name, 0) + 1
-        self._bump("ADDED", obj)
+        self._bump("ADDED", res.plural, obj)
         return 201, copy.deepcopy(obj)
 
-    def _patch(self, ns: str, name: str, patch: Any, sub: str | None) -> tuple[int, dict[str, Any]]:
-        obj = self._objects.get((ns, name))
+    def _patch(self, res: Resource, ns: str, name: str, patch: Any, sub: str | None) -> tuple[int, dict[str, Any]]:
+        obj = self._objects.get((res.plural, ns, name))
         if obj is None:
-            return 404, _status(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', name)
+            return 404, _status(404, "NotFound", f'{res.plural}.{res.group} "{name}" not found', name)
         if not isinstance(patch, dict):
             return 400, _status(400, "BadRequest", "merge patch body must be an object")
         if sub == "status":
             patched = merge_patch(obj, {"status": patch.get("status")}) if "status" in patch else obj
         else:
             patched = merge_patch(obj, {k: v for k, v in patch.items() if k != "status"})
-            problems = pytorchjob_problems({k: v for k, v in patched.items() if k != "status"})
+            problems = res.problems({k: v for k, v in patched.items() if k != "status"})
             if problems:
-                return 422, _status(422, "Invalid", f'{KIND}.{GROUP} "{name}" is invalid: ' + "; ".join(problems), name)
+                message = f'{res.kind}.{res.group} "{name}" is invalid: ' + "; ".join(problems)
+                return 422, _status(422, "Invalid", message, name)
         patched["metadata"]["uid"] = obj["metadata"]["uid"]
-        self._objects[(ns, name)] = patched
-        self._bump("MODIFIED", patched)
+        self._objects[(res.plural, ns, name)] = patched
+        self._bump("MODIFIED", res.plural, patched)
         return 200, copy.deepcopy(patched)
 
-    def _delete(self, ns: str, name: str) -> tuple[int, dict[str, Any]]:
-        obj = self._objects.pop((ns, name), None)
+    def _delete(self, res: Resource, ns: str, name: str) -> tuple[int, dict[str, Any]]:
+        obj = self._objects.pop((res.plural, ns, name), None)
         if obj is None:
-            return 404, _status(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', name)
-        self._bump("DELETED", obj)
+            return 404, _status(404, "NotFound", f'{res.plural}.{res.group} "{name}" not found', name)
+        self._bump("DELETED", res.plural, obj)
         return 200, copy.deepcopy(obj)
 
-    def _list(self, ns: str, selector: str) -> dict[str, Any]:
+    def _list(self, res: Resource, ns: str, selector: str) -> dict[str, Any]:
         requirements = parse_selector(selector)
         items = [
             copy.deepcopy(o)
-            for (ons, _), o in sorted(self._objects.items())
-            if ons == ns and selector_matches(requirements, (o["metadata"].get("labels") or {}))
+            for (plural, ons, _), o in sorted(self._objects.items())
+            if plural == res.plural and ons == ns and selector_matches(requirements, o["metadata"].get("labels") or {})
         ]
         return {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": f"{KIND}List",
+            "apiVersion": f"{res.group}/{res.version}",
+            "kind": f"{res.kind}List",
             "metadata": {"resourceVersion": str(self._rv)},
             "items": items,
         }
 
-    def _watch(self, ns: str, selector: str, since: str | None, timeout_s: float) -> Iterator[dict[str, Any]]:
+    def _watch(
+        self, res: Resource, ns: str, selector: str, since: str | None, timeout_s: float
+    ) -> Iterator[dict[str, Any]]:
         requirements = parse_selector(selector)
 
         def relevant(obj: dict[str, Any]) -> bool:
-            return obj["metadata"]["namespace"] == ns and selector_matches(
-                requirements, obj["metadata"].get("labels") or {}
+            return (
+                obj["kind"] == res.kind
+                and obj["metadata"]["namespace"] == ns
+                and selector_matches(requirements, obj["metadata"].get("labels") or {})
             )
 
         deadline = time.monotonic() + timeout_s
@@ -268,7 +318,7 @@ class KubeEmulator:
                     if cursor < self._compacted_rv:
                         events = None
                         break
-                    events = [(rv, kind, obj) for rv, kind, obj in self._history if rv > cursor]
+                    events = [(rv, kind, obj) for rv, _plural, kind, obj in self._history if rv > cursor]
                     if events:
                         break
                     remaining = deadline - time.monotonic()
@@ -284,6 +334,26 @@ class KubeEmulator:
                 cursor = rv
                 if relevant(obj):
                     yield {"type": kind, "object": copy.deepcopy(obj)}
+
+    def _discover(self, group: str, version: str) -> tuple[int, dict[str, Any]]:
+        """``/apis/<group>/<version>``: the APIResourceList of the kinds served there (404 when none is)."""
+        served = [
+            r for r in self.resources.values()
+            if (r.group, r.version) == (group, version) and r.plural in self.served and self.crd_installed
+        ]  # fmt: skip
+        if not served:
+            return 404, _status(404, "NotFound", "the server could not find the requested resource")
+        verbs = ["delete", "deletecollection", "get", "list", "patch", "create", "update", "watch"]
+        resources = [
+            {"name": r.plural, "singularName": r.kind.lower(), "namespaced": True, "kind": r.kind, "verbs": verbs}
+            for r in served
+        ]
+        return 200, {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": f"{group}/{version}",
+            "resources": resources,
+        }
 
     # -- HTTP ------------------------------------------------------------------------------------------------
 
@@ -317,8 +387,14 @@ class KubeEmulator:
                     injected = emulator._fail_next.pop(0) if emulator._fail_next else None
                 if injected:
                     return self._send(injected, _status(injected, "InternalError", "injected failure"))
+                discovery = _DISCOVERY.match(parts.path)
+                if discovery and method == "GET":
+                    return self._send(*emulator._discover(discovery["group"], discovery["version"]))
                 match = _PATH.match(parts.path)
-                if not match or not emulator.crd_installed:
+                res = emulator.resources.get(match["plural"]) if match else None
+                if res is None or (res.group, res.version) != (match["group"], match["version"]):
+                    res = None
+                if res is None or res.plural not in emulator.served or not emulator.crd_installed:
                     return self._send(404, _status(404, "NotFound", "the server could not find the requested resource"))
                 ns, name, sub = match["ns"], match["name"], match["sub"]
                 watching = query.get("watch") in ("true", "1")
@@ -326,29 +402,30 @@ class KubeEmulator:
                     "POST": "create", "DELETE": "delete", "PATCH": "patch", "PUT": "update",
                     "GET": ("watch" if watching else "list") if name is None else "get",
                 }[method]  # fmt: skip
-                resource = PLURAL + ("/status" if sub else "")
+                resource = res.plural + ("/status" if sub else "")
                 if (verb, resource) in emulator.deny:
                     return self._send(
                         403,
                         _status(
                             403,
                             "Forbidden",
-                            f'{PLURAL}.{GROUP}{" " + repr(name) if name else ""} is forbidden: User "{emulator.user}" '
-                            f'cannot {verb} resource "{resource}" in API group "{GROUP}" in the namespace "{ns}"',
+                            f"{res.plural}.{res.group}{' ' + repr(name) if name else ''} is forbidden: User "
+                            f'"{emulator.user}" cannot {verb} resource "{resource}" in API group "{res.group}" in '
+                            f'the namespace "{ns}"',
                         ),
                     )
                 if watching and name is None and method == "GET":
-                    return self._stream(ns, query)
+                    return self._stream(res, ns, query)
                 with emulator._lock:
                     if method == "POST" and name is None:
-                        return self._send(*emulator._create(ns, body or {}))
+                        return self._send(*emulator._create(res, ns, body or {}))
                     if method == "GET" and name is None:
-                        return self._send(200, emulator._list(ns, query.get("labelSelector", "")))
+                        return self._send(200, emulator._list(res, ns, query.get("labelSelector", "")))
                     if method == "GET":
-                        obj = emulator._objects.get((ns, name))
+                        obj = emulator._objects.get((res.plural, ns, name))
                         if obj is None:
                             return self._send(
-                                404, _status(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', name)
+                                404, _status(404, "NotFound", f'{res.plural}.{res.group} "{name}" not found', name)
                             )
                         return self._send(200, copy.deepcopy(obj))
                     if method == "PATCH":
@@ -357,12 +434,12 @@ class KubeEmulator:
                             return self._send(
                                 415, _status(415, "UnsupportedMediaType", f"unsupported patch type {content_type}")
                             )
-                        return self._send(*emulator._patch(ns, name, body, sub))
+                        return self._send(*emulator._patch(res, ns, name, body, sub))
                     if method == "DELETE" and name is not None:
-                        return self._send(*emulator._delete(ns, name))
+                        return self._send(*emulator._delete(res, ns, name))
                 return self._send(405, _status(405, "MethodNotAllowed", f"{method} not allowed on {parts.path}"))
 
-            def _stream(self, ns: str, query: dict[str, str]) -> None:
+            def _stream(self, res: Resource, ns: str, query: dict[str, str]) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Transfer-Encoding", "chunked")
@@ -370,7 +447,7 @@ class KubeEmulator:
                 timeout = float(query.get("timeoutSeconds") or 300)
                 try:
                     for event in emulator._watch(
-                        ns, query.get("labelSelector", ""), query.get("resourceVersion"), timeout
+                        res, ns, query.get("labelSelector", ""), query.get("resourceVersion"), timeout
                     ):
                         line = json.dumps(event).encode() + b"\n"
                         self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
