@@ -1,0 +1,379 @@
+"""A local stand-in for Kubeflow Trainer v2 and the JobSet and Job controllers under it, on the API emulator.
+
+What it models, and where the real behaviour is defined:
+- kubeflow/trainer ``pkg/runtime/framework/plugins/jobset`` (builder.go): the TrainJob's runtime (a namespaced
+  TrainingRuntime from ``spec.runtimeRef``) becomes a JobSet; ``spec.trainer`` overrides the ``node`` container's
+  image, command and resources, ``numNodes`` the Job's parallelism and completions; the pod patch
+  (``podTemplateOverrides`` in v2.1, ``runtimePatches`` from v2.2) adds its labels to the pods.
+- kubeflow/trainer ``pkg/runtime/framework/plugins/torch/torch.go``: the torch plugin injects ``PET_NNODES``,
+  ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK`` (the Job completion index) and ``PET_MASTER_ADDR``/``PORT`` (29400).
+- kubernetes ``pkg/controller/job/job_controller.go`` and ``pod_failure_policy.go``: an Indexed Job with one pod
+  per node and ``restartPolicy: Never``; a failed pod is matched against ``podFailurePolicy`` rules in order
+  (``onExitCodes`` looks at the containers, then the init containers: a failing weights fetch matches too);
+  ``FailJob`` fails the Job at once (reason ``PodFailurePolicy``), otherwise the failure counts and the pod is
+  recreated until more than ``backoffLimit`` failed (``BackoffLimitExceeded``); ``activeDeadlineSeconds`` ends
+  it (``DeadlineExceeded``). Init containers run before the main container; one that fails ends the pod.
+- kubernetes-sigs/jobset ``pkg/controllers/jobset_controller.go``: with ``failurePolicy.maxRestarts: 0`` a failed
+  Job fails the JobSet (reason ``FailedJobs``); all Jobs complete -> Completed.
+- kubeflow/trainer ``pkg/controller/trainjob_controller.go``: the TrainJob copies the JobSet's terminal condition
+  as ``Complete`` or ``Failed`` and reports ``status.jobsStatus`` per replicated job.
+A missing runtime leaves the TrainJob without pods (as the real trainer does, with an error in its log).
+Each pod is local processes running the containers' own commands; ``path_map`` maps image paths to local ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+
+log = logging.getLogger("tests.fake_trainer")
+GROUP, VERSION = "trainer.kubeflow.org", "v1alpha1"
+MASTER_PORT = 29400
+Hook = Callable[[dict[str, Any], dict[str, Any]], list[str] | None]
+"""(trainjob, container) -> argv to run instead of the container's command (a fault a test injects), or None."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Pod:
+    """One pod of the Job: its init containers, then the node container, each a local process in turn."""
+
+    name: str
+    index: int
+    steps: list[tuple[str, list[str], dict[str, str]]]
+    """(container name, argv, env) in the order the kubelet runs them."""
+    log_path: Path
+    step: int = 0
+    process: subprocess.Popen | None = None
+    failed_container: str | None = None
+    exit_code: int | None = None
+
+
+@dataclass
+class TrainRun:
+    name: str
+    uid: str
+    job_spec: dict[str, Any]
+    """The merged Job spec of the ``node`` replicated job."""
+    nproc: int
+    pod_labels: dict[str, str]
+    pods: list[Pod] = field(default_factory=list)
+    created_pods: int = 0
+    failed_pods: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: str | None = None
+    """None while running, else the TrainJob condition it ended with (Complete or Failed)."""
+    reason: str = ""
+
+
+class FakeTrainer:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        workdir: Path,
+        *,
+        path_map: dict[str, str] | None = None,
+        secrets: dict[str, dict[str, str]] | None = None,
+        base_env: dict[str, str] | None = None,
+        override: Hook | None = None,
+        poll_s: float = 0.2,
+    ):
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        self.api = client.CustomObjectsApi(client.ApiClient(configuration))
+        self.namespace = namespace
+        self.workdir = workdir
+        self.path_map = dict(path_map or {})
+        self.secrets = secrets or {}
+        self.base_env = base_env or {}
+        self.override = override
+        self.poll_s = poll_s
+        self.runs: dict[str, TrainRun] = {}
+        self.started_jobs: list[str] = []
+        self.errors: list[BaseException] = []
+        self.peak_running = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fake-trainer", daemon=True)
+
+    def start(self) -> FakeTrainer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        for run in self.runs.values():
+            for pod in run.pods:
+                self._kill(pod)
+
+    # -- building pods (trainer jobset + torch plugins) ------------------------------------------------------
+
+    def _map(self, value: str) -> str:
+        for image_path, local_path in self.path_map.items():
+            if value == image_path or value.startswith(image_path + "/"):
+                return local_path + value[len(image_path) :]
+        return value
+
+    def _env(self, container: dict[str, Any]) -> dict[str, str]:
+        env = {}
+        for entry in container.get("env") or []:
+            if "value" in entry:
+                env[entry["name"]] = self._map(str(entry["value"]))
+            elif "secretKeyRef" in (entry.get("valueFrom") or {}):
+                ref = entry["valueFrom"]["secretKeyRef"]
+                env[entry["name"]] = self.secrets[ref["name"]][ref["key"]]
+        return env
+
+    def _runtime(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        ref = job["spec"]["runtimeRef"]
+        try:
+            return self.api.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, "trainingruntimes", ref["name"]
+            )
+        except client.exceptions.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def _job_spec(self, job: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
+        replicated = next(r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == "node")
+        spec = replicated["template"]["spec"]
+        trainer = job["spec"].get("trainer") or {}
+        node = next(c for c in spec["template"]["spec"]["containers"] if c["name"] == "node")
+        for key in ("image", "command", "args"):
+            if key in trainer:
+                node[key] = trainer[key]
+        if "resourcesPerNode" in trainer:
+            node["resources"] = trainer["resourcesPerNode"]
+        nodes = int(trainer.get("numNodes") or runtime["spec"]["mlPolicy"].get("numNodes") or 1)
+        spec.update({"parallelism": nodes, "completions": nodes, "completionMode": "Indexed"})
+        return spec
+
+    @staticmethod
+    def _patched_labels(job: dict[str, Any]) -> dict[str, str]:
+        labels: dict[str, str] = {}
+        for override in job["spec"].get("podTemplateOverrides") or []:
+            labels.update((override.get("metadata") or {}).get("labels") or {})
+        for patch in job["spec"].get("runtimePatches") or []:
+            jobset = ((patch.get("trainingRuntimeSpec") or {}).get("template") or {}).get("spec") or {}
+            for replicated in jobset.get("replicatedJobs") or []:
+                pod = ((replicated.get("template") or {}).get("spec") or {}).get("template") or {}
+                labels.update((pod.get("metadata") or {}).get("labels") or {})
+        return labels
+
+    def _pod(self, job: dict[str, Any], run: TrainRun, index: int, port: int) -> Pod:
+        spec = run.job_spec
+        nodes = int(spec["parallelism"])
+        torch_env = {
+            "PET_NNODES": str(nodes),
+            "PET_NPROC_PER_NODE": str(run.nproc),
+            "PET_NODE_RANK": str(index),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port),
+        }
+        pod_spec = spec["template"]["spec"]
+        steps = []
+        for container in [*(pod_spec.get("initContainers") or []), *pod_spec["containers"]]:
+            argv = (self.override(job, container) if self.override else None) or (
+                container.get("command", []) + container.get("args", [])
+            )
+            argv = [self._map(a) for a in argv]
+            if argv and argv[0] == "python":
+                argv[0] = sys.executable
+            for mount in container.get("volumeMounts") or []:
+                local = self._map(mount["mountPath"])
+                if local != mount["mountPath"]:
+                    Path(local).mkdir(parents=True, exist_ok=True)
+            env = {**self.base_env, **self._env(container)}
+            if container["name"] == "node":
+                env.update(torch_env)
+            steps.append((container["name"], argv, env))
+        run.created_pods += 1
+        name = f"{run.name}-node-0-{index}-{run.created_pods}"
+        log_dir = self.workdir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        return Pod(name, index, steps, log_dir / f"{name}.log")
+
+    # -- processes ---------------------------------------------------------------------------------------------
+
+    def _spawn_step(self, pod: Pod) -> None:
+        _name, argv, env = pod.steps[pod.step]
+        with open(pod.log_path, "ab") as out:
+            pod.process = subprocess.Popen(
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+            )
+
+    def _kill(self, pod: Pod) -> None:
+        if pod.process is None or pod.process.poll() is not None:
+            return
+        try:
+            os.killpg(pod.process.pid, signal.SIGTERM)
+            pod.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(pod.process.pid, signal.SIGKILL)
+            pod.process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def _poll(self, pod: Pod) -> None:
+        """Advance a pod: next container when one succeeds; the pod fails with the first that does not."""
+        if pod.exit_code is not None or pod.process is None:
+            return
+        code = pod.process.poll()
+        if code is None:
+            return
+        code = 128 - code if code < 0 else code
+        if code != 0:
+            pod.failed_container, pod.exit_code = pod.steps[pod.step][0], code
+        elif pod.step + 1 < len(pod.steps):
+            pod.step += 1
+            self._spawn_step(pod)
+        else:
+            pod.exit_code = 0
+
+    # -- Job / JobSet / TrainJob status ------------------------------------------------------------------------
+
+    @staticmethod
+    def _fail_job_rule(job_spec: dict[str, Any], pod: Pod) -> bool:
+        for rule in (job_spec.get("podFailurePolicy") or {}).get("rules") or []:
+            codes = rule.get("onExitCodes")
+            if not codes or codes.get("containerName") not in (None, pod.failed_container):
+                continue
+            matched = (pod.exit_code in codes["values"]) == (codes["operator"] == "In")
+            if matched:
+                return rule["action"] == "FailJob"
+        return False
+
+    def _advance(self, job: dict[str, Any], run: TrainRun) -> None:
+        deadline = run.job_spec.get("activeDeadlineSeconds")
+        if deadline and time.monotonic() - run.started > deadline:
+            return self._finish(run, "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+        port = None
+        for slot, pod in enumerate(run.pods):
+            self._poll(pod)
+            if pod.exit_code in (None, 0):
+                continue
+            log.info("pod %s: container %s exited %s", pod.name, pod.failed_container, pod.exit_code)
+            run.failed_pods += 1
+            if self._fail_job_rule(run.job_spec, pod):
+                message = f"Container {pod.failed_container} for pod {pod.name} failed with exit code {pod.exit_code}"
+                return self._finish(run, "Failed", "PodFailurePolicy", message)
+            if run.failed_pods > int(run.job_spec.get("backoffLimit", 6)):
+                return self._finish(
+                    run, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+                )
+            port = port or _free_port()
+            run.pods[slot] = self._pod(job, run, pod.index, port)  # a new pod, as the Job controller creates
+            self._spawn_step(run.pods[slot])
+        if all(p.exit_code == 0 for p in run.pods):
+            self._finish(run, "Complete", "JobSetCompleted", "jobset completed successfully")
+        else:
+            self._report(run)
+
+    def _finish(self, run: TrainRun, condition: str, job_reason: str, job_message: str) -> None:
+        run.finished = condition
+        run.reason = job_reason
+        for pod in run.pods:
+            self._kill(pod)
+        log.info("trainjob %s %s: %s: %s", run.name, condition, job_reason, job_message)
+        self._report(run)
+
+    def _report(self, run: TrainRun) -> None:
+        active = sum(1 for p in run.pods if p.process is not None and p.process.poll() is None)
+        succeeded = sum(1 for p in run.pods if p.exit_code == 0)
+        jobs_status = [
+            {"name": "node", "active": active, "ready": active, "succeeded": succeeded,
+             "failed": run.failed_pods, "suspended": 0}
+        ]  # fmt: skip
+        status: dict[str, Any] = {"jobsStatus": jobs_status}
+        if run.finished:
+            now = _now()
+            reason, message = (
+                ("JobSetCompleted", "jobset completed successfully")
+                if run.finished == "Complete"
+                else ("FailedJobs", "jobset failed due to one or more job failures")
+            )
+            status["conditions"] = [
+                {"type": run.finished, "status": "True", "reason": reason, "message": message,
+                 "lastTransitionTime": now}
+            ]  # fmt: skip
+        try:
+            self.api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, self.namespace, "trainjobs", run.name, {"status": status}
+            )
+        except client.exceptions.ApiException as e:
+            if e.status != 404:  # deleted meanwhile
+                raise
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception as e:  # surfaced by the test through .errors
+                log.exception("fake trainer error")
+                self.errors.append(e)
+            self._stop.wait(self.poll_s)
+
+    def _tick(self) -> None:
+        jobs = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "trainjobs")["items"]
+        present = {j["metadata"]["uid"]: j for j in jobs}
+        for uid, run in list(self.runs.items()):
+            if uid not in present:  # deleted: the JobSet and its pods go with it (owner references)
+                for pod in run.pods:
+                    self._kill(pod)
+                del self.runs[uid]
+        for uid, job in present.items():
+            run = self.runs.get(uid)
+            if run is None:
+                run = self._start(job)
+                if run is None:
+                    continue
+            if not run.finished:
+                self._advance(job, run)
+        self.peak_running = max(self.peak_running, sum(1 for r in self.runs.values() if not r.finished))
+
+    def _start(self, job: dict[str, Any]) -> TrainRun | None:
+        runtime = self._runtime(job)
+        if runtime is None:
+            log.error("trainjob %s: runtime %s not found", job["metadata"]["name"], job["spec"]["runtimeRef"]["name"])
+            return None
+        run = TrainRun(
+            job["metadata"]["name"],
+            job["metadata"]["uid"],
+            self._job_spec(job, runtime),
+            nproc=int((job["spec"].get("trainer") or {}).get("numProcPerNode") or 1),
+            pod_labels=self._patched_labels(job),
+        )
+        port = _free_port()
+        run.pods = [self._pod(job, run, index, port) for index in range(int(run.job_spec["parallelism"]))]
+        for pod in run.pods:
+            self._spawn_step(pod)
+        self.runs[run.uid] = run
+        self.started_jobs.append(run.name)
+        return run
