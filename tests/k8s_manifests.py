@@ -16,7 +16,14 @@ import jsonschema
 import yaml
 
 from batchgen.k8s.render import LaunchSettings
-from tests.k8s_schema import SCHEMAS, metadata_problems, pytorchjob_problems
+from tests.k8s_schema import (
+    SCHEMAS,
+    TRAINER_PLURALS,
+    TRAINER_VERSIONS,
+    metadata_problems,
+    pytorchjob_problems,
+    trainer_problems,
+)
 
 CORE_SCHEMAS = SCHEMAS / "k8s"
 
@@ -25,6 +32,16 @@ CONTROLLER_VERBS: dict[tuple[str, str], frozenset[str]] = {
     ("kubeflow.org", "pytorchjobs"): frozenset({"create", "get", "list", "watch", "delete", "patch"}),
     ("", "pods"): frozenset({"get", "list"}),
     ("", "pods/log"): frozenset({"get", "list"}),
+}
+# The TrainJob launcher's path (backend.TrainJobBackend): the jobs, and a get of the runtime they reference.
+TRAINJOB_VERBS: dict[tuple[str, str], frozenset[str]] = {
+    ("trainer.kubeflow.org", "trainjobs"): frozenset({"create", "get", "list", "watch", "delete"}),
+    ("trainer.kubeflow.org", "trainingruntimes"): frozenset({"get"}),
+}
+LAUNCHER_VERBS = {
+    "pytorchjob": CONTROLLER_VERBS,
+    "trainjob": TRAINJOB_VERBS,
+    "auto": {**TRAINJOB_VERBS, **CONTROLLER_VERBS},
 }
 
 
@@ -50,6 +67,8 @@ def object_problems(obj: dict[str, Any]) -> list[str]:
     where = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
     if obj.get("kind") == "PyTorchJob":
         return [f"{where}: {p}" for p in pytorchjob_problems(obj)]
+    if obj.get("kind") in TRAINER_PLURALS:  # shipped objects must suit every supported Trainer release
+        return [f"{where} (Trainer {v}): {p}" for v in TRAINER_VERSIONS for p in trainer_problems(obj, v)]
     path = schema_file(obj)
     if not path.exists():
         return [f"{where}: no schema {path.name} in {CORE_SCHEMAS} (unexpected kind)"]
@@ -65,8 +84,8 @@ def all_problems(objects: Iterable[dict[str, Any]]) -> list[str]:
     return [p for obj in objects for p in object_problems(obj)]
 
 
-def rbac_problems(objects: list[dict[str, Any]], *, expect_role: bool = True) -> list[str]:
-    """No cluster-wide grants, no wildcards, and (when a Role is expected) exactly CONTROLLER_VERBS."""
+def rbac_problems(objects: list[dict[str, Any]], *, expect_role: bool = True, launcher: str = "auto") -> list[str]:
+    """No cluster-wide grants, no wildcards, and (when a Role is expected) exactly the launcher's verbs."""
     problems = []
     kinds = [o["kind"] for o in objects]
     for kind in ("ClusterRole", "ClusterRoleBinding"):
@@ -85,8 +104,9 @@ def rbac_problems(objects: list[dict[str, Any]], *, expect_role: bool = True) ->
     if expect_role:
         if len(roles) != 1:
             problems.append(f"expected exactly one Role, found {len(roles)}")
-        if granted != {k: set(v) for k, v in CONTROLLER_VERBS.items()}:
-            problems.append(f"Role grants {granted}, expected exactly {dict(CONTROLLER_VERBS)}")
+        expected = LAUNCHER_VERBS[launcher]
+        if granted != {k: set(v) for k, v in expected.items()}:
+            problems.append(f"Role grants {granted}, expected exactly {dict(expected)}")
         bindings = [o for o in objects if o["kind"] == "RoleBinding"]
         if len(bindings) != 1 or bindings[0]["roleRef"] != {
             "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": roles[0]["metadata"]["name"] if roles else None,

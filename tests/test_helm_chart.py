@@ -19,6 +19,7 @@ import yaml
 
 from batchgen.config import load_config
 from batchgen.k8s.render import KUEUE_QUEUE_LABEL, LaunchSettings, render_pytorchjob
+from batchgen.k8s.trainjob import render_trainingruntime, render_trainjob
 from batchgen.layout import shard_id
 from tests.k8s_manifests import (
     all_problems,
@@ -32,7 +33,8 @@ from tests.k8s_manifests import (
     secret_env_problems,
 )
 from tests.k8s_manifests import submit_args as _submit_args
-from tests.k8s_schema import pytorchjob_problems
+from tests.k8s_schema import TRAINER_VERSIONS, pytorchjob_problems, trainer_problems
+from tests.test_trainjob import API_OF
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "batchgen"
@@ -154,8 +156,17 @@ def test_every_rendered_object_is_valid(chart, case, tmp_path):
         assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
         assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
 
-    # The launch settings the chart hands to `batchgen submit` must themselves render jobs a cluster accepts.
+    # The chart's TrainingRuntime is the one batchgen renders from the launch settings it hands to `submit`.
     settings = launch_settings(objects, tmp_path)
+    (runtime,) = by_kind(objects, "TrainingRuntime")
+    assert runtime["metadata"]["name"] == settings.runtime_name
+    assert runtime["spec"] == render_trainingruntime(settings)["spec"]
+    for version in TRAINER_VERSIONS:
+        job = render_trainjob("prompts-0123456789ab", [shard_id(0)], settings.replace(trainer_api=API_OF[version]))
+        assert trainer_problems(job, version) == []
+    pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod_security_problems(pod, "runtime") == []
+    # The launch settings the chart hands to `batchgen submit` must themselves render jobs a cluster accepts.
     job = render_pytorchjob("prompts-0123456789ab", [shard_id(0), shard_id(1)], settings, attempt=1)
     assert pytorchjob_problems(job) == []
     assert pod_security_problems(job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"], "worker") == []
@@ -172,7 +183,10 @@ def test_object_set_and_names(chart):
         ("RoleBinding", "gen-batchgen-controller"),
         ("ServiceAccount", "gen-batchgen"),
         ("ServiceAccount", "gen-batchgen-worker"),
+        ("TrainingRuntime", "gen-batchgen-runtime"),
     ]
+    pytorch_only = objects_of(render(chart, merged({"launcher": "pytorchjob"})))
+    assert "TrainingRuntime" not in {o["kind"] for o in pytorch_only}
 
 
 def test_names_stay_within_63_characters(chart):
@@ -187,9 +201,9 @@ def test_names_stay_within_63_characters(chart):
         assert len(name) <= 63, (kind, name)
     # Suffixes survive truncation, so the objects stay distinct and recognisable.
     suffixes = {name.rsplit("-", 1)[-1] for _, name in names}
-    assert {"controller", "worker", "config"} <= suffixes
-    # Controller (Job, Role, RoleBinding), controller SA, worker SA, config: four names that do not collide.
-    assert len({name for _, name in names}) == 4
+    assert {"controller", "worker", "config", "runtime"} <= suffixes
+    # Controller (Job, Role, RoleBinding), controller SA, worker SA, config, runtime: five names, no collision.
+    assert len({name for _, name in names}) == 5
 
 
 def test_controller_runs_submit_with_the_values(chart, tmp_path):
@@ -323,10 +337,12 @@ def test_workload_identity_reaches_controller_and_workers(chart, tmp_path):
 
 def test_rbac_and_service_accounts_off(chart, tmp_path):
     objects = objects_of(render(chart, merged(CASES["rbac-off"], {"workers": {"serviceAccount": {"create": False}}})))
-    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job"]
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job", "TrainingRuntime"]
     assert controller_pod(objects)["serviceAccountName"] == "batchgen-admin-managed"
     settings = launch_settings(objects, tmp_path)
     assert settings.service_account is None
+    (runtime,) = by_kind(objects, "TrainingRuntime")
+    assert runtime["spec"] == render_trainingruntime(settings)["spec"]
     job = render_pytorchjob("prompts-0123456789ab", [shard_id(0)], settings)
     assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["automountServiceAccountToken"] is False
 
@@ -390,7 +406,9 @@ def test_pod_annotations_and_labels(chart):
 
 
 GUARD_CASES = {
-    "pytorchjob-api-missing": ({"crdCheck": {"enabled": True}}, r"does not serve kubeflow\.org/v1 PyTorchJob.*training operator v1\.9"),
+    "no-job-api": ({"crdCheck": {"enabled": True}}, r"(?s)serves neither trainer\.kubeflow\.org/v1alpha1 TrainJob nor kubeflow\.org/v1 PyTorchJob.*Trainer v2.*training operator v1\.9"),
+    "trainjob-api-missing": ({"crdCheck": {"enabled": True}, "launcher": "trainjob"}, r"launcher is trainjob but this cluster does not serve trainer\.kubeflow\.org/v1alpha1 TrainJob"),
+    "pytorchjob-api-missing": ({"crdCheck": {"enabled": True}, "launcher": "pytorchjob"}, r"(?s)launcher is pytorchjob but this cluster does not serve kubeflow\.org/v1 PyTorchJob.*training operator v1\.9"),
     "no-output": ({"run": {"output": ""}}, r"run\.output is required"),
     "no-manifest": ({"run": {"manifest": ""}}, r"run\.manifest is required"),
     "no-weights-pvc": ({"model": {"pvc": {"claimName": ""}}}, r"model\.pvc\.claimName is required"),
@@ -432,6 +450,8 @@ SCHEMA_CASES = {
     "sp-backend": ({"workers": {"spBackend": "deepspeed"}}, "/workers/spBackend"),
     "model-source": ({"model": {"source": "hf"}}, "/model/source"),
     "cpu-not-quantity": ({"workers": {"cpu": "many"}}, "/workers/cpu"),
+    "launcher": ({"launcher": "mpijob"}, "/launcher"),
+    "trainer-release": ({"trainer": {"apiVersion": "v2.0"}}, "/trainer/apiVersion"),
 }  # fmt: skip
 
 
@@ -515,3 +535,10 @@ def test_values_example_in_the_docs_installs(chart, tmp_path):
     job = render_pytorchjob("june-batch-0123456789ab", [shard_id(0), shard_id(1)], settings)
     assert pytorchjob_problems(job) == []
     assert settings.image == "registry.example.com/ml/batchgen:0.1.0"
+
+
+@pytest.mark.parametrize("launcher", ["auto", "trainjob", "pytorchjob"])
+def test_role_grants_exactly_the_launchers_verbs(chart, launcher, tmp_path):
+    objects = objects_of(render(chart, merged({"launcher": launcher})))
+    assert rbac_problems(objects, launcher=launcher) == []
+    assert launch_settings(objects, tmp_path).launcher == launcher

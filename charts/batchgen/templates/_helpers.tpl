@@ -82,6 +82,11 @@ same annotations so workload identity (IRSA, GKE) reaches the workers too.
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* Name of the TrainingRuntime the release's TrainJobs reference (trainer.runtime.name, or "<fullname>-runtime"). */}}
+{{- define "batchgen.runtimeName" -}}
+{{- default (include "batchgen.componentName" (list . "runtime")) .Values.trainer.runtime.name -}}
+{{- end -}}
+
 {{/* Name of the run-config ConfigMap. */}}
 {{- define "batchgen.configMapName" -}}
 {{- include "batchgen.componentName" (list . "config") -}}
