@@ -16,6 +16,7 @@ import yaml
 
 from batchgen.config import RunConfig, load_config
 from batchgen.k8s.render import KUEUE_QUEUE_LABEL, LaunchSettings, render_pytorchjob
+from batchgen.k8s.trainjob import render_trainingruntime, render_trainjob
 from batchgen.layout import shard_id
 from tests.k8s_manifests import (
     all_problems,
@@ -29,7 +30,7 @@ from tests.k8s_manifests import (
     secret_env_problems,
     submit_args,
 )
-from tests.k8s_schema import pytorchjob_problems
+from tests.k8s_schema import pytorchjob_problems, trainer_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "k8s" / "base"
@@ -60,7 +61,7 @@ def test_every_object_is_valid(which, request, tmp_path):
     objects = request.getfixturevalue(which)
     namespace = {"base": "batchgen", "overlay": "videos"}[which]
     assert sorted(o["kind"] for o in objects) == [
-        "ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount", "ServiceAccount",
+        "ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount", "ServiceAccount", "TrainingRuntime",
     ]  # fmt: skip
     assert all_problems(objects) == []
     assert rbac_problems(objects) == []
@@ -82,6 +83,12 @@ def test_every_object_is_valid(which, request, tmp_path):
     job = render_pytorchjob("prompts-0123456789ab", [shard_id(0), shard_id(1)], settings)
     assert pytorchjob_problems(job) == []
     assert pod_security_problems(job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"], "worker") == []
+    # The shipped runtime is the one batchgen renders from the same launch settings (no drift between the two).
+    (runtime,) = by_kind(objects, "TrainingRuntime")
+    assert runtime["metadata"]["name"] == settings.runtime_name
+    assert runtime["spec"] == render_trainingruntime(settings)["spec"]
+    trainjob = render_trainjob("prompts-0123456789ab", [shard_id(0), shard_id(1)], settings)
+    assert trainer_problems(trainjob, "v2.1.0") == []
 
 
 def _normalised(obj: dict[str, Any]) -> dict[str, Any]:

@@ -160,7 +160,7 @@ def test_auto_prefers_trainjob_falls_back_to_pytorchjob_and_names_both_when_neit
 def test_trainjob_backend_creates_adopts_and_reports_a_missing_runtime(kube):
     backend = make_backend("trainjob", kube.namespace, _api(kube))
     settings = BASE.replace(namespace=kube.namespace)
-    with pytest.raises(ClusterError, match="TrainingRuntime 'batchgen' not found"):
+    with pytest.raises(ClusterError, match="TrainingRuntime 'batchgen-runtime' not found"):
         backend.check_runtime(settings.runtime_name)
     kube.emulator.put(render_trainingruntime(settings))
     backend.check_runtime(settings.runtime_name)

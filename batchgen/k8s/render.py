@@ -125,7 +125,7 @@ class LaunchSettings:
     asks no server, renders TrainJobs for auto)."""
     trainer_api: str = "v2.1"
     """Kubeflow Trainer release of the cluster: v2.1 (pod patch in podTemplateOverrides) or v2.3 (runtimePatches)."""
-    runtime_name: str = "batchgen"
+    runtime_name: str = "batchgen-runtime"
     """The TrainingRuntime, in the jobs' namespace, that the TrainJobs run (the chart and kustomize base ship it)."""
 
     def __post_init__(self) -> None:
