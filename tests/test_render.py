@@ -238,6 +238,8 @@ def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluste
         "img:1",
         "--model-pvc",
         "w",
+        "--launcher",
+        "pytorchjob",
     ]
     bad = subprocess.run(
         [*common, "--gpus-per-node", "8", "--ulysses-degree", "8"], capture_output=True, text=True, timeout=60
@@ -341,7 +343,7 @@ def test_render_command_prints_valid_yaml(tmp_path):
         )
     )
     out = subprocess.run(
-        [sys.executable, "-m", "batchgen", "render", "--run-id", RUN, "--shards", "0:2", "--output", "s3://b/o", "--values", str(values), "--image", "img:1"],
+        [sys.executable, "-m", "batchgen", "render", "--run-id", RUN, "--shards", "0:2", "--output", "s3://b/o", "--values", str(values), "--image", "img:1", "--launcher", "pytorchjob"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -51,7 +51,7 @@ def test_shapes_validate_against_both_trainer_crds(case_id, changes, expected, v
     assert job["spec"]["runtimeRef"] == {
         "apiGroup": "trainer.kubeflow.org",
         "kind": "TrainingRuntime",
-        "name": "batchgen",
+        "name": "batchgen-runtime",
     }
     if settings.queue_name:
         assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == settings.queue_name
