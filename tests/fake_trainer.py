@@ -41,6 +41,7 @@ from kubernetes import client, config
 log = logging.getLogger("tests.fake_trainer")
 GROUP, VERSION = "trainer.kubeflow.org", "v1alpha1"
 MASTER_PORT = 29400
+USER_AGENT = "fake-trainer"
 Hook = Callable[[dict[str, Any], dict[str, Any]], list[str] | None]
 """(trainjob, container) -> argv to run instead of the container's command (a fault a test injects), or None."""
 
@@ -104,7 +105,9 @@ class FakeTrainer:
     ):
         configuration = client.Configuration()
         config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-        self.api = client.CustomObjectsApi(client.ApiClient(configuration))
+        api_client = client.ApiClient(configuration)
+        api_client.user_agent = USER_AGENT  # tells its requests from the controller's in the emulator's record
+        self.api = client.CustomObjectsApi(api_client)
         self.namespace = namespace
         self.workdir = workdir
         self.path_map = dict(path_map or {})

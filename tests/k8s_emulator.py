@@ -125,6 +125,8 @@ class KubeEmulator:
         self._rv = 100
         self._compacted_rv = 0
         self.requests: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, str, str, str]] = []
+        """(User-Agent, verb, API group, resource) of every request to a served kind: what RBAC would check."""
         self.create_count: dict[str, int] = {}
         """name -> successful creates (201): a duplicate job would show as a count > 1 or as extra names."""
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -403,6 +405,7 @@ class KubeEmulator:
                     "GET": ("watch" if watching else "list") if name is None else "get",
                 }[method]  # fmt: skip
                 resource = res.plural + ("/status" if sub else "")
+                emulator.calls.append((self.headers.get("User-Agent", ""), verb, res.group, resource))
                 if (verb, resource) in emulator.deny:
                     return self._send(
                         403,

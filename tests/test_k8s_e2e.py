@@ -42,6 +42,8 @@ def manifest(tmp_path) -> Path:
 @pytest.fixture
 def cluster(kube, tmp_path, tiny_model_dir, s3_server, s3_credentials):
     """The emulator plus a running fake operator; yields (kube, operator factory)."""
+    # A cluster with the v1 training operator only: `--launcher auto` (the default) must find PyTorchJob.
+    kube.emulator.served -= {"trainjobs", "trainingruntimes"}
     operators: list[FakeOperator] = []
 
     def start(**kwargs) -> FakeOperator:

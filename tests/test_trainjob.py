@@ -168,6 +168,8 @@ def test_trainjob_backend_creates_adopts_and_reports_a_missing_runtime(kube):
     job, created = backend.create(manifest)
     again, created_again = backend.create(manifest)
     assert (created, created_again, job.uid) == (True, False, again.uid)
+    # Adoption reads the existing job back: the one TrainJob verb the end-to-end test does not see.
+    assert any(call[1:] == ("get", "trainer.kubeflow.org", "trainjobs") for call in kube.emulator.calls)
     assert job.kind == "TrainJob" and job.state == "Created" and job.shards == SHARDS
     assert [j.name for j in backend.list(names.run_selector(RUN))[0]] == [job.name]
     assert backend.delete(job.name) and backend.get(job.name) is None
