@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from batchgen.errors import ClusterError
+from batchgen.errors import ClusterError, TransientClusterError
 from batchgen.k8s import names
 from batchgen.k8s.backend import JobInfo, PyTorchJobBackend, TrainJobBackend, make_backend
 from batchgen.k8s.render import KUEUE_QUEUE_LABEL, render_pytorchjob
@@ -150,6 +150,9 @@ def test_auto_prefers_trainjob_falls_back_to_pytorchjob_and_names_both_when_neit
     api = _api(kube)
     assert isinstance(make_backend("auto", kube.namespace, api), TrainJobBackend)
     assert isinstance(make_backend("pytorchjob", kube.namespace, api), PyTorchJobBackend)
+    kube.emulator.fail_next(503)
+    with pytest.raises(TransientClusterError, match="discovery of trainer.kubeflow.org/v1alpha1 failed: HTTP 503"):
+        make_backend("auto", kube.namespace, api)
     kube.emulator.served -= {"trainjobs", "trainingruntimes"}
     assert isinstance(make_backend("auto", kube.namespace, api), PyTorchJobBackend)
     kube.emulator.served.clear()

@@ -464,7 +464,8 @@ def served_launchers(api_client: Any) -> list[str]:
         except ApiException as e:
             if e.status == 404:
                 continue
-            raise ClusterError(f"discovery of {backend.group}/{backend.version} failed: HTTP {e.status}") from e
+            error = TransientClusterError if _is_retryable(e) else ClusterError
+            raise error(f"discovery of {backend.group}/{backend.version} failed: {_short(e)}") from e
         if any(r.name == backend.plural for r in resources.resources or []):
             served.append(launcher)
     return served
