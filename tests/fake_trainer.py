@@ -17,7 +17,7 @@ What it models, and where the real behaviour is defined:
   Job fails the JobSet (reason ``FailedJobs``); all Jobs complete -> Completed.
 - kubeflow/trainer ``pkg/controller/trainjob_controller.go``: the TrainJob copies the JobSet's terminal condition
   as ``Complete`` or ``Failed`` and reports ``status.jobsStatus`` per replicated job.
-A missing runtime leaves the TrainJob without pods (as the real trainer does, with an error in its log).
+A TrainJob whose runtime is missing never gets here: the emulator refuses it as the Trainer's webhook does.
 Each pod is local processes running the containers' own commands; ``path_map`` maps image paths to local ones.
 """
 

@@ -222,6 +222,8 @@ class KubeEmulator:
                 "the namespace of the provided object does not match the namespace sent on the request",
             )
         problems = res.problems({**body, "metadata": {**meta, "namespace": ns}})
+        if res.kind == "TrainJob":
+            problems += self._trainer_webhook(ns, body)
         if problems:
             message = f'{res.kind}.{res.group} "{name}" is invalid: ' + "; ".join(problems)
             return 422, _status(422, "Invalid", message, name)
@@ -240,6 +242,17 @@ class KubeEmulator:
         self.create_count[name] = self.create_count.get(name, 0) + 1
         self._bump("ADDED", res.plural, obj)
         return 201, copy.deepcopy(obj)
+
+    def _trainer_webhook(self, ns: str, job: dict[str, Any]) -> list[str]:
+        """The Trainer's TrainJob admission webhook refuses a job whose namespaced runtime does not exist
+        (kubeflow/trainer pkg/runtime/core/trainingruntime.go, ValidateObjects)."""
+        ref = (job.get("spec") or {}).get("runtimeRef") or {}
+        if ref.get("kind") != "TrainingRuntime" or ("trainingruntimes", ns, ref.get("name")) in self._objects:
+            return []
+        return [
+            f'spec.runtimeRef: Invalid value: trainingruntimes.trainer.kubeflow.org "{ref.get("name")}" not found: '
+            "specified trainingRuntime must be created before the TrainJob is created"
+        ]
 
     def _patch(self, res: Resource, ns: str, name: str, patch: Any, sub: str | None) -> tuple[int, dict[str, Any]]:
         obj = self._objects.get((res.plural, ns, name))

@@ -165,9 +165,11 @@ def test_trainjob_backend_creates_adopts_and_reports_a_missing_runtime(kube):
     settings = BASE.replace(namespace=kube.namespace)
     with pytest.raises(ClusterError, match="TrainingRuntime 'batchgen-runtime' not found"):
         backend.check_runtime(settings.runtime_name)
+    manifest = backend.render(RUN, SHARDS, settings, 1, group=(SHARDS[0], SHARDS[-1]))
+    with pytest.raises(ClusterError, match="specified trainingRuntime must be created before the TrainJob"):
+        backend.create(manifest)  # what check_runtime spares a run: every create refused, one by one
     kube.emulator.put(render_trainingruntime(settings))
     backend.check_runtime(settings.runtime_name)
-    manifest = backend.render(RUN, SHARDS, settings, 1, group=(SHARDS[0], SHARDS[-1]))
     job, created = backend.create(manifest)
     again, created_again = backend.create(manifest)
     assert (created, created_again, job.uid) == (True, False, again.uid)

@@ -423,8 +423,8 @@ class TrainJobBackend(CustomObjectBackend):
         return render_trainjob(plan, shards, settings, attempt, group=group)
 
     def check_runtime(self, name: str) -> None:
-        """Refuse to launch when the TrainingRuntime the jobs reference is missing: the trainer would otherwise
-        accept each TrainJob and leave it without pods."""
+        """Refuse to launch, with a message that says what to install, when the TrainingRuntime the jobs reference
+        is missing (the Trainer's webhook would otherwise refuse every TrainJob's create with a 422)."""
         from kubernetes.client.exceptions import ApiException
 
         from batchgen.k8s.trainjob import RUNTIME_PLURAL
