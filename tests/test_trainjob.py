@@ -198,3 +198,22 @@ def test_render_command_prints_runtime_and_trainjobs(tmp_path):
     assert all(trainer_problems(o, "v2.3.0") == [] for o in objects)
     pytorch = subprocess.run([*args, "--launcher", "pytorchjob"], capture_output=True, text=True, timeout=60)
     assert [o["kind"] for o in yaml.safe_load_all(pytorch.stdout)] == ["PyTorchJob", "PyTorchJob"]
+
+
+def test_a_trainer_v2_3_api_server_takes_runtime_patches_and_refuses_pod_template_overrides(tmp_path):
+    from batchgen.k8s.backend import load_api_client
+    from tests.k8s_emulator import KubeEmulator
+
+    emulator = KubeEmulator(trainer_version="v2.3.0").start()
+    try:
+        api = load_api_client(str(emulator.write_kubeconfig(tmp_path / "kubeconfig", "gen")))
+        settings = BASE.replace(namespace="gen", trainer_api="v2.3")
+        emulator.put(render_trainingruntime(settings))
+        backend = make_backend("auto", "gen", api)
+        job, created = backend.create(backend.render(RUN, SHARDS, settings, 1, group=(SHARDS[0], SHARDS[-1])))
+        assert created and job.raw["spec"]["runtimePatches"][0]["manager"] == "batchgen.io/controller"
+        old_shape = backend.render(RUN, SHARDS, settings.replace(trainer_api="v2.1"), 2, group=(SHARDS[0], SHARDS[-1]))
+        with pytest.raises(ClusterError, match="'podTemplateOverrides' was unexpected"):
+            backend.create(old_shape)
+    finally:
+        emulator.stop()
