@@ -269,7 +269,7 @@ class CustomObjectBackend(JobBackend):
                 f"{self.kind} API ({self.group}/{self.version}) not installed in this cluster: {self.install_hint}"
             )
         if error.status == 422:
-            return ClusterError(f"the API server rejected {what}: {message}")
+            return ClusterError(f"the API server rejected {what}: {message}{self.rejection_hint(message)}")
         return ClusterError(f"Kubernetes API {verb} {what} failed with HTTP {error.status}: {message}")
 
     # -- JobBackend ----------------------------------------------------------------------------------------
@@ -389,6 +389,10 @@ class CustomObjectBackend(JobBackend):
             log.warning("watch of %s interrupted (%s); resyncing", self.resource, _short(e))
             yield WatchEvent("RESYNC", None)
 
+    def rejection_hint(self, message: str) -> str:
+        """What to change when the API server refuses an object for ``message`` (empty when nothing specific)."""
+        return ""
+
     def _info(self, obj: dict[str, Any]) -> JobInfo:
         return JobInfo.from_object(obj, self.kind)
 
@@ -421,6 +425,14 @@ class TrainJobBackend(CustomObjectBackend):
         from batchgen.k8s.trainjob import render_trainjob
 
         return render_trainjob(plan, shards, settings, attempt, group=group)
+
+    def rejection_hint(self, message: str) -> str:
+        if "podTemplateOverrides" in message or "runtimePatches" in message:
+            return (
+                "; set trainer_api to the cluster's Kubeflow Trainer release (v2.1 takes podTemplateOverrides, "
+                "v2.2 and later runtimePatches)"
+            )
+        return ""
 
     def check_runtime(self, name: str) -> None:
         """Refuse to launch, with a message that says what to install, when the TrainingRuntime the jobs reference
