@@ -90,9 +90,9 @@ def write_gallery(
     table = choose(run, sample, seed)
     rows = table.to_pylist()
     have = {info.key for info in out.list("thumbs/")}
-    todo = table.filter(pa.array([_thumb_key(row) not in have for row in rows], type=pa.bool_()))
+    todo = table.filter(pa.array([thumb_key(row) not in have for row in rows], type=pa.bool_()))
     for video, data in run.read_videos(todo):
-        out.put_bytes(_thumb_key(video.metadata), contact_sheet(data), content_type="image/jpeg")
+        out.put_bytes(thumb_key(video.metadata), contact_sheet(data), content_type="image/jpeg")
     cards = [_card(Video(row, run.storage), link_base) for row in rows]
     pages = [cards[start : start + page_size] for start in range(0, len(cards), page_size)] or [[]]
     for number, page in enumerate(pages, start=1):
@@ -104,7 +104,7 @@ def write_gallery(
     return summary
 
 
-def _thumb_key(row: dict[str, Any]) -> str:
+def thumb_key(row: dict[str, Any]) -> str:
     return f"thumbs/{row['id']}-{row['sha256'][:8]}.jpg"
 
 
@@ -129,7 +129,7 @@ def _card(video: Video, link_base: str | None) -> dict[str, Any]:
         "prompt": video.prompt,
         "seed": meta["seed"],
         "shape": f"{meta['frames']} frames, {meta['video_width']}x{meta['video_height']}, {meta['fps']} fps",
-        "thumb": _thumb_key(meta),
+        "thumb": thumb_key(meta),
         "href": href,
         "uri": video.uri,
         "quality": {name: meta.get(f"quality_{name}") for name in _QUALITY},

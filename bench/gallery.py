@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from batchgen import layout  # noqa: E402
 from batchgen.config import RunConfig  # noqa: E402
 from batchgen.dataset import open_run  # noqa: E402
-from batchgen.gallery import DEFAULT_PAGE_SIZE, _thumb_key, contact_sheet, write_gallery  # noqa: E402
+from batchgen.gallery import DEFAULT_PAGE_SIZE, contact_sheet, thumb_key, write_gallery  # noqa: E402
 from batchgen.plan import make_plan  # noqa: E402
 from batchgen.storage import LocalStorage  # noqa: E402
 from batchgen.video import encode_mp4  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> None:
         run_dir, thumb, ids, sha = synthetic_run(folder, args.videos)
         out = LocalStorage(folder / "gallery")
         for item_id in ids:  # thumbnails in place: the figure below is page writing, not 10,000 decodes
-            out.put_bytes(_thumb_key({"id": item_id, "sha256": sha}), thumb)
+            out.put_bytes(thumb_key({"id": item_id, "sha256": sha}), thumb)
         start = time.perf_counter()
         summary = write_gallery(open_run(str(run_dir)), out)
         write_s = time.perf_counter() - start

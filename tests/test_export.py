@@ -12,7 +12,7 @@ import pytest
 
 from batchgen.cli import main
 from batchgen.dataset import open_run, sample_position
-from batchgen.errors import EXIT_CONFLICT, InputError, NotFoundError
+from batchgen.errors import EXIT_CONFLICT, InputError, NotFoundError, StorageError
 from batchgen.export import MANIFEST_KEY, ExportOptions, export_webdataset, split_shards
 from batchgen.storage import LocalStorage, open_storage
 from tests._datasets import BLACK_ITEM, RUN_ITEMS, finished_run
@@ -44,12 +44,16 @@ def test_open_run_index_and_videos(run_dir, tmp_path):
         open_run(str(tmp_path))
     with pytest.raises(InputError, match="fraction"):
         run.select(fraction=0)
-    (run_dir / "videos" / "shard-000000" / "clip.0.mp4").rename(tmp_path / "moved.mp4")
+    stored = run_dir / "videos" / "shard-000000" / "clip.0.mp4"
+    stored.rename(tmp_path / "moved.mp4")
     try:
         with pytest.raises(NotFoundError):
             videos[0].read()
+        stored.write_bytes((tmp_path / "moved.mp4").read_bytes()[:-1] + b"\0")
+        with pytest.raises(StorageError, match="clip.0.mp4: content does not match the sha256"):
+            videos[0].read()
     finally:
-        (tmp_path / "moved.mp4").rename(run_dir / "videos" / "shard-000000" / "clip.0.mp4")
+        (tmp_path / "moved.mp4").replace(stored)
 
 
 def test_missing_index_says_how_to_build_it(run_dir):

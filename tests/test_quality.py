@@ -19,7 +19,7 @@ from batchgen.parallel.context import SingleProcess
 from batchgen.quality import NonFiniteError, QualityRejected, gate, measure, measure_mp4
 from batchgen.storage import LocalStorage
 from batchgen.video import encode_mp4
-from batchgen.worker import run_worker
+from batchgen.worker import run_worker, scan_shard
 from tests._runs import assert_exactly_once, keys_under, plan_run, tiny_run_config
 
 SHAPE = (7, 32, 32, 3)
@@ -170,3 +170,14 @@ def test_nan_weights_fail_the_item_and_commit_nothing(nan_model_dir, tmp_path, t
         "NonFiniteError: latents after denoising contain 384 NaN and 0 infinite"
     )  # 12 x 2 x 4 x 4
     assert keys_under(storage, f"{plan.run_id}/videos/") == keys_under(storage, f"{plan.run_id}/meta/") == []
+
+
+def test_adopted_orphan_video_is_measured_from_its_frames(generator, tmp_path, tiny_config):
+    storage = LocalStorage(tmp_path / "out")
+    plan = plan_run(storage, tmp_path, 1, tiny_run_config(tiny_config, shard_size=1))
+    item = scan_shard(storage, plan.run_id, plan.shards[0]).items[0]
+    black = encode_mp4(np.zeros((item.num_frames, item.height, item.width, 3), np.uint8), 30, 18)
+    storage.put_bytes(layout.video_key(plan.run_id, plan.shards[0], item.id), black)  # a crash left it, no sidecar
+    assert run_worker(storage, plan, plan.shards, Frames(generator, {}), SingleProcess()).adopted == 1
+    sidecar = assert_exactly_once(storage, plan)[item.id]
+    assert sidecar["adopted"] is True and sidecar["quality"]["flags"] == ["black", "frozen"]
