@@ -40,7 +40,7 @@ VISIBLE_THUMBNAILS_LOADED = """[...document.images]
 LOADED_COUNT = "[...document.images].filter(image => image.complete && image.naturalWidth > 0).length"
 
 
-def synthetic_run(folder: Path, videos: int) -> Path:
+def synthetic_run(folder: Path, videos: int) -> tuple[Path, bytes, list[str], str]:
     storage = LocalStorage(folder / "out")
     ids = [f"video-{i:06d}" for i in range(videos)]
     prompts = [f"a lighthouse on a cliff at dusk, waves below, take {i}" for i in range(videos)]
