@@ -146,3 +146,13 @@ def test_export_resumes_adopts_and_refuses_another_export(run_dir, tmp_path):
         export_webdataset(run, out, options)
     assert caught.value.exit_code == EXIT_CONFLICT
     assert not out.exists(MANIFEST_KEY)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--fraction", "0"], ["--fraction", "1.5"], ["--max-count", "0"], ["--format", "tar"]]
+)
+def test_export_arguments_are_checked(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(tmp_path), "--out", str(tmp_path / "wds"), *flags])
+    assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "wds").exists()
