@@ -34,6 +34,8 @@ lint: $(STAMP) ## ruff check and ruff format --check
 bench: $(STAMP) ## CPU benchmarks -> bench/results/
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/usp_cpu.py
+	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/gallery.py
 
 jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen render`
 	$(BIN)/python -m batchgen.k8s.examples --write jobs

@@ -145,17 +145,48 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    """The quality gate (``batchgen.quality``): thresholds of the black and frozen flags, and what a flag does.
+    Not part of the run id, like the retry settings: a rerun may tighten them."""
+
+    on_flag: str = "record"
+    """'record' (commit the video, flags in the sidecar and index) or 'fail' (the item fails with the flags)."""
+    black_luma: float = 25.5
+    """A pixel is black at or below this BT.601 luma (0-255): ffmpeg blackdetect's pix_th default, 10%."""
+    black_pixel_fraction: float = 0.98
+    """A frame is black when this share of its pixels is (blackdetect's picture_black_ratio_th default)."""
+    black_frame_fraction: float = 0.5
+    """A video is flagged 'black' when at least this share of its frames is black."""
+    frozen_motion: float = 0.5
+    """A video is flagged 'frozen' when its mean frame-to-frame luma difference (0-255) is below this."""
+
+    def __post_init__(self) -> None:
+        if self.on_flag not in ("record", "fail"):
+            raise ConfigError(f"quality.on_flag must be 'record' or 'fail', got {self.on_flag!r}")
+        limits = {"black_luma": 255, "black_pixel_fraction": 1, "black_frame_fraction": 1, "frozen_motion": 255}
+        for name, top in limits.items():
+            if not 0 <= getattr(self, name) <= top:
+                raise ConfigError(f"quality.{name} must be between 0 and {top}, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
-        sections = {"generation": GenerationConfig, "parallel": ParallelConfig, "worker": WorkerConfig}
+        sections = {
+            "generation": GenerationConfig,
+            "parallel": ParallelConfig,
+            "worker": WorkerConfig,
+            "quality": QualityConfig,
+        }
         unknown = sorted(set(data) - set(sections))
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {sorted(sections)}")

@@ -24,7 +24,7 @@ EXIT_CODES = {
     EXIT_FAILURE: "unexpected internal error",
     EXIT_BAD_INPUT: "invalid input: manifest, config, arguments or model directory",
     EXIT_STORAGE: "permanent storage error (access denied, missing bucket, bad request)",
-    EXIT_CONFLICT: "output already holds a run planned from different inputs",
+    EXIT_CONFLICT: "output already holds a run planned from different inputs (or another export)",
     EXIT_INCOMPLETE: "run finished with permanently failed items",
     EXIT_PARALLEL: "parallel degrees do not fit the model, items or world size",
     EXIT_CLUSTER: "permanent Kubernetes API error (RBAC, rejected object, CRD missing)",

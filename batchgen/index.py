@@ -70,6 +70,13 @@ BASE_SCHEMA = pa.schema(
         ("parallel_dp_size", pa.int64()),
         ("created_at", pa.timestamp("ms", tz="UTC")),
         ("adopted", pa.bool_()),
+        # batchgen.quality's measurements (null for videos committed before the gate existed).
+        ("quality_luma_mean", pa.float64()),
+        ("quality_luma_min", pa.float64()),
+        ("quality_luma_max", pa.float64()),
+        ("quality_black_frame_fraction", pa.float64()),
+        ("quality_motion_mean", pa.float64()),
+        ("quality_flags", pa.list_(pa.string())),
     ]
 )
 # Sidecar fields the key/uri columns replace.

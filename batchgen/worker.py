@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from batchgen import __version__, layout
+from batchgen import __version__, layout, quality
 from batchgen.errors import (
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
@@ -533,6 +533,7 @@ class _WorkerLoop:
             raise ValueError(
                 f"generator returned frames {frames.dtype}{list(frames.shape)}, expected uint8{list(expected)}"
             )
+        measured = quality.gate(frames, self.plan.config.quality)  # before encoding: a failed gate writes nothing
         t0 = time.perf_counter()
         data = encode_mp4(frames, self.generation.fps, self.generation.crf)
         info = probe_mp4(data)
@@ -550,6 +551,7 @@ class _WorkerLoop:
         sidecar = self._sidecar(
             shard, item, data, info, attempt=attempt, adopted=adopted, timings=timings, extra=video.extra
         )
+        sidecar["quality"] = quality.measure_mp4(data, self.plan.config.quality) if adopted else measured
         if not adopted:
             sidecar["timings"]["upload"] = time.perf_counter() - t1
         self._put_sidecar(shard, item, sidecar, clear_error)
@@ -675,6 +677,7 @@ class _WorkerLoop:
                 self.storage.delete(key)
                 continue
             sidecar = self._sidecar(scan.shard, item, data, info, attempt=0, adopted=True, timings={}, extra={})
+            sidecar["quality"] = quality.measure_mp4(data, self.plan.config.quality)
             self._put_sidecar(scan.shard, item, sidecar, clear_error=item_id in scan.errored)
             log.info("%s/%s: adopted orphan video %s", scan.shard, item_id, self.storage.url(key))
             scan.adopted.add(item_id)

@@ -38,6 +38,10 @@ CONTROL_PLANE = [
     "batchgen.video",
     "batchgen.parallel.topology",
     "batchgen.commands._options",
+    "batchgen.quality",
+    "batchgen.dataset",
+    "batchgen.export",
+    "batchgen.gallery",
 ]
 
 SCRIPT = r"""

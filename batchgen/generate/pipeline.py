@@ -40,6 +40,7 @@ from batchgen.generate.loading import (  # noqa: F401  (build_random_components:
 from batchgen.generate.vae import enable_causal_framewise_decoding
 from batchgen.item import Item
 from batchgen.parallel.context import ProcessContext, SingleProcess
+from batchgen.quality import NonFiniteError, describe_non_finite
 
 log = logging.getLogger("batchgen.generate.pipeline")
 
@@ -191,6 +192,7 @@ class MochiGenerator:
         denoise_s = time.perf_counter() - started
         if not self.context.is_writer:
             return None
+        _require_finite(latents, "latents after denoising")
         started = time.perf_counter()
         frames = self.decode(latents)
         decode_s = time.perf_counter() - started
@@ -370,6 +372,7 @@ class MochiGenerator:
             raise RuntimeError(
                 f"VAE decoded {video.shape[2]} frames from {latents.shape[2]} latent frames, expected {expected}"
             )
+        _require_finite(video, "VAE output")
         # [-1, 1] -> uint8, as diffusers' video processor (which then truncates; rounding is the unbiased choice).
         frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
@@ -410,6 +413,14 @@ class _Visit:
             self.module.to("cpu")
             torch.cuda.empty_cache()
         return False
+
+
+def _require_finite(tensor: torch.Tensor, what: str) -> None:
+    """NonFiniteError before the uint8 cast, which would turn NaN into black pixels."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        total, nan = tensor.numel(), int(torch.isnan(tensor).sum())
+        raise NonFiniteError(describe_non_finite(what, total, nan, total - nan - int(finite.sum())))
 
 
 def _uses_cfg(item: Item) -> bool:
