@@ -89,6 +89,10 @@ class AlreadyExistsError(StorageError):
     """A conditional create lost: the object already exists."""
 
 
+class ChangedError(StorageError):
+    """A conditional replace lost: the object is no longer the version the writer read (or is gone)."""
+
+
 class TopologyError(BatchgenError):
     """Parallel degrees that cannot work; the message lists degrees that would."""
 

@@ -59,6 +59,7 @@ from batchgen.generate.api import GeneratedVideo, VideoGenerator
 from batchgen.item import Item
 from batchgen.parallel.context import ProcessContext
 from batchgen.plan import RunPlan, load_shard_items
+from batchgen.records import Sidecar
 from batchgen.storage.base import Storage
 from batchgen.video import encode_mp4, probe_mp4
 
@@ -551,7 +552,7 @@ class _WorkerLoop:
             shard, item, data, info, attempt=attempt, adopted=adopted, timings=timings, extra=video.extra
         )
         if not adopted:
-            sidecar["timings"]["upload"] = time.perf_counter() - t1
+            sidecar.timings["upload"] = time.perf_counter() - t1
         self._put_sidecar(shard, item, sidecar, clear_error)
 
     def _put_video(self, key: str, data: bytes) -> bool:
@@ -578,56 +579,44 @@ class _WorkerLoop:
             raise ValueError(f"{self.storage.url(key)} has {info.frames} frames, expected {item.num_frames}")
         return data, info
 
-    def _put_sidecar(self, shard: str, item: Item, sidecar: dict[str, Any], clear_error: bool) -> None:
+    def _put_sidecar(self, shard: str, item: Item, sidecar: Sidecar, clear_error: bool) -> None:
         key = layout.sidecar_key(self.plan.run_id, shard, item.id)
         try:
-            self.storage.put_bytes(key, _json_bytes(sidecar), if_absent=True, content_type="application/json")
+            self.storage.put_bytes(key, sidecar.to_json(), if_absent=True, content_type="application/json")
         except AlreadyExistsError:
             log.info("%s/%s: already committed by another worker", shard, item.id)
         if clear_error:
             self.storage.delete(layout.error_key(self.plan.run_id, shard, item.id))
 
-    def _sidecar(self, shard, item, data, info, *, attempt, adopted, timings, extra) -> dict[str, Any]:
-        run_id = self.plan.run_id
-        video_key = layout.video_key(run_id, shard, item.id)
+    def _sidecar(self, shard, item, data, info, *, attempt, adopted, timings, extra) -> Sidecar:
+        video_key = layout.video_key(self.plan.run_id, shard, item.id)
         extra = dict(extra or {})
         parallel = {"world_size": self.ctx.world_size, "dp_size": self.ctx.dp_size, **extra.pop("parallel", {})}
         model = dict(getattr(self.generator, "model_identity", None) or {})
-        sidecar: dict[str, Any] = {
-            "id": item.id,
-            "shard": shard,
-            "run_id": run_id,
-            "row": item.row,
-            "prompt": item.prompt,
-            "negative_prompt": item.negative_prompt,
-            "seed": item.seed,
-            "num_frames": item.num_frames,
-            "height": item.height,
-            "width": item.width,
-            "num_inference_steps": item.num_inference_steps,
-            "guidance_scale": item.guidance_scale,
-            "fps": self.generation.fps,
-            "crf": self.generation.crf,
-            "video_key": video_key,
-            "video_uri": self.storage.url(video_key),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "size_bytes": len(data),
-            "frames": info.frames,
-            "video_width": info.width,
-            "video_height": info.height,
-            "duration_s": info.duration_s,
-            "model": {"path": model.get("path"), "fingerprint": model.get("fingerprint")},
-            "timings": timings,
-            "attempt": attempt + self.launch_attempt,
-            "host": self.host,
-            "batchgen_version": __version__,
-            "parallel": parallel,
-            "created_at": _now(),
-            "adopted": adopted,
-        }
-        if extra:
-            sidecar["extra"] = extra
-        return sidecar
+        return Sidecar.for_item(
+            item,
+            shard=shard,
+            run_id=self.plan.run_id,
+            fps=self.generation.fps,
+            crf=self.generation.crf,
+            video_key=video_key,
+            video_uri=self.storage.url(video_key),
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+            frames=info.frames,
+            video_width=info.width,
+            video_height=info.height,
+            duration_s=info.duration_s,
+            model={"path": model.get("path"), "fingerprint": model.get("fingerprint")},
+            timings=timings,
+            attempt=attempt + self.launch_attempt,
+            host=self.host,
+            batchgen_version=__version__,
+            parallel=parallel,
+            created_at=_now(),
+            adopted=adopted,
+            extra=extra,
+        )
 
     def _record_error(self, shard: str, item: Item, attempts: int, error: BaseException | None) -> None:
         message = _describe(error) if error else f"failed on another rank of data-parallel group {self.ctx.dp_rank}"
