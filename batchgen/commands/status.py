@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if args.shards:
         for name in progress.unfinished_shards:
             s = progress.shards[name]
-            print(f"  {name}: {s.done}/{s.total} done, {s.failed} failed" + (", stats written" if s.stats_written else ""))
+            print(
+                f"  {name}: {s.done}/{s.total} done, {s.failed} failed" + (", stats written" if s.stats_written else "")
+            )
     if args.namespace:
         from batchgen.k8s.controller import format_jobs
 

@@ -25,13 +25,19 @@ from typing import Any, TypeVar
 import boto3
 from botocore import exceptions as boto_errors
 from botocore.config import Config
-from botocore.parsers import ResponseParserError
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
 from batchgen.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError, TransientStorageError
 from batchgen.storage.base import ObjectInfo, Storage
 from batchgen.storage.local import TEMP_PREFIX, validate_key
-from batchgen.storage.retry import RetryPolicy, env_number, error_code, http_status, is_transient
+from batchgen.storage.retry import (
+    TRANSIENT_WIRE_ERRORS,
+    RetryPolicy,
+    env_number,
+    error_code,
+    http_status,
+    is_transient,
+)
 
 log = logging.getLogger("batchgen.storage.s3")
 
@@ -187,7 +193,7 @@ class S3Storage(Storage):
 
         try:
             return self._retry.retrying(before_sleep=before_sleep)(once)
-        except (boto_errors.BotoCoreError, boto_errors.ClientError, ResponseParserError) as exc:
+        except (boto_errors.BotoCoreError, boto_errors.ClientError, *TRANSIENT_WIRE_ERRORS) as exc:
             raise self._translate(exc, what, key, attempts) from exc
 
     def _translate(self, exc: Exception, what: str, key: str | None, attempts: int) -> StorageError:

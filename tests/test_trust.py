@@ -1,0 +1,181 @@
+"""Issue 13: what a run says about itself (progress, status, index, _SUCCESS.json) holds under faults, races and
+tampering. One test per reported case, against moto (through the fault proxy where the case is a network fault)
+and the file backend."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen import layout
+from batchgen.cli import main
+from batchgen.errors import AlreadyExistsError, ChangedError
+from batchgen.index import finalize_run
+from batchgen.plan import load_shard_items
+from batchgen.progress import scan_run
+from batchgen.storage import open_storage
+from tests._runs import plan_run, tiny_run_config, write_manifest
+from tests.fixtures.faultproxy import FaultProxy
+from tests.test_index import commit_all, sidecar
+
+
+@pytest.fixture
+def small_plan(storage, tmp_path, tiny_config):
+    plan = plan_run(storage, tmp_path, 5, tiny_run_config(tiny_config, shard_size=2))
+    return plan, {s: load_shard_items(storage, plan.run_id, s) for s in plan.shards}
+
+
+@pytest.fixture
+def proxy(s3_server, monkeypatch):
+    """A fault proxy that forwards everything unless a test injects a fault."""
+    with FaultProxy(s3_server, 0.0, seed=13) as started:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", started.url)
+        monkeypatch.setenv("BATCHGEN_S3_BACKOFF_S", "0.002")
+        monkeypatch.setenv("BATCHGEN_S3_BACKOFF_MAX_S", "0.02")
+        yield started
+
+
+def index_rows(storage, plan) -> list[dict]:
+    return pq.read_table(pa.BufferReader(storage.get_bytes(layout.index_key(plan.run_id)))).to_pylist()
+
+
+# -- case 1: a reset while an error answer is read ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["reset_body", "truncate"])
+def test_error_body_cut_short_is_retried_not_exit_1(fault, proxy, s3_uri, tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.parquet", 3)
+    # The 404 of run.json on a new output: botocore reads its body outside its own exception wrapping.
+    proxy.inject("GET", "/plan/run.json", fault)
+    assert main(["plan", str(manifest), "--output", s3_uri, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reused"] is False
+    assert proxy.counts[fault] == 1
+
+
+def test_reset_while_reading_a_body_is_retried(proxy, s3_uri):
+    storage = open_storage(s3_uri)
+    storage.put_bytes("run/a.json", b"{}")
+    proxy.inject("GET", "/run/a.json", "reset_body", times=2)
+    assert storage.get_bytes("run/a.json") == b"{}"
+    assert proxy.counts["reset_body"] == 2
+
+
+def test_error_body_cut_short_every_time_exits_200(proxy, s3_uri, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BATCHGEN_S3_MAX_ATTEMPTS", "3")
+    manifest = write_manifest(tmp_path / "m.parquet", 3)
+    proxy.inject("GET", "/plan/run.json", "reset_body", times=100)
+    assert main(["plan", str(manifest), "--output", s3_uri]) == 200
+    assert "run.json" in capsys.readouterr().err
+
+
+# -- case 2: stats are a cache, not the truth ---------------------------------------------------------------
+
+
+def test_sidecar_removed_after_stats_makes_the_shard_pending_again(storage, storage_uri, small_plan, capsys):
+    plan, items = small_plan
+    commit_all(storage, plan, items)
+    for shard in plan.shards:
+        storage.put_bytes(layout.stats_key(plan.run_id, shard), b"{}")
+    assert finalize_run(storage, plan) is True
+    shard = plan.shards[0]
+    storage.delete(layout.sidecar_key(plan.run_id, shard, items[shard][1].id))
+
+    progress = scan_run(storage, plan)
+    assert (progress.done, progress.pending, progress.complete) == (4, 1, False)
+    assert progress.unfinished_shards == [shard]  # so `batchgen run` sends a worker there again
+    assert main(["status", storage_uri, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["done"], status["complete"], status["success_marker"]) == (4, False, True)
+    assert main(["index", storage_uri]) == 5
+    assert not storage.exists(layout.success_key(plan.run_id))
+
+
+# -- case 3: index racing run -------------------------------------------------------------------------------
+
+
+def test_stale_finaliser_cannot_replace_a_fresher_index_or_remove_the_marker(storage_factory, small_plan):
+    plan, items = small_plan
+    storage = storage_factory()
+    first = plan.shards[0]
+    for item in items[first]:
+        sidecar(storage, plan, first, item)
+
+    # Finaliser A (a `batchgen index` started mid-run) stalls while it reads sidecars...
+    stale = storage_factory()
+    reading, release = threading.Event(), threading.Event()
+    get_bytes = stale.get_bytes
+
+    def slow_get(key):
+        if "/meta/" in key:
+            reading.set()
+            release.wait(30)
+        return get_bytes(key)
+
+    stale.get_bytes = slow_get
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("a", finalize_run(stale, plan)))
+    thread.start()
+    assert reading.wait(30)
+    # ...while the run commits every item and finalises (B)...
+    commit_all(storage, plan, items)
+    assert finalize_run(storage, plan) is True
+    # ...then A finishes with its view of 2 items.
+    release.set()
+    thread.join(60)
+
+    assert outcome["a"] is True  # A noticed the fresher index and built again
+    assert len(index_rows(storage, plan)) == 5
+    marker = json.loads(storage.get_bytes(layout.success_key(plan.run_id)))
+    assert marker["index_etag"] == storage.head(layout.index_key(plan.run_id)).etag
+
+
+def test_conditional_replace(storage):
+    etag = storage.put_bytes("run/index/index.parquet", b"one", if_absent=True)
+    assert etag and storage.head("run/index/index.parquet").etag == etag
+    newer = storage.put_bytes("run/index/index.parquet", b"two", if_match=etag)
+    assert newer != etag
+    with pytest.raises(ChangedError):
+        storage.put_bytes("run/index/index.parquet", b"stale", if_match=etag)
+    with pytest.raises(AlreadyExistsError):
+        storage.put_bytes("run/index/index.parquet", b"stale", if_absent=True)
+    with pytest.raises(ChangedError):
+        storage.put_bytes("run/other", b"x", if_match=etag)
+    assert storage.get_bytes("run/index/index.parquet") == b"two"
+    assert [i.key for i in storage.list("run/index/")] == ["run/index/index.parquet"]  # no lock file listed
+
+
+# -- case 4: a stray file under meta/ -----------------------------------------------------------------------
+
+
+def test_stray_sidecar_copy_counts_nowhere(storage, storage_uri, small_plan, caplog, capsys):
+    plan, items = small_plan
+    commit_all(storage, plan, items)
+    shard = plan.shards[0]
+    kept, lost = items[shard]
+    copy = storage.get_bytes(layout.sidecar_key(plan.run_id, shard, kept.id))
+    storage.delete(layout.sidecar_key(plan.run_id, shard, lost.id))
+    storage.put_bytes(f"{layout.sidecars_prefix(plan.run_id, shard)}{kept.id}-copy.json", copy)
+
+    progress = scan_run(storage, plan)
+    assert (progress.done, progress.complete, progress.unfinished_shards) == (4, False, [shard])
+    assert f"{kept.id}-copy" in caplog.text
+    assert main(["index", storage_uri]) == 5
+    assert "4 rows" in capsys.readouterr().out
+    ids = [r["id"] for r in index_rows(storage, plan)]
+    assert len(ids) == len(set(ids)) == 4 and lost.id not in ids
+    assert not storage.exists(layout.success_key(plan.run_id))
+
+
+def test_sidecar_of_another_item_under_a_planned_name_is_refused(storage, storage_uri, small_plan, capsys):
+    plan, items = small_plan
+    commit_all(storage, plan, items)
+    shard = plan.shards[0]
+    kept, lost = items[shard]
+    forged = layout.sidecar_key(plan.run_id, shard, lost.id)
+    storage.put_bytes(forged, storage.get_bytes(layout.sidecar_key(plan.run_id, shard, kept.id)))
+    assert main(["index", storage_uri]) == 3
+    assert f"describes {plan.run_id}/{shard}/{kept.id}" in capsys.readouterr().err
