@@ -4,8 +4,15 @@ and the file backend."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,10 +20,11 @@ import pytest
 
 from batchgen import layout
 from batchgen.cli import main
-from batchgen.errors import AlreadyExistsError, ChangedError
+from batchgen.errors import AlreadyExistsError, ChangedError, TransientStorageError
 from batchgen.index import finalize_run
+from batchgen.localrun import ProgressDisplay, _supervise
 from batchgen.plan import load_shard_items
-from batchgen.progress import scan_run
+from batchgen.progress import RunProgress, scan_run
 from batchgen.storage import open_storage
 from tests._runs import plan_run, tiny_run_config, write_manifest
 from tests.fixtures.faultproxy import FaultProxy
@@ -179,3 +187,110 @@ def test_sidecar_of_another_item_under_a_planned_name_is_refused(storage, storag
     storage.put_bytes(forged, storage.get_bytes(layout.sidecar_key(plan.run_id, shard, kept.id)))
     assert main(["index", storage_uri]) == 3
     assert f"describes {plan.run_id}/{shard}/{kept.id}" in capsys.readouterr().err
+
+
+# -- case 7: exit codes and process management ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["directory", "not utf-8"])
+def test_unreadable_config_exits_2_naming_it(kind, tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.parquet", 2)
+    config = tmp_path / "run.toml"
+    if kind == "directory":
+        config.mkdir()
+    else:
+        config.write_bytes(b"[generation]\nnegative_prompt = '\xff\xfe'\n")
+    assert main(["validate", str(manifest), "--config", str(config)]) == 2
+    assert str(config) in capsys.readouterr().err
+
+
+def test_truncated_text_encoder_weights_exit_2_naming_the_file(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code = main(["generate", "--model-dir", str(model), "--prompt", "a fox", "--out", str(tmp_path / "fox.mp4")])
+    assert code == 2
+    assert f"{weights}: truncated safetensors file" in capsys.readouterr().err
+
+
+SLEEPER = """
+import pathlib, signal, sys, time
+def stop(signum, frame):
+    pathlib.Path(sys.argv[1]).write_text(str(signum))
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+pathlib.Path(sys.argv[1] + ".pid").write_text(str(__import__("os").getpid()))
+time.sleep(120)
+"""
+
+SUPERVISOR = """
+import io, json, sys
+from batchgen.localrun import ProgressDisplay, _supervise
+from batchgen.progress import RunProgress
+commands = [[sys.executable, "-c", sys.argv[1], path] for path in sys.argv[2:]]
+codes, signum = _supervise(commands, lambda: RunProgress("r"), ProgressDisplay(io.StringIO(), "r", 0), 0.05)
+print(json.dumps({"codes": codes, "signal": signum}))
+"""
+
+
+def _wait_for(paths, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() and p.read_text() for p in paths):
+        assert time.monotonic() < deadline, f"timed out waiting for {paths}"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state
+
+
+def _start_supervisor(tmp_path, count=2):
+    marks = [tmp_path / f"worker-{i}" for i in range(count)]
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, SLEEPER, *map(str, marks)], stdout=subprocess.PIPE, text=True
+    )
+    pids = [Path(f"{m}.pid") for m in marks]
+    _wait_for(pids)
+    return parent, marks, [int(p.read_text()) for p in pids]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's prctl")
+def test_workers_stop_when_the_run_is_killed_9(tmp_path):
+    parent, marks, pids = _start_supervisor(tmp_path)
+    parent.kill()
+    parent.wait()
+    _wait_for(marks)  # each worker got SIGTERM, the graceful stop, from the kernel
+    assert {m.read_text() for m in marks} == {str(int(signal.SIGTERM))}
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_sighup_stops_the_workers_gracefully(tmp_path):
+    parent, marks, _ = _start_supervisor(tmp_path)
+    parent.send_signal(signal.SIGHUP)
+    out, _ = parent.communicate(timeout=60)
+    assert json.loads(out) == {"codes": [143, 143], "signal": int(signal.SIGHUP)}
+    assert all(m.read_text() == str(int(signal.SIGTERM)) for m in marks)
+
+
+def test_failing_progress_poll_stops_the_workers_with_sigterm(tmp_path):
+    marks = [tmp_path / "worker-0", tmp_path / "worker-1"]
+    commands = [[sys.executable, "-c", SLEEPER, str(m)] for m in marks]
+    polls = []
+
+    def poll():
+        polls.append(1)
+        if len(polls) > 1 and all(Path(f"{m}.pid").exists() for m in marks):
+            raise TransientStorageError("S3 list s3://b/out/run/meta/: SlowDown persisted after 10 attempt(s)")
+        return RunProgress("r")
+
+    with pytest.raises(TransientStorageError, match="SlowDown"):
+        _supervise(commands, poll, ProgressDisplay(io.StringIO(), "r", 0), 0.05)
+    assert all(m.read_text() == str(int(signal.SIGTERM)) for m in marks)  # not SIGKILL: they could finish a commit
