@@ -69,6 +69,10 @@ class PlanConflictError(BatchgenError):
     exit_code = EXIT_CONFLICT
 
 
+class ModelMismatchError(PlanConflictError):
+    """The run's videos were made with other weights than this worker's: one dataset, one model."""
+
+
 class StorageError(BatchgenError):
     """Permanent storage error; the message names the URI and key."""
 

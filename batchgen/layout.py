@@ -5,6 +5,7 @@ Keys are relative to the output root (a bucket prefix or a folder)::
 
     <run>/plan/run.json              run description: config, fingerprints, shard count (written once)
     <run>/plan/shards/<shard>.parquet the shard's items, parameters resolved
+    <run>/plan/model.json            the weights' fingerprint, pinned by the first commit
     <run>/videos/<shard>/<id>.mp4    the video (written first)
     <run>/meta/<shard>/<id>.json     the sidecar: the item's commit marker (written after the video)
     <run>/errors/<shard>/<id>.json   last failure of an item that is not done (cleared by a later success)
@@ -33,6 +34,10 @@ def run_prefix(run_id: str) -> str:
 
 def plan_key(run_id: str) -> str:
     return f"{run_id}/plan/run.json"
+
+
+def model_pin_key(run_id: str) -> str:
+    return f"{run_id}/plan/model.json"
 
 
 def shard_plan_key(run_id: str, shard: str) -> str:

@@ -52,8 +52,10 @@ from batchgen.errors import (
     AlreadyExistsError,
     BatchgenError,
     InputError,
+    ModelMismatchError,
     NotFoundError,
     StorageError,
+    TransientStorageError,
 )
 from batchgen.generate.api import GeneratedVideo, VideoGenerator
 from batchgen.item import Item
@@ -374,6 +376,7 @@ class _WorkerLoop:
         self.max_attempts = plan.config.worker.max_attempts
         self.launch_attempt = _launch_attempt()
         self.host = socket.gethostname()
+        self.model_pinned = False
 
     # -- agreement across ranks ------------------------------------------------------------------------
 
@@ -450,9 +453,11 @@ class _WorkerLoop:
         status, error = _OK, None
         if self.ctx.rank == 0:
             try:
+                if not self.model_pinned:
+                    self._check_model_pin(create=False)
                 view = scan_shard(self.storage, self.plan.run_id, shard)
                 self._adopt_orphans(view)
-            except (StorageError, InputError) as e:
+            except (StorageError, InputError, ModelMismatchError) as e:
                 status, error = _FATAL, e
         self._resolve(status, error, f"scanning {shard}")
         try:
@@ -485,7 +490,7 @@ class _WorkerLoop:
                 attempts = attempt_round
                 try:
                     self._generate_and_commit(shard, item, attempts, scan)
-                except StorageError as e:
+                except (StorageError, ModelMismatchError) as e:
                     status, error = _FATAL, e
                 except Exception as e:
                     status, error = _ITEM_FAILED, e
@@ -534,6 +539,8 @@ class _WorkerLoop:
             raise ValueError(
                 f"generator returned frames {frames.dtype}{list(frames.shape)}, expected uint8{list(expected)}"
             )
+        if not self.model_pinned:
+            self._check_model_pin(create=True)
         t0 = time.perf_counter()
         data = encode_mp4(frames, self.generation.fps, self.generation.crf)
         info = probe_mp4(data)
@@ -573,11 +580,24 @@ class _WorkerLoop:
         raise RuntimeError(f"{self.storage.url(key)} keeps reappearing undecodable; giving up on this attempt")
 
     def _existing_video(self, key: str, item: Item):
-        data = self.storage.get_bytes(key)
+        data = self._read_verified(key)
         info = probe_mp4(data)
         if info.frames != item.num_frames:
             raise ValueError(f"{self.storage.url(key)} has {info.frames} frames, expected {item.num_frames}")
         return data, info
+
+    def _read_verified(self, key: str) -> bytes:
+        """The stored object's bytes, confirmed by a second read and the stored size: a sidecar's sha256 must be
+        the stored video's, not that of whatever a faulty connection delivered (a faststart MP4 cut short still
+        probes with its full frame count, so decoding alone would not notice)."""
+        for _ in range(_MAX_REPLACE_ROUNDS):
+            first = self.storage.get_bytes(key)
+            second = self.storage.get_bytes(key)
+            stored = self.storage.head(key)
+            if first == second and stored is not None and stored.size == len(first):
+                return first
+            log.warning("%s: two reads disagree or differ from the stored size; reading again", self.storage.url(key))
+        raise TransientStorageError(f"{self.storage.url(key)}: could not read the same bytes twice; not adopting it")
 
     def _put_sidecar(self, shard: str, item: Item, sidecar: Sidecar, clear_error: bool) -> None:
         key = layout.sidecar_key(self.plan.run_id, shard, item.id)
@@ -644,10 +664,45 @@ class _WorkerLoop:
             self.storage.url(key),
         )
 
+    # -- the weights' pin ------------------------------------------------------------------------------
+
+    def _check_model_pin(self, *, create: bool) -> None:
+        """Refuse to add videos made with other weights than the run's. The first commit pins the weights'
+        fingerprint in ``plan/model.json`` (a conditional create: concurrent first commits agree on one)."""
+        model = dict(getattr(self.generator, "model_identity", None) or {})
+        fingerprint = model.get("fingerprint")
+        if not fingerprint:
+            self.model_pinned = True  # a generator without weights to identify (nothing to compare)
+            return
+        key = layout.model_pin_key(self.plan.run_id)
+        if create:
+            pin = {"fingerprint": fingerprint, "path": model.get("path"), "host": self.host, "pinned_at": _now()}
+            try:
+                self.storage.put_bytes(key, _json_bytes(pin), if_absent=True, content_type="application/json")
+                self.model_pinned = True
+                return
+            except AlreadyExistsError:
+                pass
+        try:
+            pinned = json.loads(self.storage.get_bytes(key))
+        except NotFoundError:
+            return  # not pinned yet: the first commit will
+        except ValueError as e:
+            raise StorageError(f"{self.storage.url(key)} is not valid JSON: {e}") from e
+        if pinned.get("fingerprint") != fingerprint:
+            raise ModelMismatchError(
+                f"run {self.plan.run_id} was generated with weights {pinned.get('fingerprint')} "
+                f"({pinned.get('path')}), this worker has {fingerprint} ({model.get('path')}); one run never mixes "
+                "two models. To generate with these weights, plan a new run (another --run-name)."
+            )
+        self.model_pinned = True
+
     # -- orphans and stats -----------------------------------------------------------------------------
 
     def _adopt_orphans(self, scan: ShardScan) -> None:
         by_id = {item.id: item for item in scan.items}
+        if scan.orphans and not self.model_pinned:
+            self._check_model_pin(create=True)
         for item_id in sorted(scan.orphans):
             item = by_id[item_id]
             key = layout.video_key(self.plan.run_id, scan.shard, item_id)

@@ -4,6 +4,7 @@ and the file backend."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -14,19 +15,23 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from batchgen import layout
 from batchgen.cli import main
-from batchgen.errors import AlreadyExistsError, ChangedError, TransientStorageError
+from batchgen.errors import AlreadyExistsError, ChangedError, ModelMismatchError, TransientStorageError
 from batchgen.index import finalize_run
 from batchgen.localrun import ProgressDisplay, _supervise
+from batchgen.parallel.context import SingleProcess
 from batchgen.plan import load_shard_items
 from batchgen.progress import RunProgress, scan_run
 from batchgen.storage import open_storage
-from tests._runs import plan_run, tiny_run_config, write_manifest
+from batchgen.video import encode_mp4
+from batchgen.worker import run_worker
+from tests._runs import keys_under, plan_run, tiny_run_config, write_manifest
 from tests.fixtures.faultproxy import FaultProxy
 from tests.test_index import commit_all, sidecar
 
@@ -227,6 +232,7 @@ time.sleep(120)
 SUPERVISOR = """
 import io, json, sys
 from batchgen.localrun import ProgressDisplay, _supervise
+from batchgen.parallel.context import SingleProcess
 from batchgen.progress import RunProgress
 commands = [[sys.executable, "-c", sys.argv[1], path] for path in sys.argv[2:]]
 codes, signum = _supervise(commands, lambda: RunProgress("r"), ProgressDisplay(io.StringIO(), "r", 0), 0.05)
@@ -294,3 +300,69 @@ def test_failing_progress_poll_stops_the_workers_with_sigterm(tmp_path):
     with pytest.raises(TransientStorageError, match="SlowDown"):
         _supervise(commands, poll, ProgressDisplay(io.StringIO(), "r", 0), 0.05)
     assert all(m.read_text() == str(int(signal.SIGTERM)) for m in marks)  # not SIGKILL: they could finish a commit
+
+
+# -- case 5 (adoption) and case 6: a hash we verified, and one model per run ------------------------------------
+
+
+class NeverGenerates:
+    """A generator for runs where every item is already done or adopted: being called is a test failure."""
+
+    def __init__(self, fingerprint: str):
+        self.model_identity = {"path": f"/models/{fingerprint}", "fingerprint": fingerprint}
+
+    def prepare(self, items):
+        raise AssertionError(f"prepare called for {[i.id for i in items]}")
+
+    def generate(self, item):
+        raise AssertionError(f"generate called for {item.id}")
+
+    def close(self):
+        pass
+
+
+def put_orphans(storage, plan, items) -> dict[str, bytes]:
+    videos = {}
+    rng = np.random.default_rng(5)
+    for shard, shard_items in items.items():
+        for item in shard_items:
+            frames = rng.integers(0, 255, (item.num_frames, item.height, item.width, 3), dtype=np.uint8)
+            videos[item.id] = encode_mp4(frames, 30, 18)
+            storage.put_bytes(layout.video_key(plan.run_id, shard, item.id), videos[item.id])
+    return videos
+
+
+def test_adoption_records_the_stored_objects_hash_not_a_short_read(proxy, s3_uri, tmp_path, tiny_config):
+    storage = open_storage(s3_uri)
+    plan = plan_run(storage, tmp_path, 2, tiny_run_config(tiny_config, shard_size=2))
+    items = {s: load_shard_items(storage, plan.run_id, s) for s in plan.shards}
+    videos = put_orphans(storage, plan, items)
+    victim = items[plan.shards[0]][0].id
+    # The store delivers half the video once, with a Content-Length that agrees: nothing on the wire is wrong.
+    proxy.strip_checksums = True  # a store without checksums: botocore has nothing to check the body against
+    proxy.inject("GET", f"/videos/{plan.shards[0]}/{victim}.mp4", "short")
+
+    summary = run_worker(storage, plan, plan.shards, NeverGenerates("f1"), SingleProcess())
+    assert (summary.adopted, summary.exit_code) == (2, 0)
+    assert proxy.counts["short"] == 1
+    for item_id, data in videos.items():
+        sidecar = json.loads(storage.get_bytes(layout.sidecar_key(plan.run_id, plan.shards[0], item_id)))
+        assert (sidecar["sha256"], sidecar["size_bytes"]) == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_other_weights_refuse_to_join_a_run(storage, storage_uri, tmp_path, tiny_config, caplog):
+    plan = plan_run(storage, tmp_path, 4, tiny_run_config(tiny_config, shard_size=2))
+    items = {s: load_shard_items(storage, plan.run_id, s) for s in plan.shards}
+    first = plan.shards[0]
+    put_orphans(storage, plan, {first: items[first]})
+    assert run_worker(storage, plan, [first], NeverGenerates("aaaa"), SingleProcess()).adopted == 2
+    assert json.loads(storage.get_bytes(layout.model_pin_key(plan.run_id)))["fingerprint"] == "aaaa"
+
+    second = plan.shards[1]
+    put_orphans(storage, plan, {second: items[second]})
+    with pytest.raises(ModelMismatchError) as refused:
+        run_worker(storage, plan, [second], NeverGenerates("bbbb"), SingleProcess())
+    assert refused.value.exit_code == 4
+    assert "aaaa" in str(refused.value) and "bbbb" in str(refused.value)
+    assert not keys_under(storage, layout.sidecars_prefix(plan.run_id, second))  # nothing mixed in
+    assert run_worker(storage, plan, [second], NeverGenerates("aaaa"), SingleProcess()).adopted == 2
