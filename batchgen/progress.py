@@ -59,6 +59,8 @@ class ShardProgress:
 class RunProgress:
     run_id: str
     shards: dict[str, ShardProgress] = field(default_factory=dict)
+    strays: list[str] = field(default_factory=list)
+    """Keys under meta/ and errors/ that are not a planned item's sidecar or error record (ignored)."""
 
     @property
     def total(self) -> int:
@@ -107,39 +109,48 @@ def scan_run(storage: Storage, plan: RunPlan) -> RunProgress:
     run_id = plan.run_id
     progress = RunProgress(run_id, {s: ShardProgress(s, plan.items_in_shard(s)) for s in plan.shards})
     shards = progress.shards
-    for shard in _names_under(storage, layout.stats_prefix(run_id), ".json", depth=1):
+    strays = progress.strays
+    for shard in _names_under(storage, layout.stats_prefix(run_id), ".json", depth=1, strays=strays):
         if shard in shards:
             shards[shard].stats_written = True
-    listed = _listed_sidecars(storage, plan)
-    failed = _grouped(storage, _pairs_under(storage, f"{run_id}/errors/", ".json"), shards)
+    listed = _listed_sidecars(storage, plan, strays)
+    errors = f"{run_id}/errors/"
+    failed = _grouped(_pairs_under(storage, errors, ".json", strays), shards, strays, errors)
     ids_of = _planned_ids(storage, plan, [s for s in shards if _needs_ids(plan, s, listed, failed)])
     for name, s in shards.items():
         names = listed.get(name, set())
         valid = ids_of.get(name, names)  # without a plan read, the digest proved every name valid
         s.done_ids = names & valid
         s.failed_ids = (failed.get(name, set()) & valid) - s.done_ids
-        strays = (names | failed.get(name, set())) - valid
-        for item_id in sorted(strays):
-            log.warning("ignoring %s/%s: not an item of this shard in the plan", name, item_id)
+        for item_id in sorted(names - valid):
+            strays.append(layout.sidecar_key(run_id, name, item_id))
+        for item_id in sorted(failed.get(name, set()) - valid):
+            strays.append(layout.error_key(run_id, name, item_id))
+    for key in strays:
+        log.warning("ignoring %s: not an object of a planned item", storage.url(key))
     return progress
 
 
-def _listed_sidecars(storage: Storage, plan: RunPlan) -> dict[str, set[str]]:
+def _listed_sidecars(storage: Storage, plan: RunPlan, strays: list[str]) -> dict[str, set[str]]:
     """Names listed under each shard's ``meta/`` folder."""
     shards = set(plan.shards)
     # One request per shard, or total/1000 requests for the whole run: whichever is fewer.
     if len(plan.shards) > -(-plan.row_count // LIST_PAGE):
-        return _grouped(storage, _pairs_under(storage, layout.meta_prefix(plan.run_id), ".json"), shards)
-    return {s: set(_names_under(storage, layout.sidecars_prefix(plan.run_id, s), ".json", depth=1)) for s in shards}
+        prefix = layout.meta_prefix(plan.run_id)
+        return _grouped(_pairs_under(storage, prefix, ".json", strays), shards, strays, prefix)
+    return {
+        s: set(_names_under(storage, layout.sidecars_prefix(plan.run_id, s), ".json", depth=1, strays=strays))
+        for s in shards
+    }
 
 
-def _grouped(storage: Storage, pairs: list[tuple[str, str]], shards) -> dict[str, set[str]]:
+def _grouped(pairs: list[tuple[str, str]], shards, strays: list[str], prefix: str) -> dict[str, set[str]]:
     grouped: dict[str, set[str]] = defaultdict(set)
     for shard, item_id in pairs:
         if shard in shards:
             grouped[shard].add(item_id)
         else:
-            log.warning("ignoring %s/%s under %s: %s is not a shard of the plan", shard, item_id, storage.uri, shard)
+            strays.append(f"{prefix}{shard}/{item_id}.json")
     return grouped
 
 
@@ -158,17 +169,17 @@ def _planned_ids(storage: Storage, plan: RunPlan, shards: list[str]) -> dict[str
         return dict(zip(shards, pool.map(ids, shards), strict=True))
 
 
-def _names_under(storage: Storage, prefix: str, suffix: str, *, depth: int) -> list[str]:
+def _names_under(storage: Storage, prefix: str, suffix: str, *, depth: int, strays: list[str]) -> list[str]:
     names = []
     for info in storage.list(prefix):
         rest = info.key[len(prefix) :]
         if rest.endswith(suffix) and rest.count("/") == depth - 1:
             names.append(rest[: -len(suffix)])
         else:
-            log.warning("ignoring %s: not a %s object of this layout", storage.url(info.key), suffix)
+            strays.append(info.key)
     return names
 
 
-def _pairs_under(storage: Storage, prefix: str, suffix: str) -> list[tuple[str, str]]:
+def _pairs_under(storage: Storage, prefix: str, suffix: str, strays: list[str]) -> list[tuple[str, str]]:
     """(shard, item id) for every ``<prefix><shard>/<id><suffix>`` key."""
-    return [tuple(name.split("/", 1)) for name in _names_under(storage, prefix, suffix, depth=2)]
+    return [tuple(name.split("/", 1)) for name in _names_under(storage, prefix, suffix, depth=2, strays=strays)]

@@ -366,3 +366,86 @@ def test_other_weights_refuse_to_join_a_run(storage, storage_uri, tmp_path, tiny
     assert "aaaa" in str(refused.value) and "bbbb" in str(refused.value)
     assert not keys_under(storage, layout.sidecars_prefix(plan.run_id, second))  # nothing mixed in
     assert run_worker(storage, plan, [second], NeverGenerates("aaaa"), SingleProcess()).adopted == 2
+
+
+# -- case 5: deleted or damaged videos, batchgen verify --------------------------------------------------------
+
+
+@pytest.fixture
+def committed_run(storage, tmp_path, tiny_config):
+    """A complete run of real MP4s whose sidecars the worker wrote (by adopting them), index and marker built."""
+    plan = plan_run(storage, tmp_path, 4, tiny_run_config(tiny_config, shard_size=2))
+    items = {s: load_shard_items(storage, plan.run_id, s) for s in plan.shards}
+    videos = put_orphans(storage, plan, items)
+    assert run_worker(storage, plan, plan.shards, NeverGenerates("f1"), SingleProcess()).adopted == 4
+    assert finalize_run(storage, plan) is True
+    return plan, items, videos
+
+
+def verify(storage_uri, *flags, capsys) -> tuple[int, dict]:
+    code = main(["verify", storage_uri, "--json", *flags])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_verify_finds_a_deleted_video_and_repair_makes_it_pending(storage, storage_uri, committed_run, capsys):
+    plan, items, videos = committed_run
+    assert verify(storage_uri, capsys=capsys) == (0, {"run_id": plan.run_id, "done": 4, "total": 4, "found": [],
+                                                        "remaining": []})  # fmt: skip
+    shard = plan.shards[1]
+    lost = items[shard][0]
+    storage.delete(layout.video_key(plan.run_id, shard, lost.id))
+
+    code, report = verify(storage_uri, capsys=capsys)
+    assert code == 8
+    assert [p["problem"] for p in report["found"]] == ["video missing (its sidecar says it is done)"]
+    assert report["found"][0]["uri"] == storage.url(layout.video_key(plan.run_id, shard, lost.id))
+
+    code, report = verify(storage_uri, "--repair", capsys=capsys)
+    assert (code, report["done"], report["remaining"]) == (0, 3, [])
+    progress = scan_run(storage, plan)
+    assert (progress.pending, progress.unfinished_shards) == (1, [shard])
+    assert not storage.exists(layout.success_key(plan.run_id))
+    assert {r["id"] for r in index_rows(storage, plan)} == {i.id for s in items.values() for i in s} - {lost.id}
+
+    # The next run regenerates it (here: a video for it reappears and is adopted) and the run is whole again.
+    storage.put_bytes(layout.video_key(plan.run_id, shard, lost.id), videos[lost.id])
+    assert run_worker(storage, plan, [shard], NeverGenerates("f1"), SingleProcess()).adopted == 1
+    assert finalize_run(storage, plan) is True
+    assert verify(storage_uri, "--deep", capsys=capsys)[0] == 0
+
+
+def test_verify_deep_finds_changed_bytes_of_the_same_size(storage, storage_uri, committed_run, capsys):
+    plan, items, videos = committed_run
+    shard = plan.shards[0]
+    victim = items[shard][1]
+    data = bytearray(videos[victim.id])
+    data[len(data) // 2] ^= 0xFF
+    storage.put_bytes(layout.video_key(plan.run_id, shard, victim.id), bytes(data))
+
+    assert verify(storage_uri, capsys=capsys)[0] == 0  # the size still matches: only --deep reads the bytes
+    code, report = verify(storage_uri, "--deep", capsys=capsys)
+    assert code == 8
+    assert [p["problem"].split(" ")[0] for p in report["found"]] == ["sha256"]
+
+
+def test_verify_reports_strays_and_an_index_that_disagrees(storage, storage_uri, committed_run, capsys):
+    plan, items, videos = committed_run
+    shard = plan.shards[0]
+    kept, dropped = items[shard]
+    storage.put_bytes(f"{layout.sidecars_prefix(plan.run_id, shard)}copy-of-{kept.id}.json", b"{}")
+    storage.put_bytes(f"{layout.videos_prefix(plan.run_id, shard)}copy-of-{kept.id}.mp4", videos[kept.id])
+    storage.delete(layout.video_key(plan.run_id, shard, dropped.id))
+    storage.delete(layout.sidecar_key(plan.run_id, shard, dropped.id))  # by hand, index and marker left as they were
+
+    code, report = verify(storage_uri, capsys=capsys)
+    assert code == 8
+    problems = sorted(p["problem"] for p in report["found"])
+    assert problems == [
+        "index does not match the sidecars (0 missing, 1 extra, 0 changed rows)",
+        "stray: not an object of a planned item",
+        "stray: not an object of a planned item",
+        "success marker present, but only 3 of 4 items are done",
+    ]
+    code, report = verify(storage_uri, "--repair", capsys=capsys)
+    assert code == 8  # strays are reported, never deleted
+    assert sorted(p["problem"] for p in report["remaining"]) == ["stray: not an object of a planned item"] * 2
