@@ -35,6 +35,8 @@ class ShardProgress:
     """Items of this shard whose sidecar exists."""
     failed_ids: set[str] = field(default_factory=set)
     """Items with an error record and no sidecar."""
+    etags: dict[str, str | None] = field(default_factory=dict)
+    """Sidecar etags of ``done_ids`` from the listing: they tell whether the shard's index part is current."""
     stats_written: bool = False
     """A worker once completed a pass over the shard (a cache: what counts is ``done_ids``)."""
 
@@ -113,7 +115,8 @@ def scan_run(storage: Storage, plan: RunPlan) -> RunProgress:
     for shard in _names_under(storage, layout.stats_prefix(run_id), ".json", depth=1, strays=strays):
         if shard in shards:
             shards[shard].stats_written = True
-    listed = _listed_sidecars(storage, plan, strays)
+    etags: dict[str, str | None] = {}
+    listed = _listed_sidecars(storage, plan, strays, etags)
     errors = f"{run_id}/errors/"
     failed = _grouped(_pairs_under(storage, errors, ".json", strays), shards, strays, errors)
     ids_of = _planned_ids(storage, plan, [s for s in shards if _needs_ids(plan, s, listed, failed)])
@@ -121,6 +124,7 @@ def scan_run(storage: Storage, plan: RunPlan) -> RunProgress:
         names = listed.get(name, set())
         valid = ids_of.get(name, names)  # without a plan read, the digest proved every name valid
         s.done_ids = names & valid
+        s.etags = {item_id: etags.get(layout.sidecar_key(run_id, name, item_id)) for item_id in s.done_ids}
         s.failed_ids = (failed.get(name, set()) & valid) - s.done_ids
         for item_id in sorted(names - valid):
             strays.append(layout.sidecar_key(run_id, name, item_id))
@@ -131,15 +135,17 @@ def scan_run(storage: Storage, plan: RunPlan) -> RunProgress:
     return progress
 
 
-def _listed_sidecars(storage: Storage, plan: RunPlan, strays: list[str]) -> dict[str, set[str]]:
+def _listed_sidecars(storage: Storage, plan: RunPlan, strays: list[str], etags: dict) -> dict[str, set[str]]:
     """Names listed under each shard's ``meta/`` folder."""
     shards = set(plan.shards)
     # One request per shard, or total/1000 requests for the whole run: whichever is fewer.
     if len(plan.shards) > -(-plan.row_count // LIST_PAGE):
         prefix = layout.meta_prefix(plan.run_id)
-        return _grouped(_pairs_under(storage, prefix, ".json", strays), shards, strays, prefix)
+        return _grouped(_pairs_under(storage, prefix, ".json", strays, etags), shards, strays, prefix)
     return {
-        s: set(_names_under(storage, layout.sidecars_prefix(plan.run_id, s), ".json", depth=1, strays=strays))
+        s: set(
+            _names_under(storage, layout.sidecars_prefix(plan.run_id, s), ".json", depth=1, strays=strays, etags=etags)
+        )
         for s in shards
     }
 
@@ -169,17 +175,22 @@ def _planned_ids(storage: Storage, plan: RunPlan, shards: list[str]) -> dict[str
         return dict(zip(shards, pool.map(ids, shards), strict=True))
 
 
-def _names_under(storage: Storage, prefix: str, suffix: str, *, depth: int, strays: list[str]) -> list[str]:
+def _names_under(
+    storage: Storage, prefix: str, suffix: str, *, depth: int, strays: list[str], etags: dict | None = None
+) -> list[str]:
     names = []
     for info in storage.list(prefix):
         rest = info.key[len(prefix) :]
         if rest.endswith(suffix) and rest.count("/") == depth - 1:
             names.append(rest[: -len(suffix)])
+            if etags is not None:
+                etags[info.key] = info.etag
         else:
             strays.append(info.key)
     return names
 
 
-def _pairs_under(storage: Storage, prefix: str, suffix: str, strays: list[str]) -> list[tuple[str, str]]:
+def _pairs_under(storage: Storage, prefix: str, suffix: str, strays: list[str], etags=None) -> list[tuple[str, str]]:
     """(shard, item id) for every ``<prefix><shard>/<id><suffix>`` key."""
-    return [tuple(name.split("/", 1)) for name in _names_under(storage, prefix, suffix, depth=2, strays=strays)]
+    names = _names_under(storage, prefix, suffix, depth=2, strays=strays, etags=etags)
+    return [tuple(name.split("/", 1)) for name in names]

@@ -13,7 +13,8 @@ Everything durable is an object in storage; nothing is remembered between runs. 
    generation or encoding is an item failure: retried up to ``worker.max_attempts`` times, then recorded
    in ``errors/<shard>/<id>.json``; it never stops the shard. Storage errors that outlast the backend's own
    retries are not item failures: the worker stops with the storage error's exit code.
-5. ``stats/<shard>.json`` is written last (the shard's "finished" marker).
+5. The shard's index part (``index/parts/<shard>-<digest>.parquet``, from the sidecars this process wrote and reads
+   of the others), then ``stats/<shard>.json`` last (a cache of the shard's counts, never trusted for progress).
 
 Ranks of a torchrun job stay in lockstep: every round of items ends with ``context.all_true`` on the
 outcome, so a failure on one rank is retried (or recorded) by its whole group, and a rank whose collectives
@@ -58,6 +59,7 @@ from batchgen.errors import (
     TransientStorageError,
 )
 from batchgen.generate.api import GeneratedVideo, VideoGenerator
+from batchgen.index import write_part
 from batchgen.item import Item
 from batchgen.parallel.context import ProcessContext
 from batchgen.plan import RunPlan, load_shard_items
@@ -300,7 +302,9 @@ _KEYS_PER_RANGE = 900
 _LIST_THREADS = 8
 
 
-def _ids_under(storage: Storage, prefix: str, suffix: str, ids: set[str], *, by_ranges: bool) -> set[str]:
+def _ids_under(
+    storage: Storage, prefix: str, suffix: str, ids: set[str], *, by_ranges: bool, etags: dict | None = None
+) -> set[str]:
     expected = sorted(f"{prefix}{item_id}{suffix}" for item_id in ids)
     bounds = expected[_KEYS_PER_RANGE - 1 : -1 : _KEYS_PER_RANGE] if by_ranges else []
     # Ranges (None, b0], (b0, b1], ..., (b_last, None) cover every key under the prefix, strays included.
@@ -317,6 +321,8 @@ def _ids_under(storage: Storage, prefix: str, suffix: str, ids: set[str], *, by_
             item_id = name[: -len(suffix)] if name.endswith(suffix) else None
             if item_id in ids:
                 found.add(item_id)
+                if etags is not None:
+                    etags[item_id] = info.etag
             else:
                 log.warning("ignoring %s: not an item of this shard", storage.url(info.key))
     return found
@@ -377,6 +383,8 @@ class _WorkerLoop:
         self.launch_attempt = _launch_attempt()
         self.host = socket.gethostname()
         self.model_pinned = False
+        self.committed: dict[str, dict[str, dict]] = {}
+        """Per shard, the sidecar records this process committed: its index part needs no read of them."""
 
     # -- agreement across ranks ------------------------------------------------------------------------
 
@@ -603,6 +611,7 @@ class _WorkerLoop:
         key = layout.sidecar_key(self.plan.run_id, shard, item.id)
         try:
             self.storage.put_bytes(key, sidecar.to_json(), if_absent=True, content_type="application/json")
+            self.committed.setdefault(shard, {})[item.id] = sidecar.to_dict()
         except AlreadyExistsError:
             log.info("%s/%s: already committed by another worker", shard, item.id)
         if clear_error:
@@ -727,7 +736,11 @@ class _WorkerLoop:
     def _write_stats(self, scan: ShardScan, result: ShardResult, started: float) -> None:
         run_id = self.plan.run_id
         ids = {item.id for item in scan.items}
-        done = _ids_under(self.storage, layout.sidecars_prefix(run_id, scan.shard), ".json", ids, by_ranges=True)
+        etags: dict[str, str | None] = {}
+        prefix = layout.sidecars_prefix(run_id, scan.shard)
+        done = _ids_under(self.storage, prefix, ".json", ids, by_ranges=True, etags=etags)
+        # The shard's index part, from the sidecars this process wrote plus reads of the others.
+        write_part(self.storage, run_id, scan.shard, etags, self.committed.pop(scan.shard, None))
         errored = _ids_under(self.storage, layout.errors_prefix(run_id, scan.shard), ".json", ids, by_ranges=False)
         errored -= done
         stats = {
