@@ -8,9 +8,10 @@ NAME = "index"
 HELP = "(re)build a run's index/index.parquet from its sidecars"
 ORDER = 75
 DESCRIPTION = (
-    "Read every sidecar of the run (one listing, parallel reads) and write <run>/index/index.parquet atomically: "
-    "one row per committed video with its key, URI and every sidecar field. Writes _SUCCESS.json when every "
-    "item is done. Exit 5 when the run is not complete (the index then covers the items done so far)."
+    "Assemble <run>/index/index.parquet from the shards' index parts (rebuilding only the parts whose sidecars "
+    "changed) and write it atomically and conditionally: one row per committed video with its key, URI and every "
+    "sidecar field. Writes _SUCCESS.json when every item is done; writes nothing when the complete run's index is "
+    "current. Prints the rows written. Exit 5 when the run is not complete (the index then covers the items done)."
 )
 
 
