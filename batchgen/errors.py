@@ -15,6 +15,7 @@ EXIT_CONFLICT = 4  # the output already holds a run planned from different input
 EXIT_INCOMPLETE = 5  # the run finished but some items failed permanently
 EXIT_PARALLEL = 6  # a parallel topology that does not fit the model, the items or the world size
 EXIT_CLUSTER = 7  # permanent Kubernetes API error (403 RBAC, 422 rejected, CRD missing)
+EXIT_VERIFY = 8  # batchgen verify found damaged, missing or stray objects, or an index/marker that disagrees
 EXIT_INTERRUPTED = 130  # SIGINT
 EXIT_TERMINATED = 143  # SIGTERM (preemption): retryable
 EXIT_TRANSIENT = 200  # transient error (storage or cluster) that outlasted the retries: retryable
@@ -28,6 +29,7 @@ EXIT_CODES = {
     EXIT_INCOMPLETE: "run finished with permanently failed items",
     EXIT_PARALLEL: "parallel degrees do not fit the model, items or world size",
     EXIT_CLUSTER: "permanent Kubernetes API error (RBAC, rejected object, CRD missing)",
+    EXIT_VERIFY: "verify found damaged, missing or stray objects, or an index that disagrees",
     EXIT_INTERRUPTED: "interrupted (SIGINT)",
     EXIT_TERMINATED: "terminated (SIGTERM), safe to rerun",
     EXIT_TRANSIENT: "transient error outlasted retries, safe to rerun",
@@ -69,6 +71,10 @@ class PlanConflictError(BatchgenError):
     exit_code = EXIT_CONFLICT
 
 
+class ModelMismatchError(PlanConflictError):
+    """The run's videos were made with other weights than this worker's: one dataset, one model."""
+
+
 class StorageError(BatchgenError):
     """Permanent storage error; the message names the URI and key."""
 
@@ -87,6 +93,10 @@ class NotFoundError(StorageError):
 
 class AlreadyExistsError(StorageError):
     """A conditional create lost: the object already exists."""
+
+
+class ChangedError(StorageError):
+    """A conditional replace lost: the object is no longer the version the writer read (or is gone)."""
 
 
 class TopologyError(BatchgenError):

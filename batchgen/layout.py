@@ -5,11 +5,13 @@ Keys are relative to the output root (a bucket prefix or a folder)::
 
     <run>/plan/run.json              run description: config, fingerprints, shard count (written once)
     <run>/plan/shards/<shard>.parquet the shard's items, parameters resolved
+    <run>/plan/model.json            the weights' fingerprint, pinned by the first commit
     <run>/videos/<shard>/<id>.mp4    the video (written first)
     <run>/meta/<shard>/<id>.json     the sidecar: the item's commit marker (written after the video)
     <run>/errors/<shard>/<id>.json   last failure of an item that is not done (cleared by a later success)
     <run>/stats/<shard>.json         shard statistics, written last: the shard's "finished" marker
     <run>/index/index.parquet        one row per committed video
+    <run>/index/parts/<shard>-<digest>.parquet  a shard's index rows; <digest> names the sidecars they came from
     <run>/_SUCCESS.json              run-level success marker: every item done, index built
     _runs/<name>/<run>.json          registry marker of a planned run (written after its run.json)
 """
@@ -33,6 +35,10 @@ def run_prefix(run_id: str) -> str:
 
 def plan_key(run_id: str) -> str:
     return f"{run_id}/plan/run.json"
+
+
+def model_pin_key(run_id: str) -> str:
+    return f"{run_id}/plan/model.json"
 
 
 def shard_plan_key(run_id: str, shard: str) -> str:
@@ -77,6 +83,14 @@ def stats_prefix(run_id: str) -> str:
 
 def index_key(run_id: str) -> str:
     return f"{run_id}/index/index.parquet"
+
+
+def index_parts_prefix(run_id: str) -> str:
+    return f"{run_id}/index/parts/"
+
+
+def index_part_key(run_id: str, shard: str, digest: str) -> str:
+    return f"{run_id}/index/parts/{shard}-{digest}.parquet"
 
 
 def success_key(run_id: str) -> str:

@@ -9,7 +9,9 @@ committed. Running the same command again finds every shard finished, generates 
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -296,9 +298,44 @@ def _index_rows(storage: Storage, plan: RunPlan) -> int:
     return pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""SIGHUP too: a closed terminal or SSH session must stop the workers, not orphan them."""
+
+
+def _die_with_parent(parent_pid: int):
+    """A ``preexec_fn``: the worker gets SIGTERM (a graceful stop) when this process dies, even by kill -9.
+
+    The workers run in their own session (so a terminal's Ctrl-C reaches only us), which also takes them out of
+    any process group a killer would signal; the kernel's parent-death signal is what ties them to us on Linux.
+    """
+
+    # Resolved before the fork: the child of a threaded parent should only call what needs no lock.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def set_death_signal() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_death_signal
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+
 def _supervise(commands, poll, display: ProgressDisplay, poll_s: float) -> tuple[list[int], int | None]:
-    """Start every worker, show progress until all exit; forward SIGTERM/SIGINT. Returns (exit codes, signal)."""
+    """Start every worker, show progress until all exit; forward SIGTERM/SIGINT/SIGHUP. Returns (exit codes, signal).
+
+    If polling storage for progress fails for good, the workers are stopped the same graceful way (SIGTERM: they
+    finish the commit in flight and exit 143) and the poll's error is raised once they have exited.
+    """
     received: list[int] = []
+    poll_error: BatchgenError | None = None
 
     def on_signal(signum, _frame):
         if not received:
@@ -306,29 +343,35 @@ def _supervise(commands, poll, display: ProgressDisplay, poll_s: float) -> tuple
                 "received %s: stopping the workers (they finish the commit in flight)", signal.Signals(signum).name
             )
         received.append(signum)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        _stop(procs)
 
     procs: list[subprocess.Popen] = []
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
         for index, command in enumerate(commands):
             log.debug("worker %d: %s", index, " ".join(command))
-            # Own process group: a terminal's Ctrl-C reaches only us, and we stop the workers in order.
-            procs.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent(os.getpid()),
+                )
+            )
         stop_deadline: float | None = None
         while any(p.poll() is None for p in procs):
             time.sleep(poll_s)
-            if received and stop_deadline is None:
+            if (received or poll_error) and stop_deadline is None:
                 stop_deadline = time.monotonic() + STOP_GRACE_S
             if stop_deadline is not None and time.monotonic() > stop_deadline:
                 for proc in procs:
                     if proc.poll() is None:
                         log.error("worker pid %d did not stop in %.0f s: killing it", proc.pid, STOP_GRACE_S)
                         proc.kill()
-            display.update(poll())
-        display.update(poll(), final=True)
+            if poll_error is None:
+                poll_error = _show_progress(display, poll, procs)
+        if poll_error is None:
+            display.update(poll(), final=True)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -341,4 +384,16 @@ def _supervise(commands, poll, display: ProgressDisplay, poll_s: float) -> tuple
         if code not in (EXIT_OK, EXIT_INCOMPLETE):
             how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with code {code}"
             log.error("worker %d (pid %d) %s", index, proc.pid, how)
+    if poll_error is not None:
+        raise poll_error
     return codes, (received[0] if received else None)
+
+
+def _show_progress(display: ProgressDisplay, poll, procs: list[subprocess.Popen]) -> BatchgenError | None:
+    try:
+        display.update(poll())
+    except BatchgenError as e:
+        log.error("reading the run's progress failed (%s): stopping the workers (SIGTERM)", e)
+        _stop(procs)
+        return e
+    return None

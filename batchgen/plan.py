@@ -62,6 +62,9 @@ class RunPlan:
     created_at: str
     shapes: tuple[ShapeGroup, ...] = ()
     """Items per video shape, for checking parallel degrees against every item without reading them again."""
+    shard_digests: tuple[str, ...] = ()
+    """Per shard, ``ids_digest`` of its item ids: a listing of ``meta/<shard>/`` whose names have this digest holds
+    exactly the shard's sidecars, so progress needs no read of the shard file (empty for plans that predate it)."""
 
     def items_in_shard(self, shard: str) -> int:
         index = layout.shard_index(shard)
@@ -85,6 +88,7 @@ class RunPlan:
             "batchgen_version": self.batchgen_version,
             "created_at": self.created_at,
             "shapes": [group.to_dict() for group in self.shapes],
+            "shard_digests": list(self.shard_digests),
         }
 
     @classmethod
@@ -109,7 +113,11 @@ class RunPlan:
             batchgen_version=data["batchgen_version"],
             created_at=data["created_at"],
             shapes=tuple(ShapeGroup.from_dict(group) for group in data.get("shapes", ())),
+            shard_digests=tuple(data.get("shard_digests", ())),
         )
+
+    def shard_digest(self, shard: str) -> str | None:
+        return self.shard_digests[layout.shard_index(shard)] if self.shard_digests else None
 
 
 # -- identity -----------------------------------------------------------------------------------------------
@@ -138,6 +146,11 @@ def plan_fingerprint(manifest_digest: str, row_count: int, generation: Generatio
         "shard_size": shard_size,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def ids_digest(ids) -> str:
+    """Order-free digest of a set of item ids (64 bits: it tells one listing from another, it is no secret)."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
 def shard_count(row_count: int, shard_size: int) -> int:
@@ -244,7 +257,8 @@ def _write_threads(storage: Storage) -> int:
     return 4 if isinstance(storage, LocalStorage) else 32
 
 
-def _write_shards(storage: Storage, plan: RunPlan, items: Iterator[pa.RecordBatch]) -> None:
+def _write_shards(storage: Storage, plan: RunPlan, items: Iterator[pa.RecordBatch]) -> list[str]:
+    """Write every shard file; returns the shards' id digests."""
     threads = _write_threads(storage)
 
     def put(index: int, table: pa.Table) -> None:
@@ -255,24 +269,25 @@ def _write_shards(storage: Storage, plan: RunPlan, items: Iterator[pa.RecordBatc
             content_type="application/vnd.apache.parquet",
         )
 
-    written = 0
+    digests: list[str] = []
     # A bounded window of in-flight puts keeps memory flat however many shards there are.
     window: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="plan-put") as pool:
         try:
             for index, table in enumerate(_shard_tables(items, plan.shard_size)):
                 window.append(pool.submit(put, index, table))
+                digests.append(ids_digest(table.column("id").to_pylist()))
                 if len(window) >= 4 * threads:
                     window.popleft().result()
-                written += 1
             while window:
                 window.popleft().result()
         except BaseException:
             for future in window:
                 future.cancel()
             raise
-    if written != len(plan.shards):
-        raise StorageError(f"planned {len(plan.shards)} shards but wrote {written}")  # a bug, never a user error
+    if len(digests) != len(plan.shards):
+        raise StorageError(f"planned {len(plan.shards)} shards but wrote {len(digests)}")  # a bug, never a user error
+    return digests
 
 
 # -- conflicts ----------------------------------------------------------------------------------------------
@@ -388,7 +403,8 @@ def _plan_validated(
     )
     log.info("planning %s: %d items in %d shards of %d", run_id, plan.row_count, len(plan.shards), shard_size)
     with pa.memory_map(str(spill)) as source:
-        _write_shards(storage, plan, iter(pa.ipc.open_stream(source)))
+        digests = _write_shards(storage, plan, iter(pa.ipc.open_stream(source)))
+    plan = dataclasses.replace(plan, shard_digests=tuple(digests))
     body = json.dumps(plan.to_dict(), indent=1, sort_keys=True).encode()
     try:
         storage.put_bytes(layout.plan_key(run_id), body, if_absent=True, content_type="application/json")

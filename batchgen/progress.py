@@ -1,47 +1,68 @@
-"""A run's progress, derived from storage alone (listings only, never a read per item).
+"""A run's progress, derived from the plan's item ids and the sidecars that exist, never from a marker that can
+go stale.
 
-- ``stats/`` (one listing for the run): which shards finished a full pass.
-- ``errors/`` (one listing for the run): items that failed their attempts and are not done.
-- ``meta/``: the done items. A finished shard without failures is complete by construction (its stats are
-  written only after every item was committed or recorded as failed), so only the other shards are listed:
-  one listing per such shard, or one listing of the whole run's ``meta/`` when that is fewer requests.
-
-Shard sizes come from the plan (shards are consecutive runs of ``shard_size`` manifest rows).
+- ``meta/`` (one listing of the whole run, or one per shard when that is fewer requests): the done items. Only
+  ``meta/<shard>/<id>.json`` with ``<id>`` an item of that shard in the plan counts; anything else is ignored with
+  a warning. When a shard's listed names have the plan's digest of its ids (``RunPlan.shard_digests``) they are
+  exactly its items and nothing is read; otherwise the shard's item ids are read from its plan file.
+- ``errors/`` (one listing): items that failed their attempts and have no sidecar.
+- ``stats/`` (one listing): which shards a worker finished a pass over. Informational only: a sidecar deleted
+  after its shard's stats were written makes the shard unfinished again.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from batchgen import layout
-from batchgen.plan import RunPlan
+from batchgen.plan import RunPlan, ids_digest, load_shard_items
 from batchgen.storage.base import Storage
 
 log = logging.getLogger("batchgen.progress")
 
 LIST_PAGE = 1000  # keys per listing request on S3
+READ_THREADS = 32  # shard plan reads are latency-bound
 
 
 @dataclass
 class ShardProgress:
     shard: str
     total: int
-    done: int = 0
-    failed: int = 0
+    done_ids: set[str] = field(default_factory=set)
+    """Items of this shard whose sidecar exists."""
+    failed_ids: set[str] = field(default_factory=set)
     """Items with an error record and no sidecar."""
-    finished: bool = False
-    """The shard's stats exist: a worker completed a full pass over it."""
+    etags: dict[str, str | None] = field(default_factory=dict)
+    """Sidecar etags of ``done_ids`` from the listing: they tell whether the shard's index part is current."""
+    stats_written: bool = False
+    """A worker once completed a pass over the shard (a cache: what counts is ``done_ids``)."""
+
+    @property
+    def done(self) -> int:
+        return len(self.done_ids)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failed_ids)
 
     @property
     def pending(self) -> int:
         return self.total - self.done - self.failed
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.total
 
 
 @dataclass
 class RunProgress:
     run_id: str
     shards: dict[str, ShardProgress] = field(default_factory=dict)
+    strays: list[str] = field(default_factory=list)
+    """Keys under meta/ and errors/ that are not a planned item's sidecar or error record (ignored)."""
 
     @property
     def total(self) -> int:
@@ -61,14 +82,13 @@ class RunProgress:
 
     @property
     def finished_shards(self) -> set[str]:
-        """Shards with stats written and no failed item: nothing left to do there."""
-        return {s.shard for s in self.shards.values() if s.finished and s.failed == 0 and s.done == s.total}
+        """Shards whose every item has its sidecar: nothing left to do there."""
+        return {s.shard for s in self.shards.values() if s.finished}
 
     @property
     def unfinished_shards(self) -> list[str]:
         """Shards a worker still has to visit, in shard order."""
-        finished = self.finished_shards
-        return [shard for shard in self.shards if shard not in finished]
+        return [name for name, s in self.shards.items() if not s.finished]
 
     @property
     def complete(self) -> bool:
@@ -91,47 +111,86 @@ def scan_run(storage: Storage, plan: RunPlan) -> RunProgress:
     run_id = plan.run_id
     progress = RunProgress(run_id, {s: ShardProgress(s, plan.items_in_shard(s)) for s in plan.shards})
     shards = progress.shards
-
-    for shard in _names_under(storage, layout.stats_prefix(run_id), ".json", depth=1):
+    strays = progress.strays
+    for shard in _names_under(storage, layout.stats_prefix(run_id), ".json", depth=1, strays=strays):
         if shard in shards:
-            shards[shard].finished = True
-
-    failed_ids: dict[str, set[str]] = {}
-    for shard, item_id in _pairs_under(storage, f"{run_id}/errors/", ".json"):
-        if shard in shards:
-            failed_ids.setdefault(shard, set()).add(item_id)
-
-    to_list = [s for s in shards.values() if not (s.finished and s.shard not in failed_ids)]
-    for s in shards.values():
-        if s not in to_list:
-            s.done = s.total
-    done_ids: dict[str, set[str]] = {}
-    if to_list:
-        # One request per shard, or total/1000 requests for the whole run: whichever is fewer.
-        whole_run_requests = -(-progress.total // LIST_PAGE)
-        if len(to_list) > whole_run_requests:
-            for shard, item_id in _pairs_under(storage, layout.meta_prefix(run_id), ".json"):
-                done_ids.setdefault(shard, set()).add(item_id)
-        else:
-            for s in to_list:
-                prefix = layout.sidecars_prefix(run_id, s.shard)
-                done_ids[s.shard] = set(_names_under(storage, prefix, ".json", depth=1))
-        for s in to_list:
-            s.done = min(len(done_ids.get(s.shard, ())), s.total)
-    for shard, ids in failed_ids.items():
-        shards[shard].failed = len(ids - done_ids.get(shard, set()))
+            shards[shard].stats_written = True
+    etags: dict[str, str | None] = {}
+    listed = _listed_sidecars(storage, plan, strays, etags)
+    errors = f"{run_id}/errors/"
+    failed = _grouped(_pairs_under(storage, errors, ".json", strays), shards, strays, errors)
+    ids_of = _planned_ids(storage, plan, [s for s in shards if _needs_ids(plan, s, listed, failed)])
+    for name, s in shards.items():
+        names = listed.get(name, set())
+        valid = ids_of.get(name, names)  # without a plan read, the digest proved every name valid
+        s.done_ids = names & valid
+        s.etags = {item_id: etags.get(layout.sidecar_key(run_id, name, item_id)) for item_id in s.done_ids}
+        s.failed_ids = (failed.get(name, set()) & valid) - s.done_ids
+        for item_id in sorted(names - valid):
+            strays.append(layout.sidecar_key(run_id, name, item_id))
+        for item_id in sorted(failed.get(name, set()) - valid):
+            strays.append(layout.error_key(run_id, name, item_id))
+    for key in strays:
+        log.warning("ignoring %s: not an object of a planned item", storage.url(key))
     return progress
 
 
-def _names_under(storage: Storage, prefix: str, suffix: str, *, depth: int) -> list[str]:
+def _listed_sidecars(storage: Storage, plan: RunPlan, strays: list[str], etags: dict) -> dict[str, set[str]]:
+    """Names listed under each shard's ``meta/`` folder."""
+    shards = set(plan.shards)
+    # One request per shard, or total/1000 requests for the whole run: whichever is fewer.
+    if len(plan.shards) > -(-plan.row_count // LIST_PAGE):
+        prefix = layout.meta_prefix(plan.run_id)
+        return _grouped(_pairs_under(storage, prefix, ".json", strays, etags), shards, strays, prefix)
+    return {
+        s: set(
+            _names_under(storage, layout.sidecars_prefix(plan.run_id, s), ".json", depth=1, strays=strays, etags=etags)
+        )
+        for s in shards
+    }
+
+
+def _grouped(pairs: list[tuple[str, str]], shards, strays: list[str], prefix: str) -> dict[str, set[str]]:
+    grouped: dict[str, set[str]] = defaultdict(set)
+    for shard, item_id in pairs:
+        if shard in shards:
+            grouped[shard].add(item_id)
+        else:
+            strays.append(f"{prefix}{shard}/{item_id}.json")
+    return grouped
+
+
+def _needs_ids(plan: RunPlan, shard: str, listed: dict[str, set[str]], failed: dict[str, set[str]]) -> bool:
+    names = listed.get(shard, set())
+    if not names and shard not in failed:
+        return False
+    return shard in failed or plan.shard_digest(shard) != ids_digest(names)
+
+
+def _planned_ids(storage: Storage, plan: RunPlan, shards: list[str]) -> dict[str, set[str]]:
+    def ids(shard: str) -> set[str]:
+        return {item.id for item in load_shard_items(storage, plan.run_id, shard)}
+
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="progress-plan") as pool:
+        return dict(zip(shards, pool.map(ids, shards), strict=True))
+
+
+def _names_under(
+    storage: Storage, prefix: str, suffix: str, *, depth: int, strays: list[str], etags: dict | None = None
+) -> list[str]:
     names = []
     for info in storage.list(prefix):
         rest = info.key[len(prefix) :]
         if rest.endswith(suffix) and rest.count("/") == depth - 1:
             names.append(rest[: -len(suffix)])
+            if etags is not None:
+                etags[info.key] = info.etag
+        else:
+            strays.append(info.key)
     return names
 
 
-def _pairs_under(storage: Storage, prefix: str, suffix: str) -> list[tuple[str, str]]:
+def _pairs_under(storage: Storage, prefix: str, suffix: str, strays: list[str], etags=None) -> list[tuple[str, str]]:
     """(shard, item id) for every ``<prefix><shard>/<id><suffix>`` key."""
-    return [tuple(name.split("/", 1)) for name in _names_under(storage, prefix, suffix, depth=2)]
+    names = _names_under(storage, prefix, suffix, depth=2, strays=strays, etags=etags)
+    return [tuple(name.split("/", 1)) for name in names]

@@ -13,7 +13,8 @@ Everything durable is an object in storage; nothing is remembered between runs. 
    generation or encoding is an item failure: retried up to ``worker.max_attempts`` times, then recorded
    in ``errors/<shard>/<id>.json``; it never stops the shard. Storage errors that outlast the backend's own
    retries are not item failures: the worker stops with the storage error's exit code.
-5. ``stats/<shard>.json`` is written last (the shard's "finished" marker).
+5. The shard's index part (``index/parts/<shard>-<digest>.parquet``, from the sidecars this process wrote and reads
+   of the others), then ``stats/<shard>.json`` last (a cache of the shard's counts, never trusted for progress).
 
 Ranks of a torchrun job stay in lockstep: every round of items ends with ``context.all_true`` on the
 outcome, so a failure on one rank is retried (or recorded) by its whole group, and a rank whose collectives
@@ -52,13 +53,17 @@ from batchgen.errors import (
     AlreadyExistsError,
     BatchgenError,
     InputError,
+    ModelMismatchError,
     NotFoundError,
     StorageError,
+    TransientStorageError,
 )
 from batchgen.generate.api import GeneratedVideo, VideoGenerator
+from batchgen.index import write_part
 from batchgen.item import Item
 from batchgen.parallel.context import ProcessContext
 from batchgen.plan import RunPlan, load_shard_items
+from batchgen.records import Sidecar
 from batchgen.storage.base import Storage
 from batchgen.video import encode_mp4, probe_mp4
 
@@ -297,7 +302,9 @@ _KEYS_PER_RANGE = 900
 _LIST_THREADS = 8
 
 
-def _ids_under(storage: Storage, prefix: str, suffix: str, ids: set[str], *, by_ranges: bool) -> set[str]:
+def _ids_under(
+    storage: Storage, prefix: str, suffix: str, ids: set[str], *, by_ranges: bool, etags: dict | None = None
+) -> set[str]:
     expected = sorted(f"{prefix}{item_id}{suffix}" for item_id in ids)
     bounds = expected[_KEYS_PER_RANGE - 1 : -1 : _KEYS_PER_RANGE] if by_ranges else []
     # Ranges (None, b0], (b0, b1], ..., (b_last, None) cover every key under the prefix, strays included.
@@ -314,6 +321,8 @@ def _ids_under(storage: Storage, prefix: str, suffix: str, ids: set[str], *, by_
             item_id = name[: -len(suffix)] if name.endswith(suffix) else None
             if item_id in ids:
                 found.add(item_id)
+                if etags is not None:
+                    etags[item_id] = info.etag
             else:
                 log.warning("ignoring %s: not an item of this shard", storage.url(info.key))
     return found
@@ -373,6 +382,9 @@ class _WorkerLoop:
         self.max_attempts = plan.config.worker.max_attempts
         self.launch_attempt = _launch_attempt()
         self.host = socket.gethostname()
+        self.model_pinned = False
+        self.committed: dict[str, dict[str, dict]] = {}
+        """Per shard, the sidecar records this process committed: its index part needs no read of them."""
 
     # -- agreement across ranks ------------------------------------------------------------------------
 
@@ -449,9 +461,11 @@ class _WorkerLoop:
         status, error = _OK, None
         if self.ctx.rank == 0:
             try:
+                if not self.model_pinned:
+                    self._check_model_pin(create=False)
                 view = scan_shard(self.storage, self.plan.run_id, shard)
                 self._adopt_orphans(view)
-            except (StorageError, InputError) as e:
+            except (StorageError, InputError, ModelMismatchError) as e:
                 status, error = _FATAL, e
         self._resolve(status, error, f"scanning {shard}")
         try:
@@ -484,7 +498,7 @@ class _WorkerLoop:
                 attempts = attempt_round
                 try:
                     self._generate_and_commit(shard, item, attempts, scan)
-                except StorageError as e:
+                except (StorageError, ModelMismatchError) as e:
                     status, error = _FATAL, e
                 except Exception as e:
                     status, error = _ITEM_FAILED, e
@@ -534,6 +548,8 @@ class _WorkerLoop:
                 f"generator returned frames {frames.dtype}{list(frames.shape)}, expected uint8{list(expected)}"
             )
         measured = quality.gate(frames, self.plan.config.quality)  # before encoding: a failed gate writes nothing
+        if not self.model_pinned:
+            self._check_model_pin(create=True)
         t0 = time.perf_counter()
         data = encode_mp4(frames, self.generation.fps, self.generation.crf)
         info = probe_mp4(data)
@@ -551,9 +567,9 @@ class _WorkerLoop:
         sidecar = self._sidecar(
             shard, item, data, info, attempt=attempt, adopted=adopted, timings=timings, extra=video.extra
         )
-        sidecar["quality"] = quality.measure_mp4(data, self.plan.config.quality) if adopted else measured
+        sidecar.quality = quality.measure_mp4(data, self.plan.config.quality) if adopted else measured
         if not adopted:
-            sidecar["timings"]["upload"] = time.perf_counter() - t1
+            sidecar.timings["upload"] = time.perf_counter() - t1
         self._put_sidecar(shard, item, sidecar, clear_error)
 
     def _put_video(self, key: str, data: bytes) -> bool:
@@ -574,62 +590,64 @@ class _WorkerLoop:
         raise RuntimeError(f"{self.storage.url(key)} keeps reappearing undecodable; giving up on this attempt")
 
     def _existing_video(self, key: str, item: Item):
-        data = self.storage.get_bytes(key)
+        data = self._read_verified(key)
         info = probe_mp4(data)
         if info.frames != item.num_frames:
             raise ValueError(f"{self.storage.url(key)} has {info.frames} frames, expected {item.num_frames}")
         return data, info
 
-    def _put_sidecar(self, shard: str, item: Item, sidecar: dict[str, Any], clear_error: bool) -> None:
+    def _read_verified(self, key: str) -> bytes:
+        """The stored object's bytes, confirmed by a second read and the stored size: a sidecar's sha256 must be
+        the stored video's, not that of whatever a faulty connection delivered (a faststart MP4 cut short still
+        probes with its full frame count, so decoding alone would not notice)."""
+        for _ in range(_MAX_REPLACE_ROUNDS):
+            first = self.storage.get_bytes(key)
+            second = self.storage.get_bytes(key)
+            stored = self.storage.head(key)
+            if first == second and stored is not None and stored.size == len(first):
+                return first
+            log.warning("%s: two reads disagree or differ from the stored size; reading again", self.storage.url(key))
+        raise TransientStorageError(f"{self.storage.url(key)}: could not read the same bytes twice; not adopting it")
+
+    def _put_sidecar(self, shard: str, item: Item, sidecar: Sidecar, clear_error: bool) -> None:
         key = layout.sidecar_key(self.plan.run_id, shard, item.id)
         try:
-            self.storage.put_bytes(key, _json_bytes(sidecar), if_absent=True, content_type="application/json")
+            self.storage.put_bytes(key, sidecar.to_json(), if_absent=True, content_type="application/json")
+            self.committed.setdefault(shard, {})[item.id] = sidecar.to_dict()
         except AlreadyExistsError:
             log.info("%s/%s: already committed by another worker", shard, item.id)
         if clear_error:
             self.storage.delete(layout.error_key(self.plan.run_id, shard, item.id))
 
-    def _sidecar(self, shard, item, data, info, *, attempt, adopted, timings, extra) -> dict[str, Any]:
-        run_id = self.plan.run_id
-        video_key = layout.video_key(run_id, shard, item.id)
+    def _sidecar(self, shard, item, data, info, *, attempt, adopted, timings, extra) -> Sidecar:
+        video_key = layout.video_key(self.plan.run_id, shard, item.id)
         extra = dict(extra or {})
         parallel = {"world_size": self.ctx.world_size, "dp_size": self.ctx.dp_size, **extra.pop("parallel", {})}
         model = dict(getattr(self.generator, "model_identity", None) or {})
-        sidecar: dict[str, Any] = {
-            "id": item.id,
-            "shard": shard,
-            "run_id": run_id,
-            "row": item.row,
-            "prompt": item.prompt,
-            "negative_prompt": item.negative_prompt,
-            "seed": item.seed,
-            "num_frames": item.num_frames,
-            "height": item.height,
-            "width": item.width,
-            "num_inference_steps": item.num_inference_steps,
-            "guidance_scale": item.guidance_scale,
-            "fps": self.generation.fps,
-            "crf": self.generation.crf,
-            "video_key": video_key,
-            "video_uri": self.storage.url(video_key),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "size_bytes": len(data),
-            "frames": info.frames,
-            "video_width": info.width,
-            "video_height": info.height,
-            "duration_s": info.duration_s,
-            "model": {"path": model.get("path"), "fingerprint": model.get("fingerprint")},
-            "timings": timings,
-            "attempt": attempt + self.launch_attempt,
-            "host": self.host,
-            "batchgen_version": __version__,
-            "parallel": parallel,
-            "created_at": _now(),
-            "adopted": adopted,
-        }
-        if extra:
-            sidecar["extra"] = extra
-        return sidecar
+        return Sidecar.for_item(
+            item,
+            shard=shard,
+            run_id=self.plan.run_id,
+            fps=self.generation.fps,
+            crf=self.generation.crf,
+            video_key=video_key,
+            video_uri=self.storage.url(video_key),
+            sha256=hashlib.sha256(data).hexdigest(),
+            size_bytes=len(data),
+            frames=info.frames,
+            video_width=info.width,
+            video_height=info.height,
+            duration_s=info.duration_s,
+            model={"path": model.get("path"), "fingerprint": model.get("fingerprint")},
+            timings=timings,
+            attempt=attempt + self.launch_attempt,
+            host=self.host,
+            batchgen_version=__version__,
+            parallel=parallel,
+            created_at=_now(),
+            adopted=adopted,
+            extra=extra,
+        )
 
     def _record_error(self, shard: str, item: Item, attempts: int, error: BaseException | None) -> None:
         message = _describe(error) if error else f"failed on another rank of data-parallel group {self.ctx.dp_rank}"
@@ -657,10 +675,45 @@ class _WorkerLoop:
             self.storage.url(key),
         )
 
+    # -- the weights' pin ------------------------------------------------------------------------------
+
+    def _check_model_pin(self, *, create: bool) -> None:
+        """Refuse to add videos made with other weights than the run's. The first commit pins the weights'
+        fingerprint in ``plan/model.json`` (a conditional create: concurrent first commits agree on one)."""
+        model = dict(getattr(self.generator, "model_identity", None) or {})
+        fingerprint = model.get("fingerprint")
+        if not fingerprint:
+            self.model_pinned = True  # a generator without weights to identify (nothing to compare)
+            return
+        key = layout.model_pin_key(self.plan.run_id)
+        if create:
+            pin = {"fingerprint": fingerprint, "path": model.get("path"), "host": self.host, "pinned_at": _now()}
+            try:
+                self.storage.put_bytes(key, _json_bytes(pin), if_absent=True, content_type="application/json")
+                self.model_pinned = True
+                return
+            except AlreadyExistsError:
+                pass
+        try:
+            pinned = json.loads(self.storage.get_bytes(key))
+        except NotFoundError:
+            return  # not pinned yet: the first commit will
+        except ValueError as e:
+            raise StorageError(f"{self.storage.url(key)} is not valid JSON: {e}") from e
+        if pinned.get("fingerprint") != fingerprint:
+            raise ModelMismatchError(
+                f"run {self.plan.run_id} was generated with weights {pinned.get('fingerprint')} "
+                f"({pinned.get('path')}), this worker has {fingerprint} ({model.get('path')}); one run never mixes "
+                "two models. To generate with these weights, plan a new run (another --run-name)."
+            )
+        self.model_pinned = True
+
     # -- orphans and stats -----------------------------------------------------------------------------
 
     def _adopt_orphans(self, scan: ShardScan) -> None:
         by_id = {item.id: item for item in scan.items}
+        if scan.orphans and not self.model_pinned:
+            self._check_model_pin(create=True)
         for item_id in sorted(scan.orphans):
             item = by_id[item_id]
             key = layout.video_key(self.plan.run_id, scan.shard, item_id)
@@ -677,7 +730,7 @@ class _WorkerLoop:
                 self.storage.delete(key)
                 continue
             sidecar = self._sidecar(scan.shard, item, data, info, attempt=0, adopted=True, timings={}, extra={})
-            sidecar["quality"] = quality.measure_mp4(data, self.plan.config.quality)
+            sidecar.quality = quality.measure_mp4(data, self.plan.config.quality)
             self._put_sidecar(scan.shard, item, sidecar, clear_error=item_id in scan.errored)
             log.info("%s/%s: adopted orphan video %s", scan.shard, item_id, self.storage.url(key))
             scan.adopted.add(item_id)
@@ -686,7 +739,11 @@ class _WorkerLoop:
     def _write_stats(self, scan: ShardScan, result: ShardResult, started: float) -> None:
         run_id = self.plan.run_id
         ids = {item.id for item in scan.items}
-        done = _ids_under(self.storage, layout.sidecars_prefix(run_id, scan.shard), ".json", ids, by_ranges=True)
+        etags: dict[str, str | None] = {}
+        prefix = layout.sidecars_prefix(run_id, scan.shard)
+        done = _ids_under(self.storage, prefix, ".json", ids, by_ranges=True, etags=etags)
+        # The shard's index part, from the sidecars this process wrote plus reads of the others.
+        write_part(self.storage, run_id, scan.shard, etags, self.committed.pop(scan.shard, None))
         errored = _ids_under(self.storage, layout.errors_prefix(run_id, scan.shard), ".json", ids, by_ranges=False)
         errored -= done
         stats = {

@@ -8,6 +8,11 @@
    process. Target: >= 40/s.
 3. Resume scan of a shard with 10,000 committed items on that S3 server: seconds and S3 requests.
    Targets: < 2 s, < 20 requests.
+4. Index build of 100,000 committed items on that S3 server (shards of 64, each with the part its worker wrote at
+   shard end): ``batchgen.index.finalize`` in a child process, so seconds, S3 requests and peak RSS are its own;
+   projected to 1,000,000 items from the per-item time and the per-row memory above the child's baseline.
+   Goals: <= 2 requests per shard, < 1 GiB at 1,000,000 rows. ``--only index`` runs just this one and keeps the
+   other figures of the results file.
 
 Each figure is the median over ``--repeats`` runs.  Usage: python bench/pipeline.py [--rows N] [--repeats R]
 """
@@ -38,15 +43,35 @@ sys.path.insert(0, str(ROOT))
 from batchgen import layout  # noqa: E402
 from batchgen.config import RunConfig  # noqa: E402
 from batchgen.generate.api import GeneratedVideo  # noqa: E402
+from batchgen.index import write_part  # noqa: E402
 from batchgen.parallel.context import SingleProcess  # noqa: E402
-from batchgen.plan import make_plan  # noqa: E402
+from batchgen.plan import load_shard_items, make_plan  # noqa: E402
+from batchgen.records import Sidecar  # noqa: E402
 from batchgen.storage import open_storage  # noqa: E402
 from batchgen.video import encode_mp4  # noqa: E402
 from batchgen.worker import run_worker, scan_shard  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "pipeline-cpu.json"
 TARGETS = {"plan_seconds": 20.0, "plan_peak_rss_gib": 1.5, "items_per_second": 40.0, "scan_seconds": 2.0,
-           "scan_requests": 20}  # fmt: skip
+           "scan_requests": 20, "index_requests_per_shard": 2.0, "index_1m_peak_rss_gib": 1.0}  # fmt: skip
+
+INDEX_CHILD = """
+import json, resource, sys, time
+from batchgen.index import finalize
+from batchgen.plan import load_plan
+from batchgen.storage import open_storage
+storage = open_storage(sys.argv[1])
+plan = load_plan(storage, sys.argv[2])
+baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = storage.request_count
+start = time.perf_counter()
+result = finalize(storage, plan)
+seconds = time.perf_counter() - start
+peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "requests": storage.request_count - before, "rows": result.rows,
+                  "complete": result.complete, "baseline_rss_gib": baseline_kib / 2**20,
+                  "peak_rss_gib": peak_kib / 2**20}))
+"""
 
 PLAN_CHILD = """
 import json, resource, sys, time
@@ -215,18 +240,75 @@ def bench_scan(endpoint: str, repeats: int, committed: int, scratch: Path) -> di
     }
 
 
+def _commit_shard(storage, plan, shard: str) -> None:
+    """What a worker leaves for one shard: a sidecar per item, then the shard's part from those records."""
+    records = {}
+    for item in load_shard_items(storage, plan.run_id, shard):
+        key = layout.video_key(plan.run_id, shard, item.id)
+        sidecar = Sidecar.for_item(
+            item, shard=shard, run_id=plan.run_id, fps=30, crf=18, video_key=key, video_uri=storage.url(key),
+            sha256="ab" * 32, size_bytes=2656, frames=13, video_width=64, video_height=64, duration_s=0.433,
+            model={"path": "/models/mochi", "fingerprint": "0" * 64},
+            timings={"text_encode": 0.1, "denoise": 9.5, "decode": 1.2, "encode_mp4": 0.02, "upload": 0.01},
+            attempt=1, host="bench", batchgen_version="bench", parallel={"world_size": 8, "dp_size": 1},
+            created_at="2026-01-01T00:00:00.000Z", adopted=False,
+        )  # fmt: skip
+        storage.put_bytes(layout.sidecar_key(plan.run_id, shard, item.id), sidecar.to_json())
+        records[item.id] = sidecar.to_dict()
+    etags = {
+        layout.item_id_from_key(info.key): info.etag
+        for info in storage.list(layout.sidecars_prefix(plan.run_id, shard))
+    }
+    write_part(storage, plan.run_id, shard, etags, records)
+
+
+def bench_index(endpoint: str, items: int, scratch: Path) -> dict:
+    config = RunConfig().with_overrides({"generation": TINY, "worker": {"shard_size": 64}})
+    uri = new_bucket(endpoint)
+    storage = open_storage(uri)
+    plan = make_plan(small_manifest(scratch / "index.parquet", items), config, storage)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda shard: _commit_shard(storage, plan, shard), plan.shards))
+    print(
+        f"  committed {items:,} items in {len(plan.shards):,} shards in {time.perf_counter() - start:.0f} s", flush=True
+    )
+    child = subprocess.run([sys.executable, "-c", INDEX_CHILD, uri, plan.run_id], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)  # fmt: skip
+    run = json.loads(child.stdout.strip().splitlines()[-1])
+    assert run["rows"] == items and run["complete"], run
+    shards = len(plan.shards)
+    per_row_gib = max(0.0, run["peak_rss_gib"] - run["baseline_rss_gib"]) / items
+    return {
+        "items": items,
+        "shards": shards,
+        **run,
+        "requests_per_shard": run["requests"] / shards,
+        "seconds_per_item": run["seconds"] / items,
+        "projected_1m": {
+            "seconds": run["seconds"] / items * 1_000_000,
+            "requests": run["requests"] / shards * (1_000_000 / 64),
+            "peak_rss_gib": run["baseline_rss_gib"] + per_row_gib * 1_000_000,
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="manifest rows to plan")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--items", type=int, default=200, help="items per bookkeeping run")
     parser.add_argument("--scan-items", type=int, default=10_000)
+    parser.add_argument("--index-items", type=int, default=100_000)
+    parser.add_argument("--only", choices=["index"], default=None, help="run one benchmark, keep the other figures")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+    if args.only == "index":
+        return _index_only(args)
     with tempfile.TemporaryDirectory(prefix="batchgen-bench-") as tmp:
         scratch = Path(tmp)
         print(f"planning {args.rows:,} rows x {args.repeats} ...", flush=True)
@@ -239,6 +321,8 @@ def main() -> int:
             noise = bench_bookkeeping(endpoint, args.repeats, args.items, scratch, noise=True)
             print(f"resume scan of {args.scan_items:,} committed items x {max(5, args.repeats)} ...", flush=True)
             scan = bench_scan(endpoint, max(5, args.repeats), args.scan_items, scratch)
+            print(f"index build of {args.index_items:,} committed items ...", flush=True)
+            index = bench_index(endpoint, args.index_items, scratch)
         finally:
             moto.terminate()
             moto.wait()
@@ -254,10 +338,9 @@ def main() -> int:
         ("resume scan 10k: seconds", scan["seconds"], f"< {TARGETS['scan_seconds']}", scan["seconds"] < TARGETS["scan_seconds"]),
         ("resume scan 10k: S3 requests", scan["requests"], f"< {TARGETS['scan_requests']}",
          scan["requests"] < TARGETS["scan_requests"]),
+        *_index_rows(index),
     ]  # fmt: skip
-    print(f"\n{'measure':<32} {'median':>10}  {'target':<8} ok")
-    for name, value, target, ok in rows:
-        print(f"{name:<32} {value:>10.3f}  {target:<8} {'yes' if ok else 'NO'}")
+    _print_rows(rows)
     result = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "repeats": args.repeats,
@@ -265,10 +348,51 @@ def main() -> int:
         "bookkeeping": bookkeeping,
         "bookkeeping_noise_frames": noise,
         "resume_scan": scan,
+        "index_build": index,
         "targets": TARGETS,
         "all_targets_met": all(ok for *_, ok in rows),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+def _index_rows(index: dict) -> list[tuple]:
+    projected = index["projected_1m"]
+    return [
+        ("index 100k: seconds", index["seconds"], "", True),
+        ("index 100k: S3 requests/shard", index["requests_per_shard"], f"<= {TARGETS['index_requests_per_shard']}",
+         index["requests_per_shard"] <= TARGETS["index_requests_per_shard"]),
+        ("index 100k: peak RSS GiB", index["peak_rss_gib"], "", True),
+        ("index 1M (projected): seconds", projected["seconds"], "", True),
+        ("index 1M (projected): RSS GiB", projected["peak_rss_gib"], f"< {TARGETS['index_1m_peak_rss_gib']}",
+         projected["peak_rss_gib"] < TARGETS["index_1m_peak_rss_gib"]),
+    ]  # fmt: skip
+
+
+def _print_rows(rows: list[tuple]) -> None:
+    print(f"\n{'measure':<32} {'median':>10}  {'target':<8} ok")
+    for name, value, target, ok in rows:
+        print(f"{name:<32} {value:>10.3f}  {target:<8} {'yes' if ok else 'NO'}")
+
+
+def _index_only(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="batchgen-bench-") as tmp:
+        moto, endpoint = start_moto()
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        try:
+            print(f"index build of {args.index_items:,} committed items ...", flush=True)
+            index = bench_index(endpoint, args.index_items, Path(tmp))
+        finally:
+            moto.terminate()
+            moto.wait()
+    rows = _index_rows(index)
+    _print_rows(rows)
+    result = json.loads(args.output.read_text()) if args.output.exists() else {"targets": TARGETS}
+    result["index_build"] = index
+    result["targets"] = TARGETS
+    result["all_targets_met"] = bool(result.get("all_targets_met", True)) and all(ok for *_, ok in rows)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.output}")
     return 0

@@ -8,9 +8,10 @@ NAME = "index"
 HELP = "(re)build a run's index/index.parquet from its sidecars"
 ORDER = 75
 DESCRIPTION = (
-    "Read every sidecar of the run (one listing, parallel reads) and write <run>/index/index.parquet atomically: "
-    "one row per committed video with its key, URI and every sidecar field. Writes _SUCCESS.json when every "
-    "item is done. Exit 5 when the run is not complete (the index then covers the items done so far)."
+    "Assemble <run>/index/index.parquet from the shards' index parts (rebuilding only the parts whose sidecars "
+    "changed) and write it atomically and conditionally: one row per committed video with its key, URI and every "
+    "sidecar field. Writes _SUCCESS.json when every item is done; writes nothing when the complete run's index is "
+    "current. Prints the rows written. Exit 5 when the run is not complete (the index then covers the items done)."
 )
 
 
@@ -23,9 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from batchgen import layout
     from batchgen.commands.status import resolve_run_id
     from batchgen.errors import EXIT_INCOMPLETE, InputError
-    from batchgen.index import finalize_run
+    from batchgen.index import finalize
     from batchgen.plan import list_runs, load_plan
-    from batchgen.progress import scan_run
     from batchgen.storage import open_storage
 
     storage = open_storage(args.output)
@@ -33,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
     if run_id is None:
         raise InputError(f"several runs under {storage.uri}; pick one with --run-id: {', '.join(list_runs(storage))}")
     plan = load_plan(storage, run_id)
-    complete = finalize_run(storage, plan)
-    progress = scan_run(storage, plan)
-    print(f"{storage.url(layout.index_key(run_id))}: {progress.done} rows")
-    if not complete:
+    result = finalize(storage, plan)
+    print(f"{storage.url(layout.index_key(run_id))}: {result.rows} rows")
+    if not result.complete:
+        progress = result.progress
         print(f"run incomplete: {progress.failed} failed, {progress.pending} pending of {progress.total}")
         return EXIT_INCOMPLETE
     print(f"complete: {storage.url(layout.success_key(run_id))}")

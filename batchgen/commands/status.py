@@ -8,7 +8,8 @@ NAME = "status"
 HELP = "show a run's progress from storage alone"
 ORDER = 70
 DESCRIPTION = (
-    "Count done, failed and pending items of a run from listings of its stats/, errors/ and meta/ objects. "
+    "Count done, failed and pending items of a run from the plan's item ids and listings of its meta/ and errors/ "
+    "objects (files that are not a planned item's sidecar are ignored with a warning). "
     "Without --run-id: the output's only run, or the list of runs when there are several."
 )
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         data = {**progress.to_dict(), "output": storage.uri, "success_marker": success}
         if args.shards:
             data["unfinished_shards"] = [
-                {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "finished": s.finished}
+                {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "stats": s.stats_written}
                 for s in (progress.shards[name] for name in progress.unfinished_shards)
             ]
         if args.namespace:
@@ -97,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if args.shards:
         for name in progress.unfinished_shards:
             s = progress.shards[name]
-            print(f"  {name}: {s.done}/{s.total} done, {s.failed} failed" + (", stats written" if s.finished else ""))
+            print(
+                f"  {name}: {s.done}/{s.total} done, {s.failed} failed" + (", stats written" if s.stats_written else "")
+            )
     if args.namespace:
         from batchgen.k8s.controller import format_jobs
 

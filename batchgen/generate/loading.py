@@ -126,6 +126,21 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
+def check_safetensors_complete(path: Path) -> None:
+    """InputError naming ``path`` when the file ends before its last tensor's data (an interrupted download): the
+    libraries loading it fail with errors that name neither the file nor the cause."""
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+    try:
+        needed = 8 + length + max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise InputError(f"{path}: not a safetensors file (bad tensor entry: {e})") from None
+    size = path.stat().st_size
+    if size < needed:
+        raise InputError(f"{path}: truncated safetensors file ({size} bytes, its header needs {needed})")
+
+
 def _strip_prefix(name: str) -> str:
     # ComfyUI repackagings put the DiT under this prefix; diffusers' own converter strips it too.
     return name.replace("model.diffusion_model.", "", 1) if name.startswith("model.diffusion_model.") else name
@@ -436,6 +451,9 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
         raise InputError(
             f"{path / 'vae'}: no weight file (diffusion_pytorch_model*.safetensors){hint if (path / 'decoder.safetensors').exists() else ''}"
         )
+    for folder in (path / "transformer", path / "text_encoder", path / "vae", path):
+        for file in folder.glob("*.safetensors") if folder.is_dir() else ():
+            check_safetensors_complete(file)
 
     try:
         if layout == "diffusers":

@@ -4,6 +4,8 @@ Both backends give the same guarantees, which the commit protocol relies on:
 - a put is atomic: readers see the whole object or none of it;
 - ``if_absent=True`` is a conditional create: exactly one concurrent writer wins, the others get
   ``AlreadyExistsError`` (S3 ``IfNoneMatch="*"``; the file backend uses an atomic link);
+- ``if_match=<etag>`` is a conditional replace: it succeeds only while the object is still the version with that
+  etag (S3 ``If-Match``; the file backend compares a change token under a lock), else ``ChangedError``;
 - listings are strongly consistent and cost one request per 1000 keys.
 Transient errors are retried inside the backend; what escapes is permanent (``StorageError``) or a
 transient error that outlasted the retries (``TransientStorageError``).
@@ -23,6 +25,7 @@ class ObjectInfo:
     """Relative to the storage root."""
     size: int
     etag: str | None = None
+    """A token that changes whenever the object is replaced (S3's ETag; inode, mtime and size on a file system)."""
 
 
 class Storage(abc.ABC):
@@ -31,8 +34,17 @@ class Storage(abc.ABC):
     uri: str
 
     @abc.abstractmethod
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str | None = None) -> None:
-        """Write an object atomically. With ``if_absent``, raise AlreadyExistsError if it exists."""
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
+        """Write an object atomically and return its new etag. With ``if_absent``, raise AlreadyExistsError if it
+        exists; with ``if_match``, raise ChangedError unless the stored object still has that etag."""
 
     @abc.abstractmethod
     def put_file(self, key: str, path: str | Path, *, if_absent: bool = False, content_type: str | None = None) -> None:

@@ -3,12 +3,17 @@
 Writes go to a hidden temporary file in the target's folder and are then published in one step, so readers
 never see a partial object: ``os.replace`` for plain puts, ``os.link`` for ``if_absent`` puts (link fails
 with EEXIST if the name exists, which makes it a true conditional create even between processes and hosts
-sharing a POSIX file system).
+sharing a POSIX file system). ``if_match`` puts compare the object's change token and replace it while holding
+an ``flock`` on a hidden lock file beside it, so two conditional writers cannot both win.
+
+The etag is a change token, ``<inode>-<mtime ns>-<size>``: publishing by rename or link keeps the temporary
+file's inode and mtime, so the token of what was written is known before it becomes visible.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -16,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from batchgen.errors import AlreadyExistsError, NotFoundError, StorageError
+from batchgen.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError
 from batchgen.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger("batchgen.storage.local")
@@ -59,10 +64,12 @@ class LocalStorage(Storage):
     def _temp_path(self, final: Path) -> Path:
         return final.parent / f"{TEMP_PREFIX}{final.name}.{uuid.uuid4().hex}"
 
-    def _publish(self, temp: Path, final: Path, key: str, if_absent: bool) -> None:
+    def _publish(self, temp: Path, final: Path, key: str, if_absent: bool, if_match: str | None) -> None:
         """Make a fully written temporary file visible under its final name, then drop the temp name."""
         try:
-            if if_absent:
+            if if_match is not None:
+                self._replace_if_match(temp, final, key, if_match)
+            elif if_absent:
                 try:
                     os.link(temp, final)
                 except FileExistsError:
@@ -81,7 +88,15 @@ class LocalStorage(Storage):
         finally:
             temp.unlink(missing_ok=True)
 
-    def _write_via_temp(self, key: str, if_absent: bool, fill) -> None:
+    def _replace_if_match(self, temp: Path, final: Path, key: str, if_match: str) -> None:
+        with open(final.parent / f"{TEMP_PREFIX}lock-{final.name}", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            current = _token(final)
+            if current != if_match:
+                raise ChangedError(f"{self._where(key)} changed (etag {current}, expected {if_match})")
+            os.replace(temp, final)
+
+    def _write_via_temp(self, key: str, if_absent: bool, fill, if_match: str | None = None) -> str:
         final = self._path(key)
         if if_absent and final.exists():
             # Cheap early exit; the link below is what actually decides.
@@ -91,23 +106,33 @@ class LocalStorage(Storage):
             temp = self._temp_path(final)
             try:
                 fill(temp)
+                etag = _token(temp)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
-            self._publish(temp, final, key, if_absent)
+            self._publish(temp, final, key, if_absent, if_match)
+            return etag
         except StorageError:
             raise
         except OSError as e:
             raise StorageError(f"cannot write {self._where(key)}: {e.strerror or e}") from e
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str | None = None) -> None:
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
+        content_type: str | None = None,
+    ) -> str:
         def fill(temp: Path) -> None:
             with open(temp, "xb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
 
-        self._write_via_temp(key, if_absent, fill)
+        return self._write_via_temp(key, if_absent, fill, if_match)
 
     def put_file(self, key: str, path: str | Path, *, if_absent: bool = False, content_type: str | None = None) -> None:
         source = Path(path)
@@ -160,7 +185,7 @@ class LocalStorage(Storage):
             return None
         if not path.is_file():
             return None
-        return ObjectInfo(key=key, size=st.st_size)
+        return ObjectInfo(key=key, size=st.st_size, etag=_stat_token(st))
 
     def list(self, prefix: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         # Walk only the folders that can hold matching keys, then sort: keys compare like S3's (code point
@@ -192,10 +217,10 @@ class LocalStorage(Storage):
                     self._collect(Path(entry.path), key, prefix, out)
             elif key.startswith(prefix):
                 try:
-                    size = entry.stat().st_size
+                    st = entry.stat()
                 except FileNotFoundError:  # deleted while listing
                     continue
-                out.append(ObjectInfo(key=key, size=size))
+                out.append(ObjectInfo(key=key, size=st.st_size, etag=_stat_token(st)))
 
     # -- other --------------------------------------------------------------------------------------------
 
@@ -223,3 +248,14 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _stat_token(st: os.stat_result) -> str:
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+def _token(path: Path) -> str | None:
+    try:
+        return _stat_token(path.stat())
+    except FileNotFoundError:
+        return None

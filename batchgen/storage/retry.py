@@ -8,10 +8,12 @@ counted and backed off in one place.
 
 from __future__ import annotations
 
+import http.client
 import os
 from dataclasses import dataclass
 
 import tenacity
+import urllib3.exceptions
 from botocore import exceptions as boto_errors
 from botocore.parsers import ResponseParserError
 
@@ -41,6 +43,11 @@ TRANSIENT_WIRE_ERRORS = (
     boto_errors.FlexibleChecksumError,  # a body cut short or corrupted in transit
     boto_errors.AwsChunkedWrapperError,
     ResponseParserError,  # a response body cut short (botocore itself says "further retries may succeed")
+    # botocore reads an error answer's body outside its own exception wrapping, so a connection reset or a body
+    # cut short there arrives as the raw urllib3 / http.client / socket error.
+    urllib3.exceptions.HTTPError,  # ProtocolError ("Connection broken: IncompleteRead"), ReadTimeoutError...
+    http.client.HTTPException,  # IncompleteRead
+    ConnectionError,  # ConnectionResetError, BrokenPipeError
 )
 
 

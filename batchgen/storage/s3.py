@@ -25,13 +25,19 @@ from typing import Any, TypeVar
 import boto3
 from botocore import exceptions as boto_errors
 from botocore.config import Config
-from botocore.parsers import ResponseParserError
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
-from batchgen.errors import AlreadyExistsError, NotFoundError, StorageError, TransientStorageError
+from batchgen.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError, TransientStorageError
 from batchgen.storage.base import ObjectInfo, Storage
 from batchgen.storage.local import TEMP_PREFIX, validate_key
-from batchgen.storage.retry import RetryPolicy, env_number, error_code, http_status, is_transient
+from batchgen.storage.retry import (
+    TRANSIENT_WIRE_ERRORS,
+    RetryPolicy,
+    env_number,
+    error_code,
+    http_status,
+    is_transient,
+)
 
 log = logging.getLogger("batchgen.storage.s3")
 
@@ -96,6 +102,10 @@ def _redact(text: str) -> str:
         if secret and len(secret) >= 8:
             text = text.replace(secret, "***")
     return text
+
+
+def _etag(response: dict) -> str | None:
+    return response.get("ETag", "").strip('"') or None
 
 
 def _is_precondition_failed(exc: boto_errors.ClientError) -> bool:
@@ -183,7 +193,7 @@ class S3Storage(Storage):
 
         try:
             return self._retry.retrying(before_sleep=before_sleep)(once)
-        except (boto_errors.BotoCoreError, boto_errors.ClientError, ResponseParserError) as exc:
+        except (boto_errors.BotoCoreError, boto_errors.ClientError, *TRANSIENT_WIRE_ERRORS) as exc:
             raise self._translate(exc, what, key, attempts) from exc
 
     def _translate(self, exc: Exception, what: str, key: str | None, attempts: int) -> StorageError:
@@ -252,7 +262,15 @@ class S3Storage(Storage):
 
     # -- writes -------------------------------------------------------------------------------------------
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str | None = None) -> None:
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
+        content_type: str | None = None,
+    ) -> str | None:
         full_key = self._full_key(key)
         write_id = uuid.uuid4().hex
         args: dict[str, Any] = {
@@ -265,19 +283,27 @@ class S3Storage(Storage):
             args["ContentType"] = content_type
         if if_absent:
             args["IfNoneMatch"] = "*"
+        if if_match is not None:
+            args["IfMatch"] = f'"{if_match}"'
 
-        def attempt(number: int) -> None:
+        def attempt(number: int) -> str | None:
             try:
-                self._client.put_object(**args)
+                return _etag(self._client.put_object(**args))
             except boto_errors.ClientError as exc:
-                if if_absent and _is_precondition_failed(exc):
-                    if number > 1 and self._written_by_us(full_key, key, write_id):
-                        log.debug("S3 put %s: 412 on retry is our own earlier attempt", self._where(key))
-                        return
+                # If-Match on a missing object answers 404: the version we read is gone, a lost race like 412.
+                lost = _is_precondition_failed(exc) or (if_match is not None and error_code(exc) in _NOT_FOUND_CODES)
+                if (if_absent or if_match is not None) and lost:
+                    if number > 1:
+                        ours = self._head_response(key, full_key, check_bucket=False)
+                        if ours is not None and ours.get("Metadata", {}).get(WRITE_ID_META) == write_id:
+                            log.debug("S3 put %s: 412 on retry is our own earlier attempt", self._where(key))
+                            return _etag(ours)
+                    if if_match is not None:
+                        raise ChangedError(f"{self._where(key)} changed since it was read (etag {if_match})") from None
                     raise AlreadyExistsError(f"{self._where(key)} already exists") from None
                 raise
 
-        self._run("put", key, attempt)
+        return self._run("put", key, attempt)
 
     def put_file(self, key: str, path: str | Path, *, if_absent: bool = False, content_type: str | None = None) -> None:
         source = Path(path)
