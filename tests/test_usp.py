@@ -12,13 +12,28 @@ from tests._dist import run_world
 
 TOLERANCE = 1e-4
 
-_references: dict[int, dict[str, torch.Tensor]] = {}
+_references: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
-def reference(item_seed: int) -> dict[str, torch.Tensor]:
-    if item_seed not in _references:
-        _references[item_seed] = cases.reference(item_seed)
-    return _references[item_seed]
+def reference(item_seed: int, shape: dict | None = None, empty_negative: bool = False) -> dict[str, torch.Tensor]:
+    key = (item_seed, tuple(sorted((shape or cases.SHAPE).items())), empty_negative)
+    if key not in _references:
+        _references[key] = cases.reference(item_seed, shape, empty_negative)
+    return _references[key]
+
+
+def visual_tokens(shape: dict) -> int:
+    return ((shape["num_frames"] - 1) // 6 + 1) * (shape["height"] // 16) * (shape["width"] // 16)
+
+
+def assert_matches_reference(results, shape, empty_negative=False):
+    for r in results:
+        ref = reference(r["item_seed"], shape, empty_negative)
+        assert r["forward"].shape == ref["forward"].shape
+        forward_diff = (r["forward"] - ref["forward"]).abs().max().item()
+        latents_diff = (r["latents"] - ref["latents"]).abs().max().item()
+        assert forward_diff <= TOLERANCE, f"rank {r['rank']}: transformer forward differs by {forward_diff}"
+        assert latents_diff <= TOLERANCE, f"rank {r['rank']}: final latents differ by {latents_diff}"
 
 
 LAYOUTS = [
@@ -50,6 +65,29 @@ def test_parallel_layout_matches_single_process(name, world, degrees, backend):
     if dp == 2:
         a, b = (reference(s)["latents"] for s in sorted(seeds))
         assert (a - b).abs().max() > 0.1, "the two groups' items must differ for this case to mean anything"
+
+
+PADDED_LAYOUTS = [
+    ("ulysses2", 2, {"ulysses": 2}),
+    ("ulysses4", 4, {"ulysses": 4}),
+    ("ring3", 3, {"ring": 3}),
+    ("ulysses2xring2", 4, {"ulysses": 2, "ring": 2}),
+]
+
+
+@pytest.mark.parametrize("name,world,degrees", PADDED_LAYOUTS, ids=[c[0] for c in PADDED_LAYOUTS])
+def test_padded_layout_matches_single_process(name, world, degrees):
+    # 175 visual tokens on 2, 3 or 4 sequence-parallel ranks: padded to 176 or 177, the padding dropped after.
+    assert visual_tokens(cases.ODD_SHAPE) % world, "the degree must not divide the token count"
+    results = run_world(world, cases.parallel_case, degrees, "native", "auto", cases.ODD_SHAPE)
+    assert_matches_reference(results, cases.ODD_SHAPE)
+
+
+def test_ring4_with_a_chunk_of_padding_alone_and_an_empty_negative_prompt():
+    # 9 tokens in chunks of 3: rank 3 holds padding only (its keys are skipped by everyone), and the negative
+    # prompt has no valid text token, so its text attention has no key at all in one block.
+    results = run_world(4, cases.parallel_case, {"ring": 4}, "native", "auto", cases.NINE_TOKENS, True)
+    assert_matches_reference(results, cases.NINE_TOKENS, empty_negative=True)
 
 
 def test_ring4_with_math_kernel_matches_single_process():
