@@ -41,9 +41,7 @@ MATH_CHUNK = 1024
 # What cuDNN gets for a masked key (PyTorch's convert_boolean_attn_mask_cudnn: -inf misbehaves there).
 CUDNN_MASKED = -65504.0
 
-KernelFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
-]
+KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None):

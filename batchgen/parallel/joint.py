@@ -52,8 +52,7 @@ class MochiJointAttnProcessor:
         text_mask = attention_mask.bool()
         visual = query.shape[1]
         q, k, v = (
-            torch.cat(pair, dim=1).transpose(1, 2)
-            for pair in ((query, enc_query), (key, enc_key), (value, enc_value))
+            torch.cat(pair, dim=1).transpose(1, 2) for pair in ((query, enc_query), (key, enc_key), (value, enc_value))
         )
         key_mask = torch.cat([text_mask.new_ones(text_mask.shape[0], visual), text_mask], dim=1)
         out, _ = attention_with_lse(q, k, v, key_mask=key_mask, kernel=self.kernel)
