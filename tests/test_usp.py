@@ -154,3 +154,24 @@ def test_merge_of_disjoint_key_blocks_equals_full_attention():
         acc, lse = merge_partial(acc, lse, *attention_with_lse(q, k[:, :, block], v[:, :, block], kernel="math"))
     torch.testing.assert_close(acc, full, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse, full_lse, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", list_kernels("cpu", masked=True))
+def test_masked_keys_shift_neither_output_nor_lse_and_an_empty_block_weighs_nothing(kernel):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=gen) for n in (10, 30, 30))
+    junk = 50 * torch.randn(2, 2, 6, 8, generator=gen)  # large keys: any leak would dominate the softmax
+    key_mask = torch.ones(2, 36, dtype=torch.bool)
+    key_mask[:, 30:] = False
+    padded = attention_with_lse(
+        q, torch.cat([k, junk], dim=2), torch.cat([v, junk], dim=2), key_mask=key_mask, kernel=kernel
+    )
+    exact = attention_with_lse(q, k, v, kernel="math")
+    torch.testing.assert_close(padded, exact, atol=1e-5, rtol=1e-5)
+    # A block with no valid key (a sample's empty prompt): out 0, lse -inf, and merging it changes nothing.
+    nothing = torch.zeros(2, 6, dtype=torch.bool)
+    empty_out, empty_lse = attention_with_lse(q, junk, junk, key_mask=nothing, kernel=kernel)
+    assert empty_out.abs().max() == 0 and torch.isneginf(empty_lse).all()
+    for first, second in ((exact, (empty_out, empty_lse)), ((empty_out, empty_lse), exact)):
+        merged = merge_partial(*first, *second)
+        torch.testing.assert_close(merged, (exact[0].float(), exact[1]), atol=1e-6, rtol=1e-6)
