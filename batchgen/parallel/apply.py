@@ -138,7 +138,7 @@ def _split_tokens_hook(state: _ParallelState):
                 f"{total} visual tokens do not divide by ulysses x ring = {state.sp.size} and the {state.backend} "
                 "backend cannot pad the sequence (its attention takes no mask); use --sp-backend native"
             )
-        if (total, padded) != (state.layout.tokens, state.layout.padded):
+        if padded != total and (total, padded) != (state.layout.tokens, state.layout.padded):
             log.info("visual tokens: %d, padded to %d for ulysses x ring = %d", total, padded, state.sp.size)
         state.layout.tokens, state.layout.padded = total, padded
         return _pad_and_slice(hidden, 1, state.sp)
