@@ -126,7 +126,6 @@ def kernel_calls_and_syncs(monkeypatch, processor, batch: list[int]) -> tuple[in
     for b in model.transformer_blocks:
         b.attn1.processor = recorded
     inputs = cases.forward_inputs(3)
-    _, text, _, _ = attention_inputs(model.transformer_blocks[0], batch, text_len=cases.TEXT_LEN)
     mask = torch.arange(cases.TEXT_LEN).unsqueeze(0) < torch.tensor(batch).unsqueeze(1)
     inputs.update(
         hidden_states=inputs["hidden_states"][: len(batch)],
