@@ -207,7 +207,7 @@ def check_parallel(plan: RunPlan, config: RunConfig, model_dir: str | Path, npro
         use_cfg=config.generation.guidance_scale > 1.0,
     )
     if topology.sp > 1:
-        check_shapes(topology, plan.shapes, num_heads=num_heads)
+        check_shapes(topology, plan.shapes, num_heads=num_heads, sp_backend=parallel.sp_backend)
     return topology
 
 

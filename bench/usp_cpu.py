@@ -1,8 +1,10 @@
 """CPU benchmark of the native USP backend on the tiny Mochi transformer (gloo, one thread per process).
 
-For 1, 2 and 4 processes and each degree layout: median seconds per denoising step (the stock MochiPipeline
+For 1 to 4 processes and each degree layout: median seconds per denoising step (the stock MochiPipeline
 driving the parallelized transformer; step 0 is warm-up and excluded) and the bytes each rank sends per step,
-counted in our collectives, next to the analytic formula. Writes bench/results/usp-cpu.json, prints a table.
+counted in our collectives, next to the analytic formula. Padded layouts run a shape whose token count the degree
+does not divide: the padding travels in the all-to-alls, ring hops and output gather, and the formula counts it.
+Writes bench/results/usp-cpu.json, prints a table.
 
     python bench/usp_cpu.py [--steps 6]
 
@@ -26,26 +28,35 @@ sys.path.insert(0, str(ROOT))
 
 # 25 frames at 128x128: T = 5 latent frames of 8 x 8 patches = 320 visual tokens; 16 text tokens (12 / 4 valid).
 SHAPE = {"num_frames": 25, "height": 128, "width": 128}
+# 25 frames at 112x112: 5 x 7 x 7 = 245 visual tokens, which 2, 3 and 4 do not divide (padded to 246, 246, 248).
+PADDED_SHAPE = {"num_frames": 25, "height": 112, "width": 112}
 LAYOUTS = [
-    # (world, degrees)
-    (1, {}),
-    (2, {"ulysses": 2}),
-    (2, {"ring": 2}),
-    (2, {"cfg": 2}),
-    (4, {"ulysses": 4}),
-    (4, {"ring": 4}),
-    (4, {"ulysses": 2, "ring": 2}),
-    (4, {"cfg": 2, "ulysses": 2}),
+    # (world, degrees, shape)
+    (1, {}, SHAPE),
+    (2, {"ulysses": 2}, SHAPE),
+    (2, {"ring": 2}, SHAPE),
+    (2, {"cfg": 2}, SHAPE),
+    (4, {"ulysses": 4}, SHAPE),
+    (4, {"ring": 4}, SHAPE),
+    (4, {"ulysses": 2, "ring": 2}, SHAPE),
+    (4, {"cfg": 2, "ulysses": 2}, SHAPE),
+    (1, {}, PADDED_SHAPE),
+    (2, {"ulysses": 2}, PADDED_SHAPE),
+    (3, {"ring": 3}, PADDED_SHAPE),
+    (4, {"ulysses": 4}, PADDED_SHAPE),
+    (4, {"ulysses": 2, "ring": 2}, PADDED_SHAPE),
+    (4, {"cfg": 2, "ulysses": 2}, PADDED_SHAPE),
 ]
 
 
 def expected_bytes(degrees: dict[str, int], *, tokens: int, text_len: int, config: dict, latent_shape, elt: int = 4):
-    """Bytes one rank sends per denoising step (one forward of its share of the CFG batch)."""
+    """Bytes one rank sends per denoising step (one forward of its share of the CFG batch). ``tokens`` real visual
+    tokens, padded up to a multiple of ulysses x ring: every collective moves the padded slices."""
     u, r, c = degrees.get("ulysses", 1), degrees.get("ring", 1), degrees.get("cfg", 1)
     sp = u * r
     batch = 2 // c  # the CFG batch [uncond, cond], split over the cfg pair
     heads, head_dim, layers = config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]
-    local = tokens // sp
+    local = -(-tokens // sp)  # this rank's slice of the padded sequence
     per_layer = {
         "ulysses": (3 + 1) * batch * local * heads * head_dim * elt * (u - 1) // u,  # q,k,v out; attention back
         "text_gather": batch * text_len * (heads // u) * head_dim * elt * (u - 1),
@@ -61,7 +72,7 @@ def expected_bytes(degrees: dict[str, int], *, tokens: int, text_len: int, confi
     return {k: v for k, v in result.items() if v}
 
 
-def worker(degrees: dict[str, int], steps: int) -> dict:
+def worker(degrees: dict[str, int], steps: int, shape: dict[str, int]) -> dict:
     import warnings
 
     import torch
@@ -111,7 +122,7 @@ def worker(degrees: dict[str, int], steps: int) -> dict:
     marks.append(time.perf_counter())
     pipe(
         **cases.prompt_tensors(3),
-        **SHAPE,
+        **shape,
         num_inference_steps=steps,
         guidance_scale=4.5,
         generator=torch.Generator().manual_seed(3),
@@ -122,15 +133,21 @@ def worker(degrees: dict[str, int], steps: int) -> dict:
     return {"step_s": step_s, "bytes_per_step": comm[-1], "rank": int(os.environ.get("RANK", 0))}
 
 
-def run_layout(world: int, degrees: dict[str, int], steps: int) -> list[dict]:
+def run_layout(world: int, degrees: dict[str, int], steps: int, shape: dict[str, int]) -> list[dict]:
     if world == 1:
         import torch
 
         torch.set_num_threads(1)
-        return [worker({}, steps)]
+        return [worker({}, steps, shape)]
     from tests._dist import run_world
 
-    return run_world(world, worker, degrees, steps, timeout_s=300)
+    return run_world(world, worker, degrees, steps, shape, timeout_s=300)
+
+
+def visual_tokens(shape: dict[str, int]) -> int:
+    from batchgen.config import latent_frames
+
+    return latent_frames(shape["num_frames"]) * (shape["height"] // 16) * (shape["width"] // 16)
 
 
 def main() -> int:
@@ -145,13 +162,14 @@ def main() -> int:
     from tests import _usp_cases as cases
 
     config = cases.TINY_TRANSFORMER
-    t = latent_frames(SHAPE["num_frames"])
-    tokens = t * (SHAPE["height"] // 16) * (SHAPE["width"] // 16)
-    latent_shape = torch.Size([2, 12, t, SHAPE["height"] // 8, SHAPE["width"] // 8])
     rows = []
     started = time.perf_counter()
-    for world, degrees in LAYOUTS:
-        results = run_layout(world, degrees, args.steps)
+    for world, degrees, shape in LAYOUTS:
+        t = latent_frames(shape["num_frames"])
+        tokens = visual_tokens(shape)
+        sp = degrees.get("ulysses", 1) * degrees.get("ring", 1)
+        latent_shape = torch.Size([2, 12, t, shape["height"] // 8, shape["width"] // 8])
+        results = run_layout(world, degrees, args.steps, shape)
         per_rank_median = [statistics.median(r["step_s"]) for r in results]
         measured = results[0]["bytes_per_step"]
         # Every rank of a layout sends the same amount; record the spread to show it.
@@ -163,6 +181,8 @@ def main() -> int:
         rows.append({
             "layout": name,
             "processes": world,
+            "visual_tokens": tokens,
+            "padded_tokens": -(-tokens // sp) * sp,
             "degrees": {"ulysses": degrees.get("ulysses", 1), "ring": degrees.get("ring", 1), "cfg": degrees.get("cfg", 1)},
             "median_step_s": statistics.median(per_rank_median),
             "max_rank_median_step_s": max(per_rank_median),
@@ -177,7 +197,11 @@ def main() -> int:
         "backend": "native (torch.distributed gloo)",
         "xfuser": "not measured: xfuser needs CUDA + flash-attn (its CPU check is the shim test, which times nothing)",
         "model": "tiny Mochi transformer (tests/_usp_cases.TINY_TRANSFORMER), fp32, random weights",
-        "shape": {**SHAPE, "latent_frames": t, "visual_tokens": tokens, "text_tokens": cases.TEXT_LEN},
+        "shapes": [
+            {**shape, "latent_frames": latent_frames(shape["num_frames"]), "visual_tokens": visual_tokens(shape)}
+            for shape in (SHAPE, PADDED_SHAPE)
+        ],
+        "text_tokens": cases.TEXT_LEN,
         "steps": args.steps,
         "threads_per_process": 1,
         "cpu": platform.processor() or platform.machine(),
@@ -190,12 +214,13 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"tiny Mochi, {tokens} visual tokens, {args.steps} steps, {os.cpu_count()} CPUs, 1 thread/process")
-    print(f"{'layout':<22} {'procs':>5} {'step s':>8} {'KiB/step/rank':>14} {'formula KiB':>12}  ok")
+    print(f"tiny Mochi, {args.steps} steps, {os.cpu_count()} CPUs, 1 thread/process")
+    print(f"{'layout':<22} {'procs':>5} {'tokens':>9} {'step s':>8} {'KiB/step/rank':>14} {'formula KiB':>12}  ok")
     for row in rows:
         b = row["bytes_per_step_per_rank"]
+        tokens = f"{row['visual_tokens']}>{row['padded_tokens']}"
         print(
-            f"{row['layout']:<22} {row['processes']:>5} {row['median_step_s']:>8.4f} "
+            f"{row['layout']:<22} {row['processes']:>5} {tokens:>9} {row['median_step_s']:>8.4f} "
             f"{b['measured_total'] / 1024:>14.1f} {b['formula_total'] / 1024:>12.1f}  {'yes' if row['matches_formula'] else 'NO'}"
         )
     print(f"wrote {args.out}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -49,7 +50,9 @@ def _child(fn: Callable, rank: int, world_size: int, port: int, args: tuple, res
 
     torch.set_num_threads(1)
     try:
-        results.put((rank, True, fn(*args)))
+        # Pickled by value here: through the queue torch would pass tensors as file descriptors that the parent
+        # fetches from this process later, which fails (EOFError) once this process has exited.
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -97,4 +100,4 @@ def run_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: fl
     if failed:
         rank, tb = failed[0]
         raise AssertionError(f"rank {rank} of {world_size} failed:\n{tb}")
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

@@ -27,6 +27,11 @@ TEXT_LEN = 16
 # 13 frames at 64x96: T = 3 latent frames of 4 x 6 patches = 72 visual tokens (divisible by 1, 2, 3, 4, 6, 8),
 # and a non-square frame so a height/width mix-up in the RoPE slice cannot go unnoticed.
 SHAPE = {"num_frames": 13, "height": 64, "width": 96}
+# 25 frames at 80x112: T = 5 latent frames of 5 x 7 patches = 175 visual tokens, which 2, 3 and 4 do not divide:
+# every sequence-parallel layout pads it.
+ODD_SHAPE = {"num_frames": 25, "height": 80, "width": 112}
+# 1 frame at 48x48: 9 visual tokens; ring 4 makes chunks of 3 and the last rank's chunk is padding alone.
+NINE_TOKENS = {"num_frames": 1, "height": 48, "width": 48}
 STEPS = 3
 GUIDANCE = 4.5
 
@@ -52,10 +57,11 @@ def tiny_transformer(seed: int = 0):
     return model.eval()
 
 
-def prompt_tensors(item_seed: int) -> dict[str, torch.Tensor]:
-    """Random T5-like embeddings; cond and uncond have different valid lengths so padding removal matters."""
+def prompt_tensors(item_seed: int, empty_negative: bool = False) -> dict[str, torch.Tensor]:
+    """Random T5-like embeddings; cond and uncond have different valid lengths so padding removal matters.
+    ``empty_negative``: the negative prompt has no valid token (Genmo's zeros for an empty prompt)."""
     gen = torch.Generator().manual_seed(1000 + item_seed)
-    cond_valid, uncond_valid = 5 + item_seed % 7, 2 + item_seed % 3
+    cond_valid, uncond_valid = 5 + item_seed % 7, 0 if empty_negative else 2 + item_seed % 3
 
     def one(valid: int):
         embeds = torch.randn(1, TEXT_LEN, TINY_TRANSFORMER["text_embed_dim"], generator=gen)
@@ -73,11 +79,13 @@ def prompt_tensors(item_seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def forward_inputs(item_seed: int) -> dict[str, torch.Tensor]:
+def forward_inputs(item_seed: int, shape: dict | None = None, empty_negative: bool = False) -> dict[str, torch.Tensor]:
     """One CFG batch [uncond, cond] as MochiPipeline builds it."""
-    p = prompt_tensors(item_seed)
+    shape = shape or SHAPE
+    p = prompt_tensors(item_seed, empty_negative)
     gen = torch.Generator().manual_seed(item_seed)
-    latent = torch.randn(1, 12, 3, SHAPE["height"] // 8, SHAPE["width"] // 8, generator=gen)
+    frames = (shape["num_frames"] - 1) // 6 + 1
+    latent = torch.randn(1, 12, frames, shape["height"] // 8, shape["width"] // 8, generator=gen)
     return {
         "hidden_states": torch.cat([latent, latent]),
         "encoder_hidden_states": torch.cat([p["negative_prompt_embeds"], p["prompt_embeds"]]),
@@ -86,7 +94,7 @@ def forward_inputs(item_seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def denoise(transformer, item_seed: int) -> torch.Tensor:
+def denoise(transformer, item_seed: int, shape: dict | None = None, empty_negative: bool = False) -> torch.Tensor:
     """The stock diffusers MochiPipeline, latents out (no VAE, no T5: embeddings given)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
 
@@ -94,8 +102,8 @@ def denoise(transformer, item_seed: int) -> torch.Tensor:
     pipe = MochiPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe(
-        **prompt_tensors(item_seed),
-        **SHAPE,
+        **prompt_tensors(item_seed, empty_negative),
+        **(shape or SHAPE),
         num_inference_steps=STEPS,
         guidance_scale=GUIDANCE,
         generator=torch.Generator().manual_seed(item_seed),
@@ -103,15 +111,21 @@ def denoise(transformer, item_seed: int) -> torch.Tensor:
     ).frames
 
 
-def reference(item_seed: int) -> dict[str, torch.Tensor]:
+def reference(item_seed: int, shape: dict | None = None, empty_negative: bool = False) -> dict[str, torch.Tensor]:
     """Single process, stock model: the transformer forward on one CFG batch and a full denoising run."""
     transformer = tiny_transformer()
     with torch.no_grad():
-        forward = transformer(**forward_inputs(item_seed), return_dict=False)[0]
-    return {"forward": forward, "latents": denoise(transformer, item_seed)}
+        forward = transformer(**forward_inputs(item_seed, shape, empty_negative), return_dict=False)[0]
+    return {"forward": forward, "latents": denoise(transformer, item_seed, shape, empty_negative)}
 
 
-def parallel_case(degrees: dict[str, int], backend: str = "native", kernel: str = "auto") -> dict[str, Any]:
+def parallel_case(
+    degrees: dict[str, int],
+    backend: str = "native",
+    kernel: str = "auto",
+    shape: dict | None = None,
+    empty_negative: bool = False,
+) -> dict[str, Any]:
     """On every rank: the parallel transformer forward and the full denoising run of this dp group's item."""
     from batchgen.config import ParallelConfig
     from batchgen.parallel.apply import parallelize_transformer
@@ -136,8 +150,8 @@ def parallel_case(degrees: dict[str, int], backend: str = "native", kernel: str 
     item_seed = 11 + context.dp_rank  # data-parallel groups work on different items
     transformer = parallelize_transformer(tiny_transformer(), context, kernel=kernel)
     with torch.no_grad():
-        forward = transformer(**forward_inputs(item_seed), return_dict=False)[0]
-    latents = denoise(transformer, item_seed)
+        forward = transformer(**forward_inputs(item_seed, shape, empty_negative), return_dict=False)[0]
+    latents = denoise(transformer, item_seed, shape, empty_negative)
     return {
         "rank": context.rank,
         "dp_rank": context.dp_rank,

@@ -107,6 +107,7 @@ def test_bad_topology_fails_before_anything_starts(tmp_path, tiny_model_dir):
 
 def test_item_shape_that_cannot_split_across_ranks_fails_before_any_worker_starts(tmp_path, tiny_model_dir):
     # One frame at 48x48 is 1 latent frame of 3x3 patches: 9 visual tokens, which 2 ranks cannot split evenly.
+    # The native backend pads them; the xfuser backend cannot, and is refused up front.
     manifest = tmp_path / "odd.parquet"
     pq.write_table(
         pa.table(
@@ -122,9 +123,12 @@ def test_item_shape_that_cannot_split_across_ranks_fails_before_any_worker_start
     )
     result = run_cli(
         "run", str(manifest), "--output", str(tmp_path / "out"), *tiny_run_args(tiny_model_dir),
-        "--nproc-per-worker", "2", "--ulysses-degree", "2",
+        "--nproc-per-worker", "2", "--ulysses-degree", "2", "--sp-backend", "xfuser",
     )  # fmt: skip
     assert result.returncode == 6, result.stderr
-    assert "1 frames at 48x48: N=9; ulysses x ring must divide 9 but is 2x1=2 (items odd)" in result.stderr
+    assert (
+        "1 frames at 48x48: N=9; the xfuser backend cannot pad, so ulysses x ring must divide 9 but is 2x1=2 (items odd)"
+        in result.stderr
+    )
     assert "13 frames at 64x64" not in result.stderr
     assert not list((tmp_path / "out").glob("*/videos"))

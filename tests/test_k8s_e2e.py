@@ -171,16 +171,19 @@ def test_submit_refuses_degrees_that_cannot_split_an_items_tokens_before_creatin
     kube, tmp_path, s3_server, s3_uri, tiny_model_dir
 ):
     path = tmp_path / "long-and-short.parquet"
-    # 163 frames at 480x848 split 8 ways (N = 178080); 49 frames (N = 14310) do not.
+    # 163 frames at 480x848 split 8 ways (N = 178080); 49 frames (N = 14310) do not, which only the xfuser
+    # backend (it cannot pad the sequence) refuses.
     pq.write_table(pa.table({"id": ["long", "short"], "prompt": ["a fox", "a boat"], "num_frames": [163, 49]}), path)
     command = [
         sys.executable, "-m", "batchgen", "submit", str(path), "--output", s3_uri,
         "--kubeconfig", str(kube.kubeconfig), "--namespace", kube.namespace, "--image", "localhost/batchgen:test",
-        "--gpus-per-node", "8", "--ulysses-degree", "8", "--s3-endpoint", s3_server, "--s3-secret", SECRET,
+        "--gpus-per-node", "8", "--ulysses-degree", "8", "--sp-backend", "xfuser", "--s3-endpoint", s3_server,
+        "--s3-secret", SECRET,
     ]  # fmt: skip
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert refused.returncode == 6, refused.stderr[-4000:]
     assert (
-        "49 frames at 480x848: N=14310; ulysses x ring must divide 14310 but is 8x1=8 (items short)" in refused.stderr
+        "49 frames at 480x848: N=14310; the xfuser backend cannot pad, so ulysses x ring must divide 14310 but is "
+        "8x1=8 (items short)" in refused.stderr
     )
     assert kube.emulator.create_count == {} and kube.emulator.jobs(kube.namespace) == []

@@ -216,7 +216,8 @@ def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluste
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # Mochi's defaults (163 frames at 480x848, N = 178080) split 8 and 16 ways; 49-frame rows (N = 14310) do not.
+    # Mochi's defaults (163 frames at 480x848, N = 178080) split 8 and 16 ways; 49-frame rows (N = 14310) do not:
+    # the xfuser backend refuses them, the native one pads.
     rows = 5
     frames = [49 if i % 2 else None for i in range(rows)]
     manifest = tmp_path / "mixed.parquet"
@@ -242,16 +243,23 @@ def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluste
         "pytorchjob",
     ]
     bad = subprocess.run(
-        [*common, "--gpus-per-node", "8", "--ulysses-degree", "8"], capture_output=True, text=True, timeout=60
+        [*common, "--gpus-per-node", "8", "--ulysses-degree", "8", "--sp-backend", "xfuser"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert bad.returncode == 6, bad.stderr
     assert (
-        "49 frames at 480x848: N=14310; ulysses x ring must divide 14310 but is 8x1=8 (items clip-1, clip-3)"
-        in bad.stderr
+        "49 frames at 480x848: N=14310; the xfuser backend cannot pad, so ulysses x ring must divide 14310 but is "
+        "8x1=8 (items clip-1, clip-3)" in bad.stderr
     )
     assert "163 frames" not in bad.stderr
     assert "fit every item and world size 8 with cfg 1: 1x1, 1x2, 2x1" in bad.stderr
     assert bad.stdout == ""
+    padded = subprocess.run(
+        [*common, "--gpus-per-node", "8", "--ulysses-degree", "8"], capture_output=True, text=True, timeout=60
+    )
+    assert padded.returncode == 0, padded.stderr  # the native backend pads 14310 tokens to 14312
     good = subprocess.run(
         [*common, "--gpus-per-node", "8", "--ulysses-degree", "2", "--cfg-degree", "2"],
         capture_output=True,
@@ -262,7 +270,7 @@ def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluste
     (job,) = list(yaml.safe_load_all(good.stdout))
     assert pytorchjob_problems(job) == []
     only_long = subprocess.run(
-        [*common, "--gpus-per-node", "8", "--ulysses-degree", "8", "--num-frames", "163"],
+        [*common, "--gpus-per-node", "8", "--ulysses-degree", "8", "--sp-backend", "xfuser", "--num-frames", "163"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -30,9 +30,12 @@ class Shape:
         (8, {"num_heads": 24}, (1, 2, 4, 1)),
         (8, {"num_heads": 4, "use_cfg": False}, (1, 1, 4, 2)),
         (16, {"num_heads": 4}, (1, 2, 4, 2)),
-        # 49 frames at 480x848 (N = 14310 = 2*3^3*5*53): 4 does not divide N, so 2 x 2 cannot be chosen
-        (8, {"num_heads": 24, "token_counts": [14310]}, (2, 2, 2, 1)),
+        # 49 frames at 480x848 (N = 14310 = 2*3^3*5*53): 4 does not divide N, the sequence is padded to 14312
+        (8, {"num_heads": 24, "token_counts": [14310]}, (1, 2, 4, 1)),
         (6, {"num_heads": 24, "use_cfg": False, "token_counts": [14310]}, (1, 1, 6, 1)),
+        (16, {"num_heads": 24, "token_counts": [44520, 14310]}, (1, 2, 8, 1)),
+        # never more sequence-parallel ranks than the smallest item has tokens: the rest is data parallel
+        (8, {"num_heads": 4, "use_cfg": False, "token_counts": [3]}, (4, 1, 2, 1)),
         # explicit: missing degrees are 1, data parallel fills the rest
         (8, {"num_heads": 24, "ulysses": 2}, (4, 1, 2, 1)),
         (8, {"num_heads": 24, "ulysses": 2, "ring": 2, "cfg": 2}, (1, 2, 2, 2)),
@@ -85,33 +88,49 @@ def test_visual_tokens_match_mochi_facts():
 
 
 def test_working_layouts_for_49_frames():
-    pairs = working_layouts([14310], num_heads=24, max_sp=6)
-    assert sorted({u * r for u, r in pairs}) == [1, 2, 3, 5, 6]
-    assert (4, 1) not in pairs and (2, 2) not in pairs
+    padded = working_layouts([14310], num_heads=24, max_sp=6)
+    assert sorted({u * r for u, r in padded}) == [1, 2, 3, 4, 5, 6]
+    assert (4, 1) in padded and (2, 2) in padded and (5, 1) not in padded  # 5 does not divide the heads
+    unpadded = working_layouts([14310], num_heads=24, max_sp=6, pad=False)
+    assert sorted({u * r for u, r in unpadded}) == [1, 2, 3, 5, 6]
+    assert (4, 1) not in unpadded and (2, 2) not in unpadded
 
 
-def test_check_items_lists_working_degrees():
+@pytest.mark.parametrize(
+    "topology,shape",
+    [
+        (Topology(4, dp=1, cfg=1, ulysses=4, ring=1), (49, 480, 848)),  # N = 14310: 2 padded tokens
+        (Topology(8, dp=1, cfg=1, ulysses=8, ring=1), (49, 480, 848)),
+        (Topology(16, dp=1, cfg=1, ulysses=8, ring=2), (163, 480, 848)),  # N = 44520: 8 padded tokens
+        (Topology(3, dp=1, cfg=1, ulysses=1, ring=3), (7, 64, 80)),  # N = 40
+    ],
+)
+def test_native_backend_runs_any_length_on_any_degree(topology, shape):
+    check_items(topology, [Shape("a", *shape)], num_heads=24)
+
+
+def test_xfuser_backend_cannot_pad_and_lists_working_degrees():
     items = [Shape(f"clip-{i}", 49, 480, 848) for i in range(5)]
     with pytest.raises(TopologyError) as info:
-        check_items(Topology(4, dp=1, cfg=1, ulysses=4, ring=1), items, num_heads=24)
+        check_items(Topology(4, dp=1, cfg=1, ulysses=4, ring=1), items, num_heads=24, sp_backend="xfuser")
+    assert info.value.exit_code == EXIT_PARALLEL
     text = str(info.value)
-    assert "49 frames at 480x848: N=14310; ulysses x ring must divide 14310 but is 4x1=4" in text
-    assert "items clip-0, clip-1, clip-2 (+2 more)" in text
-    assert "working: 1, 2, 3, 5, 6\n" in text
+    assert (
+        "49 frames at 480x848: N=14310; the xfuser backend cannot pad, so ulysses x ring must divide 14310 but is "
+        "4x1=4 (items clip-0, clip-1, clip-2 (+2 more)); working: 1, 2, 3, 5, 6; the native backend pads any length"
+    ) in text
     # layouts that fit both the items and the world size of 4
     assert "fit every item and world size 4 with cfg 1: 1x1, 1x2, 2x1" in text
 
 
-def test_check_items_reports_each_failing_shape_and_heads():
+def test_heads_error_lists_layouts_that_fit_the_world():
     items = [Shape("a", 13, 64, 64), Shape("b", 7, 48, 48)]  # N = 48 and 2 * 9 = 18
     with pytest.raises(TopologyError) as info:
         check_items(Topology(8, dp=1, cfg=1, ulysses=8, ring=1), items, num_heads=4)
     text = str(info.value)
     assert "ulysses degree 8 does not divide the 4 attention heads (working: 1, 2, 4)" in text
-    assert "7 frames at 48x48: N=18" in text
-    assert "13 frames at 64x64" not in text  # 48 divides by 8
-    assert "working: 1, 2, 3, 6\n" in text
-    assert "with cfg 1: 1x1, 1x2, 2x1" in text
+    assert "frames at" not in text  # the native backend pads both shapes
+    assert text.endswith("with cfg 1: 1x1, 1x2, 2x1, 1x4, 2x2, 4x1, 1x8, 2x4, 4x2")
 
 
 def test_check_shapes_reports_counted_items_like_check_items():
@@ -119,15 +138,19 @@ def test_check_shapes_reports_counted_items_like_check_items():
     from batchgen.parallel.topology import check_shapes
 
     groups = [ShapeGroup(49, 480, 848, items=1000, examples=("a", "b", "c")), ShapeGroup(163, 480, 848, 5, ("d",))]
+    xfuser_8 = Topology(8, dp=1, cfg=1, ulysses=8, ring=1)
     with pytest.raises(TopologyError) as info:
-        check_shapes(Topology(8, dp=1, cfg=1, ulysses=8, ring=1), groups, num_heads=24)
+        check_shapes(xfuser_8, groups, num_heads=24, sp_backend="xfuser")
     text = str(info.value)
-    assert (
-        "49 frames at 480x848: N=14310; ulysses x ring must divide 14310 but is 8x1=8 (items a, b, c (+997 more))"
-        in text
-    )
-    assert "163 frames" not in text  # N = 178080 divides by 8
-    check_shapes(Topology(8, dp=1, cfg=1, ulysses=8, ring=1), groups[1:], num_heads=24)
+    assert "must divide 14310 but is 8x1=8 (items a, b, c (+997 more))" in text
+    assert "163 frames" not in text  # N = 44520 divides by 8
+    check_shapes(xfuser_8, groups[1:], num_heads=24, sp_backend="xfuser")
+    check_shapes(xfuser_8, groups, num_heads=24)  # native: padded
+
+
+def test_bad_frame_size_is_reported():
+    with pytest.raises(TopologyError, match="50x64: height and width must be multiples of 16"):
+        check_items(Topology(2, dp=1, cfg=1, ulysses=2, ring=1), [Shape("a", 13, 50, 64)], num_heads=4)
 
 
 def test_check_items_passes_fitting_items():

@@ -12,13 +12,28 @@ from tests._dist import run_world
 
 TOLERANCE = 1e-4
 
-_references: dict[int, dict[str, torch.Tensor]] = {}
+_references: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
-def reference(item_seed: int) -> dict[str, torch.Tensor]:
-    if item_seed not in _references:
-        _references[item_seed] = cases.reference(item_seed)
-    return _references[item_seed]
+def reference(item_seed: int, shape: dict | None = None, empty_negative: bool = False) -> dict[str, torch.Tensor]:
+    key = (item_seed, tuple(sorted((shape or cases.SHAPE).items())), empty_negative)
+    if key not in _references:
+        _references[key] = cases.reference(item_seed, shape, empty_negative)
+    return _references[key]
+
+
+def visual_tokens(shape: dict) -> int:
+    return ((shape["num_frames"] - 1) // 6 + 1) * (shape["height"] // 16) * (shape["width"] // 16)
+
+
+def assert_matches_reference(results, shape, empty_negative=False):
+    for r in results:
+        ref = reference(r["item_seed"], shape, empty_negative)
+        assert r["forward"].shape == ref["forward"].shape
+        forward_diff = (r["forward"] - ref["forward"]).abs().max().item()
+        latents_diff = (r["latents"] - ref["latents"]).abs().max().item()
+        assert forward_diff <= TOLERANCE, f"rank {r['rank']}: transformer forward differs by {forward_diff}"
+        assert latents_diff <= TOLERANCE, f"rank {r['rank']}: final latents differ by {latents_diff}"
 
 
 LAYOUTS = [
@@ -50,6 +65,29 @@ def test_parallel_layout_matches_single_process(name, world, degrees, backend):
     if dp == 2:
         a, b = (reference(s)["latents"] for s in sorted(seeds))
         assert (a - b).abs().max() > 0.1, "the two groups' items must differ for this case to mean anything"
+
+
+PADDED_LAYOUTS = [
+    ("ulysses2", 2, {"ulysses": 2}),
+    ("ulysses4", 4, {"ulysses": 4}),
+    ("ring3", 3, {"ring": 3}),
+    ("ulysses2xring2", 4, {"ulysses": 2, "ring": 2}),
+]
+
+
+@pytest.mark.parametrize("name,world,degrees", PADDED_LAYOUTS, ids=[c[0] for c in PADDED_LAYOUTS])
+def test_padded_layout_matches_single_process(name, world, degrees):
+    # 175 visual tokens on 2, 3 or 4 sequence-parallel ranks: padded to 176 or 177, the padding dropped after.
+    assert visual_tokens(cases.ODD_SHAPE) % world, "the degree must not divide the token count"
+    results = run_world(world, cases.parallel_case, degrees, "native", "auto", cases.ODD_SHAPE)
+    assert_matches_reference(results, cases.ODD_SHAPE)
+
+
+def test_ring4_with_a_chunk_of_padding_alone_and_an_empty_negative_prompt():
+    # 9 tokens in chunks of 3: rank 3 holds padding only (its keys are skipped by everyone), and the negative
+    # prompt has no valid text token, so its text attention has no key at all in one block.
+    results = run_world(4, cases.parallel_case, {"ring": 4}, "native", "auto", cases.NINE_TOKENS, True)
+    assert_matches_reference(results, cases.NINE_TOKENS, empty_negative=True)
 
 
 def test_ring4_with_math_kernel_matches_single_process():
@@ -116,3 +154,24 @@ def test_merge_of_disjoint_key_blocks_equals_full_attention():
         acc, lse = merge_partial(acc, lse, *attention_with_lse(q, k[:, :, block], v[:, :, block], kernel="math"))
     torch.testing.assert_close(acc, full, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse, full_lse, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", list_kernels("cpu", masked=True))
+def test_masked_keys_shift_neither_output_nor_lse_and_an_empty_block_weighs_nothing(kernel):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=gen) for n in (10, 30, 30))
+    junk = 50 * torch.randn(2, 2, 6, 8, generator=gen)  # large keys: any leak would dominate the softmax
+    key_mask = torch.ones(2, 36, dtype=torch.bool)
+    key_mask[:, 30:] = False
+    padded = attention_with_lse(
+        q, torch.cat([k, junk], dim=2), torch.cat([v, junk], dim=2), key_mask=key_mask, kernel=kernel
+    )
+    exact = attention_with_lse(q, k, v, kernel="math")
+    torch.testing.assert_close(padded, exact, atol=1e-5, rtol=1e-5)
+    # A block with no valid key (a sample's empty prompt): out 0, lse -inf, and merging it changes nothing.
+    nothing = torch.zeros(2, 6, dtype=torch.bool)
+    empty_out, empty_lse = attention_with_lse(q, junk, junk, key_mask=nothing, kernel=kernel)
+    assert empty_out.abs().max() == 0 and torch.isneginf(empty_lse).all()
+    for first, second in ((exact, (empty_out, empty_lse)), ((empty_out, empty_lse), exact)):
+        merged = merge_partial(*first, *second)
+        torch.testing.assert_close(merged, (exact[0].float(), exact[1]), atol=1e-6, rtol=1e-6)

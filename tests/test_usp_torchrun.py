@@ -41,17 +41,21 @@ def _generate_args(model_dir: Path, out: Path, latents: Path, *extra: str) -> li
 def test_generate_latents_under_torchrun_ulysses2_match_single_process(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
+    # 13 frames at 48x80: 3 latent frames of 3 x 5 patches = 45 visual tokens, padded to 46 for ulysses 2.
+    shape = ("--num-frames", "13", "--height", "48", "--width", "80")
     single = subprocess.run(
-        [sys.executable, "-m", "batchgen", *_generate_args(tiny_model_dir, tmp_path / "one.mp4", tmp_path / "one.st")],
+        [sys.executable, "-m", "batchgen",
+         *_generate_args(tiny_model_dir, tmp_path / "one.mp4", tmp_path / "one.st", *shape)],
         capture_output=True, text=True, timeout=240, env=_env(),
     )  # fmt: skip
     assert single.returncode == 0, single.stderr
     parallel = _torchrun(
         2, "-m", "batchgen",
-        *_generate_args(tiny_model_dir, tmp_path / "two.mp4", tmp_path / "two.st", "--ulysses-degree", "2"),
+        *_generate_args(tiny_model_dir, tmp_path / "two.mp4", tmp_path / "two.st", "--ulysses-degree", "2", *shape),
     )  # fmt: skip
     assert parallel.returncode == 0, parallel.stderr
     assert "ulysses 2" in parallel.stderr  # the topology each rank logged
+    assert "visual tokens: 45, padded to 46 for ulysses x ring = 2" in parallel.stderr
     a, b = load_file(tmp_path / "one.st")["latents"], load_file(tmp_path / "two.st")["latents"]
     assert a.shape == b.shape
     assert (a - b).abs().max().item() <= TOLERANCE
@@ -86,14 +90,16 @@ def test_failing_rank_ends_the_job_quickly_and_is_named(tmp_path):
 
 
 def test_topology_error_under_torchrun_lists_working_degrees(tiny_model_dir, tmp_path):
-    # 1 frame at 48x48: N = 9 visual tokens, which ulysses 2 cannot split.
+    # 1 frame at 48x48: N = 9 visual tokens, which ulysses 2 cannot split without padding (xfuser cannot pad).
     result = _torchrun(
         2, "-m", "batchgen",
         *_generate_args(tiny_model_dir, tmp_path / "x.mp4", tmp_path / "x.st", "--ulysses-degree", "2",
-                        "--num-frames", "1", "--height", "48", "--width", "48"),
+                        "--sp-backend", "xfuser", "--num-frames", "1", "--height", "48", "--width", "48"),
         timeout=120,
     )  # fmt: skip
-    assert result.returncode != 0
-    assert "1 frames at 48x48: N=9; ulysses x ring must divide 9 but is 2x1=2" in result.stderr
+    assert result.returncode != 0  # plain torchrun exits 1 for any failed worker
+    assert "1 frames at 48x48: N=9; the xfuser backend cannot pad, so ulysses x ring must divide 9 but is 2x1=2" in (
+        result.stderr
+    )
     assert "working: 1, 3" in result.stderr
     assert not (tmp_path / "x.mp4").exists()

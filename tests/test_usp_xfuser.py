@@ -33,3 +33,10 @@ def test_xfuser_backend_through_shim_matches_single_process(degrees):
     for r in results:
         assert (r["forward"] - ref["forward"]).abs().max().item() <= TOLERANCE
         assert (r["latents"] - ref["latents"]).abs().max().item() <= TOLERANCE
+
+
+def test_xfuser_backend_refuses_a_sequence_it_would_have_to_pad():
+    # xDiT's attention takes no mask, so padded keys would shift its softmax: refused, naming the native backend
+    # (the pre-load check in batchgen.parallel.topology normally stops this before any weights load).
+    with pytest.raises(AssertionError, match="175 visual tokens do not divide by ulysses x ring = 2 and the xfuser"):
+        run_world(2, cases.parallel_case, {"ulysses": 2}, "xfuser-shim", "auto", cases.ODD_SHAPE)

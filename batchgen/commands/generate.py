@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = (visual_tokens(item.num_frames, item.height, item.width),)
     context, topology = open_context(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=tokens)
     try:
-        check_items(topology, [item], num_heads=num_heads)
+        check_items(topology, [item], num_heads=num_heads, sp_backend=parallel.sp_backend)
         # One video: data-parallel groups beyond the first have nothing to do.
         if context.dp_rank == 0:
             _generate(args, item, generation, parallel, context, out_path, latents_path, log)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     with stop.handling_signals():
         context, topology = open_context(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
         try:
-            check_items(topology, items, num_heads=num_heads)
+            check_items(topology, items, num_heads=num_heads, sp_backend=parallel.sp_backend)
             from batchgen.generate.pipeline import MochiGenerator
 
             generator = MochiGenerator(

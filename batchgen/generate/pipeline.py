@@ -40,6 +40,7 @@ from batchgen.generate.loading import (  # noqa: F401  (build_random_components:
 from batchgen.generate.vae import enable_causal_framewise_decoding
 from batchgen.item import Item
 from batchgen.parallel.context import ProcessContext, SingleProcess
+from batchgen.parallel.joint import gather_valid_text
 from batchgen.quality import NonFiniteError, describe_non_finite
 
 log = logging.getLogger("batchgen.generate.pipeline")
@@ -169,11 +170,10 @@ class MochiGenerator:
         warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
 
         self.topology = getattr(self.context, "topology", None)
-        self.transformer = components.transformer
-        if self.topology is not None and (self.topology.sp > 1 or self.topology.cfg > 1):
-            from batchgen.parallel.apply import parallelize_transformer
+        from batchgen.parallel.apply import parallelize_transformer
 
-            self.transformer = parallelize_transformer(components.transformer, self.context)
+        # Also on one process: the joint processor runs the CFG batch as one attention call per block.
+        self.transformer = parallelize_transformer(components.transformer, self.context)
         self._encoded: dict[str, EncodedItem] = {}
 
     # ------------------------------------------------------------------------------------------------------------
@@ -312,13 +312,12 @@ class MochiGenerator:
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
         use_cfg = encoded.uncond is not None
-        if use_cfg:
-            # The CFG batch in MochiPipeline's order: [unconditional, conditional].
-            embeds = torch.cat([encoded.uncond.embeds, encoded.cond.embeds]).to(device)
-            mask = torch.cat([encoded.uncond.mask, encoded.cond.mask]).to(device)
-        else:
-            embeds, mask = encoded.cond.embeds.to(device), encoded.cond.mask.to(device)
-        embeds = embeds.to(self.transformer_dtype)
+        # The CFG batch in MochiPipeline's order: [unconditional, conditional].
+        prompts = [encoded.uncond, encoded.cond] if use_cfg else [encoded.cond]
+        # Once per item, on the host copies: valid text tokens first, cut to the longest prompt, so the blocks
+        # need neither a nonzero nor a host sync to drop padding (batchgen.parallel.joint).
+        embeds, mask = gather_valid_text(torch.cat([p.embeds for p in prompts]), torch.cat([p.mask for p in prompts]))
+        embeds, mask = embeds.to(device, self.transformer_dtype), mask.to(device)
 
         from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -250,7 +250,7 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
     )
     shapes = getattr(plan, "shapes", ())
     if topology.sp > 1 and shapes:
-        check_shapes(topology, shapes, num_heads=settings.num_heads)
+        check_shapes(topology, shapes, num_heads=settings.num_heads, sp_backend=settings.sp_backend)
     return topology
 
 

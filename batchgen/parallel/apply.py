@@ -3,11 +3,13 @@
 Nothing in diffusers is forked or subclassed; the model keeps its class and call signature, so the stock
 ``MochiPipeline`` (and ``MochiGenerator``) call it as before. What is installed:
 
-- every block's ``attn.processor`` becomes a parallel processor (native USP or xfuser);
-- a pre-hook on the first block keeps this rank's contiguous slice of the visual tokens, and a hook on
-  ``rope`` keeps the matching RoPE rows (RoPE is computed for all tokens, then sliced, so positions are global);
-- a hook on ``proj_out`` all-gathers the visual tokens over the sequence-parallel group (everything after the
-  blocks is per-token, so norm_out runs on the slice);
+- every block's ``attn.processor`` becomes a parallel processor (native USP or xfuser), or, without sequence
+  parallelism, ``MochiJointAttnProcessor`` (the whole CFG batch in one attention call, no host syncs);
+- a pre-hook on the first block pads the visual tokens to a multiple of ulysses x ring (zeros at the end; the
+  processors keep padded keys out of every softmax) and keeps this rank's contiguous slice, and a hook on
+  ``rope`` pads and slices the RoPE rows the same way (RoPE is computed for all tokens, so positions are global);
+- a hook on ``proj_out`` all-gathers the visual tokens over the sequence-parallel group and drops the padding
+  (everything after the blocks is per-token, so norm_out runs on the slice);
 - with cfg degree 2, a pre-hook on the model hands this rank its half of the [uncond, cond] batch and a hook on
   the output all-gathers the halves, so every rank returns the full prediction.
 """
@@ -22,7 +24,8 @@ from typing import Any
 import torch
 
 from batchgen.errors import TopologyError
-from batchgen.parallel.usp import COMM_STATS, Axis, USPMochiAttnProcessor, all_gather_cat
+from batchgen.parallel.joint import MochiJointAttnProcessor
+from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, USPMochiAttnProcessor, all_gather_cat
 
 log = logging.getLogger("batchgen.parallel.apply")
 
@@ -37,14 +40,20 @@ class _ParallelState:
     handles: list = field(default_factory=list)
     original_processors: list = field(default_factory=list)
     cfg_split: bool = False
-    token_slice: slice | None = None
     warned_odd_batch: bool = False
+    backend: str = "native"
+    layout: SequenceLayout = field(default_factory=SequenceLayout)
 
 
-def _make_processors(transformer, context, backend: str, kernel: str) -> list:
-    ulysses, ring = context.axes["ulysses"], context.axes["ring"]
+def _make_processors(transformer, context, state: _ParallelState, kernel: str) -> list:
+    if state.sp.size == 1:
+        return [MochiJointAttnProcessor(kernel=kernel) for _ in transformer.transformer_blocks]
+    ulysses, ring, backend = context.axes["ulysses"], context.axes["ring"], state.backend
     if backend == "native":
-        return [USPMochiAttnProcessor(ulysses, ring, kernel=kernel) for _ in transformer.transformer_blocks]
+        return [
+            USPMochiAttnProcessor(ulysses, ring, kernel=kernel, layout=state.layout)
+            for _ in transformer.transformer_blocks
+        ]
     if backend == "xfuser":
         from batchgen.parallel.xfuser_backend import XFuserMochiAttnProcessor, setup_xfuser_groups
 
@@ -56,26 +65,28 @@ def _make_processors(transformer, context, backend: str, kernel: str) -> list:
 def parallelize_transformer(transformer, context, *, backend: str | None = None, kernel: str = "auto"):
     """Install CFG / sequence parallelism on ``transformer`` (in place) and return it.
 
-    ``context`` is a ``TorchContext``; ``backend`` defaults to the context's parallel config ('native' when it
-    has none). With sp and cfg degree 1 the model is returned untouched. Every rank of a data-parallel group must
-    call the returned model with the same full CFG batch; each returns the full noise prediction.
+    ``context`` is a ``TorchContext``, or any context without a ``topology`` (``SingleProcess``): one process.
+    ``backend`` defaults to the context's parallel config ('native' when it has none). Without sequence
+    parallelism every block gets ``MochiJointAttnProcessor``. Every rank of a data-parallel group must call the
+    returned model with the same full CFG batch; each returns the full noise prediction.
     """
     if getattr(transformer, _STATE_ATTR, None) is not None:
         raise RuntimeError("transformer is already parallelized")
-    topology = context.topology
-    if topology.sp == 1 and topology.cfg == 1:
-        return transformer
+    topology = getattr(context, "topology", None)
+    single = Axis(group=None, size=1, rank=0, ranks=(0,))
+    axes = getattr(context, "axes", None) or {"cfg": single, "sp": single}
     heads = transformer.config.num_attention_heads
-    if heads % topology.ulysses:
+    if topology is not None and heads % topology.ulysses:
         raise TopologyError(f"ulysses degree {topology.ulysses} does not divide the model's {heads} attention heads")
-    backend = backend or getattr(context, "sp_backend", None) or "native"
-    state = _ParallelState(cfg=context.axes["cfg"], sp=context.axes["sp"])
+    state = _ParallelState(
+        cfg=axes["cfg"], sp=axes["sp"], backend=backend or getattr(context, "sp_backend", None) or "native"
+    )
     blocks = transformer.transformer_blocks
+    processors = _make_processors(transformer, context, state, kernel)
+    for block, processor in zip(blocks, processors, strict=True):
+        state.original_processors.append(block.attn1.processor)
+        block.attn1.processor = processor
     if state.sp.size > 1:
-        processors = _make_processors(transformer, context, backend, kernel)
-        for block, processor in zip(blocks, processors, strict=True):
-            state.original_processors.append(block.attn1.processor)
-            block.attn1.processor = processor
         state.handles += [
             blocks[0].register_forward_pre_hook(_split_tokens_hook(state), with_kwargs=True),
             transformer.rope.register_forward_hook(_split_rope_hook(state)),
@@ -88,7 +99,9 @@ def parallelize_transformer(transformer, context, *, backend: str | None = None,
             transformer.register_forward_hook(_gather_cfg_hook(state)),
         ]
     setattr(transformer, _STATE_ATTR, state)
-    log.info("parallelized transformer: %s, backend %s", topology.describe(), backend if state.sp.size > 1 else "-")
+    if topology is not None:
+        backend_name = state.backend if state.sp.size > 1 else "-"
+        log.info("parallelized transformer: %s, backend %s", topology.describe(), backend_name)
     return transformer
 
 
@@ -104,25 +117,36 @@ def unparallelize_transformer(transformer) -> None:
     delattr(transformer, _STATE_ATTR)
 
 
-def _token_slice(total: int, sp: Axis) -> slice:
-    if total % sp.size:
-        raise TopologyError(
-            f"{total} visual tokens do not divide by the sequence-parallel degree {sp.size} (ulysses x ring); "
-            "check_items should have rejected this item before the weights loaded"
-        )
-    chunk = total // sp.size
-    return slice(sp.rank * chunk, (sp.rank + 1) * chunk)
+def _pad_and_slice(rows: torch.Tensor, dim: int, sp: Axis) -> torch.Tensor:
+    """Zero rows appended along ``dim`` up to a multiple of ``sp.size``, then this rank's contiguous slice."""
+    total = rows.shape[dim]
+    chunk = -(-total // sp.size)
+    pad = chunk * sp.size - total
+    if pad:
+        shape = list(rows.shape)
+        shape[dim] = pad
+        rows = torch.cat([rows, rows.new_zeros(shape)], dim=dim)
+    return rows.narrow(dim, sp.rank * chunk, chunk)
 
 
 def _split_tokens_hook(state: _ParallelState):
+    def split(hidden: torch.Tensor) -> torch.Tensor:
+        total = hidden.shape[1]
+        padded = -(-total // state.sp.size) * state.sp.size
+        if padded != total and state.backend != "native":
+            raise TopologyError(
+                f"{total} visual tokens do not divide by ulysses x ring = {state.sp.size} and the {state.backend} "
+                "backend cannot pad the sequence (its attention takes no mask); use --sp-backend native"
+            )
+        if padded != total and (total, padded) != (state.layout.tokens, state.layout.padded):
+            log.info("visual tokens: %d, padded to %d for ulysses x ring = %d", total, padded, state.sp.size)
+        state.layout.tokens, state.layout.padded = total, padded
+        return _pad_and_slice(hidden, 1, state.sp)
+
     def hook(module, args, kwargs):
         if args:  # positional call (gradient checkpointing): hidden_states first
-            hidden = args[0]
-            state.token_slice = _token_slice(hidden.shape[1], state.sp)
-            return (hidden[:, state.token_slice], *args[1:]), kwargs
-        hidden = kwargs["hidden_states"]
-        state.token_slice = _token_slice(hidden.shape[1], state.sp)
-        return args, {**kwargs, "hidden_states": hidden[:, state.token_slice]}
+            return (split(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": split(kwargs["hidden_states"])}
 
     return hook
 
@@ -130,15 +154,15 @@ def _split_tokens_hook(state: _ParallelState):
 def _split_rope_hook(state: _ParallelState):
     def hook(module, args, output):
         cos, sin = output  # [N, heads, head_dim / 2] each; rows follow token order
-        rows = _token_slice(cos.shape[0], state.sp)
-        return cos[rows], sin[rows]
+        return _pad_and_slice(cos, 0, state.sp), _pad_and_slice(sin, 0, state.sp)
 
     return hook
 
 
 def _gather_tokens_hook(state: _ParallelState):
     def hook(module, args, output):
-        return all_gather_cat(output, state.sp, dim=1, kind="output_gather")
+        gathered = all_gather_cat(output, state.sp, dim=1, kind="output_gather")
+        return gathered[:, : state.layout.tokens]
 
     return hook
 

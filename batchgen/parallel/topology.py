@@ -3,12 +3,14 @@
 World size = data-parallel x cfg x ulysses x ring. Rank order (innermost first): ulysses, ring, cfg, data, so
 the Ulysses all-to-all, the heaviest collective, stays between neighbouring ranks (the same node's NVLink).
 
-Two rules decide which degrees can work for Mochi:
+What decides which degrees can work for Mochi:
 - Ulysses scatters attention heads, so its degree must divide the heads (24 for Mochi 1, 4 for the tiny model).
-- Every sequence-parallel rank holds an equal contiguous slice of the visual tokens, so ulysses x ring must divide
-  N = T * (H / 16) * (W / 16) for every item (T = latent frames). Mochi's 1590 tokens per 480x848 frame factor as
-  2 * 3 * 5 * 53, which rules out 4 and 8 at 49 frames: the check says so up front instead of failing in a
-  collective after the weights have loaded.
+- Every sequence-parallel rank holds an equal contiguous slice of the visual tokens. The native backend pads
+  N = T * (H / 16) * (W / 16) (T = latent frames) up to a multiple of ulysses x ring with tokens attention
+  ignores, so any length runs on any degree: Mochi's 1590 tokens per 480x848 frame (2 * 3 * 5 * 53) at 49 frames
+  (14,310) take ulysses 4 with 2 padded tokens. The xfuser backend cannot pad (xDiT's attention takes no mask),
+  so there ulysses x ring must divide N for every item, and the check says so before the weights load instead
+  of failing in a collective after.
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ def choose_topology(
 
     Explicit mode (any degree given, i.e. non-zero): degrees not given are 1 and data parallel fills the rest.
     Automatic mode (all degrees 0): the whole world works on one item: cfg 2 when guidance is used, then the
-    largest Ulysses degree that divides the heads (and every count in ``token_counts``), then ring for what is
-    left (again dividing the token counts); anything that still does not fit becomes data parallel.
+    largest Ulysses degree that divides the heads, then ring for what is left; the sequence is padded to fit.
+    ulysses x ring stays within the smallest count in ``token_counts`` (more ranks than tokens would hold
+    nothing but padding); what is left becomes data parallel.
     """
     if world_size < 1:
         raise TopologyError(f"world size must be >= 1, got {world_size}")
@@ -119,10 +122,6 @@ def choose_topology(
         raise TopologyError(f"num_heads must be >= 1, got {num_heads}")
     if any(d < 0 for d in (ulysses, ring, cfg)) or cfg > 2:
         raise TopologyError(f"degrees must be >= 0 and cfg 0, 1 or 2; got ulysses {ulysses} ring {ring} cfg {cfg}")
-    tokens_gcd = 0
-    for n in token_counts:
-        tokens_gcd = math.gcd(tokens_gcd, n)
-
     if ulysses or ring or cfg:
         ulysses, ring, cfg = ulysses or 1, ring or 1, cfg or 1
         if num_heads % ulysses:
@@ -143,12 +142,10 @@ def choose_topology(
     cfg = 2 if use_cfg and remaining % 2 == 0 else 1
     remaining //= cfg
 
-    def fits_tokens(d: int) -> bool:
-        return tokens_gcd == 0 or tokens_gcd % d == 0
-
-    ulysses = max(d for d in _divisors(remaining) if num_heads % d == 0 and fits_tokens(d))
+    most = min(token_counts, default=remaining)
+    ulysses = max(d for d in _divisors(remaining) if num_heads % d == 0 and d <= most)
     remaining //= ulysses
-    ring = max(d for d in _divisors(remaining) if fits_tokens(ulysses * d))
+    ring = max(d for d in _divisors(remaining) if ulysses * d <= most)
     return Topology(world_size, remaining // ring, cfg, ulysses, ring)
 
 
@@ -165,22 +162,31 @@ def visual_tokens(num_frames: int, height: int, width: int, *, vae_spatial: int 
     return latent_frames(num_frames) * (height // cell) * (width // cell)
 
 
-def working_layouts(tokens: Iterable[int], *, num_heads: int, max_sp: int | None = None) -> list[tuple[int, int]]:
-    """(ulysses, ring) pairs that satisfy both rules for every token count, smallest product first."""
+def working_layouts(
+    tokens: Iterable[int], *, num_heads: int, max_sp: int | None = None, pad: bool = True
+) -> list[tuple[int, int]]:
+    """(ulysses, ring) pairs with ulysses dividing the heads, smallest product first, up to ``max_sp`` (default:
+    the largest product that divides every token count). Without padding (``pad=False``, the xfuser backend)
+    ulysses x ring must also divide every token count."""
     g = 0
     for n in tokens:
         g = math.gcd(g, n)
     limit = max_sp or g or 1
     pairs = []
-    for sp in _divisors(g) if g else [1]:
-        if sp > limit:
-            break
-        pairs.extend((u, sp // u) for u in _divisors(sp) if num_heads % u == 0)
+    for sp in range(1, limit + 1):
+        if pad or g == 0 or g % sp == 0:
+            pairs.extend((u, sp // u) for u in _divisors(sp) if num_heads % u == 0)
     return pairs
 
 
 def check_items(
-    topology: Topology, items: Iterable[_ShapedItem], *, num_heads: int, vae_spatial: int = 8, patch: int = 2
+    topology: Topology,
+    items: Iterable[_ShapedItem],
+    *,
+    num_heads: int,
+    sp_backend: str = "native",
+    vae_spatial: int = 8,
+    patch: int = 2,
 ) -> None:
     """Raise TopologyError if the degrees cannot run every item, listing the degrees that would."""
     by_shape: dict[tuple[int, int, int], list[str]] = {}
@@ -189,13 +195,20 @@ def check_items(
     groups = [
         ShapeGroup(*shape, items=len(ids), examples=tuple(ids[:EXAMPLES_PER_SHAPE])) for shape, ids in by_shape.items()
     ]
-    check_shapes(topology, groups, num_heads=num_heads, vae_spatial=vae_spatial, patch=patch)
+    check_shapes(topology, groups, num_heads=num_heads, sp_backend=sp_backend, vae_spatial=vae_spatial, patch=patch)
 
 
 def check_shapes(
-    topology: Topology, shapes: Iterable[ShapeGroup], *, num_heads: int, vae_spatial: int = 8, patch: int = 2
+    topology: Topology,
+    shapes: Iterable[ShapeGroup],
+    *,
+    num_heads: int,
+    sp_backend: str = "native",
+    vae_spatial: int = 8,
+    patch: int = 2,
 ) -> None:
-    """``check_items`` for items already counted per shape (a plan's ``shapes``)."""
+    """``check_items`` for items already counted per shape (a plan's ``shapes``). The native backend pads any
+    token count; ``sp_backend='xfuser'`` cannot, so there ulysses x ring must divide every item's count."""
     problems: list[str] = []
     if num_heads % topology.ulysses:
         heads_ok = ", ".join(str(d) for d in _divisors(num_heads))
@@ -203,6 +216,7 @@ def check_shapes(
             f"ulysses degree {topology.ulysses} does not divide the {num_heads} attention heads (working: {heads_ok})"
         )
 
+    pad = sp_backend != "xfuser"
     by_shape = {(g.num_frames, g.height, g.width): g for g in shapes}
     token_counts = {shape: visual_tokens(*shape, vae_spatial=vae_spatial, patch=patch) for shape in by_shape}
     cell = vae_spatial * patch
@@ -211,21 +225,24 @@ def check_shapes(
             problems.append(f"{frames} frames at {height}x{width}: height and width must be multiples of {cell}")
             continue
         n = token_counts[(frames, height, width)]
-        if n % topology.sp:
+        if not pad and n % topology.sp:
             # Degrees beyond the world size cannot be launched anyway; 8 keeps single-node options in view.
             limit = max(topology.world_size, 8)
             working = ", ".join(str(d) for d in _divisors(n) if d <= limit)
             more = group.items - len(group.examples)
             shown = ", ".join(group.examples) + (f" (+{more} more)" if more > 0 else "")
             problems.append(
-                f"{frames} frames at {height}x{width}: N={n}; ulysses x ring must divide {n} but is "
-                f"{topology.ulysses}x{topology.ring}={topology.sp} (items {shown}); working: {working}"
+                f"{frames} frames at {height}x{width}: N={n}; the {sp_backend} backend cannot pad, so ulysses x ring "
+                f"must divide {n} but is {topology.ulysses}x{topology.ring}={topology.sp} (items {shown}); "
+                f"working: {working}; the native backend pads any length"
             )
     if not problems:
         return
     group_world = topology.world_size // topology.cfg
     fitting = [
-        f"{u}x{r}" for u, r in working_layouts(token_counts.values(), num_heads=num_heads) if group_world % (u * r) == 0
+        f"{u}x{r}"
+        for u, r in working_layouts(token_counts.values(), num_heads=num_heads, max_sp=group_world, pad=pad)
+        if group_world % (u * r) == 0
     ]
     hint = (
         f"layouts (ulysses x ring) that fit every item and world size {topology.world_size} with cfg {topology.cfg}: "

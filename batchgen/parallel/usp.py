@@ -8,12 +8,17 @@ replicated text stream. One attention layer:
    the ulysses group's u slices (its ring "chunk").
 3. Ring attention over the ring group: K/V chunks travel around the ring (batch_isend_irecv, next transfer in
    flight while the current block computes); partial results merge exactly through their log-sum-exps.
-   The valid text keys/values of each sample (Mochi drops padded text tokens rather than masking them) join once,
-   on each rank's own step, so every query sees them exactly once.
+   The text keys/values join once, on each rank's own step, under a key-padding mask (each prompt's valid tokens:
+   Mochi drops padded text tokens, which a mask reproduces exactly), so every query sees them exactly once. The
+   whole CFG batch shares every kernel call.
 4. Text queries attend to the text keys and to every visual chunk; partials merge in a fixed order (text, chunk 0,
    chunk 1, ...) so all ring ranks compute bit-identical text outputs and the replicated text stream stays
    replicated. An all-gather over the ulysses group restores all heads.
 5. Reverse all-to-all for the visual output. Padded text positions get a zero attention output, as in diffusers.
+
+Any visual length runs on any degree: ``batchgen.parallel.apply`` pads the sequence to a multiple of
+ulysses x ring and drops the padding after the blocks; here padded keys are cut from their ring chunk
+(``SequenceLayout``), so they never enter a softmax, and padded queries compute rows nobody keeps.
 
 Every collective counts the bytes this rank sends (``COMM_STATS``), for the benchmark's measured-vs-formula check.
 """
@@ -128,65 +133,85 @@ class RingExchange:
 
 
 @dataclass
-class TextTokens:
-    """One sample's valid text q/k/v for this rank's heads, each [1, H_local, L_valid, D]."""
+class JointText:
+    """The CFG batch's text q/k/v for this rank's heads, each [B, H_local, L, D], and which of the L tokens are
+    valid per sample (``mask`` [B, L] bool). L is the batch's common length; a sample's padding is masked."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class SequenceLayout:
+    """The visual sequence of the current forward: ``tokens`` real ones, padded with tokens attention ignores to
+    ``padded``, a multiple of ulysses x ring. Set by ``batchgen.parallel.apply`` before the first block runs."""
+
+    tokens: int = 0
+    padded: int = 0
+
+    def valid_keys(self, block: int, block_size: int) -> int:
+        """Real tokens in ring chunk ``block`` (chunks are contiguous, ``block_size`` tokens each, in order)."""
+        if not self.padded:
+            return block_size
+        return max(0, min(block_size, self.tokens - block * block_size))
 
 
 def ring_joint_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    texts: list[TextTokens],
+    text: JointText,
     ring: Axis,
     *,
+    layout: SequenceLayout | None = None,
     kernel: str = "auto",
-) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Joint attention of this rank's visual chunk q, k, v [B, H_local, S, D] and each sample's text tokens, over
-    the whole ring. Returns (visual out [B, H_local, S, D], per-sample text out [1, H_local, L_valid, D] or None)."""
-    batch = q.shape[0]
-    vis_out: list[torch.Tensor | None] = [None] * batch
-    vis_lse: list[torch.Tensor | None] = [None] * batch
-    text_parts: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = [[None] * ring.size for _ in range(batch)]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint attention of this rank's visual chunk q, k, v [B, H_local, C, D] and the batch's text tokens, over the
+    whole ring, one kernel call per ring step for the whole batch. Returns (visual out [B, H_local, C, D], text out
+    [B, H_local, L, D]; rows of padded text tokens are 0).
+
+    Padded visual tokens sit at the end of the sequence; a chunk's keys are cut to its real tokens (a chunk of
+    padding alone is skipped), so no padded key enters any softmax and fast kernels need no mask for the
+    visual keys. Text keys join once, on the step where the rank holds its own chunk, under the key mask."""
+    layout = layout or SequenceLayout()
+    chunk = q.shape[2]
+    key_mask_visual = text.mask.new_ones(q.shape[0], chunk)
+    vis_out = vis_lse = None
+    text_parts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * ring.size
     exchange = RingExchange(ring) if ring.size > 1 else None
     kv = torch.stack([k, v]).contiguous()
     for step in range(ring.size):
-        pending = None
-        if exchange is not None and step < ring.size - 1:
-            pending = exchange.start(kv)
+        pending = exchange.start(kv) if exchange is not None and step < ring.size - 1 else None
         block = (ring.rank - step) % ring.size
-        for b in range(batch):
-            keys, values = kv[0, b : b + 1], kv[1, b : b + 1]
-            text = texts[b]
-            has_text = text.k.shape[2] > 0
-            if step == 0 and has_text:
-                # Only valid text tokens, exactly once per query: on the step where the rank holds its own chunk.
-                keys_all, values_all = torch.cat([keys, text.k], dim=2), torch.cat([values, text.v], dim=2)
-            else:
-                keys_all, values_all = keys, values
-            out, lse = attention_with_lse(q[b : b + 1], keys_all, values_all, kernel=kernel)
-            vis_out[b], vis_lse[b] = merge_partial(vis_out[b], vis_lse[b], out, lse)
-            if has_text:
-                text_parts[b][block] = attention_with_lse(text.q, keys, values, kernel=kernel)
+        valid = layout.valid_keys(block, chunk)
+        keys, values = kv[0, :, :, :valid], kv[1, :, :, :valid]
+        if step == 0:
+            # The batch's text joins once per query, under the key mask (each prompt's own valid tokens).
+            key_mask = torch.cat([key_mask_visual[:, :valid], text.mask], dim=1)
+            out, lse = attention_with_lse(
+                q, torch.cat([keys, text.k], dim=2), torch.cat([values, text.v], dim=2), key_mask=key_mask,
+                kernel=kernel,
+            )  # fmt: skip
+            vis_out, vis_lse = merge_partial(vis_out, vis_lse, out, lse)
+        elif valid:
+            vis_out, vis_lse = merge_partial(vis_out, vis_lse, *attention_with_lse(q, keys, values, kernel=kernel))
+        if valid:
+            text_parts[block] = attention_with_lse(text.q, keys, values, kernel=kernel)
         if pending is not None:
             recv, requests = pending
             for request in requests:
                 request.wait()
             kv = recv
-    text_out: list[torch.Tensor | None] = []
-    for b, text in enumerate(texts):
-        if text.k.shape[2] == 0:
-            text_out.append(None)
-            continue
-        acc, acc_lse = attention_with_lse(text.q, text.k, text.v, kernel=kernel)
-        acc = acc.float()
-        for part in text_parts[b]:
-            acc, acc_lse = merge_partial(acc, acc_lse, *part)
-        text_out.append(acc.to(q.dtype))
-    return torch.cat([o.to(q.dtype) for o in vis_out], dim=0), text_out
+    # Fixed merge order (text, chunk 0, chunk 1, ...): every ring rank computes bit-identical text outputs.
+    text_out, text_lse = attention_with_lse(text.q, text.k, text.v, key_mask=text.mask, kernel=kernel)
+    text_out = text_out.float()
+    for part in text_parts:
+        if part is not None:
+            text_out, text_lse = merge_partial(text_out, text_lse, *part)
+    text_out = text_out * text.mask[:, None, :, None]
+    return vis_out.to(q.dtype), text_out.to(q.dtype)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -220,21 +245,21 @@ def project_out(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.
     return hidden_states, encoder_hidden_states
 
 
-def valid_text_indices(attention_mask: torch.Tensor, b: int) -> torch.Tensor:
-    return torch.nonzero(attention_mask[b].flatten(), as_tuple=False).flatten()
-
-
 class USPMochiAttnProcessor:
     """Drop-in for diffusers' ``MochiAttnProcessor2_0`` on a rank that holds a slice of the visual tokens.
 
-    Same call signature; ``hidden_states`` and ``image_rotary_emb`` are this rank's slice, the text stream is
-    the full replicated one. Returns (this slice's visual output, the full text output).
+    Same call signature; ``hidden_states`` and ``image_rotary_emb`` are this rank's slice (of the padded sequence
+    described by ``layout``), the text stream is the full replicated one with its mask ([B, L], valid tokens
+    anywhere; ``batchgen.parallel.joint.gather_valid_text`` puts them first). Returns (this slice's visual
+    output, the full text output with padded text rows 0). The whole CFG batch goes through each kernel call
+    together; nothing here waits on the host (no ``nonzero``, no ``.item()``).
     """
 
-    def __init__(self, ulysses: Axis, ring: Axis, *, kernel: str = "auto"):
+    def __init__(self, ulysses: Axis, ring: Axis, *, kernel: str = "auto", layout: SequenceLayout | None = None):
         self.ulysses = ulysses
         self.ring = ring
         self.kernel = kernel
+        self.layout = layout
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
         query, key, value, enc_query, enc_key, enc_value = project_qkv(
@@ -248,21 +273,12 @@ class USPMochiAttnProcessor:
 
         qkv = ulysses_scatter_heads(torch.stack([query, key, value]), self.ulysses)  # [3, B, S_chunk, H/u, D]
         q, k, v = (t.transpose(1, 2) for t in qkv)  # [B, H/u, S_chunk, D]
-
-        batch, text_len = encoder_hidden_states.shape[:2]
-        texts, indices = [], []
-        for b in range(batch):
-            idx = valid_text_indices(attention_mask, b)
-            indices.append(idx)
-            texts.append(
-                TextTokens(*(t[b : b + 1, idx, head_slice].transpose(1, 2) for t in (enc_query, enc_key, enc_value)))
-            )
-        vis_out, text_outs = ring_joint_attention(q, k, v, texts, self.ring, kernel=self.kernel)
+        text = JointText(
+            *(t[:, :, head_slice].transpose(1, 2) for t in (enc_query, enc_key, enc_value)),
+            mask=attention_mask.bool(),
+        )
+        vis_out, text_out = ring_joint_attention(q, k, v, text, self.ring, layout=self.layout, kernel=self.kernel)
 
         vis_out = ulysses_gather_heads(vis_out.transpose(1, 2), self.ulysses)  # [B, S_local, H, D]
-        text_full = enc_query.new_zeros(batch, text_len, local_heads, enc_query.shape[-1])
-        for b, out in enumerate(text_outs):
-            if out is not None:
-                text_full[b, indices[b]] = out[0].transpose(0, 1)
-        text_full = all_gather_cat(text_full, self.ulysses, dim=2, kind="text_gather")  # [B, L, H, D]
+        text_full = all_gather_cat(text_out.transpose(1, 2), self.ulysses, dim=2, kind="text_gather")  # [B, L, H, D]
         return project_out(attn, vis_out.flatten(2, 3), text_full.flatten(2, 3))

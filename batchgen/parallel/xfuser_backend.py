@@ -5,6 +5,11 @@ tokens are the joint tensors appended at the rear (``joint_strategy="rear"``), a
 all-to-all and the ring attention (flash-attn kernels, CUDA only). Tensors are [B, S, H, D]; the output holds
 [visual slice ; text] rows for all heads. Mochi drops padded text tokens per sample, so samples go one by one.
 
+xDiT's attention takes no mask, so this backend can neither batch prompts of different lengths into one call (one
+call and one ``nonzero`` per sample and block, as diffusers) nor pad the visual sequence: ulysses x ring must
+divide every item's visual token count, and ``batchgen.parallel.topology.check_shapes`` says so before the
+weights load. The native backend has neither limit.
+
 xfuser needs CUDA and flash-attn, imports ``triton`` unconditionally, and with PyPI's yunchang 0.6.4 fails with
 ``cannot import name 'update_npu_out' from 'yunchang.ring.utils'``; the native backend has none of these needs.
 """
@@ -16,7 +21,7 @@ import logging
 import torch
 
 from batchgen.errors import InputError
-from batchgen.parallel.usp import Axis, project_out, project_qkv, valid_text_indices
+from batchgen.parallel.usp import Axis, project_out, project_qkv
 
 log = logging.getLogger("batchgen.parallel.xfuser_backend")
 
@@ -59,6 +64,10 @@ def setup_xfuser_groups(ulysses: Axis, ring: Axis) -> None:
     _, process_group = load_xfuser()
     process_group.ULYSSES_PG = ulysses.group
     process_group.RING_PG = ring.group
+
+
+def valid_text_indices(attention_mask: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.nonzero(attention_mask[b].flatten(), as_tuple=False).flatten()
 
 
 class XFuserMochiAttnProcessor:
