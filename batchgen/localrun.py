@@ -122,6 +122,7 @@ def worker_command(
     nproc: int = 1,
     degrees: tuple[int, int, int] | None = None,
     verbose: int = 0,
+    metrics_port: int = 0,
 ) -> list[str]:
     """The command line of one local worker (``torchrun`` through batchgen.k8s.launch when ``nproc`` > 1)."""
     if nproc > 1:
@@ -149,6 +150,7 @@ def worker_command(
         "--sp-backend", parallel.sp_backend,
         "--offload", parallel.offload,
         "--max-attempts", str(config.worker.max_attempts),
+        "--metrics-port", str(metrics_port),
     ]  # fmt: skip
 
 
@@ -268,12 +270,15 @@ def run_local(
             topology.describe(),
         )
         degrees = (topology.ulysses, topology.ring, topology.cfg)
+        # Worker i serves on base + i * nproc, its ranks on that + LOCAL_RANK: no two processes share a port.
+        base_port = config.worker.metrics_port
         commands = [
             worker_command(
-                plan, storage.uri, group, model_dir, config, nproc=nproc_per_worker, degrees=degrees, verbose=verbose
+                plan, storage.uri, group, model_dir, config, nproc=nproc_per_worker, degrees=degrees, verbose=verbose,
+                metrics_port=base_port + index * nproc_per_worker if base_port else 0,
             )
-            for group in groups
-        ]
+            for index, group in enumerate(groups)
+        ]  # fmt: skip
         display = ProgressDisplay(stream, plan.run_id, resumed)
         codes, interrupted = _supervise(commands, lambda: scan_run(storage, plan), display, poll_s)
 

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resync-seconds", type=int, default=30, metavar="S", help="re-read progress at least this often (--wait)"
     )
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT", help="serve controller metrics here (0 = off)"
+    )
     add_cluster_arguments(parser)
     add_generation_arguments(parser)
     add_shard_size_argument(parser)
@@ -68,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         "run %s: %d items in %d shards; pods: %s", plan.run_id, plan.row_count, len(plan.shards), topology.describe()
     )
+    from batchgen import metrics
+
+    metrics.serve(metrics.CONTROLLER_REGISTRY, metrics.resolve_port(args.metrics_port))
     backend = PyTorchJobBackend(settings.namespace, load_api_client(args.kubeconfig, args.context))
     controller = RunController(
         backend,

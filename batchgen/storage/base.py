@@ -23,6 +23,8 @@ class ObjectInfo:
     """Relative to the storage root."""
     size: int
     etag: str | None = None
+    modified: float | None = None
+    """Last-modified time (epoch seconds) where the listing reports it: rates and ETAs come from it."""
 
 
 class Storage(abc.ABC):

@@ -192,10 +192,10 @@ class LocalStorage(Storage):
                     self._collect(Path(entry.path), key, prefix, out)
             elif key.startswith(prefix):
                 try:
-                    size = entry.stat().st_size
+                    st = entry.stat()
                 except FileNotFoundError:  # deleted while listing
                     continue
-                out.append(ObjectInfo(key=key, size=size))
+                out.append(ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime))
 
     # -- other --------------------------------------------------------------------------------------------
 
