@@ -31,6 +31,7 @@ from batchgen.errors import (
     InputError,
 )
 from batchgen.index import finalize_run
+from batchgen.logs import LogStream, json_logs
 from batchgen.plan import RunPlan, make_plan
 from batchgen.progress import RunProgress, scan_run
 from batchgen.storage import open_storage
@@ -244,7 +245,7 @@ def run_local(
         raise InputError(f"--workers must be >= 1, got {workers}")
     if nproc_per_worker < 1:
         raise InputError(f"--nproc-per-worker must be >= 1, got {nproc_per_worker}")
-    stream = progress_stream or sys.stderr
+    stream = progress_stream or (LogStream(logging.getLogger("batchgen.progress")) if json_logs() else sys.stderr)
     started = time.monotonic()
     storage = open_storage(output)
     plan = make_plan(manifest, config, storage, run_name=run_name, new_run=new_run)

@@ -114,6 +114,29 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+class LogStream:
+    """A text stream whose lines become log records: progress lines stay one JSON object per line."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self.logger.info("%s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def json_logs() -> bool:
+    return os.environ.get(LOG_FORMAT_ENV) == "json"
+
+
 def make_handler(stream, log_format: str) -> logging.Handler:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())

@@ -5,8 +5,8 @@ Every process that serves binds ``port + LOCAL_RANK`` (torchrun's local rank, 0 
 one pod never clash; ``batchgen run`` gives its local workers ``port``, ``port + nproc``, ``port + 2 * nproc``...
 Metrics of a process are counted whether or not they are served (a counter costs nothing).
 
-Names are listed in ``WORKER_METRICS`` and ``CONTROLLER_METRICS`` (the README and the Grafana dashboard use them;
-a test checks both against what a scrape really returns).
+The sample names a scrape returns are listed in ``WORKER_METRICS`` and ``CONTROLLER_METRICS`` (the README and the
+Grafana dashboard use them; tests check them against real scrapes).
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ WORKER_METRICS = (
     "batchgen_items_resumed_total",
     "batchgen_items_adopted_total",
     "batchgen_items_failed_total",
-    "batchgen_stage_seconds",
+    "batchgen_stage_seconds_bucket",
+    "batchgen_stage_seconds_count",
+    "batchgen_stage_seconds_sum",
     "batchgen_worker_current_info",
     "batchgen_gpu_memory_bytes",
 )
