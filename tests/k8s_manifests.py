@@ -50,6 +50,10 @@ def object_problems(obj: dict[str, Any]) -> list[str]:
     where = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
     if obj.get("kind") == "PyTorchJob":
         return [f"{where}: {p}" for p in pytorchjob_problems(obj)]
+    if obj.get("apiVersion", "").startswith("monitoring.coreos.com/"):
+        from tests.k8s_monitoring import monitoring_problems
+
+        return monitoring_problems(obj)
     path = schema_file(obj)
     if not path.exists():
         return [f"{where}: no schema {path.name} in {CORE_SCHEMAS} (unexpected kind)"]

@@ -170,6 +170,7 @@ def test_object_set_and_names(chart):
         ("Job", "gen-batchgen-controller"),
         ("Role", "gen-batchgen-controller"),
         ("RoleBinding", "gen-batchgen-controller"),
+        ("Service", "gen-batchgen-controller"),
         ("ServiceAccount", "gen-batchgen"),
         ("ServiceAccount", "gen-batchgen-worker"),
     ]
@@ -323,7 +324,7 @@ def test_workload_identity_reaches_controller_and_workers(chart, tmp_path):
 
 def test_rbac_and_service_accounts_off(chart, tmp_path):
     objects = objects_of(render(chart, merged(CASES["rbac-off"], {"workers": {"serviceAccount": {"create": False}}})))
-    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job"]
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job", "Service"]
     assert controller_pod(objects)["serviceAccountName"] == "batchgen-admin-managed"
     settings = launch_settings(objects, tmp_path)
     assert settings.service_account is None
@@ -359,10 +360,10 @@ def test_run_config_is_valid_toml_for_batchgen(chart, tmp_path):
     assert loaded.generation.num_frames == 85 and loaded.generation.guidance_scale == 6.0
     assert loaded.generation.negative_prompt == 'blurry "x"\\'
     assert (loaded.worker.shard_size, loaded.worker.max_attempts) == (32, 2)
-    # Nothing given: the file is still valid and means Mochi's defaults.
+    # Nothing given: the file is still valid and means Mochi's defaults (plus the workers' metrics port).
     (config_map,) = by_kind(objects_of(render(chart, merged())), "ConfigMap")
     path.write_text(config_map["data"]["run.toml"])
-    assert load_config(path) == load_config(None)
+    assert load_config(path) == load_config(None).with_overrides({"worker": {"metrics_port": 9400}})
 
 
 def test_permanent_exit_codes_fail_the_controller_job_at_once(chart):
