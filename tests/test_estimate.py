@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -174,3 +175,39 @@ def test_plan_and_submit_dry_run_print_the_estimate(tmp_path):
     assert "no job created (2 job(s) of 4 GPU(s) at once)" in dry.stdout
     assert "on 8 GPU(s) (2 group(s) of 4" in dry.stdout
     assert "7.59 s/forward" in dry.stdout  # 3.7963 x 989.4 / 494.7
+
+
+def test_status_shows_rate_and_eta_per_run_and_per_job(kube, tmp_path):
+    """``batchgen status`` (a real process) over a planned run with jobs in the API emulator: two shards, one job
+    each, no operator (the jobs stay unfinished); shard 0 has three recent commits, shard 1 none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchgen.k8s.controller import RunController
+    from batchgen.k8s.render import LaunchSettings
+    from batchgen.plan import make_plan as plan_manifest
+
+    manifest = tmp_path / "clips.parquet"
+    pq.write_table(pa.table({"prompt": [f"a fox {i}" for i in range(8)]}), manifest)
+    out = str(tmp_path / "out")
+    storage = open_storage(out)
+    plan = plan_manifest(manifest, RunConfig().with_overrides({"worker": {"shard_size": 4}}), storage)
+    settings = LaunchSettings(output=out, namespace=kube.namespace, gpus_per_node=1)
+    RunController(kube.backend(), storage, plan, settings, max_jobs=2).reconcile()
+    now = time.time()
+    for index, age in enumerate((500, 300, 100)):
+        _write_sidecar(storage, plan.run_id, "shard-000000", f"done-{index}", denoise=1.0, world=1, mtime=now - age)
+
+    cluster = ["--namespace", kube.namespace, "--kubeconfig", str(kube.kubeconfig), "--rate-window", "10"]
+    as_json = cli("status", out, *cluster, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["rate"]["committed_in_window"] == 3 and data["pending"] == 5
+    assert data["rate"]["eta_s"] == pytest.approx(5 / (3 / 500), rel=0.02)  # younger than the window: since 1st commit
+    rates = {job["shards"]: job["rate"] for job in data["jobs"]}
+    assert rates["shard-000000"]["committed_in_window"] == 3
+    assert rates["shard-000000"]["eta_s"] == pytest.approx(1 / (3 / 500), rel=0.02)
+    assert rates["shard-000001"]["eta_s"] is None  # nothing committed there: no ETA rather than a made-up one
+    text = cli("status", out, *cluster)
+    assert re.search(r"^rate\s+21\.\d items/h over the last 8\.\d min; ETA 0:1\d:\d\d$", text.stdout, re.M), text.stdout
+    assert "no ETA (nothing committed in the window)" in text.stdout
