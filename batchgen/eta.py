@@ -45,7 +45,11 @@ class Rate:
 
     def describe(self) -> str:
         eta = self.eta_s
-        left = "done" if eta == 0 else "no ETA (nothing committed in the window)" if eta is None else _clock(eta)
+        if eta is not None and self.span_s <= 0:
+            return "nothing left to do"
+        if self.span_s <= 0:
+            return "no item committed yet; no ETA"
+        left = "done" if eta == 0 else "none (nothing committed in the window)" if eta is None else _clock(eta)
         return f"{self.items_per_hour:.1f} items/h over the last {self.span_s / 60:.1f} min; ETA {left}"
 
 

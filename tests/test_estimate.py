@@ -124,7 +124,9 @@ def test_rate_and_eta_from_sidecar_times(tmp_path):
     assert recent_rate([100.0, 200.0, 900.0, 1000.0], 9, window_s=600, now=1000.0).items_per_hour == 36 * 2 / 6
     young = recent_rate([940.0, 970.0, 1000.0], 3, window_s=600, now=1000.0)
     assert young.span_s == 60 and young.eta_s == pytest.approx(60.0)
-    assert recent_rate([1.0], 4, window_s=60, now=1000.0).eta_s is None  # stalled: no ETA
+    stalled = recent_rate([1.0], 4, window_s=60, now=1000.0)
+    assert stalled.eta_s is None and stalled.describe().endswith("ETA none (nothing committed in the window)")
+    assert recent_rate([], 4).describe() == "no item committed yet; no ETA"
 
     storage = open_storage(str(tmp_path / "out"))
     plan = make_plan([(163, 480, 848, 10)])
@@ -184,6 +186,7 @@ def test_status_shows_rate_and_eta_per_run_and_per_job(kube, tmp_path):
     import pyarrow.parquet as pq
 
     from batchgen.k8s.controller import RunController
+    from batchgen.k8s.names import job_name
     from batchgen.k8s.render import LaunchSettings
     from batchgen.plan import make_plan as plan_manifest
 
@@ -210,4 +213,4 @@ def test_status_shows_rate_and_eta_per_run_and_per_job(kube, tmp_path):
     assert rates["shard-000001"]["eta_s"] is None  # nothing committed there: no ETA rather than a made-up one
     text = cli("status", out, *cluster)
     assert re.search(r"^rate\s+21\.\d items/h over the last 8\.\d min; ETA 0:1\d:\d\d$", text.stdout, re.M), text.stdout
-    assert "no ETA (nothing committed in the window)" in text.stdout
+    assert f"{job_name(plan.run_id, 1, 1, 1)}: no item committed yet; no ETA" in text.stdout
