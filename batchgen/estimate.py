@@ -147,6 +147,7 @@ class ShapeEstimate:
     items: int
     tokens: int
     forwards: int
+    """Denoising forwards of all the group's items."""
     forward_s: float
     decode_s: float
     text_encode_s: float
@@ -159,8 +160,7 @@ class ShapeEstimate:
 class Estimate:
     items: int
     forwards: int
-    steps: int
-    cfg: bool
+    forwards_source: str
     gpus: int
     group_size: int
     shapes: list[ShapeEstimate] = field(default_factory=list)
@@ -185,8 +185,7 @@ class Estimate:
         return {
             "items": self.items,
             "denoising_forwards": self.forwards,
-            "steps": self.steps,
-            "cfg": self.cfg,
+            "forwards_source": self.forwards_source,
             "gpus": self.gpus,
             "gpus_per_group": self.group_size,
             "gpu_hours": round(self.gpu_hours, 3),
@@ -203,11 +202,7 @@ class Estimate:
         }  # fmt: skip
 
     def lines(self) -> list[str]:
-        guidance = " x 2 (guidance)" if self.cfg else ""
-        lines = [
-            f"estimate  {self.items} items, {self.forwards} denoising forwards "
-            f"({self.steps} steps{guidance} per item, run defaults)",
-        ]
+        lines = [f"estimate  {self.items} items, {self.forwards} denoising forwards ({self.forwards_source})"]
         for s in self.shapes:
             lines.append(
                 f"  {s.num_frames}x{s.height}x{s.width}: {s.items} items, {s.tokens} tokens, "
@@ -238,7 +233,7 @@ def _forward_from_profile(profile: GpuProfile, tokens: int) -> tuple[float, str]
     return seconds * dit_flops(tokens) / dit_flops(measured), f"{profile.source}, FLOP-scaled from {measured} tokens"
 
 
-def _shape_estimate(group, steps: int, cfg: bool, profile: GpuProfile, own: OwnTimings | None) -> ShapeEstimate:
+def _shape_estimate(group, forwards: int, profile: GpuProfile, own: OwnTimings | None) -> ShapeEstimate:
     tokens = visual_tokens(group.num_frames, group.height, group.width)
     voxels = group.num_frames * group.height * group.width
     if own is not None:
@@ -248,7 +243,6 @@ def _shape_estimate(group, steps: int, cfg: bool, profile: GpuProfile, own: OwnT
     else:
         forward_s, source = _forward_from_profile(profile, tokens)
         decode_s, text_s = profile.decode_s * voxels / profile.decode_voxels, profile.text_encode_s
-    forwards = steps * (2 if cfg else 1)
     return ShapeEstimate(
         group.num_frames, group.height, group.width, group.items, tokens, forwards, forward_s, decode_s, text_s, source
     )
@@ -263,15 +257,19 @@ def estimate_plan(
     if not plan.shapes:
         raise InputError(f"the plan of {plan.run_id} has no shape tally (planned by an older batchgen): plan again")
     generation = plan.config.generation
-    cfg = generation.guidance_scale > 1.0
-    shapes = [_shape_estimate(g, generation.num_inference_steps, cfg, profile, own) for g in plan.shapes]
+    per_item = generation.num_inference_steps * (2 if generation.guidance_scale > 1.0 else 1)
+    counted = all(g.forwards for g in plan.shapes)
+    if counted:
+        source = "per row: steps, x 2 with guidance"
+    else:
+        source = f"run defaults: {per_item} per item; this plan predates per-row counts, plan again for them"
+    shapes = [_shape_estimate(g, g.forwards if counted else g.items * per_item, profile, own) for g in plan.shapes]
     for s in shapes:
-        s.item_wall_s = s.forwards * s.forward_s / group_size + s.decode_s + s.text_encode_s
+        s.item_wall_s = s.forwards / s.items * s.forward_s / group_size + s.decode_s + s.text_encode_s
     return Estimate(
         items=sum(s.items for s in shapes),
-        forwards=sum(s.items * s.forwards for s in shapes),
-        steps=generation.num_inference_steps,
-        cfg=cfg,
+        forwards=sum(s.forwards for s in shapes),
+        forwards_source=source,
         gpus=gpus,
         group_size=group_size,
         shapes=shapes,

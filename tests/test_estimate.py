@@ -56,6 +56,7 @@ def test_measured_shape_uses_the_figure_and_other_shapes_are_flop_scaled():
     assert mid.forward_s == pytest.approx(0.7835 * dit_flops(mid_tokens) / dit_flops(14310))
     assert "FLOP-scaled from 14310 tokens" in mid.source
     assert estimate.forwards == 14 * 64 * 2
+    assert estimate.forwards_source.startswith("run defaults: 128 per item; this plan predates per-row counts")
     assert full.item_wall_s == pytest.approx(128 * 3.7963 + 7.89 + 0.0224)
     expected_wall = (10 * full.item_wall_s + 4 * mid.item_wall_s) / 8
     assert estimate.wall_s == pytest.approx(expected_wall)
@@ -158,16 +159,19 @@ def test_plan_and_submit_dry_run_print_the_estimate(tmp_path):
     import pyarrow.parquet as pq
 
     manifest = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "num_frames": [163, 163, 49]}), manifest)
+    rows = {"prompt": ["a", "b", "c"], "num_frames": [163, 163, 49], "num_inference_steps": [64, 10, 64]}
+    pq.write_table(pa.table({**rows, "guidance_scale": [4.5, 1.0, 4.5]}), manifest)
     out = str(tmp_path / "out")
     planned = cli("plan", str(manifest), "-o", out, "--gpus", "4")
     assert planned.returncode == 0, planned.stderr
-    assert "3 items, 384 denoising forwards (64 steps x 2 (guidance) per item" in planned.stdout
-    assert "163x480x848: 2 items, 44520 tokens, 3.8 s/forward" in planned.stdout
+    # Rows override steps and guidance: 128 + 10 (no unconditional pass) + 128.
+    assert "3 items, 266 denoising forwards (per row: steps, x 2 with guidance)" in planned.stdout
+    item_s = 69 * 3.7963 + 7.89 + 0.0224  # the 163-frame rows average 69 forwards
+    assert f"163x480x848: 2 items, 44520 tokens, 3.8 s/forward, decode 7.89 s, {item_s:.4g} s/item" in planned.stdout
     assert "[H200 measured at 14310 tokens]" in planned.stdout
     assert "on 4 GPU(s) (4 group(s) of 1" in planned.stdout
     as_json = json.loads(cli("plan", str(manifest), "-o", out, "--json").stdout)
-    assert as_json["estimate"]["denoising_forwards"] == 384
+    assert as_json["estimate"]["denoising_forwards"] == 266
 
     dry = cli(
         "submit", str(manifest), "--output", out, "--dry-run", "--image", "x", "--nodes", "1", "--gpus-per-node", "4",
