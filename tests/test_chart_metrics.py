@@ -14,6 +14,7 @@ from batchgen.k8s.render import render_pytorchjob
 from batchgen.layout import shard_id
 from tests.k8s_manifests import all_problems, by_kind, controller_pod, env_of
 from tests.k8s_monitoring import monitoring_problems
+from tests.k8s_schema import pytorchjob_problems
 from tests.test_helm_chart import CHART, chart, launch_settings, merged, objects_of, render  # noqa: F401
 
 MONITORS = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
@@ -52,27 +53,37 @@ def test_monitors_when_asked_are_valid_and_select_the_controller_and_worker_pods
     assert service_monitor["metadata"]["labels"]["release"] == "prometheus"
     assert _selected(service_monitor["spec"]["selector"], service["metadata"]["labels"])
     assert [e["port"] for e in service_monitor["spec"]["endpoints"]] == ["metrics"]
-    # One endpoint per torchrun rank of a worker pod (port + LOCAL_RANK) ...
-    assert [e["portNumber"] for e in pod_monitor["spec"]["podMetricsEndpoints"]] == [9400, 9401, 9402, 9403]
-    # ... on the pods of the PyTorchJobs the controller will create with the chart's launch settings.
+    # One endpoint per torchrun rank (port + LOCAL_RANK), on the pods of the PyTorchJobs the controller will create
+    # with the chart's launch settings, which declare those ports and set the workers' port and log format.
     job = render_pytorchjob("prompts-0123456789ab", [shard_id(0)], launch_settings(objects, tmp_path), attempt=1)
+    expected_ports = [{"name": f"metrics-{r}", "containerPort": 9400 + r, "protocol": "TCP"} for r in range(4)]
+    assert [e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]] == [p["name"] for p in expected_ports]
     for replica in job["spec"]["pytorchReplicaSpecs"].values():
         assert _selected(pod_monitor["spec"]["selector"], replica["template"]["metadata"]["labels"])
-    (config_map,) = by_kind(objects, "ConfigMap")
-    assert "metrics_port = 9400" in config_map["data"]["run.toml"]  # what the workers read from the plan
+        (container,) = replica["template"]["spec"]["containers"]
+        assert container["ports"] == expected_ports
+        env = env_of(container)
+        assert env["BATCHGEN_METRICS_PORT"]["value"] == "9400" and env["BATCHGEN_LOG_FORMAT"]["value"] == "json"
+    assert pytorchjob_problems(job) == []
 
 
 def test_the_crd_check_refuses_what_prometheus_operator_would(chart):  # noqa: F811
     (pod_monitor,) = by_kind(objects_of(render(chart, merged(MONITORS))), "PodMonitor")
     pod_monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "30 seconds"
+    pod_monitor["spec"]["podMetricsEndpoints"][1]["port"] = 9401
     pod_monitor["spec"]["podMetricsEndpoint"] = []
     problems = monitoring_problems(pod_monitor)
     assert any("podMetricsEndpoints.0.interval" in p for p in problems), problems
     assert any("'podMetricsEndpoint' was unexpected" in p for p in problems), problems
+    assert any("podMetricsEndpoints.1.port: 9401 is not of type 'string'" in p for p in problems), problems
 
 
-def test_port_zero_turns_metrics_off(chart):  # noqa: F811
+def test_port_zero_turns_metrics_off(chart, tmp_path):  # noqa: F811
     objects = objects_of(render(chart, merged(MONITORS, {"metrics": {"port": 0}, "logFormat": "text"})))
+    job = render_pytorchjob("prompts-0123456789ab", [shard_id(0)], launch_settings(objects, tmp_path), attempt=1)
+    (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert "ports" not in container
+    assert not {"BATCHGEN_METRICS_PORT", "BATCHGEN_LOG_FORMAT"} & set(env_of(container))
     (container,) = controller_pod(objects)["containers"]
     assert "ports" not in container and env_of(container)["BATCHGEN_METRICS_PORT"]["value"] == "0"
     assert env_of(container)["BATCHGEN_LOG_FORMAT"]["value"] == "text"

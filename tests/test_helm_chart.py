@@ -360,10 +360,10 @@ def test_run_config_is_valid_toml_for_batchgen(chart, tmp_path):
     assert loaded.generation.num_frames == 85 and loaded.generation.guidance_scale == 6.0
     assert loaded.generation.negative_prompt == 'blurry "x"\\'
     assert (loaded.worker.shard_size, loaded.worker.max_attempts) == (32, 2)
-    # Nothing given: the file is still valid and means Mochi's defaults (plus the workers' metrics port).
+    # Nothing given: the file is still valid and means Mochi's defaults.
     (config_map,) = by_kind(objects_of(render(chart, merged())), "ConfigMap")
     path.write_text(config_map["data"]["run.toml"])
-    assert load_config(path) == load_config(None).with_overrides({"worker": {"metrics_port": 9400}})
+    assert load_config(path) == load_config(None)
 
 
 def test_permanent_exit_codes_fail_the_controller_job_at_once(chart):

@@ -58,12 +58,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_attempts is None and args.config is None:
         config = dataclasses.replace(config, worker=plan.config.worker)
-    # The port the run was planned with (the chart's run.config) reaches pods whose command sets none.
-    configured_port = local.worker.metrics_port or plan.config.worker.metrics_port
     plan = dataclasses.replace(plan, config=config)
-    metrics.serve(
-        metrics.WORKER_REGISTRY, metrics.resolve_port(args.metrics_port, configured_port), offset=metrics.local_rank()
-    )
+    port = metrics.resolve_port(args.metrics_port, local.worker.metrics_port)
+    metrics.serve(metrics.WORKER_REGISTRY, port, offset=metrics.local_rank())
 
     num_heads = int(read_transformer_config(args.model_dir)["num_attention_heads"])
     use_cfg = config.generation.guidance_scale > 1.0

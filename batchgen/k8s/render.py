@@ -23,6 +23,8 @@ from typing import Any
 from batchgen.errors import ConfigError
 from batchgen.k8s import names
 from batchgen.layout import shard_id, shard_index
+from batchgen.logs import LOG_FORMAT_ENV, LOG_FORMATS
+from batchgen.metrics import METRICS_PORT_ENV
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -116,6 +118,10 @@ class LaunchSettings:
     run_as_user: int = 1000
     run_as_group: int = 1000
     fs_group: int = 1000
+    worker_metrics_port: int = 0
+    """Prometheus port of the workers: rank r serves on port + r, declared as container port metrics-<r>; 0 = off."""
+    worker_log_format: str = "text"
+    """Log format of the workers (BATCHGEN_LOG_FORMAT): text or json."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -131,6 +137,10 @@ class LaunchSettings:
             problems.append(f"image_pull_policy must be one of {_PULL_POLICIES}, got {self.image_pull_policy!r}")
         if self.sp_backend not in _SP_BACKENDS:
             problems.append(f"sp_backend must be one of {_SP_BACKENDS}, got {self.sp_backend!r}")
+        if not 0 <= self.worker_metrics_port <= 65535 - self.gpus_per_node:
+            problems.append(f"worker_metrics_port must be 0 (off) or a port below {65536 - self.gpus_per_node}")
+        if self.worker_log_format not in LOG_FORMATS:
+            problems.append(f"worker_log_format must be one of {LOG_FORMATS}, got {self.worker_log_format!r}")
         if self.offload not in _OFFLOAD:
             problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
         if not self.image:
@@ -297,6 +307,19 @@ def _container_security() -> dict[str, Any]:
     }
 
 
+def _add_observability(container: dict[str, Any], settings: LaunchSettings) -> None:
+    """Metrics ports (one per rank: a PodMonitor scrapes only declared ports) and the log format, when asked for."""
+    if settings.worker_log_format != "text":
+        container["env"].append({"name": LOG_FORMAT_ENV, "value": settings.worker_log_format})
+    port = settings.worker_metrics_port
+    if port:
+        container["env"].append({"name": METRICS_PORT_ENV, "value": str(port)})
+        container["ports"] = [
+            {"name": f"metrics-{rank}", "containerPort": port + rank, "protocol": "TCP"}
+            for rank in range(settings.gpus_per_node)
+        ]
+
+
 def _pod_template(
     run_id: str, shards: Sequence[str], settings: LaunchSettings, topology: Any, labels: dict[str, str]
 ) -> dict[str, Any]:
@@ -363,6 +386,7 @@ def _pod_template(
         "volumeMounts": mounts,
         "securityContext": _container_security(),
     }
+    _add_observability(container, settings)
     spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
