@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import signal
 import sys
 
 from batchgen import __version__
 from batchgen.errors import EXIT_CODES, EXIT_FAILURE, EXIT_INTERRUPTED, BatchgenError
+from batchgen.logs import LOG_FORMAT_ENV, LOG_FORMATS, make_handler, resolve_format
 
 log = logging.getLogger("batchgen")
 
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batchgen {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default=None, help=f"text (default) or json lines (env {LOG_FORMAT_ENV})"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _command_modules():
         p = sub.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
@@ -51,10 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(verbose: int, quiet: bool) -> None:
+def configure_logging(verbose: int, quiet: bool, log_format: str = "text") -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler = make_handler(sys.stderr, log_format)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -69,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    configure_logging(args.verbose, args.quiet)
+    try:
+        log_format = resolve_format(args.log_format)
+    except BatchgenError as e:
+        print(f"batchgen: {e}", file=sys.stderr)
+        return e.exit_code
+    configure_logging(args.verbose, args.quiet, log_format)
+    os.environ[LOG_FORMAT_ENV] = log_format  # worker subprocesses log in the same format
     try:
         return int(args._run(args) or 0)
     except BatchgenError as e:

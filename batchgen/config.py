@@ -136,12 +136,16 @@ class WorkerConfig:
     """Attempts per item inside one worker before it is recorded as failed."""
     shard_size: int = 64
     """Items per shard."""
+    metrics_port: int = 0
+    """Port of the Prometheus endpoint (0 = off); each torchrun rank adds its LOCAL_RANK (see metrics.py)."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ConfigError(f"worker.max_attempts must be >= 1, got {self.max_attempts}")
         if not 1 <= self.shard_size <= 100_000:
             raise ConfigError(f"worker.shard_size must be between 1 and 100000, got {self.shard_size}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"worker.metrics_port must be between 0 (off) and 65535, got {self.metrics_port}")
 
 
 @dataclass(frozen=True)

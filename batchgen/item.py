@@ -45,6 +45,9 @@ class ShapeGroup:
     width: int
     items: int
     examples: tuple[str, ...]
+    forwards: int = 0
+    """Denoising forwards of these items (steps, x 2 with guidance, row by row) for cost estimates; 0 when not
+    counted (plans stored by an older batchgen)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "examples": list(self.examples)}
@@ -57,4 +60,5 @@ class ShapeGroup:
             width=int(data["width"]),
             items=int(data["items"]),
             examples=tuple(str(e) for e in data["examples"]),
+            forwards=int(data.get("forwards", 0)),
         )

@@ -35,6 +35,8 @@ class WorkerArgs:
     offload: str
     max_attempts: int | None = None
     """Attempts per item; None keeps the worker's own default."""
+    metrics_port: int | None = None
+    """Prometheus port of the worker's first rank; None leaves it to BATCHGEN_METRICS_PORT and the config."""
 
     def argv(self) -> list[str]:
         """``worker ...``: what follows ``python -m batchgen`` (or torchrun's ``-m batchgen``)."""
@@ -52,6 +54,8 @@ class WorkerArgs:
         ]  # fmt: skip
         if self.max_attempts is not None:
             args += ["--max-attempts", str(self.max_attempts)]
+        if self.metrics_port is not None:
+            args += ["--metrics-port", str(self.metrics_port)]
         return args
 
 

@@ -34,6 +34,7 @@ from batchgen.errors import (
 )
 from batchgen.index import finalize_run
 from batchgen.launch_contract import TORCHRUN, WorkerArgs, exit_code_of
+from batchgen.logs import LogStream, json_logs
 from batchgen.plan import RunPlan, make_plan
 from batchgen.progress import RunProgress, scan_run
 from batchgen.storage import open_storage
@@ -117,6 +118,7 @@ def worker_command(
     nproc: int = 1,
     degrees: tuple[int, int, int] | None = None,
     verbose: int = 0,
+    metrics_port: int = 0,
 ) -> list[str]:
     """The command line of one local worker (``torchrun`` through batchgen.k8s.launch when ``nproc`` > 1)."""
     if nproc > 1:
@@ -134,7 +136,7 @@ def worker_command(
     worker = WorkerArgs(
         output=storage_uri, run_id=plan.run_id, shards=tuple(shards), model_dir=str(model_dir),
         ulysses=ulysses, ring=ring, cfg=cfg, sp_backend=parallel.sp_backend, offload=parallel.offload,
-        max_attempts=config.worker.max_attempts,
+        max_attempts=config.worker.max_attempts, metrics_port=metrics_port,
     )  # fmt: skip
     return prefix + logging_flags + worker.argv()
 
@@ -229,7 +231,7 @@ def run_local(
         raise InputError(f"--workers must be >= 1, got {workers}")
     if nproc_per_worker < 1:
         raise InputError(f"--nproc-per-worker must be >= 1, got {nproc_per_worker}")
-    stream = progress_stream or sys.stderr
+    stream = progress_stream or (LogStream(logging.getLogger("batchgen.progress")) if json_logs() else sys.stderr)
     started = time.monotonic()
     storage = open_storage(output)
     plan = make_plan(manifest, config, storage, run_name=run_name, new_run=new_run)
@@ -255,12 +257,15 @@ def run_local(
             topology.describe(),
         )
         degrees = (topology.ulysses, topology.ring, topology.cfg)
+        # Worker i serves on base + i * nproc, its ranks on that + LOCAL_RANK: no two processes share a port.
+        base_port = config.worker.metrics_port
         commands = [
             worker_command(
-                plan, storage.uri, group, model_dir, config, nproc=nproc_per_worker, degrees=degrees, verbose=verbose
+                plan, storage.uri, group, model_dir, config, nproc=nproc_per_worker, degrees=degrees, verbose=verbose,
+                metrics_port=base_port + index * nproc_per_worker if base_port else 0,
             )
-            for group in groups
-        ]
+            for index, group in enumerate(groups)
+        ]  # fmt: skip
         display = ProgressDisplay(stream, plan.run_id, resumed)
         codes, interrupted = _supervise(commands, lambda: scan_run(storage, plan), display, poll_s)
 

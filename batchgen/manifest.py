@@ -478,7 +478,7 @@ class _Scan:
         self.rows = 0
         self.digest = ""
         self.derived_ids = False
-        self.shapes: dict[tuple[int, int, int], tuple[int, list[str]]] = {}
+        self.shapes: dict[tuple[int, int, int], tuple[int, list[str], int]] = {}
 
     def batches(self, generation: GenerationConfig | None, *, check_rows: bool = True) -> Iterator[pa.RecordBatch]:
         """Yield resolved batches while problems are absent (when ``generation`` is given); always scan to the end.
@@ -529,8 +529,8 @@ class _Scan:
         if self.problems.total:
             raise self.problems.error()
         shapes = tuple(
-            ShapeGroup(frames, height, width, count, tuple(examples))
-            for (frames, height, width), (count, examples) in sorted(self.shapes.items())
+            ShapeGroup(frames, height, width, count, tuple(examples), forwards)
+            for (frames, height, width), (count, examples, forwards) in sorted(self.shapes.items())
         )
         return ManifestSummary(self.path, self.rows, self.digest, list(self.warnings), self.derived_ids, shapes)
 
@@ -539,20 +539,24 @@ _SHAPE_COLUMNS = ("num_frames", "height", "width")
 _SIDE_MASK = (1 << 21) - 1
 
 
-def _tally_shapes(tally: dict[tuple[int, int, int], tuple[int, list[str]]], batch: pa.RecordBatch) -> None:
-    """Count the batch's items per shape and keep the first few ids of each (vectorised: one pass per batch)."""
+def _tally_shapes(tally: dict[tuple[int, int, int], tuple[int, list[str], int]], batch: pa.RecordBatch) -> None:
+    """Count the batch's items and denoising forwards per shape and keep the first few ids of each (vectorised:
+    one pass per batch)."""
     frames, height, width = (batch.column(name).to_numpy(zero_copy_only=False) for name in _SHAPE_COLUMNS)
     # Validated sides and frame counts are far below 2**21, so one int64 holds the whole shape.
     codes = (frames.astype(np.int64) << 42) | (height.astype(np.int64) << 21) | width.astype(np.int64)
-    uniques, counts = np.unique(codes, return_counts=True)
-    for code, count in zip(uniques.tolist(), counts.tolist(), strict=True):
+    steps = batch.column("num_inference_steps").to_numpy(zero_copy_only=False).astype(np.int64)
+    guided = batch.column("guidance_scale").to_numpy(zero_copy_only=False) > 1.0
+    uniques, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
+    forwards = np.bincount(inverse, weights=steps * np.where(guided, 2, 1)).astype(np.int64)
+    for code, count, shape_forwards in zip(uniques.tolist(), counts.tolist(), forwards.tolist(), strict=True):
         shape = (code >> 42, (code >> 21) & _SIDE_MASK, code & _SIDE_MASK)
-        seen, examples = tally.get(shape, (0, []))
+        seen, examples, seen_forwards = tally.get(shape, (0, [], 0))
         missing = EXAMPLES_PER_SHAPE - len(examples)
         if missing > 0:
             rows = np.flatnonzero(codes == code)[:missing]
             examples = [*examples, *batch.column("id").take(pa.array(rows)).to_pylist()]
-        tally[shape] = (seen + count, examples)
+        tally[shape] = (seen + count, examples, seen_forwards + shape_forwards)
 
 
 def validate_manifest(path: str | Path, generation: GenerationConfig, *, max_errors: int = 50) -> ManifestSummary:

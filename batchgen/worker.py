@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from batchgen import __version__, layout, quality
+from batchgen import __version__, layout, metrics, quality
 from batchgen.errors import (
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
@@ -61,6 +61,7 @@ from batchgen.errors import (
 from batchgen.generate.api import GeneratedVideo, VideoGenerator
 from batchgen.index import write_part
 from batchgen.item import Item
+from batchgen.logs import log_context
 from batchgen.parallel.context import ProcessContext
 from batchgen.plan import RunPlan, load_shard_items
 from batchgen.records import Sidecar
@@ -362,7 +363,8 @@ def run_worker(
         for shard in shards:
             if not loop.keep_going():
                 break
-            summary.shards.append(loop.run_shard(shard))
+            with log_context(shard=shard):
+                summary.shards.append(loop.run_shard(shard))
     except WorkerInterrupted as e:
         summary.interrupted = e.signum
         log.warning("rank %d: abandoned the item in progress (nothing of it was written)", context.rank)
@@ -423,6 +425,7 @@ class _WorkerLoop:
         result = ShardResult(
             shard, total=len(scan.items), resumed=len(scan.done) - len(scan.adopted), adopted=len(scan.adopted)
         )
+        metrics.shard_scanned(self.plan.run_id, shard, result.resumed, result.adopted)
         pending = scan.pending
         mine = pending[self.ctx.dp_rank :: self.ctx.dp_size]
         rounds = -(-len(pending) // self.ctx.dp_size)
@@ -441,7 +444,10 @@ class _WorkerLoop:
                 result.seconds = time.monotonic() - started
                 return result
             item = mine[index] if index < len(mine) else None
-            outcome = self._process_round(shard, item, scan)
+            if item is not None:
+                metrics.item_started(self.plan.run_id, shard, item.id)
+            with log_context(item=item.id if item else None):
+                outcome = self._process_round(shard, item, scan)
             if outcome == "committed":
                 result.generated += 1
             elif outcome == "failed":
@@ -571,6 +577,7 @@ class _WorkerLoop:
         if not adopted:
             sidecar.timings["upload"] = time.perf_counter() - t1
         self._put_sidecar(shard, item, sidecar, clear_error)
+        metrics.item_committed(sidecar.timings)
 
     def _put_video(self, key: str, data: bytes) -> bool:
         """Create the video; False if an object already holds the key (after replacing an undecodable one)."""
@@ -666,6 +673,7 @@ class _WorkerLoop:
         }
         key = layout.error_key(self.plan.run_id, shard, item.id)
         self.storage.put_bytes(key, _json_bytes(record), content_type="application/json")
+        metrics.item_failed(error)
         log.error(
             "%s/%s: failed after %d attempt(s): %s (recorded in %s)",
             shard,

@@ -17,6 +17,7 @@ import yaml
 
 from batchgen.k8s.render import LaunchSettings
 from tests.k8s_schema import (
+    VENDORED_SCHEMAS,
     SCHEMAS,
     TRAINER_PLURALS,
     TRAINER_VERSIONS,
@@ -54,7 +55,8 @@ def schema_file(obj: dict[str, Any]) -> Path:
     group, _, version = obj["apiVersion"].rpartition("/")
     kind = obj["kind"].lower()
     name = f"{kind}-{group.split('.')[0]}-{version}.json" if group else f"{kind}-{version}.json"
-    return CORE_SCHEMAS / name
+    vendored = VENDORED_SCHEMAS / "k8s" / name
+    return vendored if vendored.exists() else CORE_SCHEMAS / name
 
 
 @functools.cache
@@ -69,6 +71,10 @@ def object_problems(obj: dict[str, Any]) -> list[str]:
         return [f"{where}: {p}" for p in pytorchjob_problems(obj)]
     if obj.get("kind") in TRAINER_PLURALS:  # shipped objects must suit every supported Trainer release
         return [f"{where} (Trainer {v}): {p}" for v in TRAINER_VERSIONS for p in trainer_problems(obj, v)]
+    if obj.get("apiVersion", "").startswith("monitoring.coreos.com/"):
+        from tests.k8s_monitoring import monitoring_problems
+
+        return monitoring_problems(obj)
     path = schema_file(obj)
     if not path.exists():
         return [f"{where}: no schema {path.name} in {CORE_SCHEMAS} (unexpected kind)"]

@@ -15,6 +15,8 @@ import yaml
 
 SCHEMAS = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
 CRD_PATH = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
+VENDORED_SCHEMAS = Path(__file__).resolve().parent / "schemas"
+"""Upstream schemas that ../shared/schemas lacks (prometheus-operator CRDs, core Service); see schemas/SOURCE.md."""
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(

@@ -34,6 +34,7 @@ class Progress:
     finished_shards: set[str]
     done: int
     total: int
+    failed: int = 0
 
 
 def scan_of(finished: set[str], plan: Plan):

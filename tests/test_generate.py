@@ -245,7 +245,10 @@ def _copy_model(src, dst):
         (lambda d: shutil.rmtree(d / "text_encoder"), "text_encoder"),
         (lambda d: (d / "vae" / "diffusion_pytorch_model.safetensors").unlink(), "vae"),
         (lambda d: (d / "transformer" / "diffusion_pytorch_model.safetensors").unlink(), "transformer"),
-        (lambda d: (d / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage"), "not a safetensors file"),
+        (
+            lambda d: (d / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage"),
+            "not a safetensors file",
+        ),
     ],
     ids=["missing-dir", "empty-dir", "no-text-encoder", "no-vae-weights", "no-transformer-weights", "corrupt-weights"],
 )

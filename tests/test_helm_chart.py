@@ -181,6 +181,7 @@ def test_object_set_and_names(chart):
         ("Job", "gen-batchgen-controller"),
         ("Role", "gen-batchgen-controller"),
         ("RoleBinding", "gen-batchgen-controller"),
+        ("Service", "gen-batchgen-controller"),
         ("ServiceAccount", "gen-batchgen"),
         ("ServiceAccount", "gen-batchgen-worker"),
         ("TrainingRuntime", "gen-batchgen-runtime"),
@@ -337,7 +338,7 @@ def test_workload_identity_reaches_controller_and_workers(chart, tmp_path):
 
 def test_rbac_and_service_accounts_off(chart, tmp_path):
     objects = objects_of(render(chart, merged(CASES["rbac-off"], {"workers": {"serviceAccount": {"create": False}}})))
-    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job", "TrainingRuntime"]
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job", "Service", "TrainingRuntime"]
     assert controller_pod(objects)["serviceAccountName"] == "batchgen-admin-managed"
     settings = launch_settings(objects, tmp_path)
     assert settings.service_account is None

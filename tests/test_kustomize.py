@@ -61,7 +61,7 @@ def test_every_object_is_valid(which, request, tmp_path):
     objects = request.getfixturevalue(which)
     namespace = {"base": "batchgen", "overlay": "videos"}[which]
     assert sorted(o["kind"] for o in objects) == [
-        "ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount", "ServiceAccount", "TrainingRuntime",
+        "ConfigMap", "Job", "Role", "RoleBinding", "Service", "ServiceAccount", "ServiceAccount", "TrainingRuntime",
     ]  # fmt: skip
     assert all_problems(objects) == []
     assert rbac_problems(objects) == []

@@ -120,9 +120,9 @@ def test_plan_counts_items_per_shape_after_overrides(tmp_path, monkeypatch):
     storage = LocalStorage(tmp_path / "out")
     plan = make_plan(m, config(), storage)
     assert [g.to_dict() for g in plan.shapes] == [
-        {"num_frames": 7, "height": 64, "width": 64, "items": 6, "examples": ["c1", "c3", "c5"]},
-        {"num_frames": 13, "height": 64, "width": 64, "items": 4, "examples": ["c0", "c2", "c7"]},
-        {"num_frames": 13, "height": 64, "width": 96, "items": 1, "examples": ["c4"]},
+        {"num_frames": 7, "height": 64, "width": 64, "items": 6, "examples": ["c1", "c3", "c5"], "forwards": 24},
+        {"num_frames": 13, "height": 64, "width": 64, "items": 4, "examples": ["c0", "c2", "c7"], "forwards": 16},
+        {"num_frames": 13, "height": 64, "width": 96, "items": 1, "examples": ["c4"], "forwards": 4},
     ]
     assert load_plan(storage, plan.run_id).shapes == plan.shapes
     # A plan stored without shapes (as an older batchgen wrote it) still loads, and replanning fills them in.

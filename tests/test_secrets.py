@@ -14,8 +14,12 @@ pytestmark = pytest.mark.slow
 SMALL = [arg for key, value in SMALL_SHAPE.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def test_secret_key_appears_nowhere(s3_server, s3_uri, s3_bucket, s3_credentials, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_secret_key_appears_nowhere(
+    log_format, s3_server, s3_uri, s3_bucket, s3_credentials, tmp_path, tiny_model_dir, monkeypatch
+):
     secret = s3_credentials["AWS_SECRET_ACCESS_KEY"]
+    monkeypatch.setenv("BATCHGEN_LOG_FORMAT", log_format)  # the CLI and its worker processes inherit it
     manifest = write_manifest(tmp_path / "prompts.parquet", 2)
     outputs = []
     run = run_cli(
@@ -34,6 +38,8 @@ def test_secret_key_appears_nowhere(s3_server, s3_uri, s3_bucket, s3_credentials
     for result in outputs:
         assert secret not in result.stdout and secret not in result.stderr
     assert len(outputs[0].stderr) > 1000  # debug logging really was on: there was something to leak into
+    first_line = outputs[0].stderr.splitlines()[0]
+    assert first_line.startswith("{") == (log_format == "json"), first_line  # the format really was in force
 
     storage = open_storage(s3_uri)
     objects = keys_under(storage, "")

@@ -34,6 +34,7 @@ _PARALLEL_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--sp-backend", "parallel", "sp_backend", str, "sequence-parallel backend: native or xfuser"),
     ("--offload", "parallel", "offload", str, "none or model (components on the GPU only while they run)"),
     ("--max-attempts", "worker", "max_attempts", int, "attempts per item before it is recorded as failed"),
+    ("--metrics-port", "worker", "metrics_port", int, "Prometheus port, + LOCAL_RANK per rank (0 = off)"),
 )
 _ALL_FLAGS = _GENERATION_FLAGS + _SHARD_FLAGS + _PARALLEL_FLAGS
 

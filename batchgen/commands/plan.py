@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from batchgen.commands._estimate import add_estimate_arguments, estimate_for
 from batchgen.commands._options import add_generation_arguments, add_shard_size_argument, config_from_args
 
 NAME = "plan"
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_generation_arguments(parser)
     add_shard_size_argument(parser)
+    add_estimate_arguments(parser, layout_flags=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     storage = open_storage(args.output)
     plan, reused = plan_manifest(args.manifest, config, storage, run_name=args.run_name, new_run=args.new_run)
     where = storage.url(layout.plan_key(plan.run_id))
+    estimate = estimate_for(args, storage, plan, gpus=args.gpus, group_size=args.gpus_per_group)
     if args.json:
         print(
             json.dumps(
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
                     "shard_size": plan.shard_size,
                     "fingerprint": plan.fingerprint,
                     "plan": where,
+                    "estimate": estimate.to_dict(),
                 }
             )
         )
@@ -60,4 +64,5 @@ def run(args: argparse.Namespace) -> int:
         state = "reused the stored plan" if reused else "planned"
         print(f"{state}: run {plan.run_id}, {plan.row_count} items in {len(plan.shards)} shards of {plan.shard_size}")
         print(f"plan: {where}")
+        print("\n".join(estimate.lines()))
     return 0

@@ -35,15 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from batchgen.commands._options import config_from_args
     from batchgen.localrun import run_local
+    from batchgen.metrics import resolve_port
     from batchgen.storage import open_storage
 
+    config = config_from_args(args)
+    port = resolve_port(args.metrics_port, config.worker.metrics_port)
     outcome = run_local(
         args.manifest,
         args.output,
         args.model_dir,
-        config_from_args(args),
+        dataclasses.replace(config, worker=dataclasses.replace(config.worker, metrics_port=port)),
         workers=args.workers,
         nproc_per_worker=args.nproc_per_worker,
         run_name=args.run_name,

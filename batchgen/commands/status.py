@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", default=None, help="also show the run's jobs in this namespace")
     parser.add_argument("--kubeconfig", metavar="FILE", default=None, help="kubeconfig for --namespace")
     add_launcher_argument(parser)
+    parser.add_argument(
+        "--rate-window", type=float, default=15.0, metavar="MIN", help="rate and ETA over the last MIN minutes (15)"
+    )
 
 
 def resolve_run_id(storage, run_id: str | None) -> str | None:
@@ -49,7 +52,8 @@ def resolve_run_id(storage, run_id: str | None) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from batchgen import layout
+    from batchgen import eta, layout
+    from batchgen.errors import InputError
     from batchgen.plan import list_runs, load_plan
     from batchgen.progress import scan_run
     from batchgen.storage import open_storage
@@ -65,18 +69,24 @@ def run(args: argparse.Namespace) -> int:
             for name in runs:
                 print(f"  {name}")
         return 0
+    if not args.rate_window > 0:
+        raise InputError(f"--rate-window must be positive, got {args.rate_window}")
     plan = load_plan(storage, run_id)
     progress = scan_run(storage, plan)
     success = storage.exists(layout.success_key(run_id))
+    times = eta.commit_times(storage, run_id)
+    window = {"window_s": 60 * args.rate_window}
+    rate = eta.run_rate(times, progress, **window)
+    jobs, job_rates = _jobs_with_rates(args, run_id, times, progress, window) if args.namespace else (None, {})
     if args.json:
-        data = {**progress.to_dict(), "output": storage.uri, "success_marker": success}
+        data = {**progress.to_dict(), "output": storage.uri, "success_marker": success, "rate": rate.to_dict()}
         if args.shards:
             data["unfinished_shards"] = [
                 {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "stats": s.stats_written}
                 for s in (progress.shards[name] for name in progress.unfinished_shards)
             ]
-        if args.namespace:
-            data["jobs"] = _jobs(args, run_id)
+        if jobs is not None:
+            data["jobs"] = jobs
         print(json.dumps(data, indent=2))
         return 0
     percent = 100.0 * progress.done / progress.total if progress.total else 100.0
@@ -93,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         f"items     {progress.done}/{progress.total} done ({percent:.1f}%), {progress.failed} failed, "
         f"{progress.pending} pending"
     )
+    print(f"rate      {rate.describe()}")
     print(f"shards    {len(progress.finished_shards)}/{len(progress.shards)} finished")
     print(f"state     {state}" + (" (_SUCCESS.json present)" if success else ""))
     if args.shards:
@@ -105,8 +116,23 @@ def run(args: argparse.Namespace) -> int:
         from batchgen.k8s.controller import format_jobs
 
         print(f"jobs in namespace {args.namespace}:")
-        print(format_jobs(_jobs(args, run_id)))
+        print(format_jobs(jobs))
+        for name, job_rate in job_rates.items():
+            print(f"  {name}: {job_rate.describe()}")
     return 0
+
+
+def _jobs_with_rates(args, run_id: str, times, progress, window) -> tuple[list[dict], dict]:
+    """The run's jobs, and for each unfinished one the rate and ETA of its shards (also in its row's "rate")."""
+    from batchgen import eta
+
+    jobs = _jobs(args, run_id)
+    rates = {}
+    for job in jobs:
+        if job["state"] not in ("Succeeded", "Failed"):
+            rates[job["name"]] = eta.shards_rate(times, progress, job["shards"].split(","), **window)
+            job["rate"] = rates[job["name"]].to_dict()
+    return jobs, rates
 
 
 def _jobs(args: argparse.Namespace, run_id: str) -> list[dict]:

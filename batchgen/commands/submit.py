@@ -40,10 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resync-seconds", type=int, default=30, metavar="S", help="re-read progress at least this often (--wait)"
     )
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, metavar="PORT", help="serve controller metrics here (0 = off)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="plan, check the degrees and print the cost estimate; create no job"
+    )
     add_cluster_arguments(parser)
     add_generation_arguments(parser)
     add_shard_size_argument(parser)
     add_launch_arguments(parser)
+    from batchgen.commands._estimate import add_estimate_arguments
+
+    add_estimate_arguments(parser, layout_flags=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +78,17 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         "run %s: %d items in %d shards; pods: %s", plan.run_id, plan.row_count, len(plan.shards), topology.describe()
     )
+    if args.dry_run:
+        from batchgen.commands._estimate import estimate_for
+
+        gpus = args.max_jobs * settings.world_size
+        group = topology.cfg * topology.ulysses * topology.ring
+        sys.stdout.write("\n".join(estimate_for(args, storage, plan, gpus=gpus, group_size=group).lines()) + "\n")
+        sys.stdout.write(f"dry run: no job created ({args.max_jobs} job(s) of {settings.world_size} GPU(s) at once)\n")
+        return 0
+    from batchgen import metrics
+
+    metrics.serve(metrics.CONTROLLER_REGISTRY, metrics.resolve_port(args.metrics_port))
     backend = make_backend(settings.launcher, settings.namespace, load_api_client(args.kubeconfig, args.context))
     if isinstance(backend, TrainJobBackend):
         backend.check_runtime(settings.runtime_name)

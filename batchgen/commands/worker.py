@@ -35,8 +35,10 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import logging
 
+    from batchgen import metrics
     from batchgen.commands._options import config_from_args
     from batchgen.generate.loading import read_transformer_config
+    from batchgen.logs import log_context
     from batchgen.parallel.context import open_context
     from batchgen.parallel.topology import check_items, visual_tokens
     from batchgen.plan import load_plan, load_shard_items, parse_shard_selection
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max_attempts is None and args.config is None:
         config = dataclasses.replace(config, worker=plan.config.worker)
     plan = dataclasses.replace(plan, config=config)
+    port = metrics.resolve_port(args.metrics_port, local.worker.metrics_port)
+    metrics.serve(metrics.WORKER_REGISTRY, port, offset=metrics.local_rank())
 
     num_heads = int(read_transformer_config(args.model_dir)["num_attention_heads"])
     use_cfg = config.generation.guidance_scale > 1.0
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     parallel = config.parallel
 
     stop = StopRequest()
-    with stop.handling_signals():
+    with stop.handling_signals(), log_context(run_id=plan.run_id):
         context, topology = open_context(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
         try:
             check_items(topology, items, num_heads=num_heads, sp_backend=parallel.sp_backend)

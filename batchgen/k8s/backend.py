@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from tenacity import RetryError, retry_if_exception, stop_after_attempt, wait_exponential
 from tenacity import Retrying as _Retrying
 
+from batchgen import metrics
 from batchgen.errors import ClusterError, TransientClusterError
 from batchgen.k8s import names
 from batchgen.k8s.render import LAUNCHERS
@@ -175,6 +176,11 @@ def _is_retryable(error: BaseException) -> bool:
     return isinstance(error, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
+def _retrying_after(verb: str, resource: str, error: BaseException | None) -> None:
+    metrics.api_error(verb, getattr(error, "status", None))
+    log.warning("Kubernetes API %s %s failed (%s); retrying", verb, resource, _short(error))
+
+
 def _status_body(error: Any) -> dict[str, Any]:
     try:
         return json.loads(error.body or "{}")
@@ -237,19 +243,19 @@ class CustomObjectBackend(JobBackend):
             stop=stop_after_attempt(self.attempts),
             wait=wait_exponential(multiplier=0.2, max=self.max_wait_s),
             reraise=False,
-            before_sleep=lambda state: log.warning(
-                "Kubernetes API %s %s failed (%s); retrying", verb, self.resource, _short(state.outcome.exception())
-            ),
+            before_sleep=lambda state: _retrying_after(verb, self.resource, state.outcome.exception()),
         )
         try:
             return retrying(fn, *args, **kwargs)
         except RetryError as e:
             last = e.last_attempt.exception()
+            metrics.api_error(verb, getattr(last, "status", None))
             raise TransientClusterError(
                 f"Kubernetes API {verb} {self.resource} in namespace {self.namespace!r} still failing after "
                 f"{self.attempts} attempts: {_short(last)}"
             ) from last
         except ApiException as e:
+            metrics.api_error(verb, e.status)
             raise self._translate(verb, e, name) from e
 
     def _translate(self, verb: str, error: Any, name: str | None) -> ClusterError:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchgen import metrics
 from batchgen.errors import IncompleteRunError
 from batchgen.k8s import names
 from batchgen.k8s.backend import JobBackend, JobInfo
@@ -64,6 +65,7 @@ class Reconciled:
     adopted: list[str] = field(default_factory=list)
     done_items: int = 0
     total_items: int = 0
+    failed_items: int = 0
 
     def count(self, status: str) -> int:
         return sum(1 for g in self.groups if g.status == status)
@@ -135,7 +137,7 @@ class RunController:
         progress = self._scan(self.storage, self.plan)
         finished = progress.finished_shards
         by_group = self._jobs_by_group()
-        result = Reconciled(done_items=progress.done, total_items=progress.total)
+        result = Reconciled(done_items=progress.done, total_items=progress.total, failed_items=progress.failed)
         for group in self.groups:
             pending = [s for s in group.shards if s not in finished]
             jobs = by_group.get(group.key, [])
@@ -189,6 +191,7 @@ class RunController:
         started = time.monotonic()
         while True:
             state = self.reconcile()
+            metrics.controller_pass(state)
             log.info("%s: %s", self.plan.run_id, state.summary())
             if state.settled:
                 break

@@ -24,6 +24,8 @@ from batchgen.errors import ConfigError
 from batchgen.k8s import names
 from batchgen.launch_contract import TORCHRUN, WorkerArgs
 from batchgen.layout import shard_id, shard_index
+from batchgen.logs import LOG_FORMAT_ENV, LOG_FORMATS
+from batchgen.metrics import METRICS_PORT_ENV
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -127,6 +129,10 @@ class LaunchSettings:
     """Kubeflow Trainer release of the cluster: v2.1 (pod patch in podTemplateOverrides) or v2.3 (runtimePatches)."""
     runtime_name: str = "batchgen-runtime"
     """The TrainingRuntime, in the jobs' namespace, that the TrainJobs run (the chart and kustomize base ship it)."""
+    worker_metrics_port: int = 0
+    """Prometheus port of the workers: rank r serves on port + r, declared as container port metrics-<r>; 0 = off."""
+    worker_log_format: str = "text"
+    """Log format of the workers (BATCHGEN_LOG_FORMAT): text or json."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -148,6 +154,10 @@ class LaunchSettings:
             problems.append(f"trainer_api must be one of {TRAINER_APIS}, got {self.trainer_api!r}")
         if not names.is_dns_label(self.runtime_name):
             problems.append(f"runtime_name {self.runtime_name!r} is not a DNS-1035 label")
+        if not 0 <= self.worker_metrics_port <= 65535 - self.gpus_per_node:
+            problems.append(f"worker_metrics_port must be 0 (off) or a port below {65536 - self.gpus_per_node}")
+        if self.worker_log_format not in LOG_FORMATS:
+            problems.append(f"worker_log_format must be one of {LOG_FORMATS}, got {self.worker_log_format!r}")
         if self.offload not in _OFFLOAD:
             problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
         if not self.image:
@@ -300,6 +310,19 @@ def _container_security() -> dict[str, Any]:
     }
 
 
+def _add_observability(container: dict[str, Any], settings: LaunchSettings) -> None:
+    """Metrics ports (one per rank: a PodMonitor scrapes only declared ports) and the log format, when asked for."""
+    if settings.worker_log_format != "text":
+        container["env"].append({"name": LOG_FORMAT_ENV, "value": settings.worker_log_format})
+    port = settings.worker_metrics_port
+    if port:
+        container["env"].append({"name": METRICS_PORT_ENV, "value": str(port)})
+        container["ports"] = [
+            {"name": f"metrics-{rank}", "containerPort": port + rank, "protocol": "TCP"}
+            for rank in range(settings.gpus_per_node)
+        ]
+
+
 def node_resources(settings: LaunchSettings) -> dict[str, Any]:
     """Requests and limits of one node's trainer container: its GPUs, and CPU and memory when set."""
     resources: dict[str, Any] = {"limits": {settings.gpu_resource: str(settings.gpus_per_node)}}
@@ -382,6 +405,7 @@ def pod_template(
     if resources is not None:
         container["resources"] = resources
     container.update({"volumeMounts": mounts, "securityContext": _container_security()})
+    _add_observability(container, settings)
     spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,

@@ -26,6 +26,8 @@ class ObjectInfo:
     size: int
     etag: str | None = None
     """A token that changes whenever the object is replaced (S3's ETag; inode, mtime and size on a file system)."""
+    modified: float | None = None
+    """Last-modified time (epoch seconds) where the listing reports it: rates and ETAs come from it."""
 
 
 class Storage(abc.ABC):

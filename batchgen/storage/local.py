@@ -220,7 +220,7 @@ class LocalStorage(Storage):
                     st = entry.stat()
                 except FileNotFoundError:  # deleted while listing
                     continue
-                out.append(ObjectInfo(key=key, size=st.st_size, etag=_stat_token(st)))
+                out.append(ObjectInfo(key=key, size=st.st_size, etag=_stat_token(st), modified=st.st_mtime))
 
     # -- other --------------------------------------------------------------------------------------------
 

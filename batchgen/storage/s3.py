@@ -453,6 +453,7 @@ class S3Storage(Storage):
                     key=obj["Key"][len(self._root) :],
                     size=int(obj["Size"]),
                     etag=obj.get("ETag", "").strip('"') or None,
+                    modified=obj["LastModified"].timestamp() if "LastModified" in obj else None,
                 )
             if not page.get("IsTruncated"):
                 return
