@@ -17,10 +17,10 @@ import yaml
 
 from batchgen.k8s.render import LaunchSettings
 from tests.k8s_schema import (
-    VENDORED_SCHEMAS,
     SCHEMAS,
     TRAINER_PLURALS,
     TRAINER_VERSIONS,
+    VENDORED_SCHEMAS,
     metadata_problems,
     pytorchjob_problems,
     trainer_problems,
