@@ -12,7 +12,7 @@ from batchgen.item import Item
 SHAPE = {"num_frames": 13, "height": 64, "width": 64}  # 48 visual tokens: splits over ulysses 2
 
 
-def tiny_item(steps: int, seed: int = 1) -> Item:
+def tiny_item(steps: int, seed: int = 1, **shape: int) -> Item:
     return Item(
         id=f"item-{seed}",
         prompt="a red cat walking in the snow",
@@ -21,7 +21,7 @@ def tiny_item(steps: int, seed: int = 1) -> Item:
         num_inference_steps=steps,
         guidance_scale=4.5,
         row=0,
-        **SHAPE,
+        **{**SHAPE, **shape},
     )
 
 

@@ -118,6 +118,9 @@ def test_cached_parallel_group_matches_one_process(tiny_model_dir, degrees):
 # -- compiled blocks -----------------------------------------------------------------------------------------------
 
 COMPILE_STEPS = 2
+# 13 frames at 32x64: 24 visual tokens, what each rank of the ulysses-2 test below holds of 64x64, so the ranks
+# find the block graphs in the inductor cache this test filled (compiling is the slow part on CPU).
+HALF_SHAPE = {"height": 32, "width": 64}
 BF16_TOLERANCE = 1e-2  # relative to the latents' magnitude: bf16 keeps 8 bits of mantissa
 
 
@@ -133,7 +136,7 @@ def inductor_dir(tmp_path_factory):
 def test_compiled_blocks_match_eager_and_compile_once_per_shape(tiny_model_dir, inductor_dir):
     from batchgen.generate.compile import graph_count
 
-    item = cases.tiny_item(COMPILE_STEPS)
+    item = cases.tiny_item(COMPILE_STEPS, **HALF_SHAPE)
     eager = MochiGenerator(tiny_model_dir, device="cpu").denoise(item)
     generator = MochiGenerator(tiny_model_dir, device="cpu", parallel=ParallelConfig(compile=True))
     video = generator.generate(item)
@@ -145,7 +148,7 @@ def test_compiled_blocks_match_eager_and_compile_once_per_shape(tiny_model_dir, 
     again = generator.generate(item)
     assert again.timings["compile"] == 0.0, "a second item of the same shape must not compile again"
     assert graph_count() == graphs
-    assert list(generator.compiled.shapes) == [(2, 12, 3, 8, 8)]
+    assert list(generator.compiled.shapes) == [(2, 12, 3, 4, 8)]
 
 
 @pytest.mark.slow

@@ -148,10 +148,12 @@ class MochiGenerator:
         self.latent_channels = components.transformer.config.in_channels
         self.num_heads = components.transformer.config.num_attention_heads
 
-        # With offload the DiT and VAE wait in host memory and visit the GPU only while they run.
-        placement = torch.device("cpu") if self.offload else self.device
-        components.transformer.to(placement)
-        self.vae.to(placement)
+        # With offload the DiT and VAE wait in host memory and visit the GPU only while they run; 'auto' leaves them
+        # where they are until the first items are known (``_place_for``).
+        if parallel.offload != "auto":
+            placement = torch.device("cpu") if self.offload else self.device
+            components.transformer.to(placement)
+            self.vae.to(placement)
         # T5 waits in host memory between shards: it is needed once per shard, the DiT for every step.
         self.text_encoder.to("cpu")
 
