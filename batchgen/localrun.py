@@ -148,8 +148,9 @@ def worker_command(
         "--cfg-degree", str(cfg),
         "--sp-backend", parallel.sp_backend,
         "--offload", parallel.offload,
+        "--cache-threshold", str(parallel.cache_threshold),
         "--max-attempts", str(config.worker.max_attempts),
-    ]  # fmt: skip
+    ] + ["--compile"] * parallel.compile + ["--fp8"] * parallel.fp8  # fmt: skip
 
 
 # -- progress display ---------------------------------------------------------------------------------------

@@ -462,19 +462,7 @@ class Bench:
         gen = torch.Generator(device="cpu").manual_seed(3)
         out: dict = {"kernel": "torch._scaled_mm" if native else "emulated (no FP8 tensor cores)", "gemms": []}
         for k_in, k_out in ((width, 2 * inner), (inner, width), (width, width)):
-            x = torch.randn(tokens, k_in, generator=gen).to(self.device, self.dtype)
-            linear = torch.nn.Linear(k_in, k_out, bias=False).to(self.device, self.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(torch.randn(k_out, k_in, generator=gen) / k_in**0.5)
-                layer = fp8.Fp8Linear(linear, kernel)
-                reference = x.float() @ linear.weight.float().t()
-                row = {"tokens": tokens, "in": k_in, "out": k_out}
-                for name, fn in (("bf16", lambda: linear(x)), ("fp8", lambda: layer(x))):
-                    times = self.timer.measure(fn, warmup=1, repeats=self.args.repeats)
-                    error = float((fn().float() - reference).norm() / reference.norm())
-                    row[name] = {"seconds": round(statistics.median(times), 5), "relative_error_vs_fp32": error}
-            row["speedup_fp8"] = round(row["bf16"]["seconds"] / row["fp8"]["seconds"], 3)
-            out["gemms"].append(row)
+            out["gemms"].append(self.fp8_gemm(tokens, k_in, k_out, kernel, gen))
         block = build_random(
             lambda: MochiTransformerBlock(
                 width, self.shape["heads"], self.shape["head_dim"], pooled_projection_dim=width // 2
@@ -486,52 +474,72 @@ class Bench:
         out["gate"]["multiple"] = fp8.ERROR_MULTIPLE
         return out
 
+    def fp8_gemm(self, tokens: int, k_in: int, k_out: int, kernel, gen: torch.Generator) -> dict:
+        from batchgen.generate import fp8
+
+        x = torch.randn(tokens, k_in, generator=gen).to(self.device, self.dtype)
+        linear = torch.nn.Linear(k_in, k_out, bias=False).to(self.device, self.dtype)
+        row: dict = {"tokens": tokens, "in": k_in, "out": k_out}
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(k_out, k_in, generator=gen) / k_in**0.5)
+            reference = x.float() @ linear.weight.float().t()
+            for name, layer in (("bf16", linear), ("fp8", fp8.Fp8Linear(linear, kernel))):
+                times = self.timer.measure(lambda layer=layer: layer(x), warmup=1, repeats=self.args.repeats)
+                error = float((layer(x).float() - reference).norm() / reference.norm())
+                row[name] = {"seconds": round(statistics.median(times), 5), "relative_error_vs_fp32": error}
+        row["speedup_fp8"] = round(row["bf16"]["seconds"] / row["fp8"]["seconds"], 3)
+        return row
+
     def compiled_forward(self) -> dict:
         """8- and 48-block forwards at the longest shape, eager against ``--compile`` (batchgen.generate.compile):
         the first compiled call (compilation included), steady-state seconds, and the difference to eager."""
+        frames = max(self.shape["frames"])
+        inputs = self.dit_inputs(frames)
+        runs = [
+            self.eager_vs_compiled(layers, inputs) for layers in ([self.shape["layers"]] if self.args.tiny else [8, 48])
+        ]
+        return {"frames": frames, "runs": runs}
+
+    def eager_vs_compiled(self, layers: int, inputs: dict) -> dict:
         from diffusers import MochiTransformer3DModel
 
         from batchgen.generate.compile import compile_blocks, graph_count
 
-        s, frames = self.shape, max(self.shape["frames"])
-        inputs = self.dit_inputs(frames)
-        out: dict = {"frames": frames, "runs": []}
-        for layers in [s["layers"]] if self.args.tiny else [8, 48]:
-            model = build_random(
-                lambda layers=layers: MochiTransformer3DModel(
-                    num_layers=layers,
-                    num_attention_heads=s["heads"],
-                    attention_head_dim=s["head_dim"],
-                    text_embed_dim=s["text_dim"],
-                    pooled_projection_dim=s["heads"] * s["head_dim"] // 2,
-                ),
-                self.device,
-                self.dtype,
-            )
-            with torch.no_grad(), self.fastest():
-                eager_times = self.timer.measure(lambda: model(**inputs), warmup=1, repeats=self.args.repeats)
-                eager = model(**inputs)[0].float()
-                compile_blocks(model)
-                graphs = graph_count()
-                first = self.timer.measure(lambda: model(**inputs), warmup=0, repeats=1)[0]
-                compiled_times = self.timer.measure(lambda: model(**inputs), warmup=0, repeats=self.args.repeats)
-                compiled = model(**inputs)[0].float()
-            eager_s, compiled_s = statistics.median(eager_times), statistics.median(compiled_times)
-            out["runs"].append(
-                {
-                    "layers": layers,
-                    "eager_s": round(eager_s, 4),
-                    "compiled_s": round(compiled_s, 4),
-                    "first_compiled_call_s": round(first, 2),
-                    "new_graphs": graph_count() - graphs,
-                    "speedup": round(eager_s / compiled_s, 3),
-                    "max_abs_diff_vs_eager": float((compiled - eager).abs().max()),
-                    "eager_abs_max": float(eager.abs().max()),
-                }
-            )
-            del model
-            reset_peak(self.device)
-        return out
+        s = self.shape
+        model = build_random(
+            lambda: MochiTransformer3DModel(
+                num_layers=layers,
+                num_attention_heads=s["heads"],
+                attention_head_dim=s["head_dim"],
+                text_embed_dim=s["text_dim"],
+                pooled_projection_dim=s["heads"] * s["head_dim"] // 2,
+            ),
+            self.device,
+            self.dtype,
+        )
+
+        def forward():
+            return model(**inputs)[0]
+
+        with torch.no_grad(), self.fastest():
+            eager_times = self.timer.measure(forward, warmup=1, repeats=self.args.repeats)
+            eager = forward().float()
+            compile_blocks(model)
+            graphs = graph_count()
+            first = self.timer.measure(forward, warmup=0, repeats=1)[0]
+            compiled_times = self.timer.measure(forward, warmup=0, repeats=self.args.repeats)
+            compiled = forward().float()
+        eager_s, compiled_s = statistics.median(eager_times), statistics.median(compiled_times)
+        return {
+            "layers": layers,
+            "eager_s": round(eager_s, 4),
+            "compiled_s": round(compiled_s, 4),
+            "first_compiled_call_s": round(first, 2),
+            "new_graphs": graph_count() - graphs,
+            "speedup": round(eager_s / compiled_s, 3),
+            "max_abs_diff_vs_eager": float((compiled - eager).abs().max()),
+            "eager_abs_max": float(eager.abs().max()),
+        }
 
     def fastest(self):
         from batchgen.generate.pipeline import _fastest_attention

@@ -43,7 +43,9 @@ def test_auto_offloads_on_a_small_gpu():
     decision = decide_offload("auto", needs, free_bytes=24 * GIB)
     assert decision.offload
     # Estimated 28.6 GiB; measured with --offload model (VAE not resident): 27.3 GiB (README, H200).
-    assert "offloading" in decision.reason and "peak 28.6 GiB" in decision.reason and "21.6 GiB usable" in decision.reason
+    assert (
+        "offloading" in decision.reason and "peak 28.6 GiB" in decision.reason and "21.6 GiB usable" in decision.reason
+    )
 
 
 def test_auto_counts_the_split_of_sequence_and_cfg_parallelism():
@@ -212,3 +214,27 @@ def test_fp8_is_off_by_default_and_refused_without_fp8_hardware(tiny_model_dir):
     generator = MochiGenerator(tiny_model_dir, device="cpu", parallel=ParallelConfig(fp8=True))
     assert generator.fp8_facts == {"used": False, "reason": "no FP8 tensor cores"}
     assert not any(isinstance(m, Fp8Linear) for m in generator.components.transformer.modules())
+
+
+# -- configuration ---------------------------------------------------------------------------------------------------
+
+
+def test_config_keys_and_flags(tmp_path):
+    import argparse
+
+    from batchgen.commands._options import add_config_argument, add_parallel_arguments, config_from_args
+    from batchgen.config import load_config
+    from batchgen.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    add_config_argument(parser)
+    add_parallel_arguments(parser)
+    parallel = config_from_args(parser.parse_args(["--compile", "--cache-threshold", "0.05", "--fp8"])).parallel
+    assert (parallel.compile, parallel.cache_threshold, parallel.fp8, parallel.offload) == (True, 0.05, True, "auto")
+    assert config_from_args(parser.parse_args([])).parallel == ParallelConfig()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[parallel]\ncompile = "yes"\n')
+    with pytest.raises(ConfigError, match=r"parallel.compile must be true or false"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="parallel.cache_threshold must be between 0 and 1"):
+        ParallelConfig(cache_threshold=1.5)

@@ -429,10 +429,13 @@ class MochiGenerator:
     def _place_for(self, items: Sequence[Item]) -> None:
         """``offload = 'auto'``: decide (again, only when a larger shape comes) whether the DiT and VAE stay on
         the GPU, from the parameter bytes, the largest item and the device's free memory."""
-        if self.parallel.offload != "auto" or self.device.type == "cpu":
+        if self.parallel.offload != "auto":
             return
         from batchgen.generate.memory import decide_offload
 
+        if self.device.type == "cpu":
+            self.offload_reason = decide_offload("auto", None, None).reason
+            return
         needs = self._memory_needs(items)
         if needs.activation_bytes <= self._placed_for_activation:
             return
