@@ -238,3 +238,21 @@ def test_config_keys_and_flags(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="parallel.cache_threshold must be between 0 and 1"):
         ParallelConfig(cache_threshold=1.5)
+
+
+@pytest.mark.parametrize("parallel", [ParallelConfig(), ParallelConfig(compile=True, cache_threshold=0.05, fp8=True)])
+def test_local_workers_get_the_speed_settings(parallel):
+    import argparse
+    import types
+
+    from batchgen.commands import worker
+    from batchgen.commands._options import config_from_args
+    from batchgen.config import RunConfig
+    from batchgen.localrun import worker_command
+
+    plan = types.SimpleNamespace(run_id="demo-0123456789ab")
+    command = worker_command(plan, "file:///out", ["shard-000000"], "/models/tiny", RunConfig(parallel=parallel))
+    parser = argparse.ArgumentParser()
+    worker.add_arguments(parser)
+    args = parser.parse_args(command[command.index("worker") + 1 :])
+    assert config_from_args(args).parallel == parallel
