@@ -34,7 +34,7 @@ lint: $(STAMP) ## ruff check and ruff format --check
 bench: $(STAMP) ## CPU benchmarks -> bench/results/
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/usp_cpu.py
-	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/quality_gate.py
 	$(BIN)/python bench/gallery.py
 
 jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen render`

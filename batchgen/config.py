@@ -115,8 +115,16 @@ class ParallelConfig:
     """1 or 2 (conditional and unconditional passes on different ranks); 0 = choose automatically."""
     sp_backend: str = "native"
     """'native' (torch.distributed, CPU and GPU) or 'xfuser' (xDiT, CUDA + flash-attn only)."""
-    offload: str = "none"
-    """'none' or 'model' (each component on the GPU only while it runs)."""
+    offload: str = "auto"
+    """'auto' (offload only when the estimated peak does not fit the GPU), 'none' or 'model' (each component on the
+    GPU only while it runs)."""
+    compile: bool = False
+    """torch.compile each transformer block's norm, modulation and MLP regions (collectives stay eager)."""
+    cache_threshold: float = 0.0
+    """First-block cache: reuse the other blocks' residual while the first block's relative change stays below
+    this (e.g. 0.05); 0 = off. Changes the output: recorded in each sidecar."""
+    fp8: bool = False
+    """FP8 linear layers (Hopper only), used only when the numeric gate passes on this device."""
 
     def __post_init__(self) -> None:
         for name in ("ulysses_degree", "ring_degree"):
@@ -126,8 +134,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.cfg_degree must be 0, 1 or 2, got {self.cfg_degree}")
         if self.sp_backend not in ("native", "xfuser"):
             raise ConfigError(f"parallel.sp_backend must be 'native' or 'xfuser', got {self.sp_backend!r}")
-        if self.offload not in ("none", "model"):
-            raise ConfigError(f"parallel.offload must be 'none' or 'model', got {self.offload!r}")
+        if self.offload not in ("auto", "none", "model"):
+            raise ConfigError(f"parallel.offload must be 'auto', 'none' or 'model', got {self.offload!r}")
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ConfigError(f"parallel.cache_threshold must be between 0 and 1, got {self.cache_threshold}")
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,8 @@ def _build(klass: type, values: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
         if expected == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
+        if expected == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
         if expected == "str" and not isinstance(value, str):
             raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
     try:

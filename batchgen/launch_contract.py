@@ -35,6 +35,10 @@ class WorkerArgs:
     offload: str
     max_attempts: int | None = None
     """Attempts per item; None keeps the worker's own default."""
+    compile: bool = False
+    fp8: bool = False
+    cache_threshold: float = 0.0
+    """Speed options (README "Speed options"); written only when not at their defaults."""
     metrics_port: int | None = None
     """Prometheus port of the worker's first rank; None leaves it to BATCHGEN_METRICS_PORT and the config."""
 
@@ -54,6 +58,9 @@ class WorkerArgs:
         ]  # fmt: skip
         if self.max_attempts is not None:
             args += ["--max-attempts", str(self.max_attempts)]
+        if self.cache_threshold:
+            args += ["--cache-threshold", str(self.cache_threshold)]
+        args += ["--compile"] * self.compile + ["--fp8"] * self.fp8
         if self.metrics_port is not None:
             args += ["--metrics-port", str(self.metrics_port)]
         return args

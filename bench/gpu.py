@@ -406,6 +406,146 @@ class Bench:
                         block.attn1.processor = processor
         return out
 
+    def longest_tokens(self) -> int:
+        return visual_tokens(max(self.shape["frames"]), self.shape["height"], self.shape["width"])
+
+    def attention_batching(self) -> dict:
+        """The CFG batch's joint attention for one block at the longest shape: today's two per-sample calls (each
+        over its visual tokens and its own valid text tokens, as diffusers' processor runs them) against one
+        batched call with a key-padding mask; both against an fp32 reference, on the valid query rows."""
+        import torch.nn.functional as F
+
+        from batchgen.generate.pipeline import _fastest_attention
+
+        heads, dim, n, text = self.shape["heads"], self.shape["head_dim"], self.longest_tokens(), 256
+        valid = (0, 64)  # [uncond, cond]: an empty negative prompt has no valid text token
+        gen = torch.Generator(device="cpu").manual_seed(2)
+        q, k, v = (torch.randn(2, heads, n + text, dim, generator=gen).to(self.device, self.dtype) for _ in range(3))
+        key_mask = torch.zeros(2, 1, 1, n + text, dtype=torch.bool, device=self.device)
+        for b, length in enumerate(valid):
+            key_mask[b, ..., : n + length] = True
+
+        def two_calls(dtype=self.dtype):
+            return [
+                F.scaled_dot_product_attention(*(t[b : b + 1, :, : n + valid[b]].to(dtype) for t in (q, k, v)))
+                for b in range(2)
+            ]
+
+        def one_call():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+
+        with torch.no_grad(), _fastest_attention(self.device):
+            reference = two_calls(torch.float32)
+            out: dict = {"visual_tokens": n, "text_tokens": text, "valid_text": list(valid), "heads": heads}
+            for name, fn in (("two_calls", two_calls), ("one_batched_call", one_call)):
+                times = self.timer.measure(fn, warmup=1, repeats=self.args.repeats)
+                result = fn()
+                rows = result if isinstance(result, list) else [result[b : b + 1, :, : n + valid[b]] for b in range(2)]
+                error = max(float((r.float() - ref).abs().max()) for r, ref in zip(rows, reference, strict=True))
+                out[name] = {"seconds": round(statistics.median(times), 5), "max_abs_diff_vs_fp32": error}
+        out["speedup_one_call"] = round(out["two_calls"]["seconds"] / out["one_batched_call"]["seconds"], 3)
+        return out
+
+    def fp8_linear(self) -> dict:
+        """bf16 against FP8 (torch._scaled_mm, row-wise scales) for the blocks' big visual GEMMs at the longest
+        shape, each against fp32; then the numeric gate (batchgen.generate.fp8) on one block of the real width.
+        Without FP8 tensor cores the emulated kernel runs (errors only; its seconds mean nothing)."""
+        from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
+
+        from batchgen.generate import fp8
+
+        native = fp8.fp8_supported(self.device)
+        kernel = fp8.scaled_mm_kernel if native else fp8.emulated_kernel
+        width = self.shape["heads"] * self.shape["head_dim"]
+        inner = (4 * width * 2) // 3
+        tokens = self.longest_tokens()
+        gen = torch.Generator(device="cpu").manual_seed(3)
+        out: dict = {"kernel": "torch._scaled_mm" if native else "emulated (no FP8 tensor cores)", "gemms": []}
+        for k_in, k_out in ((width, 2 * inner), (inner, width), (width, width)):
+            out["gemms"].append(self.fp8_gemm(tokens, k_in, k_out, kernel, gen))
+        block = build_random(
+            lambda: MochiTransformerBlock(
+                width, self.shape["heads"], self.shape["head_dim"], pooled_projection_dim=width // 2
+            ),
+            self.device,
+            self.dtype,
+        )
+        out["gate"] = fp8.numeric_gate(block, kernel, self.device).to_dict()
+        out["gate"]["multiple"] = fp8.ERROR_MULTIPLE
+        return out
+
+    def fp8_gemm(self, tokens: int, k_in: int, k_out: int, kernel, gen: torch.Generator) -> dict:
+        from batchgen.generate import fp8
+
+        x = torch.randn(tokens, k_in, generator=gen).to(self.device, self.dtype)
+        linear = torch.nn.Linear(k_in, k_out, bias=False).to(self.device, self.dtype)
+        row: dict = {"tokens": tokens, "in": k_in, "out": k_out}
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(k_out, k_in, generator=gen) / k_in**0.5)
+            reference = x.float() @ linear.weight.float().t()
+            for name, layer in (("bf16", linear), ("fp8", fp8.Fp8Linear(linear, kernel))):
+                times = self.timer.measure(lambda layer=layer: layer(x), warmup=1, repeats=self.args.repeats)
+                error = float((layer(x).float() - reference).norm() / reference.norm())
+                row[name] = {"seconds": round(statistics.median(times), 5), "relative_error_vs_fp32": error}
+        row["speedup_fp8"] = round(row["bf16"]["seconds"] / row["fp8"]["seconds"], 3)
+        return row
+
+    def compiled_forward(self) -> dict:
+        """8- and 48-block forwards at the longest shape, eager against ``--compile`` (batchgen.generate.compile):
+        the first compiled call (compilation included), steady-state seconds, and the difference to eager."""
+        frames = max(self.shape["frames"])
+        inputs = self.dit_inputs(frames)
+        runs = [
+            self.eager_vs_compiled(layers, inputs) for layers in ([self.shape["layers"]] if self.args.tiny else [8, 48])
+        ]
+        return {"frames": frames, "runs": runs}
+
+    def eager_vs_compiled(self, layers: int, inputs: dict) -> dict:
+        from diffusers import MochiTransformer3DModel
+
+        from batchgen.generate.compile import compile_blocks, graph_count
+
+        s = self.shape
+        model = build_random(
+            lambda: MochiTransformer3DModel(
+                num_layers=layers,
+                num_attention_heads=s["heads"],
+                attention_head_dim=s["head_dim"],
+                text_embed_dim=s["text_dim"],
+                pooled_projection_dim=s["heads"] * s["head_dim"] // 2,
+            ),
+            self.device,
+            self.dtype,
+        )
+
+        def forward():
+            return model(**inputs)[0]
+
+        with torch.no_grad(), self.fastest():
+            eager_times = self.timer.measure(forward, warmup=1, repeats=self.args.repeats)
+            eager = forward().float()
+            compile_blocks(model)
+            graphs = graph_count()
+            first = self.timer.measure(forward, warmup=0, repeats=1)[0]
+            compiled_times = self.timer.measure(forward, warmup=0, repeats=self.args.repeats)
+            compiled = forward().float()
+        eager_s, compiled_s = statistics.median(eager_times), statistics.median(compiled_times)
+        return {
+            "layers": layers,
+            "eager_s": round(eager_s, 4),
+            "compiled_s": round(compiled_s, 4),
+            "first_compiled_call_s": round(first, 2),
+            "new_graphs": graph_count() - graphs,
+            "speedup": round(eager_s / compiled_s, 3),
+            "max_abs_diff_vs_eager": float((compiled - eager).abs().max()),
+            "eager_abs_max": float(eager.abs().max()),
+        }
+
+    def fastest(self):
+        from batchgen.generate.pipeline import _fastest_attention
+
+        return _fastest_attention(self.device)
+
     def vae_decode(self) -> dict:
         from diffusers import AutoencoderKLMochi
 
@@ -486,8 +626,8 @@ class Bench:
             )
         return out
 
-    def pipeline(self) -> dict:
-        """The whole single-GPU generator at the longest frame count with --offload model and a few steps."""
+    def pipeline(self, offload: str = "model") -> dict:
+        """The whole single-GPU generator at the longest frame count with ``offload`` and a few steps."""
         from batchgen.config import ParallelConfig
         from batchgen.generate.pipeline import MochiGenerator, build_random_components
         from batchgen.item import Item
@@ -496,7 +636,7 @@ class Bench:
         steps = self.args.pipeline_steps
         components = build_random_components(full_size=not self.args.tiny, dtype=self.dtype, device=self.device)
         generator = MochiGenerator.from_components(
-            components, parallel=ParallelConfig(offload="model"), device=str(self.device)
+            components, parallel=ParallelConfig(offload=offload), device=str(self.device)
         )
         item = Item(
             id="bench",
@@ -518,7 +658,9 @@ class Bench:
         result = {
             "frames": frames,
             "steps": steps,
-            "offload": "model",
+            "offload": offload,
+            "offloaded": generator.offload,
+            "offload_reason": generator.offload_reason,
             "frames_out": int(video.frames.shape[0]),
             "seconds_total": round(total, 2),
             "timings": {k: round(v, 3) for k, v in video.timings.items()},
@@ -590,10 +732,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {bench.device_name}; results -> {bench.out}", flush=True)
     bench.section("matmul_peak", bench.matmul_peak)
     bench.section("native_attention", bench.native_attention_check)
+    bench.section("attention_batching", bench.attention_batching)
+    bench.section("fp8_linear", bench.fp8_linear)
     bench.section("transformer_forward", bench.transformer_forward)
+    bench.section("compiled_forward", bench.compiled_forward)
     bench.section("t5_encoder", bench.t5_encoder)
     bench.section("vae_decode", bench.vae_decode)
     bench.section("pipeline", bench.pipeline)
+    bench.section("pipeline_auto", lambda: bench.pipeline("auto"))
     bench.section("projection", bench.projection)
     print(f"wrote {bench.out}")
     return 0 if not bench.results["errors"] else 1

@@ -32,7 +32,10 @@ _PARALLEL_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--ring-degree", "parallel", "ring_degree", int, "ring attention degree (0 = choose automatically)"),
     ("--cfg-degree", "parallel", "cfg_degree", int, "CFG parallel degree 1 or 2 (0 = choose automatically)"),
     ("--sp-backend", "parallel", "sp_backend", str, "sequence-parallel backend: native or xfuser"),
-    ("--offload", "parallel", "offload", str, "none or model (components on the GPU only while they run)"),
+    ("--offload", "parallel", "offload", str, "auto (offload only when the GPU is too small), none or model"),
+    ("--compile", "parallel", "compile", bool, "torch.compile the blocks' norms, modulation and MLPs"),
+    ("--cache-threshold", "parallel", "cache_threshold", float, "first-block cache threshold (0 = off)"),
+    ("--fp8", "parallel", "fp8", bool, "FP8 linear layers on Hopper when the numeric gate passes"),
     ("--max-attempts", "worker", "max_attempts", int, "attempts per item before it is recorded as failed"),
     ("--metrics-port", "worker", "metrics_port", int, "Prometheus port, + LOCAL_RANK per rank (0 = off)"),
 )
@@ -46,6 +49,9 @@ def _dest(flag: str) -> str:
 def _add(parser: argparse.ArgumentParser, table, title: str) -> None:
     group = parser.add_argument_group(title)
     for flag, _section, _key, kind, help_text in table:
+        if kind is bool:  # a switch: absent leaves the config's value
+            group.add_argument(flag, dest=_dest(flag), action="store_const", const=True, default=None, help=help_text)
+            continue
         group.add_argument(
             flag, dest=_dest(flag), type=kind, default=None, metavar=kind.__name__.upper(), help=help_text
         )

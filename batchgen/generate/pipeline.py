@@ -101,9 +101,9 @@ class MochiGenerator:
         max_sequence_length: int = 256,
     ):
         device = _pick_device(device, context)
-        offload = parallel.offload == "model" and torch.device(device).type != "cpu"
-        # With offload the weights wait in host memory and visit the GPU stage by stage.
-        components = load_components(model_dir, dtype=resolve_dtype(dtype, device), device="cpu" if offload else device)
+        # With offload (or until 'auto' has decided) the weights wait in host memory.
+        on_host = parallel.offload != "none" and torch.device(device).type != "cpu"
+        components = load_components(model_dir, dtype=resolve_dtype(dtype, device), device="cpu" if on_host else device)
         identity = {"path": str(model_dir), "fingerprint": fingerprint_model_dir(model_dir)}
         self._setup(components, context, parallel, device, identity, vae_tile, max_sequence_length)
 
@@ -132,10 +132,14 @@ class MochiGenerator:
         self.context = context or SingleProcess()
         self.parallel = parallel
         self.device = torch.device(device)
-        self.offload = parallel.offload == "model" and self.device.type != "cpu"
+        self.offload = parallel.offload != "none" and self.device.type != "cpu"
+        self.offload_reason = ""
+        self._placed_for_activation = -1
+        """Activation bytes of the largest item the current 'auto' placement was decided for."""
         self.model_identity = identity
         self.max_sequence_length = max_sequence_length
         self.last_denoise_loop_s = 0.0
+        self.last_compile_s = 0.0
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
         self.vae = components.vae
@@ -146,10 +150,12 @@ class MochiGenerator:
         self.latent_channels = components.transformer.config.in_channels
         self.num_heads = components.transformer.config.num_attention_heads
 
-        # With offload the DiT and VAE wait in host memory and visit the GPU only while they run.
-        placement = torch.device("cpu") if self.offload else self.device
-        components.transformer.to(placement)
-        self.vae.to(placement)
+        # With offload the DiT and VAE wait in host memory and visit the GPU only while they run; 'auto' leaves them
+        # where they are until the first items are known (``_place_for``).
+        if parallel.offload != "auto":
+            placement = torch.device("cpu") if self.offload else self.device
+            components.transformer.to(placement)
+            self.vae.to(placement)
         # T5 waits in host memory between shards: it is needed once per shard, the DiT for every step.
         self.text_encoder.to("cpu")
 
@@ -174,7 +180,26 @@ class MochiGenerator:
 
         # Also on one process: the joint processor runs the CFG batch as one attention call per block.
         self.transformer = parallelize_transformer(components.transformer, self.context)
+        self._install_speedups(components.transformer)
         self._encoded: dict[str, EncodedItem] = {}
+
+    def _install_speedups(self, transformer) -> None:
+        """FP8 linears (when the gate passes), compiled regions, then the step cache around the blocks."""
+        self.fp8_facts = None
+        if self.parallel.fp8:
+            from batchgen.generate.fp8 import enable_fp8
+
+            self.fp8_facts = enable_fp8(transformer, self.device)
+        self.compiled = None
+        if self.parallel.compile:
+            from batchgen.generate.compile import compile_blocks
+
+            self.compiled = compile_blocks(transformer)
+        self.cache = None
+        if self.parallel.cache_threshold > 0:
+            from batchgen.generate.cache import FirstBlockCache, group_axes
+
+            self.cache = FirstBlockCache(transformer, self.parallel.cache_threshold, group_axes(self.context))
 
     # ------------------------------------------------------------------------------------------------------------
     # VideoGenerator
@@ -183,6 +208,7 @@ class MochiGenerator:
         """Encode every prompt of the shard now (T5 once), replacing the previous shard's embeddings."""
         self._encoded = {}
         if items:
+            self._place_for(items)
             self._encoded = self.encode_prompts(items)
 
     def generate(self, item: Item) -> GeneratedVideo | None:
@@ -196,7 +222,7 @@ class MochiGenerator:
         started = time.perf_counter()
         frames = self.decode(latents)
         decode_s = time.perf_counter() - started
-        return GeneratedVideo(
+        video = GeneratedVideo(
             frames=frames,
             timings={
                 "text_encode": round(encoded.text_encode_s, 4),
@@ -206,6 +232,14 @@ class MochiGenerator:
             },
             extra={"parallel": self.parallel_facts(), "dtype": str(self.transformer_dtype).replace("torch.", "")},
         )
+        if self.compiled is not None:
+            # The first step of a new shape compiles; 0 for every later item of that shape.
+            video.timings["compile"] = round(self.last_compile_s, 4)
+        if self.cache is not None:
+            video.extra["cache"] = self.cache.facts()
+        if self.fp8_facts is not None:
+            video.extra["fp8"] = self.fp8_facts
+        return video
 
     def _embeddings_for(self, item: Item) -> EncodedItem:
         encoded = self._encoded.get(item.id)
@@ -225,7 +259,12 @@ class MochiGenerator:
 
     def parallel_facts(self) -> dict[str, Any]:
         topology = self.topology
-        facts: dict[str, Any] = {"world_size": self.context.world_size, "offload": self.parallel.offload}
+        facts: dict[str, Any] = {
+            "world_size": self.context.world_size,
+            "offload": self.parallel.offload,
+            "offloaded": self.offload,
+            "compile": self.parallel.compile,
+        }
         if topology is not None:
             for name in ("dp", "cfg", "ulysses", "ring"):
                 facts[name] = getattr(topology, name, None)
@@ -298,6 +337,7 @@ class MochiGenerator:
         elif encoded.texts != _texts(item):
             raise ValueError(f"item {item.id}: embeddings were encoded for other text")
         _check_shape(item)
+        self._place_for([item])
         device = self.device
         shape = (
             1,
@@ -325,8 +365,11 @@ class MochiGenerator:
         scheduler.set_timesteps(sigmas=np.array(linear_quadratic_sigmas(item.num_inference_steps)), device=device)
         scheduler.set_begin_index(0)
 
+        if self.cache is not None:
+            self.cache.reset()
         with self._on_device(self.components.transformer), _fastest_attention(device):
             loop_started = time.perf_counter()
+            first_step = self._first_step_timer((2 if use_cfg else 1, *shape[1:]))
             for t in scheduler.timesteps:
                 model_input = torch.cat([latents] * 2) if use_cfg else latents
                 timestep = t.expand(model_input.shape[0]).to(torch.float32)
@@ -342,6 +385,8 @@ class MochiGenerator:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + item.guidance_scale * (cond - uncond)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0].to(torch.float32)
+                first_step.step_done()
+            self.last_compile_s = first_step.seconds
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             # The steps alone, without the offload transfers around them: what scales with the step count.
@@ -377,6 +422,53 @@ class MochiGenerator:
         return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
     # ------------------------------------------------------------------------------------------------------------
+
+    def _first_step_timer(self, shape: tuple):
+        from batchgen.generate.compile import FirstStepTimer
+
+        return FirstStepTimer(self.compiled, shape)
+
+    def _place_for(self, items: Sequence[Item]) -> None:
+        """``offload = 'auto'``: decide (again, only when a larger shape comes) whether the DiT and VAE stay on
+        the GPU, from the parameter bytes, the largest item and the device's free memory."""
+        if self.parallel.offload != "auto":
+            return
+        from batchgen.generate.memory import decide_offload
+
+        if self.device.type == "cpu":
+            self.offload_reason = decide_offload("auto", None, None).reason
+            return
+        needs = self._memory_needs(items)
+        if needs.activation_bytes <= self._placed_for_activation:
+            return
+        transformer = self.components.transformer
+        held = sum(_device_bytes(m, self.device) for m in (transformer, self.vae, self.text_encoder))
+        free = torch.cuda.mem_get_info(self.device)[0] + held
+        decision = decide_offload("auto", needs, free)
+        log.info("%s", decision.reason)
+        self.offload, self.offload_reason = decision.offload, decision.reason
+        self._placed_for_activation = needs.activation_bytes
+        placement = torch.device("cpu") if self.offload else self.device
+        transformer.to(placement)
+        self.vae.to(placement)
+
+    def _memory_needs(self, items: Sequence[Item]):
+        from batchgen.generate.memory import MemoryNeeds
+        from batchgen.parallel.topology import visual_tokens
+
+        sp = getattr(self.topology, "sp", 1) if self.topology is not None else 1
+        cfg = getattr(self.topology, "cfg", 1) if self.topology is not None else 1
+        tokens = max(visual_tokens(i.num_frames, i.height, i.width) for i in items)
+        batch = max(2 if _uses_cfg(i) else 1 for i in items)
+        return MemoryNeeds(
+            transformer_bytes=_param_bytes(self.components.transformer),
+            vae_bytes=_param_bytes(self.vae),
+            text_encoder_bytes=_param_bytes(self.text_encoder),
+            tokens_per_rank=-(-tokens // sp),
+            batch_per_rank=max(1, batch // cfg),
+            width=self.components.transformer.config.num_attention_heads
+            * self.components.transformer.config.attention_head_dim,
+        )
 
     def _on_device(self, module, *, always: bool = False):
         """Move ``module`` to the GPU for the block and back to host memory afterwards when offloading
@@ -420,6 +512,14 @@ def _require_finite(tensor: torch.Tensor, what: str) -> None:
     if not bool(finite.all()):
         total, nan = tensor.numel(), int(torch.isnan(tensor).sum())
         raise NonFiniteError(describe_non_finite(what, total, nan, total - nan - int(finite.sum())))
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _device_bytes(module, device: torch.device) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.device.type == device.type)
 
 
 def _uses_cfg(item: Item) -> bool:

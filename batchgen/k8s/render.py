@@ -41,7 +41,7 @@ SHM_DIR = "/dev/shm"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$")
 _PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 _SP_BACKENDS = ("native", "xfuser")
-_OFFLOAD = ("none", "model")
+_OFFLOAD = ("auto", "none", "model")
 LAUNCHERS = ("auto", "trainjob", "pytorchjob")
 TRAINER_APIS = ("v2.1", "v2.3")
 
@@ -77,7 +77,7 @@ class LaunchSettings:
     sp_backend: str = "native"
     """native or xfuser."""
     offload: str = "none"
-    """none or model."""
+    """none, model or auto (offload only when the GPU is too small)."""
     num_heads: int = MOCHI_HEADS
     """Attention heads of the model (24 for Mochi 1), for refusing Ulysses degrees that cannot divide them."""
     cpu: str | None = None

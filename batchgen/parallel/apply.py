@@ -117,6 +117,16 @@ def unparallelize_transformer(transformer) -> None:
     delattr(transformer, _STATE_ATTR)
 
 
+def valid_local_tokens(transformer) -> int | None:
+    """How many of this rank's visual rows in the blocks are real tokens (the rest is padding); None when the
+    sequence is not split. Valid after the first block's pre-hook has seen the current shape."""
+    state: _ParallelState | None = getattr(transformer, _STATE_ATTR, None)
+    if state is None or state.sp.size == 1:
+        return None
+    chunk = state.layout.padded // state.sp.size
+    return max(0, min(chunk, state.layout.tokens - state.sp.rank * chunk))
+
+
 def _pad_and_slice(rows: torch.Tensor, dim: int, sp: Axis) -> torch.Tensor:
     """Zero rows appended along ``dim`` up to a multiple of ``sp.size``, then this rank's contiguous slice."""
     total = rows.shape[dim]

@@ -1,0 +1,62 @@
+"""Functions run inside the gloo processes of tests/test_speedups.py (module level: picklable by reference)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from batchgen.item import Item
+
+SHAPE = {"num_frames": 13, "height": 64, "width": 64}  # 48 visual tokens: splits over ulysses 2
+
+
+def tiny_item(steps: int, seed: int = 1, **shape: int) -> Item:
+    return Item(
+        id=f"item-{seed}",
+        prompt="a red cat walking in the snow",
+        negative_prompt="",
+        seed=seed,
+        num_inference_steps=steps,
+        guidance_scale=4.5,
+        row=0,
+        **{**SHAPE, **shape},
+    )
+
+
+def denoise_case(
+    model_dir: str, parallel: dict[str, Any], steps: int, inductor_dir: str | None = None, shape: dict | None = None
+) -> dict:
+    """One rank: TorchContext from torchrun's environment, the real generator, one item's final latents."""
+    if inductor_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
+    from batchgen.config import ParallelConfig
+    from batchgen.generate.pipeline import MochiGenerator
+    from batchgen.parallel.runtime import TorchContext
+    from tests._dist import INIT_TIMEOUT_S
+
+    config = ParallelConfig(**parallel)
+    context = TorchContext.from_env(config, num_heads=4, use_cfg=True, timeout_s=INIT_TIMEOUT_S)
+    generator = MochiGenerator(model_dir, context=context, parallel=config, device="cpu")
+    latents = generator.denoise(tiny_item(steps, **(shape or {})))
+    return {
+        "rank": context.rank,
+        "latents": latents,
+        "cache": generator.cache.facts() if generator.cache is not None else None,
+        "last_change": generator.cache.last_change if generator.cache is not None else None,
+        "compile_s": generator.last_compile_s,
+    }
+
+
+def single_process_latents(
+    model_dir: str, parallel: dict[str, Any], steps: int, shape: dict | None = None
+) -> tuple[torch.Tensor, Any]:
+    from batchgen.config import ParallelConfig
+    from batchgen.generate.pipeline import MochiGenerator
+
+    generator = MochiGenerator(model_dir, parallel=ParallelConfig(**parallel), device="cpu")
+    latents = generator.denoise(tiny_item(steps, **(shape or {})))
+    if generator.cache is None:
+        return latents, None
+    return latents, {**generator.cache.facts(), "last_change": generator.cache.last_change}
