@@ -19,7 +19,7 @@ from batchgen.estimate import H200, choose_profile, dit_flops, estimate_plan, ow
 from batchgen.eta import commit_times, recent_rate, run_rate
 from batchgen.item import ShapeGroup
 from batchgen.plan import RunPlan
-from batchgen.progress import scan_run
+from batchgen.progress import RunProgress, ShardProgress
 from batchgen.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,13 +130,14 @@ def test_rate_and_eta_from_sidecar_times(tmp_path):
     assert recent_rate([], 4).describe() == "no item committed yet; no ETA"
 
     storage = open_storage(str(tmp_path / "out"))
-    plan = make_plan([(163, 480, 848, 10)])
     now = time.time()
     for index, age in enumerate((3000, 500, 300, 100)):
         _write_sidecar(storage, "r-0", "shard-000000", f"i{index}", denoise=1.0, world=1, mtime=now - age)
     times = commit_times(storage, "r-0")
     assert sorted(times["shard-000000"]) == pytest.approx([now - 3000, now - 500, now - 300, now - 100], abs=1)
-    rate = run_rate(times, scan_run(storage, plan), window_s=600)
+    # The progress a scan of this run would give: 10 planned items, the 4 above done.
+    shard = ShardProgress("shard-000000", total=10, done_ids={f"i{index}" for index in range(4)})
+    rate = run_rate(times, RunProgress("r-0", {"shard-000000": shard}), window_s=600)
     assert rate.committed == 3 and rate.pending == 6
     assert rate.eta_s == pytest.approx(6 / (3 / 600), rel=0.01)
 
@@ -192,6 +193,7 @@ def test_status_shows_rate_and_eta_per_run_and_per_job(kube, tmp_path):
     from batchgen.k8s.controller import RunController
     from batchgen.k8s.names import job_name
     from batchgen.k8s.render import LaunchSettings
+    from batchgen.plan import load_shard_items
     from batchgen.plan import make_plan as plan_manifest
 
     manifest = tmp_path / "clips.parquet"
@@ -202,10 +204,12 @@ def test_status_shows_rate_and_eta_per_run_and_per_job(kube, tmp_path):
     settings = LaunchSettings(output=out, namespace=kube.namespace, gpus_per_node=1)
     RunController(kube.backend(), storage, plan, settings, max_jobs=2).reconcile()
     now = time.time()
-    for index, age in enumerate((500, 300, 100)):
-        _write_sidecar(storage, plan.run_id, "shard-000000", f"done-{index}", denoise=1.0, world=1, mtime=now - age)
+    planned = [item.id for item in load_shard_items(storage, plan.run_id, "shard-000000")]
+    for item_id, age in zip(planned, (500, 300, 100), strict=False):
+        _write_sidecar(storage, plan.run_id, "shard-000000", item_id, denoise=1.0, world=1, mtime=now - age)
 
     cluster = ["--namespace", kube.namespace, "--kubeconfig", str(kube.kubeconfig), "--rate-window", "10"]
+    cluster += ["--launcher", "pytorchjob"]  # the jobs above are PyTorchJobs; auto would pick TrainJob here
     as_json = cli("status", out, *cluster, "--json")
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
