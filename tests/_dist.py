@@ -8,10 +8,12 @@ hangs fails the call with the rank named; the others are killed, never left runn
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import random
 import socket
 import time
 import traceback
@@ -34,6 +36,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_block(count: int) -> int:
+    """The first of ``count`` consecutive ports that are free now, below Linux's ephemeral range (32768-60999), so
+    no outgoing connection (a scrape, a moto request) is given one of them before the server binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20_000, 32_000 - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} consecutive free ports below 32000")
 
 
 def _child(fn: Callable, rank: int, world_size: int, port: int, args: tuple, results) -> None:

@@ -17,7 +17,7 @@ from batchgen.errors import ConfigError
 from batchgen.k8s.backend import JobInfo
 from batchgen.k8s.controller import Group, GroupState, Reconciled
 from batchgen.k8s.names import ATTEMPT_LABEL
-from batchgen.localrun import free_port
+from tests._dist import free_port_block
 from tests._runs import SMALL_SHAPE, tiny_run_args, write_manifest
 from tests._scrape import scrape, value
 
@@ -39,7 +39,7 @@ def test_port_from_flag_then_environment_then_config(monkeypatch):
 
 
 def test_a_taken_port_is_a_clear_error():
-    port = free_port()
+    port = free_port_block(1)
     assert metrics.serve(metrics.CONTROLLER_REGISTRY, port, addr="127.0.0.1") == port
     with pytest.raises(ConfigError, match=f"metrics port {port} .* cannot be bound"):
         metrics.serve(metrics.CONTROLLER_REGISTRY, port, addr="127.0.0.1")
@@ -60,7 +60,7 @@ def test_controller_gauges_over_http():
     metrics.controller_pass(
         Reconciled(groups, created=["j1-a2"], adopted=[], done_items=9, total_items=16, failed_items=2)
     )
-    port = free_port()
+    port = free_port_block(1)
     metrics.serve(metrics.CONTROLLER_REGISTRY, port, addr="127.0.0.1")
     samples = scrape(port)
     assert value(samples, "batchgen_run_items", state="done") == 9
@@ -93,7 +93,7 @@ def _scrape_until_exit(proc: subprocess.Popen, ports: list[int]) -> dict[int, li
 def test_local_run_workers_serve_metrics_while_they_work(tmp_path, tiny_model_dir):
     manifest = write_manifest(tmp_path / "prompts.parquet", 4)
     small = [arg for key, val in SMALL_SHAPE.items() for arg in (f"--{key.replace('_', '-')}", str(val))]
-    port = free_port()
+    port = free_port_block(2)  # worker i serves on port + i
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     command = [
         sys.executable, "-m", "batchgen", "-v", "--log-format", "json", "run", str(manifest), "--output", str(tmp_path / "out"),

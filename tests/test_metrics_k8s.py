@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen import metrics
-from batchgen.localrun import free_port
+from tests._dist import free_port_block
 from tests._scrape import scrape, value
 from tests.test_k8s_e2e import ROOT, cluster, submit_command  # noqa: F401 (cluster is a fixture)
 from tests.test_metrics import _scrape_until_exit
@@ -31,7 +31,8 @@ def test_controller_and_worker_pods_serve_metrics_and_pods_log_json(
     kube, start_operator = cluster
     manifest = tmp_path / "metrics.parquet"
     pq.write_table(pa.table({"prompt": [f"a small boat number {i}" for i in range(ITEMS)]}), manifest)
-    port, worker_port = free_port(), free_port()
+    port = free_port_block(2)
+    worker_port = port + 1
     # One job at a time: the fake operator runs every pod on this host, where two pods would share a port.
     observability = ["--worker-metrics-port", str(worker_port), "--worker-log-format", "json", "--max-jobs", "1"]
     command = submit_command(

@@ -478,7 +478,7 @@ def served_launchers(api_client: Any) -> list[str]:
     served = []
     for launcher, backend in BACKENDS.items():
         try:
-            resources = api.get_api_resources(backend.group, backend.version)
+            resources = _discover(api, backend.group, backend.version)
         except ApiException as e:
             if e.status == 404:
                 continue
@@ -487,6 +487,19 @@ def served_launchers(api_client: Any) -> list[str]:
         if any(r.name == backend.plural for r in resources.resources or []):
             served.append(launcher)
     return served
+
+
+def _discover(api: Any, group: str, version: str, attempts: int = 5) -> Any:
+    """One discovery read, retried like every other call: a 503 or 429 while the API server is busy must not
+    decide the launcher (or end the run)."""
+    retrying = _Retrying(
+        retry=retry_if_exception(_is_retryable),
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=0.2, max=10.0),
+        reraise=True,
+        before_sleep=lambda state: _retrying_after("discover", f"{group}/{version}", state.outcome.exception()),
+    )
+    return retrying(api.get_api_resources, group, version)
 
 
 def make_backend(launcher: str, namespace: str, api_client: Any) -> CustomObjectBackend:
