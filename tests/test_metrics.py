@@ -91,13 +91,14 @@ def _scrape_until_exit(proc: subprocess.Popen, ports: list[int]) -> dict[int, li
 
 @pytest.mark.slow
 def test_local_run_workers_serve_metrics_while_they_work(tmp_path, tiny_model_dir):
-    manifest = write_manifest(tmp_path / "prompts.parquet", 4)
+    # Three items per worker: after its first commit a worker still generates two, so scrapes see the commit.
+    manifest = write_manifest(tmp_path / "prompts.parquet", 6)
     small = [arg for key, val in SMALL_SHAPE.items() for arg in (f"--{key.replace('_', '-')}", str(val))]
     port = free_port_block(2)  # worker i serves on port + i
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     command = [
         sys.executable, "-m", "batchgen", "-v", "--log-format", "json", "run", str(manifest), "--output", str(tmp_path / "out"),
-        *tiny_run_args(tiny_model_dir), *small, "--shard-size", "2", "--workers", "2", "--metrics-port", str(port),
+        *tiny_run_args(tiny_model_dir), *small, "--shard-size", "3", "--workers", "2", "--metrics-port", str(port),
     ]  # fmt: skip
     log_file = tmp_path / "stderr.jsonl"
     with log_file.open("w") as log_out:
