@@ -1,13 +1,15 @@
 """End to end on Kubernetes without a cluster: ``batchgen submit`` (a real process, through the real kubernetes
 client) against the API emulator, the fake training operator running each pod's actual command (torchrun ->
 ``batchgen worker`` on the tiny model), and S3 on a moto server. Faults: a job's first attempt fails, a controller
-is killed with SIGKILL mid-run and restarted, two controllers run the same submit at once.
+is killed with SIGKILL mid-run and restarted, two controllers run the same submit at once, a pod that always exits
+143 and a weights fetch that always fails (both retried forever by the real v1 operator).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,12 +46,12 @@ def cluster(kube, tmp_path, tiny_model_dir, s3_server, s3_credentials):
     """The emulator plus a running fake operator; yields (kube, operator factory)."""
     operators: list[FakeOperator] = []
 
-    def start(**kwargs) -> FakeOperator:
+    def start(model_dir: Path = tiny_model_dir, **kwargs) -> FakeOperator:
         operator = FakeOperator(
             kube.kubeconfig,
             kube.namespace,
             tmp_path / "nodes",
-            path_map={"/models/mochi": str(tiny_model_dir), "/scratch": str(tmp_path / "nodes" / "scratch")},
+            path_map={"/models/mochi": str(model_dir), "/scratch": str(tmp_path / "nodes" / "scratch")},
             secrets={SECRET: dict(s3_credentials)},
             # What the image provides: the interpreter's environment and the package. One thread per process
             # keeps three concurrent pods civil on a small machine.
@@ -163,6 +165,56 @@ def test_killed_controller_and_concurrent_controllers_converge_without_duplicate
     run_id, jobs = check_outputs(s3_uri, kube, operator)
     assert jobs == [f"{run_id}-{i}-{i}-a1" for i in range(3)]
     assert operator.peak_running <= 2
+
+
+def _always_fails(job: dict) -> None:
+    """Shard 1's pods always exit 143 (retryable); shard 2's weights fetch reads a prefix that does not exist."""
+    shard = job["metadata"]["labels"][names.SHARD_FIRST_LABEL]
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = spec["template"]["spec"]
+        if shard == "1":
+            pod["containers"][0]["command"] = ["python", "-c", "import sys; sys.exit(143)"]
+        if shard == "2":
+            fetch = pod["initContainers"][0]["command"]
+            fetch[fetch.index("batchgen.k8s.fetch") + 1] += "-missing"
+
+
+def test_retries_end_for_pods_that_always_exit_143_and_for_a_weights_fetch_that_always_fails(
+    cluster, manifest, s3_server, s3_uri, tiny_model_dir, tmp_path
+):
+    kube, start_operator = cluster
+    weights = s3_uri.rsplit("/", 1)[0] + "/weights"
+    source = open_storage(weights)
+    for path in sorted(p for p in tiny_model_dir.rglob("*") if p.is_file()):
+        source.put_file(path.relative_to(tiny_model_dir).as_posix(), path)
+    operator = start_operator(model_dir=tmp_path / "node-local-weights", sabotage=_always_fails)
+    command = submit_command(
+        kube, manifest, s3_uri, s3_server, tiny_model_dir,
+        "--max-jobs", "3", "--max-attempts", "2", "--backoff-limit", "2", "--model-s3-uri", weights,
+    )  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert done.returncode == 5, done.stderr[-4000:]
+    run_id = list_runs(open_storage(s3_uri))[0]
+    assert f"run {run_id}: {ITEMS - SHARD_SIZE} item(s) not done after 2 attempt(s)" in done.stderr
+    jobs = {j["metadata"]["name"]: j for j in kube.emulator.jobs(kube.namespace)}
+    assert sorted(jobs) == sorted([f"{run_id}-0-0-a1"] + [f"{run_id}-{s}-{s}-a{a}" for s in (1, 2) for a in (1, 2)])
+    for name, job in jobs.items():
+        failed = [c for c in job["status"]["conditions"] if c["type"] == "Failed" and c["status"] == "True"]
+        if name.endswith("-0-0-a1"):
+            assert not failed
+            continue
+        # Stopped by the controller, recorded on the job: why, and the operator's own Failed condition.
+        ended = job["metadata"]["annotations"][names.ENDED_ANNOTATION]
+        assert re.search(r"pods restarted [3-6] times, more than the backoff limit 2", ended), ended
+        assert "active longer than specified deadline" in failed[0]["message"]
+        run = next(r for r in operator.runs.values() if r.name == name)
+        # The operator recreated the pods 3 times before the controller's stop reached it, plus what was in flight.
+        assert 3 <= sum(p.recreated for p in run.pods) <= 6, [p.recreated for p in run.pods]
+    fetch_log = (tmp_path / "nodes" / "logs" / f"{run_id}-2-2-a1-master-0.log").read_text()
+    assert fetch_log.count("weights-missing: no model files found") >= 3  # the real fetch, failing every time
+    storage = open_storage(s3_uri)
+    assert len(list(storage.list(f"{run_id}/videos/"))) == SHARD_SIZE  # shard 0 finished
+    assert not operator.errors, operator.errors
 
 
 def test_submit_refuses_degrees_that_cannot_split_an_items_tokens_before_creating_any_job(

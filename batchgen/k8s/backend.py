@@ -97,7 +97,15 @@ class JobInfo:
 
     def reason(self) -> str:
         c = self.condition(self.state)
-        return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") if c else ""
+        text = f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") if c else ""
+        ended = self.annotations.get(names.ENDED_ANNOTATION)
+        return f"{ended} ({text})" if ended and text else ended or text
+
+    @property
+    def failed_pods(self) -> int:
+        """Pods the operator currently reports failed (a retryable one is deleted and recreated right after)."""
+        replicas = (self.raw.get("status") or {}).get("replicaStatuses") or {}
+        return sum(int(r.get("failed") or 0) for r in replicas.values())
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,10 @@ class JobBackend(abc.ABC):
     @abc.abstractmethod
     def delete(self, name: str) -> bool:
         """Delete the job (and, through the operator, its pods); False if it did not exist."""
+
+    @abc.abstractmethod
+    def end(self, name: str, why: str) -> None:
+        """Stop a running job so that it finishes as Failed, recording ``why`` on it."""
 
     @abc.abstractmethod
     def watch(self, label_selector: str, resource_version: str, timeout_s: int) -> Iterator[WatchEvent]:
@@ -312,6 +324,19 @@ class PyTorchJobBackend(JobBackend):
                 raise
 
         return self._call("delete", attempt, name=name)
+
+    def end(self, name: str, why: str) -> None:
+        # The v1 operator fails a job past runPolicy.activeDeadlineSeconds (measured from status.startTime),
+        # deleting its pods and keeping the job as the record (training-operator pkg/controller.v1/common/job.go,
+        # ReconcileJobs and PastActiveDeadline). A deadline of 1 s is past for any job that has restarted.
+        patch = {
+            "metadata": {"annotations": {names.ENDED_ANNOTATION: why}},
+            "spec": {"runPolicy": {"activeDeadlineSeconds": 1}},
+        }
+        self._call(
+            "patch", self.api.patch_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name, patch,
+            name=name, _request_timeout=self.request_timeout_s,
+        )  # fmt: skip
 
     def watch(self, label_selector: str, resource_version: str, timeout_s: int) -> Iterator[WatchEvent]:
         from kubernetes import watch

@@ -107,8 +107,10 @@ class LaunchSettings:
     s3_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
     s3_session_token_key: str | None = None
     backoff_limit: int = 3
-    """Pod restarts (exit codes >= 128) before the job fails."""
-    active_deadline_seconds: int | None = None
+    """Pod restarts (exit codes >= 128, init container failures) before the job fails. The v1 operator does not
+    count recreated pods, so the controller counts them and stops the job past this limit."""
+    active_deadline_seconds: int | None = 24 * 3600
+    """Seconds a job may run before the operator fails it: the backstop when nothing else ends its retries."""
     ttl_seconds_after_finished: int | None = 7 * 24 * 3600
     """Keep finished jobs long enough for a restarted controller to see why they ended."""
     termination_grace_seconds: int = 120
