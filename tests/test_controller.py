@@ -200,3 +200,59 @@ def test_cancel_and_describe(kube):
     assert format_jobs(rows).splitlines()[0].split() == ["JOB", "ATTEMPT", "STATE", "PODS", "SHARDS", "REASON"]
     assert sorted(cancel_run(kube.backend(), RUN)) == sorted(r["name"] for r in rows)
     assert [j["metadata"]["name"] for j in kube.emulator.jobs()] == [other.name]
+
+
+def set_status(kube, name: str, status: dict) -> None:
+    kube.backend().api.patch_namespaced_custom_object_status(
+        "kubeflow.org", "v1", kube.namespace, "pytorchjobs", name, {"status": status}
+    )
+
+
+def restarting(failed: int = 1) -> dict:
+    return {
+        "conditions": [{"type": "Restarting", "status": "True"}, {"type": "Running", "status": "False"}],
+        "replicaStatuses": {"Master": {"failed": failed}},
+    }
+
+
+RUNNING = {
+    "conditions": [{"type": "Restarting", "status": "False"}, {"type": "Running", "status": "True"}],
+    "replicaStatuses": {"Master": {"active": 1, "failed": 0}},
+}
+# A Worker recreated while the Master keeps the job Running: only replicaStatuses shows it.
+WORKER_RECREATED = {
+    "conditions": [{"type": "Running", "status": "True"}],
+    "replicaStatuses": {"Master": {"active": 1}, "Worker": {"failed": 1}},
+}
+
+
+def test_a_job_whose_pods_restart_past_the_backoff_limit_is_stopped_and_recorded(kube):
+    ctl = controller(kube, max_jobs=1, shards_per_job=5)
+    ctl.settings = SETTINGS.replace(backoff_limit=2)
+    (name,) = ctl.reconcile().created
+    for status in (restarting(), RUNNING, WORKER_RECREATED, RUNNING):
+        set_status(kube, name, status)
+        ctl.reconcile()
+    assert ctl.restarts.restarts(kube.backend().get(name)) == 2
+    assert names.ENDED_ANNOTATION not in kube.backend().get(name).annotations  # at the limit, not past it
+    set_status(kube, name, restarting())  # the third restart
+    ctl.reconcile()
+    stopped = kube.backend().get(name)
+    assert "pods restarted 3 times, more than the backoff limit 2" in stopped.annotations[names.ENDED_ANNOTATION]
+    assert stopped.raw["spec"]["runPolicy"]["activeDeadlineSeconds"] == 1  # the operator fails it and frees the pods
+    patches = [r for r in kube.emulator.requests if r[0] == "PATCH" and "/status" not in r[1]]
+    ctl.reconcile()
+    assert [r for r in kube.emulator.requests if r[0] == "PATCH" and "/status" not in r[1]] == patches  # once
+    set_status(kube, name, {"conditions": [{"type": "Failed", "status": "True", "message": "deadline"}]})
+    assert ctl.reconcile().created == [names.job_name(RUN, 0, 4, 2)]  # the stop counts as a failed attempt
+    assert "pods restarted 3 times" in kube.backend().get(name).reason()
+
+
+def test_restarts_seen_only_by_the_watch_are_counted(kube):
+    ctl = controller(kube, max_jobs=1, shards_per_job=5, resync_s=1)
+    (name,) = ctl.reconcile().created
+    threading.Timer(0.3, lambda: [set_status(kube, name, s) for s in (restarting(), RUNNING) * 2]).start()
+    deadline = time.monotonic() + 10
+    while ctl.restarts.restarts(kube.backend().get(name)) < 2 and time.monotonic() < deadline:
+        ctl._wait_for_change()
+    assert ctl.restarts.restarts(kube.backend().get(name)) == 2  # a listing now shows Running only
