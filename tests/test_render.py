@@ -207,8 +207,9 @@ def test_webhook_rules_catch_violations(mutate, expected):
     ],
 )
 def test_degrees_that_do_not_fit_are_refused(changes, message):
-    with pytest.raises(TopologyError, match=message):
+    with pytest.raises(TopologyError, match=message) as refused:
         render_pytorchjob(RUN, [shard_id(0)], BASE.replace(**changes))
+    assert "(cfg x ulysses x ring) that fit world size 8: 1x8x1, 2x4x1, 1x4x2," in str(refused.value)
 
 
 def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluster_is_touched(tmp_path):
@@ -247,7 +248,7 @@ def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluste
         in bad.stderr
     )
     assert "163 frames" not in bad.stderr
-    assert "fit every item and world size 8 with cfg 1: 1x1, 1x2, 2x1" in bad.stderr
+    assert "(cfg x ulysses x ring) that fit world size 8 and every item: 2x2x1, 2x1x2, 1x2x1," in bad.stderr
     assert bad.stdout == ""
     good = subprocess.run(
         [*common, "--gpus-per-node", "8", "--ulysses-degree", "2", "--cfg-degree", "2"],
@@ -265,6 +266,19 @@ def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluste
         timeout=60,
     )
     assert only_long.returncode == 6 and "(items clip-1, clip-3)" in only_long.stderr  # per-row overrides win
+    too_big = subprocess.run(
+        [*common, "--gpus-per-node", "8", "--ulysses-degree", "12"], capture_output=True, text=True
+    )
+    assert too_big.returncode == 6
+    assert "= 12 does not divide the world size 8" in too_big.stderr
+    assert "that fit world size 8 and every item: 2x2x1, 2x1x2, 1x2x1, 2x1x1, 1x1x2, 1x1x1" in too_big.stderr
+    # Automatic degrees come from the plan's shape tally: the 49-frame rows get a layout that splits them.
+    auto = subprocess.run([*common, "--gpus-per-node", "8"], capture_output=True, text=True, timeout=60)
+    assert auto.returncode == 0, auto.stderr
+    command = next(iter(yaml.safe_load_all(auto.stdout)))["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    command = command["spec"]["containers"][0]["command"]
+    degrees = [int(command[command.index(f"--{axis}-degree") + 1]) for axis in ("cfg", "ulysses", "ring")]
+    assert degrees == [2, 2, 1]  # cfg 2 x ulysses 2, data parallel 2: 14310 and 44520 both split in two
 
 
 @pytest.mark.parametrize(

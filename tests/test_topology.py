@@ -99,7 +99,7 @@ def test_check_items_lists_working_degrees():
     assert "items clip-0, clip-1, clip-2 (+2 more)" in text
     assert "working: 1, 2, 3, 5, 6\n" in text
     # layouts that fit both the items and the world size of 4
-    assert "fit every item and world size 4 with cfg 1: 1x1, 1x2, 2x1" in text
+    assert "(cfg x ulysses x ring) that fit world size 4 and every item: 2x2x1, 2x1x2, 1x2x1, 2x1x1, 1x1x2, 1x1x1" in text
 
 
 def test_check_items_reports_each_failing_shape_and_heads():
@@ -111,7 +111,7 @@ def test_check_items_reports_each_failing_shape_and_heads():
     assert "7 frames at 48x48: N=18" in text
     assert "13 frames at 64x64" not in text  # 48 divides by 8
     assert "working: 1, 2, 3, 6\n" in text
-    assert "with cfg 1: 1x1, 1x2, 2x1" in text
+    assert "world size 8 and every item: 2x2x1, 2x1x2, 1x2x1, 2x1x1, 1x1x2, 1x1x1" in text
 
 
 def test_check_shapes_reports_counted_items_like_check_items():

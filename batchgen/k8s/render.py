@@ -227,10 +227,11 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
     anything is created: a degree that cannot split an item's tokens would otherwise fail only once the pods had
     their GPUs and had loaded the weights.
 
-    Settings win; zero falls back to the plan's config, and zero there means "choose automatically".
-    Returns the ``batchgen.parallel.topology.Topology``; raises TopologyError with the degrees that would fit.
+    Settings win; zero falls back to the plan's config, and zero there means "choose automatically" from the
+    plan's shape tally (degrees that fit every item). Returns the ``batchgen.parallel.topology.Topology``; raises
+    TopologyError listing the layouts that would fit.
     """
-    from batchgen.parallel.topology import check_shapes, choose_topology
+    from batchgen.parallel.topology import check_shapes, choose_topology, shape_token_counts
 
     parallel = getattr(getattr(plan, "config", None), "parallel", None)
     generation = getattr(getattr(plan, "config", None), "generation", None)
@@ -238,10 +239,11 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
     ring = settings.ring_degree or getattr(parallel, "ring_degree", 0)
     cfg = settings.cfg_degree or getattr(parallel, "cfg_degree", 0)
     use_cfg = generation.guidance_scale > 1.0 if generation is not None else True
-    topology = choose_topology(
-        settings.world_size, ulysses=ulysses, ring=ring, cfg=cfg, num_heads=settings.num_heads, use_cfg=use_cfg
-    )
     shapes = getattr(plan, "shapes", ())
+    topology = choose_topology(
+        settings.world_size, ulysses=ulysses, ring=ring, cfg=cfg, num_heads=settings.num_heads, use_cfg=use_cfg,
+        token_counts=shape_token_counts(shapes),
+    )  # fmt: skip
     if topology.sp > 1 and shapes:
         check_shapes(topology, shapes, num_heads=settings.num_heads)
     return topology

@@ -125,17 +125,18 @@ def choose_topology(
 
     if ulysses or ring or cfg:
         ulysses, ring, cfg = ulysses or 1, ring or 1, cfg or 1
+        hint = layouts_hint(world_size, num_heads=num_heads, token_counts=token_counts, use_cfg=use_cfg)
         if num_heads % ulysses:
             working = [d for d in _divisors(num_heads) if world_size % d == 0]
             raise TopologyError(
                 f"ulysses degree {ulysses} does not divide the model's {num_heads} attention heads; "
-                f"working ulysses degrees for world size {world_size}: {', '.join(map(str, working))}"
+                f"working ulysses degrees for world size {world_size}: {', '.join(map(str, working))}; {hint}"
             )
         group = cfg * ulysses * ring
         if world_size % group:
             raise TopologyError(
                 f"cfg {cfg} x ulysses {ulysses} x ring {ring} = {group} does not divide the world size "
-                f"{world_size}; data parallel needs a whole number of groups"
+                f"{world_size}; data parallel needs a whole number of groups; {hint}"
             )
         return Topology(world_size, world_size // group, cfg, ulysses, ring)
 
@@ -172,11 +173,38 @@ def working_layouts(tokens: Iterable[int], *, num_heads: int, max_sp: int | None
         g = math.gcd(g, n)
     limit = max_sp or g or 1
     pairs = []
-    for sp in _divisors(g) if g else [1]:
+    for sp in _divisors(g or limit):
         if sp > limit:
             break
         pairs.extend((u, sp // u) for u in _divisors(sp) if num_heads % u == 0)
     return pairs
+
+
+def shape_token_counts(shapes: Iterable[ShapeGroup], *, vae_spatial: int = 8, patch: int = 2) -> tuple[int, ...]:
+    """The distinct visual token counts of a plan's shapes (what ``choose_topology`` fits automatic degrees to)."""
+    counts = {visual_tokens(g.num_frames, g.height, g.width, vae_spatial=vae_spatial, patch=patch) for g in shapes}
+    return tuple(sorted(counts))
+
+
+def fitting_layouts(
+    world_size: int, *, num_heads: int, token_counts: Collection[int] = (), use_cfg: bool = True
+) -> list[str]:
+    """Every "CxUxR" (cfg x ulysses x ring) that fits ``world_size`` ranks, the heads and every token count (data
+    parallel fills the rest), those using the most ranks per item first."""
+    layouts = []
+    for cfg in (2, 1) if use_cfg else (1,):
+        if world_size % cfg:
+            continue
+        group_world = world_size // cfg
+        pairs = working_layouts(token_counts, num_heads=num_heads, max_sp=group_world)
+        layouts += [(cfg * u * r, u, cfg, r) for u, r in pairs if group_world % (u * r) == 0]
+    return [f"{c}x{u}x{r}" for _, u, c, r in sorted(layouts, reverse=True)]
+
+
+def layouts_hint(world_size: int, *, num_heads: int, token_counts: Collection[int] = (), use_cfg: bool = True) -> str:
+    fitting = fitting_layouts(world_size, num_heads=num_heads, token_counts=token_counts, use_cfg=use_cfg)
+    items = " and every item" if token_counts else ""
+    return f"layouts (cfg x ulysses x ring) that fit world size {world_size}{items}: " + (", ".join(fitting) or "none")
 
 
 def check_items(
@@ -223,14 +251,7 @@ def check_shapes(
             )
     if not problems:
         return
-    group_world = topology.world_size // topology.cfg
-    fitting = [
-        f"{u}x{r}" for u, r in working_layouts(token_counts.values(), num_heads=num_heads) if group_world % (u * r) == 0
-    ]
-    hint = (
-        f"layouts (ulysses x ring) that fit every item and world size {topology.world_size} with cfg {topology.cfg}: "
-        + (", ".join(fitting) if fitting else "none")
-    )
+    hint = layouts_hint(topology.world_size, num_heads=num_heads, token_counts=tuple(token_counts.values()))
     raise TopologyError(
         f"parallel degrees do not fit ({topology.describe()}):\n  " + "\n  ".join(problems) + f"\n  {hint}"
     )
