@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
+import helm_python as helm
 import pytest
+import tomllib
 import yaml
 
+from batchgen.cli import build_parser
+from batchgen.commands._options import config_from_args
+from batchgen.config import RunConfig, load_config
 from batchgen.errors import ConfigError, TopologyError
-from batchgen.k8s import names
+from batchgen.item import ShapeGroup
+from batchgen.k8s import examples, names
+from batchgen.k8s.options import settings_from_args
 from batchgen.k8s.render import LaunchSettings, parse_shard_indices, render_pytorchjob, shard_selection
 from batchgen.layout import shard_id
+from batchgen.parallel.topology import Topology, check_shapes
+from tests.k8s_manifests import load_all, submit_args
 from tests.k8s_schema import pytorchjob_problems, strict_schema
+from tests.test_kustomize import kustomize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RUN = "prompts-0123456789ab"
 SECRET_VALUE = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -30,7 +45,7 @@ BASE = LaunchSettings(
 # (id, settings changes, expected (nodes, nproc, ulysses, ring, cfg))
 SHAPES = [
     ("1x8-ulysses8", dict(nodes=1, gpus_per_node=8, ulysses_degree=8, cfg_degree=1), (1, 8, 8, 1, 1)),
-    ("2x8-ulysses8-ring2", dict(nodes=2, gpus_per_node=8, ulysses_degree=8, ring_degree=2, cfg_degree=1), (2, 8, 8, 2, 1)),
+    ("2x8-cfg2-ulysses8", dict(nodes=2, gpus_per_node=8, ulysses_degree=8, ring_degree=1, cfg_degree=2), (2, 8, 8, 1, 2)),
     ("1x8-cfg2-ulysses4", dict(nodes=1, gpus_per_node=8, ulysses_degree=4, cfg_degree=2), (1, 8, 4, 1, 2)),
     ("1x1", dict(nodes=1, gpus_per_node=1), (1, 1, 1, 1, 1)),
     ("1x8-auto", dict(nodes=1, gpus_per_node=8), (1, 8, 4, 1, 2)),
@@ -394,3 +409,75 @@ def test_launcher_exits_with_the_workers_code(child, expected, tmp_path):
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == expected, done.stderr[-2000:]
+
+
+# -- every layout the project documents or ships passes the workers' shape check --------------------------------
+
+
+def _shape_tally(config) -> tuple:
+    g = config.generation
+    return (ShapeGroup(g.num_frames, g.height, g.width, items=1, examples=("default",)),)
+
+
+def _worker_topology(job: dict):
+    """The degrees the pods get, read back from the rendered job (not from how render chose them)."""
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    world = sum(s["replicas"] for s in specs.values()) * int(job["spec"]["nprocPerNode"])
+    command = specs["Master"]["template"]["spec"]["containers"][0]["command"]
+    cfg, ulysses, ring = (int(command[command.index(f"--{axis}-degree") + 1]) for axis in ("cfg", "ulysses", "ring"))
+    return Topology(world, world // (cfg * ulysses * ring), cfg, ulysses, ring)
+
+
+def _check_layout(settings: LaunchSettings, config) -> None:
+    plan = SimpleNamespace(run_id=RUN, config=config, shapes=_shape_tally(config))
+    job = render_pytorchjob(plan, [shard_id(0)], settings.replace(output=settings.output or "s3://b/o"))
+    # What `batchgen worker` runs on every rank before loading weights (check_items -> check_shapes).
+    check_shapes(_worker_topology(job), plan.shapes, num_heads=settings.num_heads)
+
+
+def _shipped_controllers() -> dict[str, list[dict]]:
+    """The objects of every shipped controller: chart defaults, the docs' values file, the kustomize base and
+    overlay. Each carries its launch settings and the run config it ships beside the layout."""
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    june = yaml.safe_load(docs.split("`values-june.yaml`:\n\n```yaml\n", 1)[1].split("```", 1)[0])
+    no_cluster = {"crdCheck": {"enabled": False}}
+    required = {
+        **no_cluster,
+        "run": {"manifest": "s3://videos-in/prompts.parquet", "output": "s3://videos-out/runs"},
+        "model": {"pvc": {"claimName": "w"}},
+    }
+    objects = {}
+    with helm.Chart.load(ROOT / "charts" / "batchgen") as chart:
+        for name, values in (("chart-defaults", required), ("docs-values-june", {**june, **no_cluster})):
+            rendered = chart.render(values, name="gen", namespace="videos", is_install=True)
+            objects[name] = [o for p, t in sorted(rendered.items()) if not p.endswith("NOTES.txt") for o in load_all(t)]
+    objects["kustomize-base"] = kustomize(ROOT / "k8s" / "base")
+    objects["kustomize-overlay"] = kustomize(ROOT / "k8s" / "overlays" / "example")
+    return objects
+
+
+def test_every_shipped_controller_layout_passes_the_workers_shape_check(tmp_path):
+    for name, objects in _shipped_controllers().items():
+        (tmp_path / name).mkdir()
+        args = submit_args(objects, tmp_path / name, "videos")
+        _check_layout(settings_from_args(args, output=args.output), config_from_args(args))
+
+
+@pytest.mark.parametrize("example", examples.EXAMPLES, ids=lambda e: e.filename)
+def test_every_jobs_example_passes_the_workers_shape_check(example):
+    _check_layout(example.settings, RunConfig())  # jobs/ render a plan's shards: Mochi's defaults unless changed
+
+
+def test_readme_layouts_pass_the_workers_shape_check(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    toml_text = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "run.toml").write_text(toml_text)
+    readme_config = load_config(tmp_path / "run.toml")
+    assert readme_config.generation.num_frames == tomllib.loads(toml_text)["generation"]["num_frames"] == 49
+    submits = [b.split("```", 1)[0] for b in readme.split("```bash\n")[1:] if b.startswith("batchgen submit")]
+    assert submits
+    for block in submits:
+        args = build_parser().parse_args(shlex.split(block.replace("\\\n", " "))[1:])
+        settings = settings_from_args(args, output=args.output)
+        for config in (RunConfig(), readme_config):  # Mochi's defaults, and the README's own 49-frame config
+            _check_layout(settings, config)

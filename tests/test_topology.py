@@ -99,7 +99,9 @@ def test_check_items_lists_working_degrees():
     assert "items clip-0, clip-1, clip-2 (+2 more)" in text
     assert "working: 1, 2, 3, 5, 6\n" in text
     # layouts that fit both the items and the world size of 4
-    assert "(cfg x ulysses x ring) that fit world size 4 and every item: 2x2x1, 2x1x2, 1x2x1, 2x1x1, 1x1x2, 1x1x1" in text
+    assert (
+        "(cfg x ulysses x ring) that fit world size 4 and every item: 2x2x1, 2x1x2, 1x2x1, 2x1x1, 1x1x2, 1x1x1" in text
+    )
 
 
 def test_check_items_reports_each_failing_shape_and_heads():
