@@ -43,6 +43,8 @@ from typing import Any
 
 from kubernetes import client, config
 
+from tests.k8s_emulator import OPERATOR_TOKEN
+
 log = logging.getLogger("tests.fake_operator")
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 
@@ -104,6 +106,9 @@ class FakeOperator:
     ):
         configuration = client.Configuration()
         config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        # Its own identity, so the emulator's record of the controller's calls holds only the controller's.
+        configuration.api_key = {"BearerToken": f"Bearer {OPERATOR_TOKEN}"}
+        configuration.refresh_api_key_hook = None  # it would put the kubeconfig's token back
         self.api = client.CustomObjectsApi(client.ApiClient(configuration))
         self.namespace = namespace
         self.workdir = workdir
@@ -294,9 +299,10 @@ class FakeOperator:
 
     def _tick(self) -> None:
         jobs = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)["items"]
-        present = {j["metadata"]["uid"]: j for j in jobs}
+        # A job being deleted (foreground) loses its pods first: the garbage collector deletes them.
+        present = {j["metadata"]["uid"]: j for j in jobs if not j["metadata"].get("deletionTimestamp")}
         for uid, run in list(self.runs.items()):
-            if uid not in present:  # deleted: the real operator deletes its pods
+            if uid not in present:
                 for pod in run.pods:
                     self._kill(pod)
                 del self.runs[uid]

@@ -20,11 +20,10 @@ from tests.k8s_schema import SCHEMAS, metadata_problems, pytorchjob_problems
 
 CORE_SCHEMAS = SCHEMAS / "k8s"
 
-# What `batchgen submit` calls, per (apiGroup, resource): the Role must grant exactly this.
+# What `batchgen submit`, `status` and `cancel` call, per (apiGroup, resource): the Role must grant exactly this.
+# tests/test_k8s_e2e.py records the requests the controller makes against the emulator and checks them against it.
 CONTROLLER_VERBS: dict[tuple[str, str], frozenset[str]] = {
-    ("kubeflow.org", "pytorchjobs"): frozenset({"create", "get", "list", "watch", "delete", "patch"}),
-    ("", "pods"): frozenset({"get", "list"}),
-    ("", "pods/log"): frozenset({"get", "list"}),
+    ("kubeflow.org", "pytorchjobs"): frozenset({"create", "get", "list", "watch", "patch", "delete"}),
 }
 
 

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from batchgen.commands._options import config_from_args
     from batchgen.errors import ConfigError
-    from batchgen.k8s.backend import PyTorchJobBackend, load_api_client
+    from batchgen.k8s.backend import PyTorchJobBackend, context_namespace, load_api_client
     from batchgen.k8s.controller import RunController
     from batchgen.k8s.options import settings_from_args
     from batchgen.k8s.render import resolve_degrees
@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         "run %s: %d items in %d shards; pods: %s", plan.run_id, plan.row_count, len(plan.shards), topology.describe()
     )
+    if not settings.namespace:
+        settings = settings.replace(namespace=context_namespace(args.kubeconfig, args.context))
     backend = PyTorchJobBackend(settings.namespace, load_api_client(args.kubeconfig, args.context))
     controller = RunController(
         backend,

@@ -4,9 +4,13 @@ Every Kubernetes API error is translated here, once, into what the rest of batch
 - 409 on create: the job exists (a previous submit, or another controller, created it): read it back and adopt it;
 - 403: ``ClusterError`` naming the RBAC verb and resource the controller's identity lacks;
 - 404 on the collection: the PyTorchJob CRD is not installed;
-- 422: ``ClusterError`` with the API server's reason;
-- 5xx, 429 and connection errors: retried with exponential backoff, then ``TransientClusterError`` (retryable exit);
-- 410 during a watch: list again and watch from the list's resourceVersion.
+- 400 and 422: ``ClusterError`` with the API server's reason (objects are sent with ``fieldValidation=Strict``,
+  so a misspelled field is refused with 400 instead of silently dropped);
+- 5xx, 429 and connection errors: retried with exponential backoff (429 waits its ``Retry-After``), then
+  ``TransientClusterError`` (retryable exit);
+- 410 during a watch: list again and watch from the list's resourceVersion; 410 for a list's continue token: list
+  again from the start.
+Lists are paged (``LIST_PAGE`` objects per request), so a run with thousands of jobs never asks for all at once.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ log = logging.getLogger("batchgen.k8s.backend")
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 RESOURCE = f"{PLURAL}.{GROUP}"
 FINISHED_STATES = ("Succeeded", "Failed")
+LIST_PAGE = 500
+IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 T = TypeVar("T")
 
 
@@ -94,6 +100,11 @@ class JobInfo:
     @property
     def finished(self) -> bool:
         return self.state in FINISHED_STATES
+
+    @property
+    def deleting(self) -> bool:
+        """Deletion was requested; the object stays until its finalizers (foreground deletion) are done."""
+        return bool((self.raw.get("metadata") or {}).get("deletionTimestamp"))
 
     def reason(self) -> str:
         c = self.condition(self.state)
@@ -161,6 +172,40 @@ def _status_body(error: Any) -> dict[str, Any]:
         return {}
 
 
+def _retry_after_or(backoff: Callable[[Any], float], cap_s: float) -> Callable[[Any], float]:
+    """A tenacity wait: the server's Retry-After on a 429 (API priority and fairness), else ``backoff``."""
+
+    def wait(state: Any) -> float:
+        error = state.outcome.exception()
+        headers = getattr(error, "headers", None) or {}
+        if getattr(error, "status", None) == 429 and str(headers.get("Retry-After", "")).isdigit():
+            return min(float(headers["Retry-After"]), cap_s)
+        return backoff(state)
+
+    return wait
+
+
+def context_namespace(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """The namespace a namespaced command uses when none is given: the kubeconfig context's, in-cluster the
+    pod's own, else "default" (what kubectl does)."""
+    from kubernetes import config
+
+    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            with open(IN_CLUSTER_NAMESPACE) as f:
+                return f.read().strip() or "default"
+        except OSError:
+            return "default"
+    try:
+        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    except config.ConfigException as e:
+        raise ClusterError(f"no Kubernetes configuration: {e} (set KUBECONFIG or run inside the cluster)") from e
+    chosen = next((c for c in contexts if c["name"] == context), None) if context else active
+    if chosen is None:
+        raise ClusterError(f"kubeconfig has no context {context!r}")
+    return (chosen.get("context") or {}).get("namespace") or "default"
+
+
 def load_api_client(kubeconfig: str | None = None, context: str | None = None):
     """An ApiClient from ``kubeconfig``/``KUBECONFIG``/~/.kube/config, or the pod's service account in-cluster."""
     from kubernetes import client, config
@@ -204,7 +249,7 @@ class PyTorchJobBackend(JobBackend):
         retrying = _Retrying(
             retry=retry_if_exception(_is_retryable),
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential(multiplier=0.2, max=self.max_wait_s),
+            wait=_retry_after_or(wait_exponential(multiplier=0.2, max=self.max_wait_s), cap_s=60),
             reraise=False,
             before_sleep=lambda state: log.warning(
                 "Kubernetes API %s %s failed (%s); retrying", verb, RESOURCE, _short(state.outcome.exception())
@@ -238,7 +283,7 @@ class PyTorchJobBackend(JobBackend):
                 f"PyTorchJob API ({GROUP}/{VERSION}) not installed in this cluster: install the Kubeflow training "
                 f"operator (its {RESOURCE} CRD) before submitting"
             )
-        if error.status == 422:
+        if error.status in (400, 422):
             return ClusterError(f"the API server rejected {what}: {message}")
         return ClusterError(f"Kubernetes API {verb} {what} failed with HTTP {error.status}: {message}")
 
@@ -269,8 +314,9 @@ class PyTorchJobBackend(JobBackend):
         def attempt() -> dict[str, Any]:
             try:
                 return self.api.create_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, manifest, _request_timeout=self.request_timeout_s
-                )
+                    GROUP, VERSION, self.namespace, PLURAL, manifest, field_validation="Strict",
+                    _request_timeout=self.request_timeout_s,
+                )  # fmt: skip
             except ApiException as e:
                 if e.status == 409:
                     raise _AlreadyExists() from e
@@ -295,18 +341,45 @@ class PyTorchJobBackend(JobBackend):
         return JobInfo.from_object(obj) if obj else None
 
     def list(self, label_selector: str) -> tuple[list[JobInfo], str]:
-        result = self._call(
-            "list",
-            self.api.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            self.namespace,
-            PLURAL,
-            label_selector=label_selector,
-            _request_timeout=self.request_timeout_s,
-        )
-        jobs = [JobInfo.from_object(o) for o in result.get("items", [])]
-        return jobs, str((result.get("metadata") or {}).get("resourceVersion", ""))
+        from kubernetes.client.exceptions import ApiException
+
+        for _ in range(self.attempts):
+            try:
+                return self._list_pages(label_selector)
+            except ApiException as e:
+                if e.status != 410:
+                    raise self._translate("list", e, None) from e
+                # The continue token outlived the compacted history: only a fresh list is consistent.
+                log.info("list of %s expired between pages; listing again", RESOURCE)
+        raise TransientClusterError(f"Kubernetes API list {RESOURCE}: continue token expired {self.attempts} times")
+
+    def _list_pages(self, label_selector: str) -> tuple[list[JobInfo], str]:
+        from kubernetes.client.exceptions import ApiException
+
+        def page(token: str | None) -> dict[str, Any]:
+            try:
+                return self.api.list_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, label_selector=label_selector, limit=LIST_PAGE,
+                    _continue=token, _request_timeout=self.request_timeout_s,
+                )  # fmt: skip
+            except ApiException as e:
+                if e.status == 410:
+                    raise _Expired(e) from e
+                raise
+
+        jobs: list[JobInfo] = []
+        token, version = None, ""
+        while True:
+            try:
+                result = self._call("list", page, token)
+            except _Expired as e:
+                raise e.error from None
+            meta = result.get("metadata") or {}
+            version = version or str(meta.get("resourceVersion", ""))
+            jobs += [JobInfo.from_object(o) for o in result.get("items", [])]
+            token = meta.get("continue")
+            if not token:
+                return jobs, version
 
     def delete(self, name: str) -> bool:
         from kubernetes.client.exceptions import ApiException
@@ -335,7 +408,7 @@ class PyTorchJobBackend(JobBackend):
         }
         self._call(
             "patch", self.api.patch_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, name, patch,
-            name=name, _request_timeout=self.request_timeout_s,
+            name=name, field_validation="Strict", _request_timeout=self.request_timeout_s,
         )  # fmt: skip
 
     def watch(self, label_selector: str, resource_version: str, timeout_s: int) -> Iterator[WatchEvent]:
@@ -373,6 +446,14 @@ class PyTorchJobBackend(JobBackend):
 
 class _AlreadyExists(Exception):
     pass
+
+
+class _Expired(Exception):
+    """A 410 for a list's continue token, carried past the retry loop (which would translate it)."""
+
+    def __init__(self, error: Any):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _collection_missing(body: dict[str, Any]) -> bool:

@@ -11,6 +11,9 @@ exist comes from the API server (by label). The controller keeps nothing in memo
 - a group whose latest job failed (or succeeded with shards still unfinished, e.g. items that failed
   permanently) is relaunched as attempt N+1 for its unfinished shards only, up to ``max_attempts``;
 - at most ``max_jobs`` jobs run at once;
+- a group's jobs are deleted once storage shows all its shards finished (a pod still running then is only
+  exiting): the run's record is in storage, and each pass lists only the jobs of groups still in progress or
+  given up, however many groups are done;
 - a job whose pods restart more than ``settings.backoff_limit`` times is stopped (``backend.end``), so it ends
   as Failed and counts as an attempt. The v1 operator recreates a pod that exited >= 128 (or failed in an init
   container) without counting it against ``backoffLimit``, so without this such a job would retry until its
@@ -181,6 +184,7 @@ class RunController:
             latest = jobs[-1] if jobs else None
             if not pending:
                 status = "done"
+                self._delete(jobs)
             elif latest is not None and not latest.finished:
                 status = "running"
             elif latest is not None and latest.attempt >= self.max_attempts:
@@ -192,7 +196,8 @@ class RunController:
             if state.status == "running" and state.latest is not None:
                 self._end_if_restarting_too_often(state.latest)
         # A job whose shards are already finished in storage may still hold its pods for a moment (the Master
-        # writes the last stats, then exits): it counts against max_jobs until the cluster says it finished.
+        # writes the last stats, then exits; a deleted job's pods take a while to go): it counts against max_jobs
+        # until it finished or is gone.
         live = sum(1 for g in result.groups if g.latest is not None and not g.latest.finished)
         slots = self.max_jobs - live
         for state in result.groups:
@@ -213,6 +218,12 @@ class RunController:
             state.latest, slots = job, slots - 1
             state.status = "running" if not job.finished else "launch"
         return result
+
+    def _delete(self, jobs: list[JobInfo]) -> None:
+        for job in jobs:
+            if not job.deleting:
+                log.info("job %s (%s): its shards are done, deleting it", job.name, job.state.lower())
+                self.backend.delete(job.name)
 
     def _over_restart_limit(self, job: JobInfo) -> bool:
         return self.restarts.restarts(job) > self.settings.backoff_limit and not job.finished

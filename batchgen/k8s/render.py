@@ -46,8 +46,8 @@ class LaunchSettings:
 
     output: str = ""
     """Run output URI the workers write to (s3://bucket/prefix). Required to render."""
-    namespace: str = "default"
-    """Namespace of the PyTorchJobs."""
+    namespace: str = ""
+    """Namespace of the PyTorchJobs; empty = the kubeconfig context's (submit), left out of the YAML (render)."""
     image: str = "ghcr.io/batchgen/batchgen:0.1.0"
     """Worker image (batchgen + CUDA torch)."""
     image_pull_policy: str = "IfNotPresent"
@@ -137,7 +137,11 @@ class LaunchSettings:
             problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
         if not self.image:
             problems.append("image must not be empty")
-        if not names.is_dns_label(self.namespace) and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", self.namespace):
+        if (
+            self.namespace
+            and not names.is_dns_label(self.namespace)
+            and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", self.namespace)
+        ):
             problems.append(f"namespace {self.namespace!r} is not a DNS-1123 label")
         for name in ("cpu", "memory", "shm_size", "scratch_size", "model_cache_size"):
             value = getattr(self, name)
@@ -438,19 +442,18 @@ def render_pytorchjob(
         run_policy["activeDeadlineSeconds"] = settings.active_deadline_seconds
     if settings.ttl_seconds_after_finished is not None:
         run_policy["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
+    metadata: dict[str, Any] = {"name": name, "namespace": settings.namespace, "labels": job_labels}
+    if not settings.namespace:
+        del metadata["namespace"]  # kubectl apply then uses its context's namespace, as submit does
+    metadata["annotations"] = {
+        names.RUN_ANNOTATION: run_id,
+        names.SHARDS_ANNOTATION: ",".join(ordered),
+        names.OUTPUT_ANNOTATION: settings.output,
+    }
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {
-            "name": name,
-            "namespace": settings.namespace,
-            "labels": job_labels,
-            "annotations": {
-                names.RUN_ANNOTATION: run_id,
-                names.SHARDS_ANNOTATION: ",".join(ordered),
-                names.OUTPUT_ANNOTATION: settings.output,
-            },
-        },
+        "metadata": metadata,
         "spec": {
             "nprocPerNode": str(settings.gpus_per_node),
             "runPolicy": run_policy,
