@@ -463,6 +463,9 @@ class KubeEmulator:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out as two writes; with Nagle on, each answer on a kept-alive connection would
+            # wait for the client's delayed ACK (about 40 ms).
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
                 pass
