@@ -95,7 +95,7 @@ def finish_running_jobs(emulator: KubeEmulator, plan, writer, pool: ThreadPoolEx
     return len(running)
 
 
-def run(groups: int, max_jobs: int) -> dict:
+def run(groups: int, max_jobs: int, progress: Path | None = None) -> dict:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -134,6 +134,8 @@ def run(groups: int, max_jobs: int) -> dict:
                         "created": len(state.created),
                     }
                 )
+                if progress is not None:  # a long run on a busy machine leaves its figures so far
+                    progress.write_text(json.dumps(passes) + "\n")
                 if state.settled:
                     break
                 finish_running_jobs(emulator, plan, writer, pool)
@@ -181,7 +183,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    result = run(args.groups, args.max_jobs)
+    result = run(args.groups, args.max_jobs, Path(tempfile.gettempdir()) / "controller-cpu.passes.json")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     first, last = result["first_tenth"], result["last_tenth"]
