@@ -26,7 +26,7 @@ from batchgen.k8s.trainjob import render_trainingruntime
 from batchgen.plan import list_runs, load_plan
 from batchgen.progress import scan_run
 from batchgen.storage import open_storage
-from tests.fake_trainer import USER_AGENT, FakeTrainer
+from tests.fake_trainer import FakeTrainer
 from tests.k8s_manifests import TRAINJOB_VERBS
 
 pytestmark = pytest.mark.slow
@@ -150,9 +150,9 @@ def test_trainjobs_run_and_failures_end_within_bounds(
     # Least privilege: what submit, status and cancel called is what the Role grants for this launcher. The one
     # grant not exercised here, get on trainjobs, is the adoption path (tests/test_trainjob.py creates twice).
     used: dict[tuple[str, str], set[str]] = {}
-    for agent, verb, group, resource in kube.emulator.calls:
-        if agent != USER_AGENT:
-            used.setdefault((group, resource), set()).add(verb)
+    for call in kube.emulator.calls:
+        if call.user == kube.emulator.user:
+            used.setdefault((call.group, call.resource), set()).add(call.verb)
     granted = {key: set(verbs) for key, verbs in TRAINJOB_VERBS.items()}
     assert used == {
         **granted,
