@@ -119,6 +119,8 @@ class FakeTrainer:
         self.override = override
         self.poll_s = poll_s
         self.runs: dict[str, TrainRun] = {}
+        self.deleted: dict[str, TrainRun] = {}
+        """name -> the run of a TrainJob that was deleted (its pods killed), kept for the test to inspect."""
         self.started_jobs: list[str] = []
         self.errors: list[BaseException] = []
         self.peak_running = 0
@@ -353,7 +355,7 @@ class FakeTrainer:
             if uid not in present:  # deleted: the JobSet and its pods go with it (owner references)
                 for pod in run.pods:
                     self._kill(pod)
-                del self.runs[uid]
+                self.deleted[run.name] = self.runs.pop(uid)
         for uid, job in present.items():
             run = self.runs.get(uid)
             if run is None:
