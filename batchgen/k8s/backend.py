@@ -276,6 +276,8 @@ class CustomObjectBackend(JobBackend):
     plural: str
     install_hint: str
     """What to install when the API server does not serve the kind."""
+    ending_spec: dict[str, Any]
+    """The spec change (a JSON merge patch) that makes the kind's controller stop the job for good (``end``)."""
 
     @property
     def resource(self) -> str:
@@ -463,9 +465,6 @@ class CustomObjectBackend(JobBackend):
             "patch", self.api.patch_namespaced_custom_object, self.group, self.version, self.namespace, self.plural,
             name, patch, name=name, field_validation="Strict", _request_timeout=self.request_timeout_s,
         )  # fmt: skip
-
-    ending_spec: dict[str, Any]
-    """The spec change (a JSON merge patch) that makes the kind's controller stop the job for good."""
 
     def watch(self, label_selector: str, resource_version: str, timeout_s: int) -> Iterator[WatchEvent]:
         from kubernetes import watch
