@@ -7,10 +7,22 @@ with the environment the real operator and kubelet give it:
   free port, ``WORLD_SIZE`` = pods x nprocPerNode, ``PET_NNODES``, ``PET_NPROC_PER_NODE``, and ``RANK`` =
   ``PET_NODE_RANK`` = the pod's index (Master 0, Worker i -> i + 1).
 Image paths are mapped to local ones through ``path_map`` (e.g. the model mount to the tiny model); ``python`` is
-this interpreter. Status conditions (Created, Running, Restarting, Succeeded, Failed) and replicaStatuses are
-written through the status subresource. ``restartPolicy: ExitCode`` is honoured: exit codes >= 128 restart the
-pod up to the backoff limit, 1-127 fail the job. ``cleanPodPolicy: Running``: when the job ends, pods still
-running are killed. ``fail_first_attempt(job)`` selects jobs whose attempt-1 Master exits 1 instead of running.
+this interpreter. Status conditions (Created, Running, Restarting, Succeeded, Failed), ``startTime`` and
+replicaStatuses are written through the status subresource.
+
+Retries follow the real v1 operator (kubeflow/training-operator v1.9, ``pkg/controller.v1/common/pod.go``
+``ReconcilePods`` and ``job.go`` ``ReconcileJobs``), not what its docs suggest:
+- ``restartPolicy: ExitCode``: a pod whose ``pytorch`` container exited >= 128 is deleted and recreated, with a
+  Restarting condition; recreated pods are never counted against ``backoffLimit`` (which counts only container
+  restarts inside running pods, and ExitCode pods run with ``restartPolicy: Never``), so they retry forever;
+- a pod that failed in an init container has no ``pytorch`` exit code, so the operator's default 0xbeef applies:
+  retryable, recreated forever too;
+- 1-127 fails the job at once; ``runPolicy.activeDeadlineSeconds`` (re-read every pass, so a patch applies)
+  fails it once ``now - startTime`` reaches it, with the operator's message, and deletes its pods.
+Init containers run in order before the ``pytorch`` container, as the kubelet does.
+``cleanPodPolicy: Running``: when the job ends, pods still running are killed. ``fail_first_attempt(job)``
+selects jobs whose attempt-1 Master exits 1 instead of running; ``sabotage(job)`` may edit a job's spec before
+its pods are made (a test's fault injection: a command that always exits 143, a weights URI that does not exist).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
+
+from tests.k8s_emulator import OPERATOR_TOKEN
 
 log = logging.getLogger("tests.fake_operator")
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -53,9 +68,15 @@ class Pod:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    init: list[tuple[list[str], dict[str, str]]] = field(default_factory=list)
+    """Init containers (argv, env), run in order before ``argv``."""
     process: subprocess.Popen | None = None
-    restarts: int = 0
+    stage: int = 0
+    """Index into init containers; len(init) = the pytorch container."""
+    recreated: int = 0
     exit_code: int | None = None
+    """The pytorch container's exit code; None while running or when an init container failed."""
+    failed: bool = False
 
 
 @dataclass
@@ -63,7 +84,8 @@ class JobRun:
     name: str
     uid: str
     pods: list[Pod]
-    backoff_limit: int
+    started: float = field(default_factory=time.monotonic)
+    start_time: str = field(default_factory=_now)
     conditions: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
 
@@ -79,10 +101,14 @@ class FakeOperator:
         secrets: dict[str, dict[str, str]] | None = None,
         base_env: dict[str, str] | None = None,
         fail_first_attempt: Callable[[dict[str, Any]], bool] | None = None,
+        sabotage: Callable[[dict[str, Any]], None] | None = None,
         poll_s: float = 0.2,
     ):
         configuration = client.Configuration()
         config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        # Its own identity, so the emulator's record of the controller's calls holds only the controller's.
+        configuration.api_key = {"BearerToken": f"Bearer {OPERATOR_TOKEN}"}
+        configuration.refresh_api_key_hook = None  # it would put the kubeconfig's token back
         self.api = client.CustomObjectsApi(client.ApiClient(configuration))
         self.namespace = namespace
         self.workdir = workdir
@@ -90,6 +116,7 @@ class FakeOperator:
         self.secrets = secrets or {}
         self.base_env = base_env or {}
         self.fail_first_attempt = fail_first_attempt
+        self.sabotage = sabotage
         self.poll_s = poll_s
         self.runs: dict[str, JobRun] = {}
         self.started_jobs: list[str] = []
@@ -134,7 +161,15 @@ class FakeOperator:
                     ) from None
         return env
 
+    def _argv(self, container: dict[str, Any]) -> list[str]:
+        argv = [self._map(a) for a in container.get("command", []) + container.get("args", [])]
+        if argv and argv[0] == "python":
+            argv[0] = sys.executable
+        return argv
+
     def _pods(self, job: dict[str, Any]) -> list[Pod]:
+        if self.sabotage is not None:
+            self.sabotage(job)
         name = job["metadata"]["name"]
         specs = job["spec"]["pytorchReplicaSpecs"]
         nproc = int(job["spec"].get("nprocPerNode") or 1)
@@ -149,10 +184,12 @@ class FakeOperator:
         )
         pods = []
         for node_rank, (rtype, index) in enumerate(replicas):
-            container = next(c for c in specs[rtype]["template"]["spec"]["containers"] if c["name"] == "pytorch")
-            argv = [self._map(a) for a in container.get("command", []) + container.get("args", [])]
-            if argv and argv[0] == "python":
-                argv[0] = sys.executable
+            pod_spec = specs[rtype]["template"]["spec"]
+            container = next(c for c in pod_spec["containers"] if c["name"] == "pytorch")
+            argv = self._argv(container)
+            init = [
+                (self._argv(c), {**self.base_env, **self._container_env(c)}) for c in pod_spec.get("initContainers", [])
+            ]
             if injected_failure and rtype == "Master":
                 argv = [sys.executable, "-c", "import sys; sys.exit(1)"]
             env = {
@@ -169,21 +206,25 @@ class FakeOperator:
                 "RANK": str(node_rank),
             }
             pod_name = f"{name}-{rtype.lower()}-{index}"
-            for mount in container.get("volumeMounts") or []:
+            for mount in [
+                m for c in [container, *pod_spec.get("initContainers", [])] for m in c.get("volumeMounts", [])
+            ]:
                 local = self._map(mount["mountPath"])
                 if local != mount["mountPath"]:
                     Path(local).mkdir(parents=True, exist_ok=True)
             log_dir = self.workdir / "logs"
             log_dir.mkdir(parents=True, exist_ok=True)
-            pods.append(Pod(pod_name, rtype, index, node_rank, argv, env, log_dir / f"{pod_name}.log"))
+            pods.append(Pod(pod_name, rtype, index, node_rank, argv, env, log_dir / f"{pod_name}.log", init))
         return pods
 
-    def _spawn(self, pod: Pod) -> None:
+    def _spawn(self, pod: Pod, stage: int = 0) -> None:
+        """Start the pod's container number ``stage`` (init containers first, then pytorch)."""
+        argv, env = pod.init[stage] if stage < len(pod.init) else (pod.argv, pod.env)
         with open(pod.log_path, "ab") as out:
             pod.process = subprocess.Popen(
-                pod.argv, env=pod.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+                argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
             )
-        pod.exit_code = None
+        pod.stage, pod.exit_code, pod.failed = stage, None, False
 
     def _kill(self, pod: Pod) -> None:
         if pod.process is None or pod.process.poll() is not None:
@@ -228,9 +269,13 @@ class FakeOperator:
                 counts["active"] += 1
             elif pod.exit_code == 0:
                 counts["succeeded"] += 1
-            elif pod.exit_code is not None:
+            elif pod.failed:
                 counts["failed"] += 1
-        status: dict[str, Any] = {"conditions": run.conditions, "replicaStatuses": replica_statuses}
+        status: dict[str, Any] = {
+            "conditions": run.conditions,
+            "replicaStatuses": replica_statuses,
+            "startTime": run.start_time,
+        }
         if run.finished:
             status["completionTime"] = now
         try:
@@ -254,21 +299,17 @@ class FakeOperator:
 
     def _tick(self) -> None:
         jobs = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)["items"]
-        present = {j["metadata"]["uid"]: j for j in jobs}
+        # A job being deleted (foreground) loses its pods first: the garbage collector deletes them.
+        present = {j["metadata"]["uid"]: j for j in jobs if not j["metadata"].get("deletionTimestamp")}
         for uid, run in list(self.runs.items()):
-            if uid not in present:  # deleted: the real operator deletes its pods
+            if uid not in present:
                 for pod in run.pods:
                     self._kill(pod)
                 del self.runs[uid]
         for uid, job in present.items():
             run = self.runs.get(uid)
             if run is None:
-                run = JobRun(
-                    job["metadata"]["name"],
-                    uid,
-                    self._pods(job),
-                    int(job["spec"].get("runPolicy", {}).get("backoffLimit", 0)),
-                )
+                run = JobRun(job["metadata"]["name"], uid, self._pods(job))
                 self.runs[uid] = run
                 self.started_jobs.append(run.name)
                 self._set_condition(run, "Created", "PyTorchJobCreated", f"PyTorchJob {run.name} is created.")
@@ -276,44 +317,57 @@ class FakeOperator:
                     self._spawn(pod)
                 self._set_condition(run, "Running", "PyTorchJobRunning", f"PyTorchJob {run.name} is running.")
                 continue
-            if not run.finished:
+            if not run.finished and self._past_deadline(run, job):
+                self._end(run, "Failed", "PyTorchJobFailed",
+                          f"Job {run.name} has failed because it was active longer than specified deadline")  # fmt: skip
+            elif not run.finished:
                 self._advance(run)
         self.peak_running = max(self.peak_running, sum(1 for r in self.runs.values() if not r.finished))
 
+    @staticmethod
+    def _past_deadline(run: JobRun, job: dict[str, Any]) -> bool:
+        # core.PastActiveDeadline: now - status.startTime >= runPolicy.activeDeadlineSeconds.
+        deadline = (job["spec"].get("runPolicy") or {}).get("activeDeadlineSeconds")
+        return deadline is not None and time.monotonic() - run.started >= int(deadline)
+
+    def _end(self, run: JobRun, kind: str, reason: str, message: str) -> None:
+        run.finished = True
+        for pod in run.pods:  # cleanPodPolicy: Running (and DeletePodsAndServices on failure)
+            self._kill(pod)
+        self._set_condition(run, kind, reason, message)
+
     def _advance(self, run: JobRun) -> None:
         for pod in run.pods:
-            if pod.process is None or pod.exit_code is not None:
+            if pod.process is None or pod.exit_code is not None or pod.failed:
                 continue
             code = pod.process.poll()
             if code is None:
                 continue
-            pod.exit_code = 128 - code if code < 0 else code
-            log.info("pod %s exited %s", pod.name, pod.exit_code)
-            if pod.exit_code == 0:
+            code = 128 - code if code < 0 else code
+            if pod.stage < len(pod.init):
+                if code == 0:
+                    self._spawn(pod, pod.stage + 1)
+                    continue
+                log.info("pod %s: init container %d exited %s", pod.name, pod.stage, code)
+                pod.failed = True  # no pytorch exit code: the operator's 0xbeef, which is retryable
+            else:
+                pod.exit_code = code
+                pod.failed = code != 0
+                log.info("pod %s exited %s", pod.name, code)
+            if not pod.failed:
                 continue
-            if pod.exit_code >= 128 and pod.restarts < run.backoff_limit:
-                pod.restarts += 1
-                self._set_condition(
-                    run, "Restarting", "PyTorchJobRestarting", f"pod {pod.name} exited {pod.exit_code}; restarting"
-                )
+            if pod.exit_code is None or pod.exit_code >= 128:
+                # ReconcilePods: delete the pod (it is recreated on the next pass), condition Restarting. Nothing
+                # counts these against backoffLimit.
+                pod.recreated += 1
+                self._set_condition(run, "Restarting", "PyTorchJobRestarting",
+                                    f"job {run.name} is restarting because {pod.rtype} replica(s) failed.")  # fmt: skip
                 self._spawn(pod)
                 self._set_condition(run, "Running", "PyTorchJobRunning", f"PyTorchJob {run.name} is running.")
                 continue
-            run.finished = True
-            for other in run.pods:
-                self._kill(other)
-            self._set_condition(
-                run,
-                "Failed",
-                "PyTorchJobFailed",
-                f"{pod.rtype} replica {pod.index} ({pod.name}) exited with code {pod.exit_code}",
-            )
+            self._end(run, "Failed", "PyTorchJobFailed",
+                      f"{pod.rtype} replica {pod.index} ({pod.name}) exited with code {pod.exit_code}")  # fmt: skip
             return
         master = next(p for p in run.pods if p.rtype == "Master")
         if master.exit_code == 0:
-            run.finished = True
-            for pod in run.pods:  # cleanPodPolicy: Running
-                self._kill(pod)
-            self._set_condition(
-                run, "Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {run.name} is successfully completed."
-            )
+            self._end(run, "Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {run.name} is successfully completed.")

@@ -38,10 +38,11 @@ from typing import Any
 
 from kubernetes import client, config
 
+from tests.k8s_emulator import TRAINER_TOKEN
+
 log = logging.getLogger("tests.fake_trainer")
 GROUP, VERSION = "trainer.kubeflow.org", "v1alpha1"
 MASTER_PORT = 29400
-USER_AGENT = "fake-trainer"
 Hook = Callable[[dict[str, Any], dict[str, Any]], list[str] | None]
 """(trainjob, container) -> argv to run instead of the container's command (a fault a test injects), or None."""
 
@@ -105,9 +106,11 @@ class FakeTrainer:
     ):
         configuration = client.Configuration()
         config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-        api_client = client.ApiClient(configuration)
-        api_client.user_agent = USER_AGENT  # tells its requests from the controller's in the emulator's record
-        self.api = client.CustomObjectsApi(api_client)
+        # Its own identity (the Trainer's service account), so the emulator's record of the controller's calls
+        # holds only the controller's.
+        configuration.api_key = {"BearerToken": f"Bearer {TRAINER_TOKEN}"}
+        configuration.refresh_api_key_hook = None  # it would put the kubeconfig's token back
+        self.api = client.CustomObjectsApi(client.ApiClient(configuration))
         self.namespace = namespace
         self.workdir = workdir
         self.path_map = dict(path_map or {})
@@ -116,6 +119,8 @@ class FakeTrainer:
         self.override = override
         self.poll_s = poll_s
         self.runs: dict[str, TrainRun] = {}
+        self.deleted: dict[str, TrainRun] = {}
+        """name -> the run of a TrainJob that was deleted (its pods killed), kept for the test to inspect."""
         self.started_jobs: list[str] = []
         self.errors: list[BaseException] = []
         self.peak_running = 0
@@ -350,7 +355,7 @@ class FakeTrainer:
             if uid not in present:  # deleted: the JobSet and its pods go with it (owner references)
                 for pod in run.pods:
                     self._kill(pod)
-                del self.runs[uid]
+                self.deleted[run.name] = self.runs.pop(uid)
         for uid, job in present.items():
             run = self.runs.get(uid)
             if run is None:

@@ -28,15 +28,15 @@ from tests.k8s_schema import (
 
 CORE_SCHEMAS = SCHEMAS / "k8s"
 
-# What `batchgen submit` calls, per (apiGroup, resource): the Role must grant exactly this.
+# What `batchgen submit`, `status` and `cancel` call, per (apiGroup, resource): the Role must grant exactly this.
+# tests/test_k8s_e2e.py records the requests the controller makes against the emulator and checks them against it.
 CONTROLLER_VERBS: dict[tuple[str, str], frozenset[str]] = {
-    ("kubeflow.org", "pytorchjobs"): frozenset({"create", "get", "list", "watch", "delete", "patch"}),
-    ("", "pods"): frozenset({"get", "list"}),
-    ("", "pods/log"): frozenset({"get", "list"}),
+    ("kubeflow.org", "pytorchjobs"): frozenset({"create", "get", "list", "watch", "patch", "delete"}),
 }
-# The TrainJob launcher's path (backend.TrainJobBackend): the jobs, and a get of the runtime they reference.
+# The TrainJob launcher's path (backend.TrainJobBackend): the jobs (patch: end), and a get of the runtime they
+# reference.
 TRAINJOB_VERBS: dict[tuple[str, str], frozenset[str]] = {
-    ("trainer.kubeflow.org", "trainjobs"): frozenset({"create", "get", "list", "watch", "delete"}),
+    ("trainer.kubeflow.org", "trainjobs"): frozenset({"create", "get", "list", "watch", "patch", "delete"}),
     ("trainer.kubeflow.org", "trainingruntimes"): frozenset({"get"}),
 }
 LAUNCHER_VERBS = {

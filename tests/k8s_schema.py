@@ -116,9 +116,14 @@ _RFC1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 @functools.cache
-def _trainer_validator(version: str, kind: str) -> jsonschema.Draft7Validator:
+def trainer_crd(version: str, kind: str) -> dict[str, Any]:
     path = SCHEMAS / f"trainer-{version}" / f"trainer.kubeflow.org_{TRAINER_PLURALS[kind]}.yaml"
-    crd_doc = yaml.safe_load(path.read_text())
+    return yaml.safe_load(path.read_text())
+
+
+@functools.cache
+def _trainer_validator(version: str, kind: str) -> jsonschema.Draft7Validator:
+    crd_doc = trainer_crd(version, kind)
     served = next(v for v in crd_doc["spec"]["versions"] if v["name"] == "v1alpha1")
     return jsonschema.Draft7Validator(_strict(copy.deepcopy(served["schema"]["openAPIV3Schema"])))
 

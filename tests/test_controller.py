@@ -6,8 +6,11 @@ directly; the end-to-end tests run the real worker and progress scan.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
@@ -62,6 +65,7 @@ def test_create_is_201_then_409_adopts_the_existing_job(kube):
     again, created_again = backend.create(job())
     assert (created, created_again) == (True, False)
     assert again.uid == first.uid and kube.emulator.create_count == {first.name: 1}
+    assert ("get", "pytorchjobs") in kube.emulator.controller_calls()  # adoption reads the winner's job
 
 
 @pytest.mark.parametrize(
@@ -151,9 +155,10 @@ def test_creates_at_most_max_jobs_and_skips_finished_groups(kube):
 def test_max_jobs_counts_jobs_still_holding_pods(kube):
     result = controller(kube).reconcile()
     assert result.created == [names.job_name(RUN, 0, 1, 1), names.job_name(RUN, 2, 3, 1)]
-    # group 0-1 is finished in storage but its job has not ended yet: no third job
+    # group 0-1 is finished in storage, so its job is deleted, but its pods are still going: no third job
     assert controller(kube, finished={shard_id(0), shard_id(1)}).reconcile().created == []
-    set_state(kube, names.job_name(RUN, 0, 1, 1), "Succeeded")
+    assert kube.backend().get(names.job_name(RUN, 0, 1, 1)).deleting
+    kube.emulator.wait_for_deletions()
     assert controller(kube, finished={shard_id(0), shard_id(1)}).reconcile().created == [names.job_name(RUN, 4, 4, 1)]
 
 
@@ -200,4 +205,163 @@ def test_cancel_and_describe(kube):
     ]
     assert format_jobs(rows).splitlines()[0].split() == ["JOB", "ATTEMPT", "STATE", "PODS", "SHARDS", "REASON"]
     assert sorted(cancel_run(kube.backend(), RUN)) == sorted(r["name"] for r in rows)
+    # Foreground deletion: the jobs stay, terminating, until their pods are gone.
+    assert all(
+        j["metadata"].get("deletionTimestamp") for j in kube.emulator.jobs() if j["metadata"]["name"] != other.name
+    )
+    kube.emulator.wait_for_deletions()
     assert [j["metadata"]["name"] for j in kube.emulator.jobs()] == [other.name]
+
+
+def set_status(kube, name: str, status: dict) -> None:
+    kube.backend().api.patch_namespaced_custom_object_status(
+        "kubeflow.org", "v1", kube.namespace, "pytorchjobs", name, {"status": status}
+    )
+
+
+def restarting(failed: int = 1) -> dict:
+    return {
+        "conditions": [{"type": "Restarting", "status": "True"}, {"type": "Running", "status": "False"}],
+        "replicaStatuses": {"Master": {"failed": failed}},
+    }
+
+
+RUNNING = {
+    "conditions": [{"type": "Restarting", "status": "False"}, {"type": "Running", "status": "True"}],
+    "replicaStatuses": {"Master": {"active": 1, "failed": 0}},
+}
+# A Worker recreated while the Master keeps the job Running: only replicaStatuses shows it.
+WORKER_RECREATED = {
+    "conditions": [{"type": "Running", "status": "True"}],
+    "replicaStatuses": {"Master": {"active": 1}, "Worker": {"failed": 1}},
+}
+
+
+def test_a_job_whose_pods_restart_past_the_backoff_limit_is_stopped_and_recorded(kube):
+    ctl = controller(kube, max_jobs=1, shards_per_job=5)
+    ctl.settings = SETTINGS.replace(backoff_limit=2)
+    (name,) = ctl.reconcile().created
+    for status in (restarting(), RUNNING, WORKER_RECREATED, RUNNING):
+        set_status(kube, name, status)
+        ctl.reconcile()
+    assert ctl.restarts.restarts(kube.backend().get(name)) == 2
+    assert names.ENDED_ANNOTATION not in kube.backend().get(name).annotations  # at the limit, not past it
+    set_status(kube, name, restarting())  # the third restart
+    ctl.reconcile()
+    stopped = kube.backend().get(name)
+    assert "pods restarted 3 times, more than the backoff limit 2" in stopped.annotations[names.ENDED_ANNOTATION]
+    assert stopped.raw["spec"]["runPolicy"]["activeDeadlineSeconds"] == 1  # the operator fails it and frees the pods
+    patches = [r for r in kube.emulator.requests if r[0] == "PATCH" and "/status" not in r[1]]
+    ctl.reconcile()
+    assert [r for r in kube.emulator.requests if r[0] == "PATCH" and "/status" not in r[1]] == patches  # once
+    set_status(kube, name, {"conditions": [{"type": "Failed", "status": "True", "message": "deadline"}]})
+    assert ctl.reconcile().created == [names.job_name(RUN, 0, 4, 2)]  # the stop counts as a failed attempt
+    assert "pods restarted 3 times" in kube.backend().get(name).reason()
+
+
+def test_restarts_seen_only_by_the_watch_are_counted(kube):
+    ctl = controller(kube, max_jobs=1, shards_per_job=5, resync_s=1)
+    (name,) = ctl.reconcile().created
+    threading.Timer(0.3, lambda: [set_status(kube, name, s) for s in (restarting(), RUNNING) * 2]).start()
+    deadline = time.monotonic() + 10
+    while ctl.restarts.restarts(kube.backend().get(name)) < 2 and time.monotonic() < deadline:
+        ctl._wait_for_change()
+    assert ctl.restarts.restarts(kube.backend().get(name)) == 2  # a listing now shows Running only
+
+
+# -- a real API server's behaviour ------------------------------------------------------------------------------
+
+
+def _post(kube, body: dict, query: str = "") -> tuple[int, dict, list[str]]:
+    """A create with a bare HTTP client, to see what the server answers without the controller's choices."""
+    request = urllib.request.Request(
+        f"{kube.emulator.url}/apis/kubeflow.org/v1/namespaces/{kube.namespace}/pytorchjobs{query}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer emulator-token"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.load(response), response.headers.get_all("Warning") or []
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e), []
+
+
+def test_unknown_fields_are_refused_by_the_controller_and_dropped_by_a_server_left_to_its_default(kube):
+    misspelled = job()
+    misspelled["spec"]["runPolicy"]["backofLimit"] = 2
+    with pytest.raises(
+        ClusterError, match=r'rejected .*strict decoding error: unknown field "spec.runPolicy.backofLimit"'
+    ):
+        kube.backend().create(misspelled)
+    assert kube.emulator.jobs() == []
+    # Without fieldValidation the server warns and drops the field; with Ignore it drops it silently.
+    code, created, warnings = _post(kube, misspelled)
+    assert code == 201 and "backofLimit" not in created["spec"]["runPolicy"]
+    assert warnings == ['299 - "unknown field \\"spec.runPolicy.backofLimit\\""']
+    other = {**misspelled, "metadata": {**misspelled["metadata"], "name": "ignored-0-0-a1"}}
+    code, created, warnings = _post(kube, other, "?fieldValidation=Ignore")
+    assert (code, warnings) == (201, []) and "backofLimit" not in created["spec"]["runPolicy"]
+
+
+def test_lists_are_paged_and_an_expired_continue_token_lists_again(kube, monkeypatch):
+    from batchgen.k8s import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "LIST_PAGE", 2)
+    backend = kube.backend()
+    for i in range(5):
+        backend.create(job(shards=(i,)))
+    jobs, version = backend.list(names.run_selector(RUN))
+    assert [j.name for j in jobs] == [names.job_name(RUN, i, i, 1) for i in range(5)]
+    pages = [path for method, path in kube.emulator.requests if method == "GET" and "limit=2" in path]
+    assert len(pages) == 3 and sum("continue=" in p for p in pages) == 2
+
+    pages_seen = []
+    list_page = backend.api.list_namespaced_custom_object
+
+    def compacting_after_the_first_page(*args, **kwargs):
+        pages_seen.append(kwargs.get("_continue"))
+        result = list_page(*args, **kwargs)
+        if len(pages_seen) == 1:
+            # A write, then etcd compaction: the token just handed out is now too old, 410 on the next page.
+            backend.create(render_pytorchjob("other-run-0123", [shard_id(0)], SETTINGS))
+            kube.emulator.compact()
+        return result
+
+    monkeypatch.setattr(backend.api, "list_namespaced_custom_object", compacting_after_the_first_page)
+    jobs, _ = backend.list(names.run_selector(RUN))
+    # page 1, page 2 refused with 410, then from the start again: three pages
+    assert len(jobs) == 5 and pages_seen[0] is None and pages_seen[1] and pages_seen[2] is None
+    assert len(pages_seen) == 5
+
+
+def test_429_waits_for_retry_after(kube):
+    backend = kube.backend(attempts=3, max_wait_s=0.05)
+    kube.emulator.throttle(1, retry_after_s=1)
+    started = time.monotonic()
+    assert backend.list("") == ([], backend.list("")[1])
+    assert time.monotonic() - started >= 1.0  # the server's Retry-After, not the 0.05 s backoff
+
+
+def test_namespace_comes_from_the_kubeconfig_context(kube, tmp_path):
+    from batchgen.k8s.backend import context_namespace
+
+    assert context_namespace(str(kube.kubeconfig)) == "batch"
+    bare = kube.emulator.write_kubeconfig(tmp_path / "bare", namespace=None)
+    assert context_namespace(str(bare)) == "default"
+    with pytest.raises(ClusterError, match="no context 'elsewhere'"):
+        context_namespace(str(kube.kubeconfig), "elsewhere")
+
+
+def test_jobs_of_done_groups_are_deleted_once(kube):
+    ctl = controller(kube, max_jobs=3)
+    first, second, third = ctl.reconcile().created
+    ctl._scan = scan_of({shard_id(0), shard_id(1), shard_id(2), shard_id(3)}, ctl.plan)
+    set_state(kube, first, "Succeeded")  # the second is done in storage too, its pods only exiting
+    ctl.reconcile()
+    deletes = [path for method, path in kube.emulator.requests if method == "DELETE"]
+    assert [p.rsplit("/", 1)[-1].split("?")[0] for p in deletes] == [first, second]
+    ctl.reconcile()  # terminating: not deleted again
+    assert [path for method, path in kube.emulator.requests if method == "DELETE"] == deletes
+    kube.emulator.wait_for_deletions()
+    assert [j["metadata"]["name"] for j in kube.emulator.jobs()] == [third]

@@ -21,7 +21,7 @@ BY_FILE = {example.filename: example for example in examples.EXAMPLES}
 # The shapes issue 4 asks for: (nodes, GPUs per node, ulysses, ring, cfg).
 SHAPES = {
     "1x8-ulysses8.yaml": (1, 8, 8, 1, 1),
-    "2x8-ulysses8-ring2.yaml": (2, 8, 8, 2, 1),
+    "2x8-cfg2-ulysses8.yaml": (2, 8, 8, 1, 2),
     "1x8-cfg2-ulysses4.yaml": (1, 8, 4, 1, 2),
     "1x1.yaml": (1, 1, 1, 1, 1),
 }

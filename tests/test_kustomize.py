@@ -167,10 +167,10 @@ def test_overlay_customises_the_run(overlay, tmp_path):
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["serviceAccountName"] == "batchgen-worker"
     command = pod["containers"][0]["command"]
-    assert command[command.index("--ulysses-degree") + 1 :][:3] == ["8", "--ring-degree", "2"]
+    assert command[command.index("--ulysses-degree") + 1 :][:5] == ["8", "--ring-degree", "1", "--cfg-degree", "2"]
     assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env_of(pod["containers"][0]))
 
     (config_map,) = by_kind(overlay, "ConfigMap")
     (tmp_path / "run.toml").write_text(config_map["data"]["run.toml"])
     config = load_config(tmp_path / "run.toml")
-    assert (config.generation.num_frames, config.worker.shard_size) == (85, 32)
+    assert (config.generation.num_frames, config.worker.shard_size) == (163, 32)

@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
+import helm_python as helm
 import pytest
+import tomllib
 import yaml
 
+from batchgen.cli import build_parser
+from batchgen.commands._options import config_from_args
+from batchgen.config import RunConfig, load_config
 from batchgen.errors import ConfigError, TopologyError
-from batchgen.k8s import names
+from batchgen.item import ShapeGroup
+from batchgen.k8s import examples, names
+from batchgen.k8s.options import settings_from_args
 from batchgen.k8s.render import LaunchSettings, parse_shard_indices, render_pytorchjob
 from batchgen.launch_contract import shard_selection
 from batchgen.layout import shard_id
+from batchgen.parallel.topology import Topology, check_shapes
+from tests.k8s_manifests import load_all, submit_args
 from tests.k8s_schema import pytorchjob_problems, strict_schema
+from tests.test_kustomize import kustomize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RUN = "prompts-0123456789ab"
 SECRET_VALUE = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -31,7 +46,7 @@ BASE = LaunchSettings(
 # (id, settings changes, expected (nodes, nproc, ulysses, ring, cfg))
 SHAPES = [
     ("1x8-ulysses8", dict(nodes=1, gpus_per_node=8, ulysses_degree=8, cfg_degree=1), (1, 8, 8, 1, 1)),
-    ("2x8-ulysses8-ring2", dict(nodes=2, gpus_per_node=8, ulysses_degree=8, ring_degree=2, cfg_degree=1), (2, 8, 8, 2, 1)),
+    ("2x8-cfg2-ulysses8", dict(nodes=2, gpus_per_node=8, ulysses_degree=8, ring_degree=1, cfg_degree=2), (2, 8, 8, 1, 2)),
     ("1x8-cfg2-ulysses4", dict(nodes=1, gpus_per_node=8, ulysses_degree=4, cfg_degree=2), (1, 8, 4, 1, 2)),
     ("1x1", dict(nodes=1, gpus_per_node=1), (1, 1, 1, 1, 1)),
     ("1x8-auto", dict(nodes=1, gpus_per_node=8), (1, 8, 4, 1, 2)),
@@ -208,8 +223,9 @@ def test_webhook_rules_catch_violations(mutate, expected):
     ],
 )
 def test_degrees_that_do_not_fit_are_refused(changes, message):
-    with pytest.raises(TopologyError, match=message):
+    with pytest.raises(TopologyError, match=message) as refused:
         render_pytorchjob(RUN, [shard_id(0)], BASE.replace(**changes))
+    assert "(cfg x ulysses x ring) that fit world size 8: 1x8x1, 2x4x1, 1x4x2," in str(refused.value)
 
 
 def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluster_is_touched(tmp_path):
@@ -254,7 +270,7 @@ def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluste
         "8x1=8 (items clip-1, clip-3)" in bad.stderr
     )
     assert "163 frames" not in bad.stderr
-    assert "fit every item and world size 8 with cfg 1: 1x1, 1x2, 2x1" in bad.stderr
+    assert "(cfg x ulysses x ring) that fit world size 8 and every item: 2x2x1, 2x1x2, 1x2x1," in bad.stderr
     assert bad.stdout == ""
     padded = subprocess.run(
         [*common, "--gpus-per-node", "8", "--ulysses-degree", "8"], capture_output=True, text=True, timeout=60
@@ -276,6 +292,34 @@ def test_degrees_that_cannot_split_an_items_tokens_are_refused_before_the_cluste
         timeout=60,
     )
     assert only_long.returncode == 6 and "(items clip-1, clip-3)" in only_long.stderr  # per-row overrides win
+    too_big = subprocess.run(
+        [*common, "--gpus-per-node", "8", "--ulysses-degree", "12"], capture_output=True, text=True
+    )
+    assert too_big.returncode == 6
+    assert "= 12 does not divide the world size 8" in too_big.stderr
+    assert "that fit world size 8: 1x8x1, 2x4x1, 1x4x2, 2x2x2, 1x2x4, 2x1x4, 1x1x8, 1x4x1, 2x2x1," in too_big.stderr
+    too_big_xfuser = subprocess.run(
+        [*common, "--gpus-per-node", "8", "--ulysses-degree", "12", "--sp-backend", "xfuser"],
+        capture_output=True,
+        text=True,
+    )
+    assert too_big_xfuser.returncode == 6
+    assert "that fit world size 8 and every item: 2x2x1, 2x1x2, 1x2x1, 2x1x1, 1x1x2, 1x1x1" in too_big_xfuser.stderr
+    # Automatic degrees come from the plan's shape tally: the 49-frame rows get a layout that splits them.
+    auto = subprocess.run([*common, "--gpus-per-node", "8"], capture_output=True, text=True, timeout=60)
+    assert auto.returncode == 0, auto.stderr
+    command = next(iter(yaml.safe_load_all(auto.stdout)))["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    command = command["spec"]["containers"][0]["command"]
+    degrees = [int(command[command.index(f"--{axis}-degree") + 1]) for axis in ("cfg", "ulysses", "ring")]
+    assert degrees == [2, 4, 1]  # cfg 2 x ulysses 4: the native backend pads 14310 tokens to 14312
+    auto_xfuser = subprocess.run(
+        [*common, "--gpus-per-node", "8", "--sp-backend", "xfuser"], capture_output=True, text=True, timeout=60
+    )
+    assert auto_xfuser.returncode == 0, auto_xfuser.stderr
+    command = next(iter(yaml.safe_load_all(auto_xfuser.stdout)))["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    command = command["spec"]["containers"][0]["command"]
+    degrees = [int(command[command.index(f"--{axis}-degree") + 1]) for axis in ("cfg", "ulysses", "ring")]
+    assert degrees == [2, 2, 1]  # xfuser cannot pad: 14310 and 44520 both split in two, not in four
 
 
 @pytest.mark.parametrize(
@@ -391,3 +435,75 @@ def test_launcher_exits_with_the_workers_code(child, expected, tmp_path):
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == expected, done.stderr[-2000:]
+
+
+# -- every layout the project documents or ships passes the workers' shape check --------------------------------
+
+
+def _shape_tally(config) -> tuple:
+    g = config.generation
+    return (ShapeGroup(g.num_frames, g.height, g.width, items=1, examples=("default",)),)
+
+
+def _worker_topology(job: dict):
+    """The degrees the pods get, read back from the rendered job (not from how render chose them)."""
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    world = sum(s["replicas"] for s in specs.values()) * int(job["spec"]["nprocPerNode"])
+    command = specs["Master"]["template"]["spec"]["containers"][0]["command"]
+    cfg, ulysses, ring = (int(command[command.index(f"--{axis}-degree") + 1]) for axis in ("cfg", "ulysses", "ring"))
+    return Topology(world, world // (cfg * ulysses * ring), cfg, ulysses, ring)
+
+
+def _check_layout(settings: LaunchSettings, config) -> None:
+    plan = SimpleNamespace(run_id=RUN, config=config, shapes=_shape_tally(config))
+    job = render_pytorchjob(plan, [shard_id(0)], settings.replace(output=settings.output or "s3://b/o"))
+    # What `batchgen worker` runs on every rank before loading weights (check_items -> check_shapes).
+    check_shapes(_worker_topology(job), plan.shapes, num_heads=settings.num_heads)
+
+
+def _shipped_controllers() -> dict[str, list[dict]]:
+    """The objects of every shipped controller: chart defaults, the docs' values file, the kustomize base and
+    overlay. Each carries its launch settings and the run config it ships beside the layout."""
+    docs = (ROOT / "docs" / "kubernetes.md").read_text()
+    june = yaml.safe_load(docs.split("`values-june.yaml`:\n\n```yaml\n", 1)[1].split("```", 1)[0])
+    no_cluster = {"crdCheck": {"enabled": False}}
+    required = {
+        **no_cluster,
+        "run": {"manifest": "s3://videos-in/prompts.parquet", "output": "s3://videos-out/runs"},
+        "model": {"pvc": {"claimName": "w"}},
+    }
+    objects = {}
+    with helm.Chart.load(ROOT / "charts" / "batchgen") as chart:
+        for name, values in (("chart-defaults", required), ("docs-values-june", {**june, **no_cluster})):
+            rendered = chart.render(values, name="gen", namespace="videos", is_install=True)
+            objects[name] = [o for p, t in sorted(rendered.items()) if not p.endswith("NOTES.txt") for o in load_all(t)]
+    objects["kustomize-base"] = kustomize(ROOT / "k8s" / "base")
+    objects["kustomize-overlay"] = kustomize(ROOT / "k8s" / "overlays" / "example")
+    return objects
+
+
+def test_every_shipped_controller_layout_passes_the_workers_shape_check(tmp_path):
+    for name, objects in _shipped_controllers().items():
+        (tmp_path / name).mkdir()
+        args = submit_args(objects, tmp_path / name, "videos")
+        _check_layout(settings_from_args(args, output=args.output), config_from_args(args))
+
+
+@pytest.mark.parametrize("example", examples.EXAMPLES, ids=lambda e: e.filename)
+def test_every_jobs_example_passes_the_workers_shape_check(example):
+    _check_layout(example.settings, RunConfig())  # jobs/ render a plan's shards: Mochi's defaults unless changed
+
+
+def test_readme_layouts_pass_the_workers_shape_check(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    toml_text = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "run.toml").write_text(toml_text)
+    readme_config = load_config(tmp_path / "run.toml")
+    assert readme_config.generation.num_frames == tomllib.loads(toml_text)["generation"]["num_frames"] == 49
+    submits = [b.split("```", 1)[0] for b in readme.split("```bash\n")[1:] if b.startswith("batchgen submit")]
+    assert submits
+    for block in submits:
+        args = build_parser().parse_args(shlex.split(block.replace("\\\n", " "))[1:])
+        settings = settings_from_args(args, output=args.output)
+        for config in (RunConfig(), readme_config):  # Mochi's defaults, and the README's own 49-frame config
+            _check_layout(settings, config)

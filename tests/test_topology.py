@@ -36,6 +36,8 @@ class Shape:
         (16, {"num_heads": 24, "token_counts": [44520, 14310]}, (1, 2, 8, 1)),
         # never more sequence-parallel ranks than the smallest item has tokens: the rest is data parallel
         (8, {"num_heads": 4, "use_cfg": False, "token_counts": [3]}, (4, 1, 2, 1)),
+        # without padding (xfuser) ulysses x ring must also divide every count: 4 does not divide 14310
+        (8, {"num_heads": 24, "token_counts": [14310], "pad": False}, (2, 2, 2, 1)),
         # explicit: missing degrees are 1, data parallel fills the rest
         (8, {"num_heads": 24, "ulysses": 2}, (4, 1, 2, 1)),
         (8, {"num_heads": 24, "ulysses": 2, "ring": 2, "cfg": 2}, (1, 2, 2, 2)),
@@ -120,7 +122,9 @@ def test_xfuser_backend_cannot_pad_and_lists_working_degrees():
         "4x1=4 (items clip-0, clip-1, clip-2 (+2 more)); working: 1, 2, 3, 5, 6; the native backend pads any length"
     ) in text
     # layouts that fit both the items and the world size of 4
-    assert "fit every item and world size 4 with cfg 1: 1x1, 1x2, 2x1" in text
+    assert (
+        "(cfg x ulysses x ring) that fit world size 4 and every item: 2x2x1, 2x1x2, 1x2x1, 2x1x1, 1x1x2, 1x1x1" in text
+    )
 
 
 def test_heads_error_lists_layouts_that_fit_the_world():
@@ -130,7 +134,10 @@ def test_heads_error_lists_layouts_that_fit_the_world():
     text = str(info.value)
     assert "ulysses degree 8 does not divide the 4 attention heads (working: 1, 2, 4)" in text
     assert "frames at" not in text  # the native backend pads both shapes
-    assert text.endswith("with cfg 1: 1x1, 1x2, 2x1, 1x4, 2x2, 4x1, 1x8, 2x4, 4x2")
+    assert text.endswith(
+        "layouts (cfg x ulysses x ring) that fit world size 8: 2x4x1, 1x4x2, 2x2x2, 1x2x4, 2x1x4, 1x1x8, 1x4x1, "
+        "2x2x1, 1x2x2, 2x1x2, 1x1x4, 1x2x1, 2x1x1, 1x1x2, 1x1x1"
+    )
 
 
 def test_check_shapes_reports_counted_items_like_check_items():

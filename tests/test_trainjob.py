@@ -94,7 +94,11 @@ def test_runtime_fails_permanent_exit_codes_at_once_and_bounds_the_rest():
     (rule,) = job["podFailurePolicy"]["rules"]
     # No containerName: the rule also covers the init container (the weights fetch).
     assert rule == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": list(range(1, 128))}}
-    assert (job["backoffLimit"], job["activeDeadlineSeconds"]) == (2, DEFAULT_DEADLINE_S)
+    assert (job["backoffLimit"], job["activeDeadlineSeconds"]) == (2, 24 * 3600)  # the settings' default
+    unset = render_trainingruntime(settings.replace(active_deadline_seconds=None))
+    assert unset["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["activeDeadlineSeconds"] == (
+        DEFAULT_DEADLINE_S
+    )
     assert (
         render_trainingruntime(settings.replace(active_deadline_seconds=600))["spec"]["template"]["spec"][
             "replicatedJobs"
@@ -177,7 +181,29 @@ def test_trainjob_backend_creates_adopts_and_reports_a_missing_runtime(kube):
     assert any(call[1:] == ("get", "trainer.kubeflow.org", "trainjobs") for call in kube.emulator.calls)
     assert job.kind == "TrainJob" and job.state == "Created" and job.shards == SHARDS
     assert [j.name for j in backend.list(names.run_selector(RUN))[0]] == [job.name]
-    assert backend.delete(job.name) and backend.get(job.name) is None
+    assert backend.delete(job.name) and backend.get(job.name).deleting  # foreground: until its pods are gone
+    kube.emulator.wait_for_deletions()
+    assert backend.get(job.name) is None
+
+
+def test_ending_a_trainjob_suspends_it_and_then_it_counts_as_failed(kube):
+    """spec.activeDeadlineSeconds of a TrainJob is immutable (v2.3) or absent (v2.1); spec.suspend is not."""
+    backend = make_backend("trainjob", kube.namespace, _api(kube))
+    settings = BASE.replace(namespace=kube.namespace)
+    kube.emulator.put(render_trainingruntime(settings))
+    job, _ = backend.create(backend.render(RUN, SHARDS, settings, 1, group=(SHARDS[0], SHARDS[-1])))
+    backend.end(job.name, "batchgen stopped the job: too many restarts")
+    ended = backend.get(job.name)
+    assert ended.raw["spec"]["suspend"] is True
+    assert ended.annotations[names.ENDED_ANNOTATION] == "batchgen stopped the job: too many restarts"
+    assert not ended.finished  # pods still there until the Trainer has suspended the JobSet
+    suspended = {"type": "Suspended", "status": "True", "reason": "Suspended", "message": "TrainJob is suspended"}
+    with kube.emulator._lock:  # the Trainer's status update (kubeflow/trainer trainjob_controller.go)
+        kind = kube.emulator.kinds[("trainer.kubeflow.org", "v1alpha1", "trainjobs")]
+        kube.emulator._patch(kind, kube.namespace, job.name, {"status": {"conditions": [suspended]}}, "status", "Warn")
+    failed = backend.get(job.name)
+    assert (failed.state, failed.finished) == ("Failed", True)
+    assert failed.reason() == "batchgen stopped the job: too many restarts (Suspended: TrainJob is suspended)"
 
 
 def _api(kube):
@@ -213,7 +239,9 @@ def test_a_trainer_v2_3_api_server_takes_runtime_patches_and_refuses_pod_templat
         job, created = backend.create(backend.render(RUN, SHARDS, settings, 1, group=(SHARDS[0], SHARDS[-1])))
         assert created and job.raw["spec"]["runtimePatches"][0]["manager"] == "batchgen.io/controller"
         old_shape = backend.render(RUN, SHARDS, settings.replace(trainer_api="v2.1"), 2, group=(SHARDS[0], SHARDS[-1]))
-        with pytest.raises(ClusterError, match="'podTemplateOverrides' was unexpected.*set trainer_api"):
+        with pytest.raises(
+            ClusterError, match='strict decoding error: unknown field "spec.podTemplateOverrides".*set trainer_api'
+        ):
             backend.create(old_shape)
     finally:
         emulator.stop()

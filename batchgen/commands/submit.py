@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     from batchgen.commands._options import config_from_args
     from batchgen.errors import ConfigError
-    from batchgen.k8s.backend import TrainJobBackend, load_api_client, make_backend
+    from batchgen.k8s.backend import TrainJobBackend, context_namespace, load_api_client, make_backend
     from batchgen.k8s.controller import RunController
     from batchgen.k8s.options import settings_from_args
     from batchgen.k8s.render import resolve_degrees
@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from batchgen import metrics
 
     metrics.serve(metrics.CONTROLLER_REGISTRY, metrics.resolve_port(args.metrics_port))
+    if not settings.namespace:
+        settings = settings.replace(namespace=context_namespace(args.kubeconfig, args.context))
     backend = make_backend(settings.launcher, settings.namespace, load_api_client(args.kubeconfig, args.context))
     if isinstance(backend, TrainJobBackend):
         backend.check_runtime(settings.runtime_name)

@@ -8,9 +8,13 @@ Every Kubernetes API error is translated here, once, into what the rest of batch
 - 409 on create: the job exists (a previous submit, or another controller, created it): read it back and adopt it;
 - 403: ``ClusterError`` naming the RBAC verb and resource the controller's identity lacks;
 - 404 on the collection: the kind's CRD is not installed;
-- 422: ``ClusterError`` with the API server's reason;
-- 5xx, 429 and connection errors: retried with exponential backoff, then ``TransientClusterError`` (retryable exit);
-- 410 during a watch: list again and watch from the list's resourceVersion.
+- 400 and 422: ``ClusterError`` with the API server's reason (objects are sent with ``fieldValidation=Strict``,
+  so a misspelled field is refused with 400 instead of silently dropped);
+- 5xx, 429 and connection errors: retried with exponential backoff (429 waits its ``Retry-After``), then
+  ``TransientClusterError`` (retryable exit);
+- 410 during a watch: list again and watch from the list's resourceVersion; 410 for a list's continue token: list
+  again from the start.
+Lists are paged (``LIST_PAGE`` objects per request), so a run with thousands of jobs never asks for all at once.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from batchgen.k8s.render import LAUNCHERS
 log = logging.getLogger("batchgen.k8s.backend")
 
 FINISHED_STATES = ("Succeeded", "Failed")
+LIST_PAGE = 500
+IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 T = TypeVar("T")
 
 
@@ -104,7 +110,8 @@ class JobInfo:
         # kubeflow/trainer); whether it runs is read from its JobSet's child jobs in status.jobsStatus.
         for condition, state in (("Complete", "Succeeded"), ("Failed", "Failed"), ("Suspended", "Suspended")):
             if self.condition(condition):
-                return state
+                # A TrainJob batchgen ended (see TrainJobBackend.end) stays suspended for good: it failed.
+                return "Failed" if state == "Suspended" and names.ENDED_ANNOTATION in self.annotations else state
         return "Running" if self.active_pods else "Created"
 
     @property
@@ -118,13 +125,33 @@ class JobInfo:
     def finished(self) -> bool:
         return self.state in FINISHED_STATES
 
+    @property
+    def deleting(self) -> bool:
+        """Deletion was requested; the object stays until its finalizers (foreground deletion) are done."""
+        return bool((self.raw.get("metadata") or {}).get("deletionTimestamp"))
+
     def reason(self) -> str:
         c = self.condition(self._condition_type())
-        return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") if c else ""
+        text = f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") if c else ""
+        ended = self.annotations.get(names.ENDED_ANNOTATION)
+        return f"{ended} ({text})" if ended and text else ended or text
 
     def _condition_type(self) -> str:
         state = self.state
-        return {"Succeeded": "Complete"}.get(state, state) if self.kind == "TrainJob" else state
+        if self.kind != "TrainJob":
+            return state
+        if state == "Failed" and not self.condition("Failed"):
+            return "Suspended"  # ended by batchgen
+        return {"Succeeded": "Complete"}.get(state, state)
+
+    @property
+    def failed_pods(self) -> int:
+        """Pods the operator currently reports failed (a retryable one is deleted and recreated right after).
+        Zero for a TrainJob: its JobSet counts and bounds its own restarts (failurePolicy.maxRestarts)."""
+        if self.kind == "TrainJob":
+            return 0
+        replicas = (self.raw.get("status") or {}).get("replicaStatuses") or {}
+        return sum(int(r.get("failed") or 0) for r in replicas.values())
 
 
 @dataclass(frozen=True)
@@ -162,6 +189,10 @@ class JobBackend(abc.ABC):
         """Delete the job (and, through the operator, its pods); False if it did not exist."""
 
     @abc.abstractmethod
+    def end(self, name: str, why: str) -> None:
+        """Stop a running job so that it finishes as Failed, recording ``why`` on it."""
+
+    @abc.abstractmethod
     def watch(self, label_selector: str, resource_version: str, timeout_s: int) -> Iterator[WatchEvent]:
         """Changes after ``resource_version`` until ``timeout_s`` passes."""
 
@@ -176,6 +207,19 @@ def _is_retryable(error: BaseException) -> bool:
     return isinstance(error, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
+def _retry_after_or(backoff: Callable[[Any], float], cap_s: float) -> Callable[[Any], float]:
+    """A tenacity wait: the server's Retry-After on a 429 (API priority and fairness), else ``backoff``."""
+
+    def wait(state: Any) -> float:
+        error = state.outcome.exception()
+        headers = getattr(error, "headers", None) or {}
+        if getattr(error, "status", None) == 429 and str(headers.get("Retry-After", "")).isdigit():
+            return min(float(headers["Retry-After"]), cap_s)
+        return backoff(state)
+
+    return wait
+
+
 def _retrying_after(verb: str, resource: str, error: BaseException | None) -> None:
     metrics.api_error(verb, getattr(error, "status", None))
     log.warning("Kubernetes API %s %s failed (%s); retrying", verb, resource, _short(error))
@@ -186,6 +230,27 @@ def _status_body(error: Any) -> dict[str, Any]:
         return json.loads(error.body or "{}")
     except (TypeError, ValueError):
         return {}
+
+
+def context_namespace(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """The namespace a namespaced command uses when none is given: the kubeconfig context's, in-cluster the
+    pod's own, else "default" (what kubectl does)."""
+    from kubernetes import config
+
+    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            with open(IN_CLUSTER_NAMESPACE) as f:
+                return f.read().strip() or "default"
+        except OSError:
+            return "default"
+    try:
+        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    except config.ConfigException as e:
+        raise ClusterError(f"no Kubernetes configuration: {e} (set KUBECONFIG or run inside the cluster)") from e
+    chosen = next((c for c in contexts if c["name"] == context), None) if context else active
+    if chosen is None:
+        raise ClusterError(f"kubeconfig has no context {context!r}")
+    return (chosen.get("context") or {}).get("namespace") or "default"
 
 
 def load_api_client(kubeconfig: str | None = None, context: str | None = None):
@@ -211,6 +276,8 @@ class CustomObjectBackend(JobBackend):
     plural: str
     install_hint: str
     """What to install when the API server does not serve the kind."""
+    ending_spec: dict[str, Any]
+    """The spec change (a JSON merge patch) that makes the kind's controller stop the job for good (``end``)."""
 
     @property
     def resource(self) -> str:
@@ -241,7 +308,7 @@ class CustomObjectBackend(JobBackend):
         retrying = _Retrying(
             retry=retry_if_exception(_is_retryable),
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential(multiplier=0.2, max=self.max_wait_s),
+            wait=_retry_after_or(wait_exponential(multiplier=0.2, max=self.max_wait_s), cap_s=60),
             reraise=False,
             before_sleep=lambda state: _retrying_after(verb, self.resource, state.outcome.exception()),
         )
@@ -274,7 +341,7 @@ class CustomObjectBackend(JobBackend):
             return ClusterError(
                 f"{self.kind} API ({self.group}/{self.version}) not installed in this cluster: {self.install_hint}"
             )
-        if error.status == 422:
+        if error.status in (400, 422):
             return ClusterError(f"the API server rejected {what}: {message}{self.rejection_hint(message)}")
         return ClusterError(f"Kubernetes API {verb} {what} failed with HTTP {error.status}: {message}")
 
@@ -305,7 +372,7 @@ class CustomObjectBackend(JobBackend):
         def attempt() -> dict[str, Any]:
             try:
                 return self.api.create_namespaced_custom_object(
-                    self.group, self.version, self.namespace, self.plural, manifest,
+                    self.group, self.version, self.namespace, self.plural, manifest, field_validation="Strict",
                     _request_timeout=self.request_timeout_s,
                 )  # fmt: skip
             except ApiException as e:
@@ -333,18 +400,47 @@ class CustomObjectBackend(JobBackend):
         return self._info(obj) if obj else None
 
     def list(self, label_selector: str) -> tuple[list[JobInfo], str]:
-        result = self._call(
-            "list",
-            self.api.list_namespaced_custom_object,
-            self.group,
-            self.version,
-            self.namespace,
-            self.plural,
-            label_selector=label_selector,
-            _request_timeout=self.request_timeout_s,
+        from kubernetes.client.exceptions import ApiException
+
+        for _ in range(self.attempts):
+            try:
+                return self._list_pages(label_selector)
+            except ApiException as e:
+                if e.status != 410:
+                    raise self._translate("list", e, None) from e
+                # The continue token outlived the compacted history: only a fresh list is consistent.
+                log.info("list of %s expired between pages; listing again", self.resource)
+        raise TransientClusterError(
+            f"Kubernetes API list {self.resource}: continue token expired {self.attempts} times"
         )
-        jobs = [self._info(o) for o in result.get("items", [])]
-        return jobs, str((result.get("metadata") or {}).get("resourceVersion", ""))
+
+    def _list_pages(self, label_selector: str) -> tuple[list[JobInfo], str]:
+        from kubernetes.client.exceptions import ApiException
+
+        def page(token: str | None) -> dict[str, Any]:
+            try:
+                return self.api.list_namespaced_custom_object(
+                    self.group, self.version, self.namespace, self.plural, label_selector=label_selector,
+                    limit=LIST_PAGE, _continue=token, _request_timeout=self.request_timeout_s,
+                )  # fmt: skip
+            except ApiException as e:
+                if e.status == 410:
+                    raise _Expired(e) from e
+                raise
+
+        jobs: list[JobInfo] = []
+        token, version = None, ""
+        while True:
+            try:
+                result = self._call("list", page, token)
+            except _Expired as e:
+                raise e.error from None
+            meta = result.get("metadata") or {}
+            version = version or str(meta.get("resourceVersion", ""))
+            jobs += [self._info(o) for o in result.get("items", [])]
+            token = meta.get("continue")
+            if not token:
+                return jobs, version
 
     def delete(self, name: str) -> bool:
         from kubernetes.client.exceptions import ApiException
@@ -362,6 +458,13 @@ class CustomObjectBackend(JobBackend):
                 raise
 
         return self._call("delete", attempt, name=name)
+
+    def end(self, name: str, why: str) -> None:
+        patch = {"metadata": {"annotations": {names.ENDED_ANNOTATION: why}}, "spec": self.ending_spec}
+        self._call(
+            "patch", self.api.patch_namespaced_custom_object, self.group, self.version, self.namespace, self.plural,
+            name, patch, name=name, field_validation="Strict", _request_timeout=self.request_timeout_s,
+        )  # fmt: skip
 
     def watch(self, label_selector: str, resource_version: str, timeout_s: int) -> Iterator[WatchEvent]:
         from kubernetes import watch
@@ -410,6 +513,10 @@ class PyTorchJobBackend(CustomObjectBackend):
     install_hint = (
         "install the Kubeflow training operator v1.9 (its pytorchjobs.kubeflow.org CRD), or use --launcher trainjob"
     )
+    # The v1 operator fails a job past runPolicy.activeDeadlineSeconds (measured from status.startTime),
+    # deleting its pods and keeping the job as the record (training-operator pkg/controller.v1/common/job.go,
+    # ReconcileJobs and PastActiveDeadline). A deadline of 1 s is past for any job that has restarted.
+    ending_spec = {"runPolicy": {"activeDeadlineSeconds": 1}}
 
     def render(
         self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]
@@ -424,6 +531,11 @@ class TrainJobBackend(CustomObjectBackend):
 
     group, version, plural, kind = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
     install_hint = "install Kubeflow Trainer v2 (its trainjobs.trainer.kubeflow.org CRD), or use --launcher pytorchjob"
+    # spec.activeDeadlineSeconds exists only from Trainer v2.3 and is immutable, so a deadline cannot be set on a
+    # running TrainJob. spec.suspend can (every v2 release): the Trainer suspends the JobSet, whose pods are
+    # deleted, and the TrainJob shows Suspended (kubeflow/trainer pkg/controller/trainjob_controller.go,
+    # setSuspendedCondition). With batchgen's ended annotation that counts as Failed (JobInfo.state).
+    ending_spec = {"suspend": True}
 
     def render(
         self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]
@@ -520,6 +632,14 @@ def make_backend(launcher: str, namespace: str, api_client: Any) -> CustomObject
 
 class _AlreadyExists(Exception):
     pass
+
+
+class _Expired(Exception):
+    """A 410 for a list's continue token, carried past the retry loop (which would translate it)."""
+
+    def __init__(self, error: Any):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _collection_missing(body: dict[str, Any]) -> bool:

@@ -10,7 +10,15 @@ exist comes from the API server (by label). The controller keeps nothing in memo
 - a group whose shards are all finished in storage gets no new job, whatever the cluster says;
 - a group whose latest job failed (or succeeded with shards still unfinished, e.g. items that failed
   permanently) is relaunched as attempt N+1 for its unfinished shards only, up to ``max_attempts``;
-- at most ``max_jobs`` jobs run at once.
+- at most ``max_jobs`` jobs run at once;
+- a group's jobs are deleted once storage shows all its shards finished (a pod still running then is only
+  exiting): the run's record is in storage, and each pass lists only the jobs of groups still in progress or
+  given up, however many groups are done;
+- a job whose pods restart more than ``settings.backoff_limit`` times is stopped (``backend.end``), so it ends
+  as Failed and counts as an attempt. The v1 operator recreates a pod that exited >= 128 (or failed in an init
+  container) without counting it against ``backoffLimit``, so without this such a job would retry until its
+  ``activeDeadlineSeconds``. Restarts are counted from what the job's status shows (see ``RestartCounter``);
+  the count lives in memory, so a restarted controller starts it again and the deadline stays the backstop.
 """
 
 from __future__ import annotations
@@ -82,6 +90,38 @@ class Reconciled:
         )
 
 
+@dataclass
+class _Seen:
+    restarting: bool = False
+    failed_pods: int = 0
+    restarts: int = 0
+
+
+class RestartCounter:
+    """Pod recreations of each job, counted from its status as the controller sees it change.
+
+    The v1 operator exposes no restart count. Each recreation shows either as the Restarting condition turning
+    True (ReconcilePods sets it when it deletes a retryable pod) or, when another replica keeps the job Running
+    in the same status update, as ``replicaStatuses.*.failed`` rising (the deleted pod is still counted failed in
+    that update and gone by the next). training-operator pkg/controller.v1/common/pod.go, ReconcilePods.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, _Seen] = {}
+
+    def observe(self, job: JobInfo) -> int:
+        seen = self._seen.setdefault(job.uid, _Seen())
+        restarting, failed = job.state == "Restarting", job.failed_pods
+        if not job.finished and ((restarting and not seen.restarting) or failed > seen.failed_pods):
+            seen.restarts += 1
+        seen.restarting, seen.failed_pods = restarting, failed
+        return seen.restarts
+
+    def restarts(self, job: JobInfo) -> int:
+        seen = self._seen.get(job.uid)
+        return seen.restarts if seen else 0
+
+
 def make_groups(shards: list[str], shards_per_job: int) -> list[Group]:
     if shards_per_job < 1:
         raise ValueError(f"shards_per_job must be >= 1, got {shards_per_job}")
@@ -119,6 +159,7 @@ class RunController:
         self.selector = names.run_selector(plan.run_id)
         self._scan = scan or scan_run
         self._resource_version = ""
+        self.restarts = RestartCounter()
 
     def _jobs_by_group(self) -> dict[tuple[int, int], list[JobInfo]]:
         jobs, self._resource_version = self.backend.list(self.selector)
@@ -128,6 +169,7 @@ class RunController:
             if job.annotations.get(names.RUN_ANNOTATION, self.plan.run_id) != self.plan.run_id or job.group is None:
                 continue
             by_group.setdefault(job.group, []).append(job)
+            self.restarts.observe(job)
         for group_jobs in by_group.values():
             group_jobs.sort(key=lambda j: j.attempt)
         return by_group
@@ -144,6 +186,7 @@ class RunController:
             latest = jobs[-1] if jobs else None
             if not pending:
                 status = "done"
+                self._delete(jobs)
             elif latest is not None and not latest.finished:
                 status = "running"
             elif latest is not None and latest.attempt >= self.max_attempts:
@@ -151,8 +194,12 @@ class RunController:
             else:
                 status = "launch"
             result.groups.append(GroupState(group, pending, latest, status))
+        for state in result.groups:
+            if state.status == "running" and state.latest is not None:
+                self._end_if_restarting_too_often(state.latest)
         # A job whose shards are already finished in storage may still hold its pods for a moment (the Master
-        # writes the last stats, then exits): it counts against max_jobs until the cluster says it finished.
+        # writes the last stats, then exits; a deleted job's pods take a while to go): it counts against max_jobs
+        # until it finished or is gone.
         live = sum(1 for g in result.groups if g.latest is not None and not g.latest.finished)
         slots = self.max_jobs - live
         for state in result.groups:
@@ -173,6 +220,25 @@ class RunController:
             state.latest, slots = job, slots - 1
             state.status = "running" if not job.finished else "launch"
         return result
+
+    def _delete(self, jobs: list[JobInfo]) -> None:
+        for job in jobs:
+            if not job.deleting:
+                log.info("job %s (%s): its shards are done, deleting it", job.name, job.state.lower())
+                self.backend.delete(job.name)
+
+    def _over_restart_limit(self, job: JobInfo) -> bool:
+        return self.restarts.restarts(job) > self.settings.backoff_limit and not job.finished
+
+    def _end_if_restarting_too_often(self, job: JobInfo) -> None:
+        if not self._over_restart_limit(job) or names.ENDED_ANNOTATION in job.annotations:
+            return
+        why = (
+            f"batchgen stopped the job: its pods restarted {self.restarts.restarts(job)} times, more than the "
+            f"backoff limit {self.settings.backoff_limit}"
+        )
+        log.warning("job %s: %s", job.name, why)
+        self.backend.end(job.name, why)
 
     def run(
         self,
@@ -214,7 +280,11 @@ class RunController:
     def _wait_for_change(self) -> None:
         """Block until a job of the run changes (or resync_s passes: storage progress has no events)."""
         for event in self.backend.watch(self.selector, self._resource_version, self.resync_s):
-            if event.type == "RESYNC" or (event.job is not None and (event.job.finished or event.type == "DELETED")):
+            if event.type == "RESYNC" or event.job is None:
+                return
+            # Every status change is counted, including restarts that a later listing would no longer show.
+            self.restarts.observe(event.job)
+            if event.job.finished or event.type == "DELETED" or self._over_restart_limit(event.job):
                 return
 
 

@@ -59,10 +59,12 @@ EXAMPLES: tuple[Example, ...] = (
         _COMMON.replace(nodes=1, gpus_per_node=8, ulysses_degree=8, ring_degree=1, cfg_degree=1),
     ),
     Example(
-        "2x8-ulysses8-ring2.yaml",
-        "2 nodes x 8 GPUs, Ulysses 8 inside a node x ring 2 across nodes",
+        # CFG parallel across nodes: the two guidance branches meet once per step, where ring attention would pass
+        # key/value blocks between the nodes in every attention layer.
+        "2x8-cfg2-ulysses8.yaml",
+        "2 nodes x 8 GPUs, Ulysses 8 inside a node x CFG parallel 2 across nodes",
         (shard_id(2), shard_id(3)),
-        _COMMON.replace(nodes=2, gpus_per_node=8, ulysses_degree=8, ring_degree=2, cfg_degree=1, shm_size="128Gi"),
+        _COMMON.replace(nodes=2, gpus_per_node=8, ulysses_degree=8, ring_degree=1, cfg_degree=2, shm_size="128Gi"),
     ),
     Example(
         "1x8-cfg2-ulysses4.yaml",

@@ -52,8 +52,8 @@ class LaunchSettings:
 
     output: str = ""
     """Run output URI the workers write to (s3://bucket/prefix). Required to render."""
-    namespace: str = "default"
-    """Namespace of the PyTorchJobs."""
+    namespace: str = ""
+    """Namespace of the jobs; empty = the kubeconfig context's (submit), left out of the YAML (render)."""
     image: str = "ghcr.io/batchgen/batchgen:0.1.0"
     """Worker image (batchgen + CUDA torch)."""
     image_pull_policy: str = "IfNotPresent"
@@ -113,8 +113,10 @@ class LaunchSettings:
     s3_secret_access_key_key: str = "AWS_SECRET_ACCESS_KEY"
     s3_session_token_key: str | None = None
     backoff_limit: int = 3
-    """Pod restarts (exit codes >= 128) before the job fails."""
-    active_deadline_seconds: int | None = None
+    """Pod restarts (exit codes >= 128, init container failures) before the job fails. The v1 operator does not
+    count recreated pods, so the controller counts them and stops the job past this limit."""
+    active_deadline_seconds: int | None = 24 * 3600
+    """Seconds a job may run before the operator fails it: the backstop when nothing else ends its retries."""
     ttl_seconds_after_finished: int | None = 7 * 24 * 3600
     """Keep finished jobs long enough for a restarted controller to see why they ended."""
     termination_grace_seconds: int = 120
@@ -162,7 +164,11 @@ class LaunchSettings:
             problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
         if not self.image:
             problems.append("image must not be empty")
-        if not names.is_dns_label(self.namespace) and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", self.namespace):
+        if (
+            self.namespace
+            and not names.is_dns_label(self.namespace)
+            and not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", self.namespace)
+        ):
             problems.append(f"namespace {self.namespace!r} is not a DNS-1123 label")
         for name in ("cpu", "memory", "shm_size", "scratch_size", "model_cache_size"):
             value = getattr(self, name)
@@ -244,10 +250,11 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
     anything is created: a degree that cannot split an item's tokens would otherwise fail only once the pods had
     their GPUs and had loaded the weights.
 
-    Settings win; zero falls back to the plan's config, and zero there means "choose automatically".
-    Returns the ``batchgen.parallel.topology.Topology``; raises TopologyError with the degrees that would fit.
+    Settings win; zero falls back to the plan's config, and zero there means "choose automatically" from the
+    plan's shape tally (degrees that fit every item). Returns the ``batchgen.parallel.topology.Topology``; raises
+    TopologyError listing the layouts that would fit.
     """
-    from batchgen.parallel.topology import check_shapes, choose_topology
+    from batchgen.parallel.topology import check_shapes, choose_topology, shape_token_counts
 
     parallel = getattr(getattr(plan, "config", None), "parallel", None)
     generation = getattr(getattr(plan, "config", None), "generation", None)
@@ -255,10 +262,11 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
     ring = settings.ring_degree or getattr(parallel, "ring_degree", 0)
     cfg = settings.cfg_degree or getattr(parallel, "cfg_degree", 0)
     use_cfg = generation.guidance_scale > 1.0 if generation is not None else True
-    topology = choose_topology(
-        settings.world_size, ulysses=ulysses, ring=ring, cfg=cfg, num_heads=settings.num_heads, use_cfg=use_cfg
-    )
     shapes = getattr(plan, "shapes", ())
+    topology = choose_topology(
+        settings.world_size, ulysses=ulysses, ring=ring, cfg=cfg, num_heads=settings.num_heads, use_cfg=use_cfg,
+        token_counts=shape_token_counts(shapes), pad=settings.sp_backend != "xfuser",
+    )  # fmt: skip
     if topology.sp > 1 and shapes:
         check_shapes(topology, shapes, num_heads=settings.num_heads, sp_backend=settings.sp_backend)
     return topology
@@ -474,15 +482,13 @@ def job_identity(
     if settings.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = settings.queue_name
     name = names.job_name(run_id, first, last, attempt)
-    metadata = {
-        "name": name,
-        "namespace": settings.namespace,
-        "labels": job_labels,
-        "annotations": {
-            names.RUN_ANNOTATION: run_id,
-            names.SHARDS_ANNOTATION: ",".join(ordered),
-            names.OUTPUT_ANNOTATION: settings.output,
-        },
+    metadata: dict[str, Any] = {"name": name, "namespace": settings.namespace, "labels": job_labels}
+    if not settings.namespace:
+        del metadata["namespace"]  # kubectl apply then uses its context's namespace, as submit does
+    metadata["annotations"] = {
+        names.RUN_ANNOTATION: run_id,
+        names.SHARDS_ANNOTATION: ",".join(ordered),
+        names.OUTPUT_ANNOTATION: settings.output,
     }
     return JobIdentity(run_id, ordered, topology, name, labels, metadata)
 

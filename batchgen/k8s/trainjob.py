@@ -64,7 +64,7 @@ def render_trainingruntime(settings: LaunchSettings) -> dict[str, Any]:
         "kind": RUNTIME_KIND,
         "metadata": {
             "name": settings.runtime_name,
-            "namespace": settings.namespace,
+            **({"namespace": settings.namespace} if settings.namespace else {}),
             "labels": {**names.MANAGED_BY, FRAMEWORK_LABEL: "torch"},
         },
         "spec": {

@@ -107,6 +107,7 @@ def choose_topology(
     num_heads: int,
     use_cfg: bool = True,
     token_counts: Collection[int] = (),
+    pad: bool = True,
 ) -> Topology:
     """Degrees for ``world_size`` ranks.
 
@@ -114,7 +115,8 @@ def choose_topology(
     Automatic mode (all degrees 0): the whole world works on one item: cfg 2 when guidance is used, then the
     largest Ulysses degree that divides the heads, then ring for what is left; the sequence is padded to fit.
     ulysses x ring stays within the smallest count in ``token_counts`` (more ranks than tokens would hold
-    nothing but padding); what is left becomes data parallel.
+    nothing but padding) and, without padding (``pad=False``, the xfuser backend), divides every count; what is
+    left becomes data parallel.
     """
     if world_size < 1:
         raise TopologyError(f"world size must be >= 1, got {world_size}")
@@ -124,17 +126,18 @@ def choose_topology(
         raise TopologyError(f"degrees must be >= 0 and cfg 0, 1 or 2; got ulysses {ulysses} ring {ring} cfg {cfg}")
     if ulysses or ring or cfg:
         ulysses, ring, cfg = ulysses or 1, ring or 1, cfg or 1
+        hint = layouts_hint(world_size, num_heads=num_heads, token_counts=token_counts, use_cfg=use_cfg, pad=pad)
         if num_heads % ulysses:
             working = [d for d in _divisors(num_heads) if world_size % d == 0]
             raise TopologyError(
                 f"ulysses degree {ulysses} does not divide the model's {num_heads} attention heads; "
-                f"working ulysses degrees for world size {world_size}: {', '.join(map(str, working))}"
+                f"working ulysses degrees for world size {world_size}: {', '.join(map(str, working))}; {hint}"
             )
         group = cfg * ulysses * ring
         if world_size % group:
             raise TopologyError(
                 f"cfg {cfg} x ulysses {ulysses} x ring {ring} = {group} does not divide the world size "
-                f"{world_size}; data parallel needs a whole number of groups"
+                f"{world_size}; data parallel needs a whole number of groups; {hint}"
             )
         return Topology(world_size, world_size // group, cfg, ulysses, ring)
 
@@ -143,9 +146,14 @@ def choose_topology(
     remaining //= cfg
 
     most = min(token_counts, default=remaining)
-    ulysses = max(d for d in _divisors(remaining) if num_heads % d == 0 and d <= most)
+    common = math.gcd(*token_counts) if token_counts else 0
+
+    def fits(sp: int) -> bool:
+        return sp <= most and (pad or not common or common % sp == 0)
+
+    ulysses = max(d for d in _divisors(remaining) if num_heads % d == 0 and fits(d))
     remaining //= ulysses
-    ring = max(d for d in _divisors(remaining) if ulysses * d <= most)
+    ring = max(d for d in _divisors(remaining) if fits(ulysses * d))
     return Topology(world_size, remaining // ring, cfg, ulysses, ring)
 
 
@@ -177,6 +185,35 @@ def working_layouts(
         if pad or g == 0 or g % sp == 0:
             pairs.extend((u, sp // u) for u in _divisors(sp) if num_heads % u == 0)
     return pairs
+
+
+def shape_token_counts(shapes: Iterable[ShapeGroup], *, vae_spatial: int = 8, patch: int = 2) -> tuple[int, ...]:
+    """The distinct visual token counts of a plan's shapes (what ``choose_topology`` fits automatic degrees to)."""
+    counts = {visual_tokens(g.num_frames, g.height, g.width, vae_spatial=vae_spatial, patch=patch) for g in shapes}
+    return tuple(sorted(counts))
+
+
+def fitting_layouts(
+    world_size: int, *, num_heads: int, token_counts: Collection[int] = (), use_cfg: bool = True, pad: bool = True
+) -> list[str]:
+    """Every "CxUxR" (cfg x ulysses x ring) that fits ``world_size`` ranks, the heads and, without padding (the
+    xfuser backend), every token count (data parallel fills the rest), those using the most ranks per item first."""
+    layouts = []
+    for cfg in (2, 1) if use_cfg else (1,):
+        if world_size % cfg:
+            continue
+        group_world = world_size // cfg
+        pairs = working_layouts(token_counts, num_heads=num_heads, max_sp=group_world, pad=pad)
+        layouts += [(cfg * u * r, u, cfg, r) for u, r in pairs if group_world % (u * r) == 0]
+    return [f"{c}x{u}x{r}" for _, u, c, r in sorted(layouts, reverse=True)]
+
+
+def layouts_hint(
+    world_size: int, *, num_heads: int, token_counts: Collection[int] = (), use_cfg: bool = True, pad: bool = True
+) -> str:
+    fitting = fitting_layouts(world_size, num_heads=num_heads, token_counts=token_counts, use_cfg=use_cfg, pad=pad)
+    items = " and every item" if token_counts and not pad else ""
+    return f"layouts (cfg x ulysses x ring) that fit world size {world_size}{items}: " + (", ".join(fitting) or "none")
 
 
 def check_items(
@@ -238,16 +275,7 @@ def check_shapes(
             )
     if not problems:
         return
-    group_world = topology.world_size // topology.cfg
-    fitting = [
-        f"{u}x{r}"
-        for u, r in working_layouts(token_counts.values(), num_heads=num_heads, max_sp=group_world, pad=pad)
-        if group_world % (u * r) == 0
-    ]
-    hint = (
-        f"layouts (ulysses x ring) that fit every item and world size {topology.world_size} with cfg {topology.cfg}: "
-        + (", ".join(fitting) if fitting else "none")
-    )
+    hint = layouts_hint(topology.world_size, num_heads=num_heads, token_counts=tuple(token_counts.values()), pad=pad)
     raise TopologyError(
         f"parallel degrees do not fit ({topology.describe()}):\n  " + "\n  ".join(problems) + f"\n  {hint}"
     )
