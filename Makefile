@@ -27,6 +27,9 @@ demo: $(STAMP) ## demo batch run: tiny Mochi model, 6 prompts, local folder outp
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+test-fast: $(STAMP) ## the test suite without the slow end-to-end tests (marked slow)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 lint: $(STAMP) ## ruff check and ruff format --check
 	$(BIN)/ruff check batchgen tests bench
 	$(BIN)/ruff format --check batchgen tests bench
@@ -43,4 +46,4 @@ jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen ren
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf out .pytest_cache
 
-.PHONY: help venv demo test lint bench jobs clean
+.PHONY: help venv demo test test-fast lint bench jobs clean

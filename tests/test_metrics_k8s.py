@@ -35,7 +35,7 @@ def test_controller_and_worker_pods_serve_metrics_and_pods_log_json(
     worker_port = port + 1
     # One job at a time: the fake operator runs every pod on this host, where two pods would share a port.
     observability = ["--worker-metrics-port", str(worker_port), "--worker-log-format", "json", "--max-jobs", "1"]
-    # The launcher named: with auto, discovery (which is not retried) would take the first injected 503.
+    # The fake operator here runs PyTorchJobs; with auto the emulator (which also serves TrainJob) would pick TrainJob.
     observability += ["--launcher", "pytorchjob"]
     command = submit_command(
         kube, manifest, s3_uri, s3_server, tiny_model_dir, "--metrics-port", str(port), *observability
