@@ -154,7 +154,9 @@ def test_auto_prefers_trainjob_falls_back_to_pytorchjob_and_names_both_when_neit
     api = _api(kube)
     assert isinstance(make_backend("auto", kube.namespace, api), TrainJobBackend)
     assert isinstance(make_backend("pytorchjob", kube.namespace, api), PyTorchJobBackend)
-    kube.emulator.fail_next(503)
+    kube.emulator.fail_next(503)  # a busy API server once: discovery is retried like every call
+    assert isinstance(make_backend("auto", kube.namespace, api), TrainJobBackend)
+    kube.emulator.fail_next(*[503] * 5)  # still busy after every retry: a retryable exit, not a launcher guess
     with pytest.raises(TransientClusterError, match="discovery of trainer.kubeflow.org/v1alpha1 failed: HTTP 503"):
         make_backend("auto", kube.namespace, api)
     kube.emulator.served -= {"trainjobs", "trainingruntimes"}

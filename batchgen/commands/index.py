@@ -22,17 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from batchgen import layout
-    from batchgen.commands.status import resolve_run_id
-    from batchgen.errors import EXIT_INCOMPLETE, InputError
+    from batchgen.commands.status import open_run_plan
+    from batchgen.errors import EXIT_INCOMPLETE
     from batchgen.index import finalize
-    from batchgen.plan import list_runs, load_plan
-    from batchgen.storage import open_storage
 
-    storage = open_storage(args.output)
-    run_id = resolve_run_id(storage, args.run_id)
-    if run_id is None:
-        raise InputError(f"several runs under {storage.uri}; pick one with --run-id: {', '.join(list_runs(storage))}")
-    plan = load_plan(storage, run_id)
+    storage, plan = open_run_plan(args.output, args.run_id)
+    run_id = plan.run_id
     result = finalize(storage, plan)
     print(f"{storage.url(layout.index_key(run_id))}: {result.rows} rows")
     if not result.complete:

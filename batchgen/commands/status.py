@@ -49,6 +49,20 @@ def resolve_run_id(storage, run_id: str | None) -> str | None:
     return runs[0] if len(runs) == 1 else None
 
 
+def open_run_plan(output: str, run_id: str | None):
+    """(storage, plan) of the run ``run_id``, or of the only run under ``output``; InputError naming the runs
+    when there are several."""
+    from batchgen.errors import InputError
+    from batchgen.plan import list_runs, load_plan
+    from batchgen.storage import open_storage
+
+    storage = open_storage(output)
+    chosen = resolve_run_id(storage, run_id)
+    if chosen is None:
+        raise InputError(f"several runs under {storage.uri}; pick one with --run-id: {', '.join(list_runs(storage))}")
+    return storage, load_plan(storage, chosen)
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 

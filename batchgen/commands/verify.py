@@ -28,16 +28,10 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from batchgen.audit import audit_run, repair
-    from batchgen.commands.status import resolve_run_id
-    from batchgen.errors import EXIT_OK, EXIT_VERIFY, InputError
-    from batchgen.plan import list_runs, load_plan
-    from batchgen.storage import open_storage
+    from batchgen.commands.status import open_run_plan
+    from batchgen.errors import EXIT_OK, EXIT_VERIFY
 
-    storage = open_storage(args.output)
-    run_id = resolve_run_id(storage, args.run_id)
-    if run_id is None:
-        raise InputError(f"several runs under {storage.uri}; pick one with --run-id: {', '.join(list_runs(storage))}")
-    plan = load_plan(storage, run_id)
+    storage, plan = open_run_plan(args.output, args.run_id)
     audit = audit_run(storage, plan, deep=args.deep)
     found = list(audit.problems)
     if args.repair and found:
