@@ -20,6 +20,7 @@ from batchgen.k8s import names
 from batchgen.k8s.controller import RunController, cancel_run, describe_jobs, format_jobs, make_groups
 from batchgen.k8s.render import LaunchSettings, render_pytorchjob
 from batchgen.layout import shard_id
+from batchgen.progress import RunProgress, ShardProgress
 
 RUN = "clips-00aa11bb22cc"
 SETTINGS = LaunchSettings(output="s3://bucket/out", namespace="batch", gpus_per_node=1)
@@ -32,16 +33,14 @@ class Plan:
     config: None = None
 
 
-@dataclass
-class Progress:
-    finished_shards: set[str]
-    done: int
-    total: int
-    failed: int = 0
-
-
 def scan_of(finished: set[str], plan: Plan):
-    return lambda storage, plan_: Progress(set(finished), len(finished), len(plan.shards))
+    """A scan whose shards of one item each are finished as given (of all shards, or of the subset asked for)."""
+
+    def scan(storage, plan_, shards=None) -> RunProgress:
+        chosen = plan.shards if shards is None else shards
+        return RunProgress(RUN, {s: ShardProgress(s, 1, done_ids={"x"} if s in finished else set()) for s in chosen})
+
+    return scan
 
 
 def set_state(kube, name: str, state: str) -> None:
