@@ -1,7 +1,8 @@
 """A run's progress, derived from the plan's item ids and the sidecars that exist, never from a marker that can
 go stale.
 
-- ``meta/`` (one listing of the whole run, or one per shard when that is fewer requests): the done items. Only
+- ``meta/`` (one listing of the whole run, or one per shard when that is fewer requests; for a subset of the
+  shards, one listing of each run of consecutive shards' key range, or one per shard): the done items. Only
   ``meta/<shard>/<id>.json`` with ``<id>`` an item of that shard in the plan counts; anything else is ignored with
   a warning. When a shard's listed names have the plan's digest of its ids (``RunPlan.shard_digests``) they are
   exactly its items and nothing is read; otherwise the shard's item ids are read from its plan file.
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from batchgen import layout
 from batchgen.plan import RunPlan, ids_digest, load_shard_items
-from batchgen.storage.base import Storage
+from batchgen.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger("batchgen.progress")
 
@@ -107,20 +109,29 @@ class RunProgress:
         }
 
 
-def scan_run(storage: Storage, plan: RunPlan) -> RunProgress:
+def scan_run(storage: Storage, plan: RunPlan, shards: Collection[str] | None = None) -> RunProgress:
+    """The progress of every shard, or with ``shards`` of those shards only (the run controller's passes).
+
+    With ``shards``, each listing covers only the key ranges of the given shards (runs of consecutive shards, one
+    range each) and only their plan files are read, so the requests made do not grow with the shards left out.
+    """
     run_id = plan.run_id
-    progress = RunProgress(run_id, {s: ShardProgress(s, plan.items_in_shard(s)) for s in plan.shards})
-    shards = progress.shards
+    spans = [_Span(list(plan.shards), bounded=False)] if shards is None else _spans(plan.shards, set(shards))
+    chosen = [s for span in spans for s in span.shards]
+    progress = RunProgress(run_id, {s: ShardProgress(s, plan.items_in_shard(s)) for s in chosen})
+    shards_of = progress.shards
     strays = progress.strays
-    for shard in _names_under(storage, layout.stats_prefix(run_id), ".json", depth=1, strays=strays):
-        if shard in shards:
-            shards[shard].stats_written = True
+    for span in spans:
+        for shard in _names_under(storage, layout.stats_prefix(run_id), ".json", depth=1, strays=strays, span=span):
+            if shard in shards_of:
+                shards_of[shard].stats_written = True
     etags: dict[str, str | None] = {}
-    listed = _listed_sidecars(storage, plan, strays, etags)
+    listed = _listed_sidecars(storage, plan, spans, strays, etags)
     errors = f"{run_id}/errors/"
-    failed = _grouped(_pairs_under(storage, errors, ".json", strays), shards, strays, errors)
-    ids_of = _planned_ids(storage, plan, [s for s in shards if _needs_ids(plan, s, listed, failed)])
-    for name, s in shards.items():
+    pairs = [pair for span in spans for pair in _pairs_under(storage, errors, ".json", strays, span=span)]
+    failed = _grouped(pairs, shards_of, strays, errors)
+    ids_of = _planned_ids(storage, plan, [s for s in chosen if _needs_ids(plan, s, listed, failed)])
+    for name, s in shards_of.items():
         names = listed.get(name, set())
         valid = ids_of.get(name, names)  # without a plan read, the digest proved every name valid
         s.done_ids = names & valid
@@ -135,19 +146,59 @@ def scan_run(storage: Storage, plan: RunPlan) -> RunProgress:
     return progress
 
 
-def _listed_sidecars(storage: Storage, plan: RunPlan, strays: list[str], etags: dict) -> dict[str, set[str]]:
+@dataclass
+class _Span:
+    """Consecutive shards of the plan, listed as one key range under each prefix."""
+
+    shards: list[str]
+    bounded: bool = True
+    """False: list everything under the prefix (a whole-run scan also reports strays outside the shards)."""
+
+
+def _spans(planned: list[str], wanted: set[str]) -> list[_Span]:
+    """The wanted shards as runs of consecutive plan shards: one listing per run covers only their keys."""
+    spans: list[_Span] = []
+    previous = None
+    for index, shard in enumerate(planned):
+        if shard not in wanted:
+            continue
+        if previous is None or previous != index - 1:
+            spans.append(_Span([]))
+        spans[-1].shards.append(shard)
+        previous = index
+    return spans
+
+
+def _objects(storage: Storage, prefix: str, span: _Span) -> Iterator[ObjectInfo]:
+    """Objects under ``prefix``; for a bounded span only the keys of its shards. Shard names are zero-padded, so
+    a shard's keys sort together and in plan order: the listing starts at the first and stops past the last
+    (its remaining pages are never requested)."""
+    if not span.bounded:
+        yield from storage.list(prefix)
+        return
+    last = prefix + span.shards[-1]
+    for info in storage.list(prefix, start_after=prefix + span.shards[0]):
+        if info.key > last and not info.key.startswith(last):
+            return
+        yield info
+
+
+def _listed_sidecars(
+    storage: Storage, plan: RunPlan, spans: list[_Span], strays: list[str], etags: dict
+) -> dict[str, set[str]]:
     """Names listed under each shard's ``meta/`` folder."""
-    shards = set(plan.shards)
-    # One request per shard, or total/1000 requests for the whole run: whichever is fewer.
-    if len(plan.shards) > -(-plan.row_count // LIST_PAGE):
-        prefix = layout.meta_prefix(plan.run_id)
-        return _grouped(_pairs_under(storage, prefix, ".json", strays, etags), shards, strays, prefix)
-    return {
-        s: set(
-            _names_under(storage, layout.sidecars_prefix(plan.run_id, s), ".json", depth=1, strays=strays, etags=etags)
-        )
-        for s in shards
-    }
+    listed: dict[str, set[str]] = {}
+    prefix = layout.meta_prefix(plan.run_id)
+    for span in spans:
+        # One request per shard, or items/1000 requests for the span's range: whichever is fewer.
+        if len(span.shards) > -(-sum(plan.items_in_shard(s) for s in span.shards) // LIST_PAGE):
+            pairs = _pairs_under(storage, prefix, ".json", strays, etags, span=span)
+            listed.update(_grouped(pairs, set(span.shards), strays, prefix))
+            continue
+        for s in span.shards:
+            sidecars = layout.sidecars_prefix(plan.run_id, s)
+            listed[s] = set(_names_under(storage, sidecars, ".json", depth=1, strays=strays, etags=etags))
+    return listed
 
 
 def _grouped(pairs: list[tuple[str, str]], shards, strays: list[str], prefix: str) -> dict[str, set[str]]:
@@ -176,10 +227,18 @@ def _planned_ids(storage: Storage, plan: RunPlan, shards: list[str]) -> dict[str
 
 
 def _names_under(
-    storage: Storage, prefix: str, suffix: str, *, depth: int, strays: list[str], etags: dict | None = None
+    storage: Storage,
+    prefix: str,
+    suffix: str,
+    *,
+    depth: int,
+    strays: list[str],
+    etags: dict | None = None,
+    span: _Span | None = None,
 ) -> list[str]:
     names = []
-    for info in storage.list(prefix):
+    objects = storage.list(prefix) if span is None else _objects(storage, prefix, span)
+    for info in objects:
         rest = info.key[len(prefix) :]
         if rest.endswith(suffix) and rest.count("/") == depth - 1:
             names.append(rest[: -len(suffix)])
@@ -190,7 +249,9 @@ def _names_under(
     return names
 
 
-def _pairs_under(storage: Storage, prefix: str, suffix: str, strays: list[str], etags=None) -> list[tuple[str, str]]:
+def _pairs_under(
+    storage: Storage, prefix: str, suffix: str, strays: list[str], etags=None, *, span: _Span
+) -> list[tuple[str, str]]:
     """(shard, item id) for every ``<prefix><shard>/<id><suffix>`` key."""
-    names = _names_under(storage, prefix, suffix, depth=2, strays=strays, etags=etags)
+    names = _names_under(storage, prefix, suffix, depth=2, strays=strays, etags=etags, span=span)
     return [tuple(name.split("/", 1)) for name in names]

@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from batchgen import layout
 from batchgen.errors import ClusterError, IncompleteRunError, TransientClusterError
 from batchgen.k8s import names
 from batchgen.k8s.controller import RunController, cancel_run, describe_jobs, format_jobs, make_groups
 from batchgen.k8s.render import LaunchSettings, render_pytorchjob
 from batchgen.layout import shard_id
+from batchgen.progress import RunProgress, ShardProgress, scan_run
+from batchgen.storage import open_storage
+from tests._runs import all_items, plan_run, tiny_run_config
 
 RUN = "clips-00aa11bb22cc"
 SETTINGS = LaunchSettings(output="s3://bucket/out", namespace="batch", gpus_per_node=1)
@@ -32,16 +36,14 @@ class Plan:
     config: None = None
 
 
-@dataclass
-class Progress:
-    finished_shards: set[str]
-    done: int
-    total: int
-    failed: int = 0
-
-
 def scan_of(finished: set[str], plan: Plan):
-    return lambda storage, plan_: Progress(set(finished), len(finished), len(plan.shards))
+    """A scan whose shards of one item each are finished as given (of all shards, or of the subset asked for)."""
+
+    def scan(storage, plan_, shards=None) -> RunProgress:
+        chosen = plan.shards if shards is None else shards
+        return RunProgress(RUN, {s: ShardProgress(s, 1, done_ids={"x"} if s in finished else set()) for s in chosen})
+
+    return scan
 
 
 def set_state(kube, name: str, state: str) -> None:
@@ -365,3 +367,79 @@ def test_jobs_of_done_groups_are_deleted_once(kube):
     assert [path for method, path in kube.emulator.requests if method == "DELETE"] == deletes
     kube.emulator.wait_for_deletions()
     assert [j["metadata"]["name"] for j in kube.emulator.jobs()] == [third]
+
+
+# -- storage work per pass, against a plan on moto S3 ---------------------------------------------------------
+
+
+@pytest.fixture
+def s3_run(s3_uri, tmp_path, tiny_config, monkeypatch):
+    """Ten shards of one item on S3, listed two keys a page so that a listing's cost shows how many keys it read."""
+    monkeypatch.setattr("batchgen.storage.s3.LIST_PAGE_SIZE", 2)
+    monkeypatch.setattr("batchgen.progress.LIST_PAGE", 2)
+    storage = open_storage(s3_uri)
+    plan = plan_run(storage, tmp_path, 10, tiny_run_config(tiny_config, shard_size=1))
+    return storage, plan, {shard: item_id for item_id, (shard, _) in all_items(storage, plan).items()}
+
+
+def recording(scans: list):
+    def scan(storage, plan, shards=None):
+        scans.append(None if shards is None else list(shards))
+        return scan_run(storage, plan, shards)
+
+    return scan
+
+
+def finish_running_jobs(kube, storage, plan, item_of) -> None:
+    """What the cluster does between passes: each running job writes its shards' sidecars and stats, succeeds."""
+    for running in [j for j in kube.backend().list(names.run_selector(plan.run_id))[0] if not j.finished]:
+        for shard in running.shards:
+            storage.put_bytes(layout.sidecar_key(plan.run_id, shard, item_of[shard]), b"{}")
+            storage.put_bytes(layout.stats_key(plan.run_id, shard), b"{}")
+        set_state(kube, running.name, "Succeeded")
+
+
+def test_storage_requests_per_pass_do_not_grow_with_finished_groups(kube, s3_run):
+    storage, plan, item_of = s3_run
+    scans: list = []
+    settings = LaunchSettings(output=storage.uri, namespace="batch", gpus_per_node=1)
+    ctl = RunController(kube.backend(), storage, plan, settings, max_jobs=2, max_attempts=1, scan=recording(scans))
+    requests, done = [], []
+    while True:
+        before = storage.request_count
+        state = ctl.reconcile()
+        requests.append(storage.request_count - before)
+        done.append(state.count("done"))
+        if state.settled:
+            break
+        finish_running_jobs(kube, storage, plan, item_of)
+    assert done == [0, 2, 4, 6, 8, 10]
+    partial = requests[1:]
+    # stats/, meta/ and errors/ of the unfinished shards' key range: one page each, however many groups are done
+    assert partial == [3] * len(partial), requests
+    assert scans[0] is None and all(shards is not None for shards in scans[1:])  # one full scan, on the first pass
+    before = storage.request_count
+    scan_run(storage, plan)  # what every pass cost before: the whole run
+    assert storage.request_count - before > 3 + 2 * 3  # 10 sidecars and 10 stats at 2 keys a page
+
+
+def test_a_full_scan_precedes_finalising_and_catches_a_removed_sidecar(kube, s3_run):
+    storage, plan, item_of = s3_run
+    scans: list = []
+    settings = LaunchSettings(output=storage.uri, namespace="batch", gpus_per_node=1)
+    ctl = RunController(kube.backend(), storage, plan, settings, max_jobs=10, max_attempts=2, scan=recording(scans))
+    ctl.reconcile()
+    finish_running_jobs(kube, storage, plan, item_of)
+    # verify --repair removes a sidecar of a shard the controller saw finished; the next pass finds it settled
+    ctl.reconcile()
+    repaired = plan.shards[3]
+    storage.delete(layout.sidecar_key(plan.run_id, repaired, item_of[repaired]))
+    finalized = []
+    state = ctl.run(wait=False, finalize=lambda storage_, plan_: finalized.append(list(scans)) or True)
+    assert scans[-2:] == [[], None]  # nothing left to scan on remembered progress, then the whole run from storage
+    assert finalized == [] and [g.status for g in state.groups if g.pending] == ["running"]
+    assert state.created == [names.job_name(plan.run_id, 3, 3, 2)]
+
+    finish_running_jobs(kube, storage, plan, item_of)
+    assert ctl.run(wait=True, finalize=lambda storage_, plan_: finalized.append(list(scans)) or True).settled
+    assert len(finalized) == 1 and finalized[0][-1] is None  # the pass before finalising scanned the whole run

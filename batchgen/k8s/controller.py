@@ -19,6 +19,13 @@ exist comes from the API server (by label). The controller keeps nothing in memo
   container) without counting it against ``backoffLimit``, so without this such a job would retry until its
   ``activeDeadlineSeconds``. Restarts are counted from what the job's status shows (see ``RestartCounter``);
   the count lives in memory, so a restarted controller starts it again and the deadline stays the backstop.
+
+Storage work per pass follows the shards still in progress, not the finished ones: the first pass scans the whole
+run, later passes scan only the shards not yet seen finished (``scan_run`` with a subset) and reuse the progress
+remembered for the others. Remembering is safe within one controller process because a shard's sidecars only
+appear: the only thing that removes one is ``batchgen verify --repair``, which finalises the run itself. Even so,
+a pass that finds the run settled is repeated with a full scan before the run is finalised, so a sidecar removed
+meanwhile gets its group relaunched rather than left out. A restarted controller starts with a full scan.
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ class Reconciled:
     done_items: int = 0
     total_items: int = 0
     failed_items: int = 0
+    full_scan: bool = False
+    """Progress came from a scan of the whole run (not partly from shards remembered as finished)."""
 
     def count(self, status: str) -> int:
         return sum(1 for g in self.groups if g.status == status)
@@ -140,7 +149,7 @@ class RunController:
         shards_per_job: int = 1,
         max_attempts: int = 3,
         resync_s: int = 30,
-        scan: Callable[[Storage, Any], Any] | None = None,
+        scan: Callable[..., Any] | None = None,
     ):
         from batchgen.progress import scan_run
 
@@ -158,6 +167,9 @@ class RunController:
         self.groups = make_groups(list(plan.shards), shards_per_job)
         self.selector = names.run_selector(plan.run_id)
         self._scan = scan or scan_run
+        self._finished: dict[str, Any] = {}
+        """Progress of the shards seen finished (every item has its sidecar), from earlier passes."""
+        self._scanned_fully = False
         self._resource_version = ""
         self.restarts = RestartCounter()
 
@@ -174,12 +186,30 @@ class RunController:
             group_jobs.sort(key=lambda j: j.attempt)
         return by_group
 
-    def reconcile(self) -> Reconciled:
-        """Compare storage with the cluster once and create the jobs that are missing (at most max_jobs running)."""
-        progress = self._scan(self.storage, self.plan)
+    def _progress(self, full: bool) -> Any:
+        """The run's progress: a full scan, or a scan of the shards not seen finished plus the remembered ones."""
+        if full:
+            progress = self._scan(self.storage, self.plan)
+            self._scanned_fully = True
+        else:
+            unfinished = [s for s in self.plan.shards if s not in self._finished]
+            progress = self._scan(self.storage, self.plan, unfinished)
+            progress.shards = {s: self._finished.get(s) or progress.shards[s] for s in self.plan.shards}
+        self._finished = {name: shard for name, shard in progress.shards.items() if shard.finished}
+        return progress
+
+    def reconcile(self, *, full: bool = False) -> Reconciled:
+        """Compare storage with the cluster once and create the jobs that are missing (at most max_jobs running).
+
+        The first pass, and one with ``full``, scans the whole run; the others only the shards not seen finished.
+        """
+        full = full or not self._scanned_fully
+        progress = self._progress(full)
         finished = progress.finished_shards
         by_group = self._jobs_by_group()
-        result = Reconciled(done_items=progress.done, total_items=progress.total, failed_items=progress.failed)
+        result = Reconciled(
+            done_items=progress.done, total_items=progress.total, failed_items=progress.failed, full_scan=full
+        )
         for group in self.groups:
             pending = [s for s in group.shards if s not in finished]
             jobs = by_group.get(group.key, [])
@@ -257,6 +287,9 @@ class RunController:
         started = time.monotonic()
         while True:
             state = self.reconcile()
+            if state.settled and not state.full_scan:
+                # Settled on remembered progress: confirm from storage before finalising (see the module's doc).
+                state = self.reconcile(full=True)
             metrics.controller_pass(state)
             log.info("%s: %s", self.plan.run_id, state.summary())
             if state.settled:
