@@ -1,21 +1,26 @@
-"""Apply CFG and sequence parallelism to diffusers' ``MochiTransformer3DModel`` from outside the model.
+"""Apply CFG and sequence parallelism to a diffusers transformer from outside the model.
 
-Nothing in diffusers is forked or subclassed; the model keeps its class and call signature, so the stock
-``MochiPipeline`` (and ``MochiGenerator``) call it as before. What is installed:
+Nothing in diffusers is forked or subclassed; the model keeps its class and call signature, so the stock pipelines
+(and batchgen's generators) call it as before. Where to split and gather is data: the family's
+``batchgen.models.ParallelPlan`` (module names, RoPE token dimension, processor factory), as diffusers' ``_cp_plan``.
+What is installed:
 
-- every block's ``attn.processor`` becomes a parallel processor (native USP or xfuser), or, without sequence
-  parallelism, ``MochiJointAttnProcessor`` (the whole CFG batch in one attention call, no host syncs);
+- every block's attention processor (``plan.attention``) becomes a parallel processor (native USP or xfuser), or,
+  without sequence parallelism, the family's single-process one (Mochi: ``MochiJointAttnProcessor``, the whole CFG
+  batch in one attention call, no host syncs);
 - a pre-hook on the first block pads the visual tokens to a multiple of ulysses x ring (zeros at the end; the
   processors keep padded keys out of every softmax) and keeps this rank's contiguous slice, and a hook on
-  ``rope`` pads and slices the RoPE rows the same way (RoPE is computed for all tokens, so positions are global);
-- a hook on ``proj_out`` all-gathers the visual tokens over the sequence-parallel group and drops the padding
-  (everything after the blocks is per-token, so norm_out runs on the slice);
+  ``plan.rope`` pads and slices the RoPE rows the same way (RoPE is computed for all tokens, so positions are
+  global);
+- a hook on ``plan.output`` all-gathers the visual tokens over the sequence-parallel group and drops the padding
+  (everything after the blocks is per-token, so the output norm runs on the slice);
 - with cfg degree 2, a pre-hook on the model hands this rank its half of the [uncond, cond] batch and a hook on
   the output all-gathers the halves, so every rank returns the full prediction.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 
 from batchgen.errors import TopologyError
+from batchgen.models import MOCHI, ParallelPlan
 from batchgen.parallel.joint import MochiJointAttnProcessor
 from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, USPMochiAttnProcessor, all_gather_cat
 
@@ -43,32 +49,39 @@ class _ParallelState:
     warned_odd_batch: bool = False
     backend: str = "native"
     layout: SequenceLayout = field(default_factory=SequenceLayout)
+    plan: ParallelPlan = MOCHI.parallel_plan
 
 
-def _make_processors(transformer, context, state: _ParallelState, kernel: str) -> list:
+def mochi_processors(transformer, context, state: _ParallelState, kernel: str) -> list:
+    """Mochi's joint-attention processors for every block (``MOCHI.parallel_plan.processors``)."""
+    blocks = getattr(transformer, state.plan.blocks)
     if state.sp.size == 1:
-        return [MochiJointAttnProcessor(kernel=kernel) for _ in transformer.transformer_blocks]
+        return [MochiJointAttnProcessor(kernel=kernel) for _ in blocks]
     ulysses, ring, backend = context.axes["ulysses"], context.axes["ring"], state.backend
     if backend == "native":
-        return [
-            USPMochiAttnProcessor(ulysses, ring, kernel=kernel, layout=state.layout)
-            for _ in transformer.transformer_blocks
-        ]
+        return [USPMochiAttnProcessor(ulysses, ring, kernel=kernel, layout=state.layout) for _ in blocks]
     if backend == "xfuser":
         from batchgen.parallel.xfuser_backend import XFuserMochiAttnProcessor, setup_xfuser_groups
 
         setup_xfuser_groups(ulysses, ring)
-        return [XFuserMochiAttnProcessor(ulysses, ring) for _ in transformer.transformer_blocks]
+        return [XFuserMochiAttnProcessor(ulysses, ring) for _ in blocks]
     raise ValueError(f"unknown sequence-parallel backend {backend!r}; expected 'native' or 'xfuser'")
 
 
-def parallelize_transformer(transformer, context, *, backend: str | None = None, kernel: str = "auto"):
+def _processor_factory(plan: ParallelPlan):
+    module, _, name = plan.processors.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def parallelize_transformer(
+    transformer, context, *, plan: ParallelPlan = MOCHI.parallel_plan, backend: str | None = None, kernel: str = "auto"
+):
     """Install CFG / sequence parallelism on ``transformer`` (in place) and return it.
 
-    ``context`` is a ``TorchContext``, or any context without a ``topology`` (``SingleProcess``): one process.
-    ``backend`` defaults to the context's parallel config ('native' when it has none). Without sequence
-    parallelism every block gets ``MochiJointAttnProcessor``. Every rank of a data-parallel group must call the
-    returned model with the same full CFG batch; each returns the full noise prediction.
+    ``plan`` is the family's ``ParallelPlan`` (Mochi's by default). ``context`` is a ``TorchContext``, or any
+    context without a ``topology`` (``SingleProcess``): one process. ``backend`` defaults to the context's parallel
+    config ('native' when it has none). Every rank of a data-parallel group must call the returned model with the
+    same full CFG batch; each returns the full noise prediction.
     """
     if getattr(transformer, _STATE_ATTR, None) is not None:
         raise RuntimeError("transformer is already parallelized")
@@ -79,18 +92,22 @@ def parallelize_transformer(transformer, context, *, backend: str | None = None,
     if topology is not None and heads % topology.ulysses:
         raise TopologyError(f"ulysses degree {topology.ulysses} does not divide the model's {heads} attention heads")
     state = _ParallelState(
-        cfg=axes["cfg"], sp=axes["sp"], backend=backend or getattr(context, "sp_backend", None) or "native"
+        cfg=axes["cfg"],
+        sp=axes["sp"],
+        backend=backend or getattr(context, "sp_backend", None) or "native",
+        plan=plan,
     )
-    blocks = transformer.transformer_blocks
-    processors = _make_processors(transformer, context, state, kernel)
+    blocks = getattr(transformer, plan.blocks)
+    processors = _processor_factory(plan)(transformer, context, state, kernel)
     for block, processor in zip(blocks, processors, strict=True):
-        state.original_processors.append(block.attn1.processor)
-        block.attn1.processor = processor
+        attention = getattr(block, plan.attention)
+        state.original_processors.append(attention.processor)
+        attention.processor = processor
     if state.sp.size > 1:
         state.handles += [
             blocks[0].register_forward_pre_hook(_split_tokens_hook(state), with_kwargs=True),
-            transformer.rope.register_forward_hook(_split_rope_hook(state)),
-            transformer.proj_out.register_forward_hook(_gather_tokens_hook(state)),
+            getattr(transformer, plan.rope).register_forward_hook(_split_rope_hook(state)),
+            getattr(transformer, plan.output).register_forward_hook(_gather_tokens_hook(state)),
         ]
     if state.cfg.size > 1:
         signature = inspect.signature(transformer.forward)
@@ -112,8 +129,8 @@ def unparallelize_transformer(transformer) -> None:
         return
     for handle in state.handles:
         handle.remove()
-    for block, processor in zip(transformer.transformer_blocks, state.original_processors, strict=False):
-        block.attn1.processor = processor
+    for block, processor in zip(getattr(transformer, state.plan.blocks), state.original_processors, strict=False):
+        getattr(block, state.plan.attention).processor = processor
     delattr(transformer, _STATE_ATTR)
 
 
@@ -162,9 +179,11 @@ def _split_tokens_hook(state: _ParallelState):
 
 
 def _split_rope_hook(state: _ParallelState):
+    dim = state.plan.rope_token_dim
+
     def hook(module, args, output):
-        cos, sin = output  # [N, heads, head_dim / 2] each; rows follow token order
-        return _pad_and_slice(cos, 0, state.sp), _pad_and_slice(sin, 0, state.sp)
+        cos, sin = output  # rows follow token order along ``dim``
+        return _pad_and_slice(cos, dim, state.sp), _pad_and_slice(sin, dim, state.sp)
 
     return hook
 
