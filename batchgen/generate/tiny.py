@@ -90,10 +90,10 @@ def tokenizer_vocab() -> list[tuple[str, float]]:
     return pieces
 
 
-def write_tokenizer(path: Path) -> int:
+def write_tokenizer(path: Path, *, model_max_length: int = 256) -> int:
     from transformers import T5TokenizerFast
 
-    tokenizer = T5TokenizerFast(vocab=tokenizer_vocab(), extra_ids=0, model_max_length=256)
+    tokenizer = T5TokenizerFast(vocab=tokenizer_vocab(), extra_ids=0, model_max_length=model_max_length)
     tokenizer.save_pretrained(str(path))
     return len(tokenizer)
 
@@ -183,7 +183,8 @@ def randomize_parameters(module, generator) -> None:
                 values = values.abs() * 0.25
             elif param.ndim > 1:
                 values = values / param[0].numel() ** 0.5
-            elif "norm" in name and name.endswith("weight"):
+            elif ("norm" in name and name.endswith("weight")) or name.endswith(".gamma"):
+                # .gamma: the gains of the Wan VAE's RMS norms
                 values = 1.0 + 0.1 * values
             else:
                 values = values * 0.02
