@@ -15,7 +15,6 @@ pipeline; what differs is the split:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
@@ -30,6 +29,13 @@ import torch
 from batchgen.config import ParallelConfig, latent_frames
 from batchgen.errors import InputError
 from batchgen.generate.api import GeneratedVideo
+from batchgen.generate.common import Visit as _Visit
+from batchgen.generate.common import device_bytes as _device_bytes
+from batchgen.generate.common import fastest_attention as _fastest_attention
+from batchgen.generate.common import parallel_facts, uint8_frames
+from batchgen.generate.common import param_bytes as _param_bytes
+from batchgen.generate.common import pick_device as _pick_device
+from batchgen.generate.common import require_finite as _require_finite
 from batchgen.generate.loading import (  # noqa: F401  (build_random_components: re-exported for bench/gpu.py)
     MochiComponents,
     build_random_components,
@@ -41,7 +47,6 @@ from batchgen.generate.vae import enable_causal_framewise_decoding
 from batchgen.item import Item
 from batchgen.parallel.context import ProcessContext, SingleProcess
 from batchgen.parallel.joint import gather_valid_text
-from batchgen.quality import NonFiniteError, describe_non_finite
 
 log = logging.getLogger("batchgen.generate.pipeline")
 
@@ -258,18 +263,7 @@ class MochiGenerator:
             torch.cuda.empty_cache()
 
     def parallel_facts(self) -> dict[str, Any]:
-        topology = self.topology
-        facts: dict[str, Any] = {
-            "world_size": self.context.world_size,
-            "offload": self.parallel.offload,
-            "offloaded": self.offload,
-            "compile": self.parallel.compile,
-        }
-        if topology is not None:
-            for name in ("dp", "cfg", "ulysses", "ring"):
-                facts[name] = getattr(topology, name, None)
-            facts["sp_backend"] = self.parallel.sp_backend
-        return facts
+        return parallel_facts(self.context, self.parallel, self.offload)
 
     # ------------------------------------------------------------------------------------------------------------
     # Stages
@@ -417,9 +411,7 @@ class MochiGenerator:
                 f"VAE decoded {video.shape[2]} frames from {latents.shape[2]} latent frames, expected {expected}"
             )
         _require_finite(video, "VAE output")
-        # [-1, 1] -> uint8, as diffusers' video processor (which then truncates; rounding is the unbiased choice).
-        frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+        return uint8_frames(video)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -476,52 +468,6 @@ class MochiGenerator:
         return _Visit(module, self.device, enabled=always or self.offload)
 
 
-def _fastest_attention(device: torch.device):
-    """On CUDA, let SDPA try cuDNN's fused attention first: PyTorch's default order puts FlashAttention-2 first,
-    and on an H200 cuDNN ran Mochi's 163-frame forward in 3.80 s against flash's 5.01 s
-    (bench/results/gpu-nvidia-h200.json). Masked calls that cuDNN refuses fall through to the next backend."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
-        order.insert(0, SDPBackend.CUDNN_ATTENTION)
-    return sdpa_kernel(order, set_priority=True)
-
-
-class _Visit:
-    def __init__(self, module, device: torch.device, enabled: bool):
-        self.module, self.device, self.enabled = module, device, enabled and device.type != "cpu"
-
-    def __enter__(self):
-        if self.enabled:
-            self.module.to(self.device)
-        return self.module
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.module.to("cpu")
-            torch.cuda.empty_cache()
-        return False
-
-
-def _require_finite(tensor: torch.Tensor, what: str) -> None:
-    """NonFiniteError before the uint8 cast, which would turn NaN into black pixels."""
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        total, nan = tensor.numel(), int(torch.isnan(tensor).sum())
-        raise NonFiniteError(describe_non_finite(what, total, nan, total - nan - int(finite.sum())))
-
-
-def _param_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def _device_bytes(module, device: torch.device) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters() if p.device.type == device.type)
-
-
 def _uses_cfg(item: Item) -> bool:
     return item.guidance_scale > 1.0
 
@@ -536,12 +482,3 @@ def _check_shape(item: Item) -> None:
             f"item {item.id}: {item.num_frames} frames at {item.height}x{item.width} does not fit Mochi "
             "(frames 6k+1, height and width multiples of 16)"
         )
-
-
-def _pick_device(device: str | None, context: ProcessContext | None) -> str:
-    if device:
-        return str(device)
-    context_device = getattr(context, "device", None)
-    if context_device is not None:
-        return str(context_device)
-    return "cuda" if torch.cuda.is_available() else "cpu"
