@@ -179,7 +179,7 @@ def _load_diffusers(path: Path, experts: tuple[str, ...], boundary_ratio, dtype,
         folder = path / name
         # Straight into the final dtype and device, tensor by tensor; diffusers keeps the classes'
         # _keep_in_fp32_modules (Wan: RoPE, time embedder, modulation tables, norms) in fp32.
-        kwargs = {"torch_dtype": dtype, "variant": _variant_for(folder, dtype), "low_cpu_mem_usage": True}
+        kwargs = {"dtype": dtype, "variant": _variant_for(folder, dtype), "low_cpu_mem_usage": True}
         return cls.from_pretrained(str(folder), **kwargs, **_device_map(device)).to(device)
 
     scheduler_class = _read_json(path / "scheduler" / "scheduler_config.json", required=True).get("_class_name")

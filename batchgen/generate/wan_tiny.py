@@ -116,7 +116,6 @@ width = 64
 num_inference_steps = 4
 guidance_scale = 5.0
 fps = 16
-max_sequence_length = 512
 """
 
 
