@@ -1,0 +1,264 @@
+"""WanGenerator against diffusers' own WanPipeline on the tiny Wan models (fp32, CPU): one and two experts, CFG on
+and off, empty and non-empty negative prompts; prompt encoding once per shard; loading errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from batchgen.config import ParallelConfig
+from batchgen.errors import EXIT_BAD_INPUT, ConfigError, InputError
+from batchgen.generate.common import uint8_frames
+from batchgen.generate.wan import WanGenerator
+from batchgen.generate.wan_loading import load_wan_components
+from batchgen.item import Item
+from batchgen.parallel.context import SingleProcess
+from batchgen.quality import NonFiniteError
+
+TOLERANCE = 1e-4
+STEPS = 4  # the two-expert model's 4th timestep (800) is below its boundary (875): both experts run
+
+
+def make_item(**overrides) -> Item:
+    values = dict(
+        id="item-0",
+        prompt="a red cat walking in the snow",
+        negative_prompt="",
+        seed=1234,
+        num_frames=9,
+        height=64,
+        width=64,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        row=0,
+    )
+    values.update(overrides)
+    return Item(**values)
+
+
+@pytest.fixture(scope="module", params=["one-expert", "two-experts"])
+def model_dir(request, tiny_wan_dir, tiny_wan2_dir):
+    return tiny_wan_dir if request.param == "one-expert" else tiny_wan2_dir
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir):
+    gen = WanGenerator(model_dir, device="cpu", dtype="fp32")
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(model_dir):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_reference(pipe, item: Item, output_type: str):
+    return pipe(
+        prompt=item.prompt,
+        negative_prompt=item.negative_prompt,
+        num_frames=item.num_frames,
+        height=item.height,
+        width=item.width,
+        num_inference_steps=item.num_inference_steps,
+        guidance_scale=item.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(item.seed),
+        output_type=output_type,
+    ).frames
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"negative_prompt": "blurry, static", "seed": 7}, {"guidance_scale": 1.0, "seed": 3}],
+    ids=["cfg-empty-negative", "cfg-negative", "no-cfg"],
+)
+def test_latents_and_frames_match_diffusers_wan_pipeline(generator, reference_pipeline, overrides):
+    item = make_item(**overrides)
+    expected_latents = run_reference(reference_pipeline, item, "latent")
+    latents = generator.denoise(item)
+    assert latents.dtype == torch.float32
+    assert (latents - expected_latents).abs().max().item() <= TOLERANCE
+
+    expected_video = run_reference(reference_pipeline, item, "np")[0]  # [F, H, W, 3] in [0, 1]
+    video = generator.decode_video(latents)[0].permute(1, 2, 3, 0).numpy()  # [-1, 1]
+    assert np.abs((video + 1) / 2 - expected_video).max() <= TOLERANCE
+    frames = uint8_frames(generator.decode_video(latents))  # generate's cast
+    assert frames.dtype == np.uint8 and frames.shape == (9, 64, 64, 3)
+    # Rounding where diffusers' float output is compared: at most one level apart, and the video is not flat.
+    assert np.abs(frames.astype(np.int16) - np.round(expected_video * 255)).max() <= 1
+    assert frames.std() > 10
+
+
+def test_two_experts_switch_at_the_boundary(tiny_wan2_dir):
+    gen = WanGenerator(tiny_wan2_dir, device="cpu", dtype="fp32")
+    assert gen.boundary_timestep == 875.0 and len(gen.transformers) == 2
+    calls = {0: [], 1: []}
+    for index, transformer in enumerate(gen.transformers):
+        transformer.register_forward_pre_hook(
+            lambda module, args, kwargs, i=index: calls[i].append(int(kwargs["timestep"][0])), with_kwargs=True
+        )
+    gen.denoise(make_item())
+    # UniPC with flow shift 12 over 4 steps: 999, 973, 923 are high-noise steps, 800 is a low-noise step.
+    assert calls == {0: [999, 973, 923], 1: [800]}
+
+
+def test_the_cfg_batch_is_one_transformer_call_per_step(tiny_wan_dir):
+    gen = WanGenerator(tiny_wan_dir, device="cpu", dtype="fp32")
+    batches = []
+    gen.transformers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    gen.denoise(make_item())
+    gen.denoise(make_item(guidance_scale=1.0))
+    assert batches == [2] * STEPS + [1] * STEPS
+
+
+def test_prompts_are_encoded_once_per_distinct_text_as_wan_pipeline_does(tiny_wan_dir):
+    from diffusers import WanPipeline
+
+    gen = WanGenerator(tiny_wan_dir, device="cpu", dtype="fp32")
+    rows = []
+    hook = gen.text_encoder.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    items = [
+        make_item(id="a", prompt="cat"),
+        make_item(id="b", prompt="cat", negative_prompt="dog"),
+        make_item(id="c", prompt="dog", guidance_scale=1.0, negative_prompt="never used"),
+    ]
+    gen.prepare(items)
+    for item in items:
+        gen.generate(dataclasses.replace(item, num_inference_steps=1))
+    hook.remove()
+    # "", "cat" and "dog", each once: the empty negative prompt goes through UMT5 too, and generate reuses them.
+    assert sum(rows) == 3
+    encoded = gen._encoded
+    assert encoded["c"].uncond is None
+    assert torch.equal(encoded["a"].cond, encoded["b"].cond) and torch.equal(encoded["b"].uncond, encoded["c"].cond)
+
+    pipe = WanPipeline.from_pretrained(str(tiny_wan_dir), dtype=torch.float32)
+    cond, uncond = pipe.encode_prompt("cat", negative_prompt="", max_sequence_length=512, device="cpu")
+    assert encoded["a"].cond.shape == cond.shape == (1, 512, 32)
+    assert (encoded["a"].cond - cond).abs().max().item() <= 1e-5
+    assert (encoded["a"].uncond - uncond).abs().max().item() <= 1e-5
+    assert encoded["a"].uncond.abs().sum() > 0  # the empty text's </s> token is a real embedding, not zeros
+    assert not encoded["a"].cond[0, 5:].any()  # zero-padded past the prompt's tokens
+
+
+def test_non_writer_rank_does_not_decode(tiny_wan_dir):
+    class Follower(SingleProcess):
+        is_writer = False
+
+    follower = WanGenerator(tiny_wan_dir, device="cpu", dtype="fp32", context=Follower())
+    decoded = []
+    follower.vae.decoder.register_forward_pre_hook(lambda *a: decoded.append(1))
+    assert follower.generate(make_item(num_inference_steps=1)) is None
+    assert decoded == []
+
+
+def test_non_finite_latents_and_vae_output_raise_before_the_uint8_cast(tiny_wan_dir):
+    components = load_wan_components(tiny_wan_dir, dtype="fp32", device="cpu")
+    with torch.no_grad():
+        components.transformer.proj_out.bias[0] = float("nan")
+    gen = WanGenerator.from_components(components, device="cpu")
+    with pytest.raises(NonFiniteError, match="latents after denoising"):
+        gen.generate(make_item(num_inference_steps=1))
+
+    components = load_wan_components(tiny_wan_dir, dtype="fp32", device="cpu")
+    with torch.no_grad():
+        components.vae.decoder.conv_out.bias[0] = float("nan")  # the decoder clamps: inf would become 1
+    gen = WanGenerator.from_components(components, device="cpu")
+    with pytest.raises(NonFiniteError, match="VAE output"):
+        gen.generate(make_item(num_inference_steps=1))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"num_frames": 10}, "4k\\+1"), ({"height": 72}, "multiple of 16"), ({"width": 8}, "multiple of 16")],
+)
+def test_shapes_that_do_not_fit_wan_are_input_errors(tiny_wan_dir, overrides, message):
+    gen = WanGenerator(tiny_wan_dir, device="cpu", dtype="fp32")
+    with pytest.raises(InputError, match=message) as raised:
+        gen.denoise(make_item(id="odd", **overrides))
+    assert "item odd" in str(raised.value) and raised.value.exit_code == EXIT_BAD_INPUT
+
+
+def test_mochi_only_speedups_are_refused(tiny_wan_dir):
+    with pytest.raises(ConfigError, match="compile.*Mochi only"):
+        WanGenerator(tiny_wan_dir, device="cpu", parallel=ParallelConfig(compile=True))
+
+
+def test_bf16_keeps_wan_fp32_modules_and_latents(tiny_wan_dir):
+    gen = WanGenerator(tiny_wan_dir, device="cpu", dtype="bf16")
+    transformer = gen.components.transformer
+    assert gen.transformer_dtype == torch.bfloat16 and transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert transformer.scale_shift_table.dtype == torch.float32 and gen.vae.dtype == torch.float32
+    latents = gen.denoise(make_item(num_inference_steps=2))
+    assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
+    assert gen.generate(make_item(num_inference_steps=1)).extra["dtype"] == "bfloat16"
+
+
+# --- loading errors ------------------------------------------------------------------------------------------------
+
+
+def _weights(folder: str) -> str:
+    name = "model.safetensors" if folder == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    return f"{folder}/{name}"
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: shutil.rmtree(d), "does not exist"),
+        (lambda d: [shutil.rmtree(d), d.mkdir()], "not a Wan model directory"),
+        (lambda d: shutil.rmtree(d / "text_encoder"), "text_encoder: missing"),
+        (lambda d: shutil.rmtree(d / "scheduler"), "scheduler: missing"),
+        (lambda d: (d / _weights("vae")).unlink(), "vae: no weight file"),
+        (lambda d: shutil.rmtree(d / "transformer_2"), "transformer_2: no weight file"),
+        (lambda d: _truncate(d / _weights("transformer_2")), "transformer_2.*truncated safetensors"),
+        (lambda d: _truncate(d / _weights("text_encoder")), "text_encoder.*truncated safetensors"),
+        (lambda d: (d / "model_index.json").write_text("{"), "model_index.json: not valid JSON"),
+    ],
+    ids=[
+        "missing-dir",
+        "empty-dir",
+        "no-text-encoder",
+        "no-scheduler",
+        "no-vae-weights",
+        "no-second-expert",
+        "truncated-expert",
+        "truncated-text-encoder",
+        "bad-model-index",
+    ],
+)
+def test_bad_model_dir_is_input_error_naming_the_file(tmp_path, tiny_wan2_dir, damage, message):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_wan2_dir, model)
+    damage(model)
+    with pytest.raises(InputError, match=message) as raised:
+        load_wan_components(model, dtype="fp32", device="cpu")
+    assert raised.value.exit_code == EXIT_BAD_INPUT
+
+
+def test_bf16_variant_files_are_used_for_bf16(tmp_path, tiny_wan_dir):
+    from diffusers import WanTransformer3DModel
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_wan_dir, model)
+    transformer = WanTransformer3DModel.from_pretrained(str(model / "transformer"), dtype=torch.bfloat16)
+    transformer.save_pretrained(str(model / "transformer"), variant="bf16")
+    (model / _weights("transformer")).unlink()  # only the bf16 variant left: used whatever the dtype
+    components = load_wan_components(model, dtype="bf16", device="cpu")
+    loaded = components.transformer.state_dict()
+    assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in transformer.state_dict().items())
