@@ -7,9 +7,10 @@ Diffusers layout (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, ``Wan-AI/Wan2.2-T2V-A14B
 Wan 2.2 A14B has two experts: ``transformer/`` denoises the high-noise steps, ``transformer_2/`` the low-noise ones,
 switched at ``boundary_ratio`` (model_index.json) of the training timesteps.
 
-The official single-file release layout (``config.json`` with ``model_type`` at the root, or ``high_noise_model/``
-and ``low_noise_model/``) is detected here and loaded by ``batchgen.generate.wan_original``:
-``read_original_transformer_config(model_dir)`` and ``load_original_components(model_dir, *, dtype, device)``.
+The official release layout (``config.json`` with ``model_type`` at the root, or ``high_noise_model/`` and
+``low_noise_model/``) is detected here (the same test as ``wan_original.is_official_layout``) and loaded by
+``batchgen.generate.wan_original``: ``read_official_transformer_config(model_dir)`` and
+``load_official_components(model_dir, *, dtype, device)`` (a dict of ``WanComponents``' fields).
 
 ``read_transformer_config`` and ``detect_wan_layout`` import nothing heavy (planning and topology checks use them).
 """
@@ -37,7 +38,7 @@ from batchgen.generate.loading import (
 
 log = logging.getLogger("batchgen.generate.wan_loading")
 
-ORIGINAL_MODULE = "batchgen.generate.wan_original"
+OFFICIAL_MODULE = "batchgen.generate.wan_original"
 EXPERTS = ("transformer", "transformer_2")
 COMPONENTS = (
     ("tokenizer", "UMT5 tokenizer: tokenizer.json or spiece.model"),
@@ -59,7 +60,7 @@ class WanComponents:
     scheduler: Any
     boundary_ratio: float | None = None
     layout: str = "diffusers"
-    """'diffusers', 'original' (official single-file release) or 'memory' (built in process)."""
+    """'diffusers', 'official' (the official release layout, see wan_original) or 'memory' (built in process)."""
 
     @property
     def experts(self) -> list[Any]:
@@ -71,12 +72,12 @@ class WanComponents:
 
 
 def detect_wan_layout(model_dir: str | Path) -> str:
-    """'diffusers' when transformer/ holds weights, 'original' for the official release layout; else InputError."""
+    """'diffusers' when transformer/ holds weights, 'official' for the official release layout; else InputError."""
     path = _require_dir(model_dir)
     if _weight_files(path / "transformer"):
         return "diffusers"
     if (path / "high_noise_model").is_dir() or "model_type" in _read_json(path / "config.json"):
-        return "original"
+        return "official"
     if (path / "transformer" / "config.json").is_file():
         raise InputError(
             f"{path / 'transformer'}: config.json but no weight file (diffusion_pytorch_model*.safetensors)"
@@ -91,8 +92,8 @@ def read_transformer_config(model_dir: str | Path) -> dict[str, Any]:
     """The (first) expert's WanTransformer3DModel config: num_attention_heads, attention_head_dim, patch_size, ..."""
     path = _require_dir(model_dir)
     config_path = path / "transformer" / "config.json"
-    if not config_path.is_file() and detect_wan_layout(path) == "original":
-        return importlib.import_module(ORIGINAL_MODULE).read_original_transformer_config(path)
+    if not config_path.is_file() and detect_wan_layout(path) == "official":
+        return importlib.import_module(OFFICIAL_MODULE).read_official_transformer_config(path)
     config = _read_json(config_path, required=True)
     if "num_attention_heads" not in config:
         raise InputError(f"{config_path}: not a WanTransformer3DModel config (no num_attention_heads)")
@@ -141,8 +142,9 @@ def load_wan_components(model_dir: str | Path, *, dtype: Any = "auto", device: A
     layout = detect_wan_layout(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
-    if layout == "original":
-        return importlib.import_module(ORIGINAL_MODULE).load_original_components(path, dtype=dtype, device=device)
+    if layout == "official":
+        fields = importlib.import_module(OFFICIAL_MODULE).load_official_components(path, dtype=dtype, device=device)
+        return WanComponents(**fields)
     boundary_ratio = read_boundary_ratio(path)
     experts = EXPERTS if boundary_ratio is not None else EXPERTS[:1]
     _check_files(path, experts)
