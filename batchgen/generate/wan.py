@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from batchgen.config import ParallelConfig
@@ -164,9 +165,8 @@ class WanGenerator:
         denoise_s = time.perf_counter() - started
         if not self.context.is_writer:
             return None
-        require_finite(latents, "latents after denoising")
         started = time.perf_counter()
-        frames = uint8_frames(self.decode_video(latents))
+        frames = self.decode(latents)
         decode_s = time.perf_counter() - started
         return GeneratedVideo(
             frames=frames,
@@ -305,6 +305,11 @@ class WanGenerator:
             # UniPC returns the sample in the prediction's dtype: fp32 here, whatever the model's dtype.
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0].to(torch.float32)
         return latents
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """fp32 latents [1, 16, T, h, w] -> uint8 RGB frames [4T - 3, 8h, 8w, 3]; NonFiniteError before the cast."""
+        require_finite(latents, "latents after denoising")
+        return uint8_frames(self.decode_video(latents))
 
     @torch.no_grad()
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
