@@ -25,11 +25,11 @@ def item_for(seed: int, **overrides):
     return Item(id=f"item-{seed}", seed=seed, **{**ITEM, **overrides})
 
 
-def reference(model_dir: str, seed: int, **overrides) -> dict[str, Any]:
+def reference(model_dir: str, seed: int, overrides: dict | None = None) -> dict[str, Any]:
     """The stock diffusers WanPipeline on one process (fp32): final latents and float frames in [0, 1]."""
     from diffusers import WanPipeline
 
-    item = item_for(seed, **overrides)
+    item = item_for(seed, **(overrides or {}))
     pipe = WanPipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     out = {}
@@ -48,7 +48,7 @@ def reference(model_dir: str, seed: int, **overrides) -> dict[str, Any]:
     return {"latents": out["latent"], "frames": out["np"][0]}
 
 
-def generator_case(model_dir: str, degrees: dict[str, int], **overrides) -> dict[str, Any]:
+def generator_case(model_dir: str, degrees: dict[str, int], overrides: dict | None = None) -> dict[str, Any]:
     """On every rank: WanGenerator under the layout, on this data-parallel group's item."""
     from batchgen.config import ParallelConfig
     from batchgen.generate.wan import WanGenerator
@@ -65,7 +65,7 @@ def generator_case(model_dir: str, degrees: dict[str, int], **overrides) -> dict
         num_heads=read_transformer_config(model_dir)["num_attention_heads"],
         timeout_s=INIT_TIMEOUT_S,
     )
-    item = item_for(21 + context.dp_rank, **overrides)  # data-parallel groups work on different items
+    item = item_for(21 + context.dp_rank, **(overrides or {}))  # data-parallel groups work on different items
     generator = WanGenerator(model_dir, context=context, device="cpu", dtype="fp32")
     generator.prepare([item])
     latents = generator.denoise(item)

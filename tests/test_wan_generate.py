@@ -266,28 +266,29 @@ def test_bf16_variant_files_are_used_for_bf16(tmp_path, tiny_wan_dir):
 # --- distributed: real gloo process groups against the single-process WanPipeline ---------------------------------
 
 LAYOUTS = [
-    # (name, world size, degrees, two experts)
-    ("cfg2", 2, {"cfg": 2}, False),
-    ("dp2", 2, {}, False),
-    ("cfg2-two-experts", 2, {"cfg": 2}, True),
+    # (name, world size, degrees, two experts, item overrides)
+    ("cfg2", 2, {"cfg": 2}, False, {}),
+    ("dp2", 2, {}, False, {}),
+    ("cfg2-two-experts", 2, {"cfg": 2}, True, {}),
+    ("cfg2-no-guidance", 2, {"cfg": 2}, False, {"guidance_scale": 1.0}),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,world,degrees,two_experts", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+@pytest.mark.parametrize("name,world,degrees,two_experts,overrides", LAYOUTS, ids=[c[0] for c in LAYOUTS])
 def test_parallel_generator_matches_single_process_wan_pipeline(
-    name, world, degrees, two_experts, tiny_wan_dir, tiny_wan2_dir
+    name, world, degrees, two_experts, overrides, tiny_wan_dir, tiny_wan2_dir
 ):
     from tests import _wan_gen_cases as cases
     from tests._dist import run_world
 
     model_dir = str(tiny_wan2_dir if two_experts else tiny_wan_dir)
-    results = run_world(world, cases.generator_case, model_dir, degrees, timeout_s=240)
+    results = run_world(world, cases.generator_case, model_dir, degrees, overrides, timeout_s=240)
     dp = results[0]["topology"]["dp"]
     assert dp == world // max(1, degrees.get("cfg", 1) * degrees.get("ulysses", 1) * degrees.get("ring", 1))
     assert sum(r["is_writer"] for r in results) == dp, "exactly one writer per data-parallel group"
     assert len({r["seed"] for r in results}) == dp, "each data-parallel group works on its own item"
-    references = {seed: cases.reference(model_dir, seed) for seed in {r["seed"] for r in results}}
+    references = {seed: cases.reference(model_dir, seed, overrides) for seed in {r["seed"] for r in results}}
     for r in results:
         expected = references[r["seed"]]
         diff = (r["latents"] - expected["latents"]).abs().max().item()
