@@ -302,3 +302,12 @@ def test_parallel_generator_matches_single_process_wan_pipeline(
     if dp == 2:
         a, b = (references[s]["latents"] for s in sorted(references))
         assert (a - b).abs().max() > 0.1, "the two groups' items must differ for this case to mean anything"
+
+
+def test_offload_estimate_counts_both_experts(tiny_wan2_dir):
+    gen = WanGenerator(tiny_wan2_dir, device="cpu", dtype="fp32")
+    needs = gen._memory_needs([make_item(), make_item(id="b", num_frames=17, guidance_scale=1.0)])
+    experts = gen.components.experts
+    assert len(experts) == 2
+    assert needs.transformer_bytes == sum(p.numel() * 4 for t in experts for p in t.parameters())
+    assert needs.tokens_per_rank == 5 * 4 * 4 and needs.batch_per_rank == 2 and needs.width == 4 * 24

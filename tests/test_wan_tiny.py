@@ -142,3 +142,12 @@ def test_refuses_a_non_empty_directory_and_odd_expert_counts(tmp_path):
         write_tiny_wan(tmp_path / "full")
     with pytest.raises(InputError, match="experts must be 1"):
         write_tiny_wan(tmp_path / "three", experts=3)
+
+
+def test_the_wan_spec_points_at_this_code(tmp_path, tiny_wan2_dir):
+    from batchgen.generate.wan import WanGenerator
+
+    assert WAN.generator_class() is WanGenerator
+    assert WAN.num_heads(tiny_wan2_dir) == 4
+    written = WAN.write_tiny_model(tmp_path / "via-spec", seed=0, experts=2)
+    assert fingerprint_model_dir(written) == fingerprint_model_dir(tiny_wan2_dir)
