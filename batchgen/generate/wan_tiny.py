@@ -45,13 +45,13 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
     "rope_max_seq_len": 1024,
     "pos_embed_seq_len": None,
 }
-# The real VAE's structure (4x temporal, 8x spatial, z_dim 16, Wan 2.1's latent statistics: the class defaults)
-# at an eighth of its width and one residual block per level.
+# The real VAE's structure (4x temporal, 8x spatial, z_dim 16, two residual blocks per level, Wan 2.1's latent
+# statistics: the class defaults; the structure wan_original's official layout can hold) at an eighth of its width.
 VAE_CONFIG: dict[str, Any] = {
     "base_dim": 12,
     "z_dim": 16,
     "dim_mult": [1, 2, 4, 4],
-    "num_res_blocks": 1,
+    "num_res_blocks": 2,
     "attn_scales": [],
     "temperal_downsample": [False, True, True],
     "dropout": 0.0,
