@@ -127,7 +127,6 @@ class WanGenerator:
         # The compute dtype is the projections'; Wan keeps RoPE, time embedding, modulation and norms in fp32.
         self.transformer_dtype = experts[0].proj_out.weight.dtype
         self.latent_channels = experts[0].config.in_channels
-        self.num_heads = experts[0].config.num_attention_heads
         # With two experts, the switch point in training timesteps (WanPipeline: boundary_ratio x 1000).
         self.boundary_timestep = (
             components.boundary_ratio * self.scheduler_config.num_train_timesteps
