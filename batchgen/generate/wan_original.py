@@ -57,8 +57,8 @@ WEIGHTS_INDEX_NAME = f"{WEIGHTS_NAME}.safetensors.index.json"
 T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
 T5_TOKENIZER = "google/umt5-xxl"
 VAE_CHECKPOINT = "Wan2.1_VAE.pth"
-# (diffusers component, official folder): WanPipeline's ``transformer`` runs the steps t >= boundary (high noise).
-EXPERT_FOLDERS = (("transformer", "high_noise_model"), ("transformer_2", "low_noise_model"))
+# In WanPipeline's order: ``transformer`` runs the steps t >= boundary (high noise), ``transformer_2`` the rest.
+EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
 A14B_BOUNDARY_RATIO = 0.875
 FLOW_SHIFT = {1: 5.0, 2: 12.0}
 """UniPC flow shift by number of experts (Wan 2.1 generate.py's T2V default; wan_t2v_A14B.py's sample_shift)."""
@@ -78,7 +78,7 @@ def is_official_layout(model_dir: str | Path) -> bool:
     path = Path(model_dir)
     if not path.is_dir():
         return False
-    if (path / EXPERT_FOLDERS[0][1]).is_dir():
+    if (path / EXPERT_FOLDERS[0]).is_dir():
         return True
     config = path / CONFIG_NAME
     return config.is_file() and "model_type" in _read_json(config)
@@ -87,9 +87,9 @@ def is_official_layout(model_dir: str | Path) -> bool:
 def expert_folders(model_dir: str | Path) -> list[Path]:
     """The folders holding each expert's config.json and shards: the root (Wan 2.1) or high- then low-noise."""
     path = _require_dir(model_dir)
-    if not (path / EXPERT_FOLDERS[0][1]).is_dir():
+    if not (path / EXPERT_FOLDERS[0]).is_dir():
         return [path]
-    folders = [path / folder for _, folder in EXPERT_FOLDERS]
+    folders = [path / folder for folder in EXPERT_FOLDERS]
     for folder in folders:
         if not folder.is_dir():
             raise InputError(
@@ -314,6 +314,7 @@ def load_official_components(model_dir: str | Path, *, dtype: Any = "auto", devi
 
 def load_official_transformer(folder: Path, *, dtype, device):
     """WanTransformer3DModel from one expert folder, streamed tensor by tensor into an empty model."""
+    import torch
     from accelerate import init_empty_weights
     from diffusers import WanTransformer3DModel
 
@@ -325,11 +326,12 @@ def load_official_transformer(folder: Path, *, dtype, device):
     with init_empty_weights():
         transformer = WanTransformer3DModel(**config)
     expected = set(transformer.state_dict())
+    # As from_pretrained(torch_dtype=...) does: these modules stay fp32 whatever the model's dtype.
     keep_fp32 = transformer._keep_in_fp32_modules or []
     state = {}
     for shard in shards:
         for name, tensor in _stream_shard(shard, expected):
-            target = tensor.dtype if any(m in name.split(".") for m in keep_fp32) else dtype
+            target = torch.float32 if any(m in name.split(".") for m in keep_fp32) else dtype
             state[name] = tensor.to(device=device, dtype=target)
     _check_names(expected, {name: name for name in state}, folder)
     transformer.load_state_dict(state, strict=True, assign=True)
@@ -337,15 +339,14 @@ def load_official_transformer(folder: Path, *, dtype, device):
 
 
 def _stream_shard(shard: Path, expected: set[str]) -> Iterator[tuple[str, Any]]:
-    """(diffusers name, fp32 tensor) for each tensor of one shard, read one at a time from the memory map."""
-    import torch
+    """(diffusers name, tensor as stored) for each tensor of one shard, read one at a time from the memory map."""
     from safetensors import safe_open
 
     with safe_open(str(shard), framework="pt", device="cpu") as f:
         names = transformer_name_map(list(f.keys()))
         _check_unknown(expected, names, shard)
         for name, original in names.items():
-            yield name, f.get_tensor(original).to(torch.float32)
+            yield name, f.get_tensor(original)
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
@@ -543,7 +544,7 @@ def write_official_layout(
         raise InputError(f"{root}: directory is not empty; the official layout needs a fresh directory")
     root.mkdir(parents=True, exist_ok=True)
     experts = [m for m in (components["transformer"], components.get("transformer_2")) if m is not None]
-    folders = [root] if len(experts) == 1 else [root / folder for _, folder in EXPERT_FOLDERS]
+    folders = [root] if len(experts) == 1 else [root / folder for folder in EXPERT_FOLDERS]
     for transformer, folder in zip(experts, folders, strict=True):
         _write_expert(transformer, folder, max_shard_size)
     torch.save(official_t5_state_dict(components["text_encoder"].state_dict()), root / T5_CHECKPOINT)
