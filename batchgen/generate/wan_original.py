@@ -546,7 +546,7 @@ def write_official_layout(
     experts = [m for m in (components["transformer"], components.get("transformer_2")) if m is not None]
     folders = [root] if len(experts) == 1 else [root / folder for folder in EXPERT_FOLDERS]
     for transformer, folder in zip(experts, folders, strict=True):
-        _write_expert(transformer, folder, max_shard_size)
+        write_official_transformer(transformer, folder, max_shard_size=max_shard_size)
     torch.save(official_t5_state_dict(components["text_encoder"].state_dict()), root / T5_CHECKPOINT)
     torch.save(official_vae_state_dict(components["vae"].state_dict()), root / VAE_CHECKPOINT)
     components["tokenizer"].save_pretrained(str(root / T5_TOKENIZER))
@@ -574,7 +574,8 @@ def official_config(transformer_config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_expert(transformer, folder: Path, max_shard_size: int | str) -> None:
+def write_official_transformer(transformer, folder: Path, *, max_shard_size: int | str = "5GB") -> None:
+    """One expert's config.json and safetensors shards (with an index when sharded) in Wan's names."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
