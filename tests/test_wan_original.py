@@ -20,6 +20,7 @@ from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel  # noqa: 
 from batchgen.errors import InputError  # noqa: E402
 from batchgen.generate import wan_original  # noqa: E402
 from batchgen.generate.tiny import randomize_parameters, write_tokenizer  # noqa: E402
+from batchgen.models import detect_family  # noqa: E402
 
 TEXT_WIDTH = 16
 TRANSFORMER = {
@@ -168,6 +169,7 @@ def test_config_and_detection_without_torch(wan21, wan22):
         assert {k: read[k] for k in TRANSFORMER} == TRANSFORMER
         assert read["eps"] == 1e-6 and read["rope_max_seq_len"] == 1024 and read["image_dim"] is None
     assert not wan_original.is_official_layout(root / "google")
+    assert detect_family(root) == detect_family(root22) == "wan"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +262,26 @@ def test_two_experts_load_both(wan22):
     _assert_same_tensors(loaded["transformer_2"], source["transformer_2"])
     assert loaded["boundary_ratio"] == 0.875
     assert loaded["scheduler"].config.flow_shift == 12.0 and loaded["scheduler"].config.use_flow_sigmas
+
+
+def test_wan_pipeline_runs_on_the_loaded_experts(wan22):
+    """The returned keys are what diffusers' WanPipeline takes; three steps (timesteps 999, 960, 857 at shift 12:
+    both experts run) give the same video as the source modules with the same scheduler."""
+    from diffusers import WanPipeline
+
+    source, _, loaded = wan22
+    keys = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler", "boundary_ratio")
+    videos = []
+    for components in (dict(source, scheduler=loaded["scheduler"], boundary_ratio=0.875), loaded):
+        pipe = WanPipeline(**{k: components[k] for k in keys})
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(3)
+        kwargs = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 3, "max_sequence_length": 16}
+        videos.append(pipe("a red fox", generator=generator, output_type="pt", **kwargs).frames)
+    timesteps = loaded["scheduler"].timesteps
+    assert timesteps.max() >= 875 > timesteps.min()
+    assert videos[0].shape == (1, 5, 3, 32, 32) and videos[0].std() > 0.01
+    torch.testing.assert_close(videos[1], videos[0], rtol=0, atol=0)
 
 
 def test_bf16_keeps_diffusers_fp32_modules(wan21):
