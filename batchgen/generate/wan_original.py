@@ -248,7 +248,8 @@ def umt5_config(shapes: Mapping[str, Any], source: Path) -> dict[str, Any]:
 def vae_config(shapes: Mapping[str, Any], source: Path) -> dict[str, Any]:
     """AutoencoderKLWan config from Wan2.1_VAE.pth's shapes. The official VAE (``_video_vae`` in wan/modules/vae.py)
     fixes dim_mult [1, 2, 4, 4], two residual blocks per level, no attention scales and temporal downsampling
-    [False, True, True] (diffusers' defaults, which its converter's block indices assume); width and z_dim vary."""
+    [False, True, True] (diffusers' defaults, which its converter's block indices assume). Width and z_dim (96 and 16
+    in the release) are read from the shapes so that narrower test models load too."""
     try:
         base_dim = shapes["encoder.conv1.weight"][0]
         z_dim = shapes["decoder.conv1.weight"][1]
