@@ -372,3 +372,11 @@ def test_image_to_video_is_refused_by_name(model_copy):
     config_path.write_text(json.dumps(dict(config, model_type="i2v")))
     with pytest.raises(InputError, match=r"config\.json: model_type 'i2v' is not supported"):
         wan_original.read_official_transformer_config(model_copy)
+
+
+def test_writer_refuses_a_vae_the_release_cannot_hold(wan21, tmp_path):
+    source, _, _ = wan21
+    narrow = AutoencoderKLWan(base_dim=8, z_dim=16, num_res_blocks=1)
+    with pytest.raises(ValueError, match=r"Wan2\.1_VAE\.pth holds the release's VAE structure"):
+        wan_original.write_official_layout(tmp_path / "model", dict(source, vae=narrow))
+    assert not (tmp_path / "model").exists()

@@ -66,6 +66,13 @@ ROPE_MAX_SEQ_LEN = 1024
 """RoPE positions per axis: ``rope_params(1024, ...)`` in Wan's WanModel, diffusers' default."""
 T5_MAX_DISTANCE = 128
 """T5RelativeEmbedding's max_dist in wan/modules/t5.py (transformers' relative_attention_max_distance)."""
+VAE_STRUCTURE = {
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+}
+"""The VAE structure ``_video_vae`` in wan/modules/vae.py fixes (diffusers' converter assumes it too)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +262,7 @@ def vae_config(shapes: Mapping[str, Any], source: Path) -> dict[str, Any]:
         z_dim = shapes["decoder.conv1.weight"][1]
     except (KeyError, IndexError) as e:
         raise InputError(f"{source}: not Wan's VAE checkpoint (missing or odd tensor {e})") from None
-    return {"base_dim": int(base_dim), "z_dim": int(z_dim), "num_res_blocks": 2}
+    return {"base_dim": int(base_dim), "z_dim": int(z_dim), **VAE_STRUCTURE}
 
 
 def _check_unknown(expected: set[str], mapped: Mapping[str, str], source: Path) -> None:
@@ -543,13 +550,19 @@ def write_official_layout(
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
         raise InputError(f"{root}: directory is not empty; the official layout needs a fresh directory")
+    vae = components["vae"]
+    structure = json.loads(json.dumps({key: vae.config[key] for key in VAE_STRUCTURE}))  # tuples as lists
+    if structure != VAE_STRUCTURE:
+        raise ValueError(
+            f"{VAE_CHECKPOINT} holds the release's VAE structure {VAE_STRUCTURE}; this VAE has {structure}"
+        )
     root.mkdir(parents=True, exist_ok=True)
     experts = [m for m in (components["transformer"], components.get("transformer_2")) if m is not None]
     folders = [root] if len(experts) == 1 else [root / folder for folder in EXPERT_FOLDERS]
     for transformer, folder in zip(experts, folders, strict=True):
         write_official_transformer(transformer, folder, max_shard_size=max_shard_size)
     torch.save(official_t5_state_dict(components["text_encoder"].state_dict()), root / T5_CHECKPOINT)
-    torch.save(official_vae_state_dict(components["vae"].state_dict()), root / VAE_CHECKPOINT)
+    torch.save(official_vae_state_dict(vae.state_dict()), root / VAE_CHECKPOINT)
     components["tokenizer"].save_pretrained(str(root / T5_TOKENIZER))
     return root
 
