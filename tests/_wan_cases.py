@@ -5,6 +5,7 @@ Module level (picklable by reference) and importable by the forkserver children.
 
 from __future__ import annotations
 
+from math import nan
 from typing import Any
 
 import torch
@@ -32,10 +33,12 @@ TEXT_LEN = 12
 LATENT = (3, 8, 12)
 # 5 x 10 x 14 -> 5 x 5 x 7 = 175 tokens: every layout with 2 or 4 sequence-parallel ranks pads it.
 ODD_LATENT = (5, 10, 14)
-# A full WanPipeline run: 9 frames at 64x96 -> the 72-token latent above.
+# A full WanPipeline run: 9 frames at 64x96 -> the 72-token latent above; 17 frames at 80x112 -> 175 tokens.
 VIDEO = {"num_frames": 9, "height": 64, "width": 96}
+ODD_VIDEO = {"num_frames": 17, "height": 80, "width": 112}
 STEPS = 4
 GUIDANCE = 5.0
+CACHE_STEPS = 8
 # Wan 2.2 A14B's switch: the first expert while t >= 0.875 x 1000, the second after.
 BOUNDARY_RATIO = 0.875
 
@@ -86,7 +89,9 @@ def forwards(transformer, item_seed: int, inputs: list[dict]) -> list[torch.Tens
         return [transformer(**forward_inputs(item_seed, **case), return_dict=False)[0] for case in inputs]
 
 
-def denoise(high_noise, low_noise, item_seed: int) -> tuple[torch.Tensor, list[int]]:
+def denoise(
+    high_noise, low_noise, item_seed: int, video: dict | None = None, guidance: float = GUIDANCE, steps: int = STEPS
+) -> tuple[torch.Tensor, list[int]]:
     """The stock diffusers WanPipeline with two experts switched at BOUNDARY_RATIO (Wan 2.2 A14B's layout), latents
     out (no VAE, no UMT5: embeddings given); and how many transformer calls each expert served."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
@@ -113,9 +118,9 @@ def denoise(high_noise, low_noise, item_seed: int) -> tuple[torch.Tensor, list[i
     pipe.set_progress_bar_config(disable=True)
     latents = pipe(
         **prompt_embeds(item_seed),
-        **VIDEO,
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
+        **(video or VIDEO),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         generator=torch.Generator().manual_seed(item_seed),
         output_type="latent",
     ).frames
@@ -168,3 +173,39 @@ def parallel_case(degrees: dict[str, int], inputs: list[dict], pipeline: bool, b
         low_noise = parallelize_transformer(tiny_transformer(1), context, plan=WAN.parallel_plan)
         result["latents"], result["calls"] = denoise(high_noise, low_noise, item_seed)
     return result
+
+
+def cached_denoise(item_seed: int, threshold: float, context=None) -> dict[str, Any]:
+    """A two-expert WanPipeline run over ODD_VIDEO (padded under sequence parallelism) with a first-block cache on
+    each expert, guidance 1 (one transformer call per step, so consecutive calls are consecutive steps). With a
+    ``context`` the experts are parallelized and the caches agree over its sp and cfg groups."""
+    from batchgen.generate.cache import FirstBlockCache, group_axes
+    from batchgen.models import WAN
+    from batchgen.parallel.apply import parallelize_transformer
+
+    experts = [tiny_transformer(0), tiny_transformer(1)]
+    if context is not None:
+        experts = [parallelize_transformer(e, context, plan=WAN.parallel_plan) for e in experts]
+    caches = [FirstBlockCache(e, threshold, group_axes(context), plan=WAN.parallel_plan) for e in experts]
+    changes: list[float] = []  # the metric each call decided on (nan: an expert's first step, nothing to compare)
+
+    def record(cache):
+        return lambda module, args, output: changes.append(nan if cache.last_change is None else cache.last_change)
+
+    for expert, cache in zip(experts, caches, strict=True):
+        expert.register_forward_hook(record(cache))
+    latents, calls = denoise(*experts, item_seed, ODD_VIDEO, guidance=1.0, steps=CACHE_STEPS)
+    return {"latents": latents, "calls": calls, "cache": [c.facts() for c in caches], "changes": changes}
+
+
+def parallel_cached_case(degrees: dict[str, int], threshold: float) -> dict[str, Any]:
+    from batchgen.config import ParallelConfig
+    from batchgen.parallel.runtime import TorchContext
+    from tests._dist import INIT_TIMEOUT_S
+
+    context = TorchContext.from_env(
+        ParallelConfig(ulysses_degree=degrees.get("ulysses", 1), ring_degree=degrees.get("ring", 1)),
+        num_heads=TINY_TRANSFORMER["num_attention_heads"],
+        timeout_s=INIT_TIMEOUT_S,
+    )
+    return {"rank": context.rank, **cached_denoise(11, threshold, context)}

@@ -88,3 +88,34 @@ def test_stock_processors_come_back_and_cross_attention_is_untouched():
     assert torch.equal(cases.forwards(model, 3, [ODD])[0], want)
     unparallelize_transformer(model)
     assert [(block.attn1.processor, block.attn2.processor) for block in model.blocks] == before
+
+
+# -- first-block cache on Wan's blocks -----------------------------------------------------------------------------
+
+CACHE_THRESHOLD = 0.5  # the tiny experts' relative changes sit at 0.43-0.58: some steps reuse, some compute
+
+
+def test_cache_threshold_zero_on_wan_equals_uncached_exactly():
+    uncached, calls = cases.denoise(
+        cases.tiny_transformer(0), cases.tiny_transformer(1), 11, cases.ODD_VIDEO, 1.0, cases.CACHE_STEPS
+    )
+    cached = cases.cached_denoise(11, 0.0)
+    assert torch.equal(cached["latents"], uncached)
+    assert [facts["steps_computed"] for facts in cached["cache"]] == calls
+    assert all(facts["steps_reused"] == 0 for facts in cached["cache"])
+
+
+def test_cached_wan_under_ulysses2_with_padding_decides_like_one_process():
+    # 175 tokens padded to 176: the padding row stays out of the metric, so both ranks skip the steps one process
+    # skips, and skipping changes the result (the cache is not a no-op here).
+    one = cases.cached_denoise(11, CACHE_THRESHOLD)
+    assert sum(facts["steps_reused"] for facts in one["cache"]) > 0
+    uncached = cases.cached_denoise(11, 0.0)
+    assert (one["latents"] - uncached["latents"]).abs().max().item() > 0.01
+    for r in run_world(2, cases.parallel_cached_case, {"ulysses": 2}, CACHE_THRESHOLD):
+        assert r["cache"] == one["cache"], f"rank {r['rank']} decided other steps than one process"
+        assert r["changes"] == pytest.approx(one["changes"], rel=1e-6, nan_ok=True), (
+            "the metric must be the one process's"
+        )
+        diff = (r["latents"] - one["latents"]).abs().max().item()
+        assert diff <= LATENTS_TOLERANCE, f"rank {r['rank']}: cached latents differ by {diff}"

@@ -142,6 +142,12 @@ def unparallelize_transformer(transformer) -> None:
     delattr(transformer, _STATE_ATTR)
 
 
+def installed_plan(transformer) -> ParallelPlan | None:
+    """The ``ParallelPlan`` ``parallelize_transformer`` installed on ``transformer``, or None."""
+    state: _ParallelState | None = getattr(transformer, _STATE_ATTR, None)
+    return state.plan if state is not None else None
+
+
 def valid_local_tokens(transformer) -> int | None:
     """How many of this rank's visual rows in the blocks are real tokens (the rest is padding); None when the
     sequence is not split. Valid after the first block's pre-hook has seen the current shape."""
