@@ -119,3 +119,19 @@ def test_cached_wan_under_ulysses2_with_padding_decides_like_one_process():
         )
         diff = (r["latents"] - one["latents"]).abs().max().item()
         assert diff <= LATENTS_TOLERANCE, f"rank {r['rank']}: cached latents differ by {diff}"
+
+
+@pytest.mark.parametrize("option", ["compile", "fp8"])
+def test_mochi_only_speedups_refuse_wan_with_a_config_error(option):
+    from batchgen.errors import ConfigError
+    from batchgen.generate.compile import compile_blocks
+    from batchgen.generate.fp8 import emulated_kernel, enable_fp8
+
+    model = cases.tiny_transformer()
+    install = {
+        "compile": lambda: compile_blocks(model),
+        "fp8": lambda: enable_fp8(model, "cpu", kernel=emulated_kernel),
+    }
+    with pytest.raises(ConfigError, match=f"parallel.{option} \\(--{option}\\) is available for Mochi only"):
+        install[option]()
+    assert all(type(module).__name__ != "Fp8Linear" for module in model.modules())

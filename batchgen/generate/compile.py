@@ -22,6 +22,8 @@ from types import MethodType
 
 import torch
 
+from batchgen.errors import ConfigError
+
 log = logging.getLogger("batchgen.generate.compile")
 
 # Graphs per shape: two regions x (ordinary, last block) plus RoPE; room for a few shapes per worker.
@@ -99,7 +101,14 @@ class CompiledBlocks:
 
 
 def compile_blocks(transformer) -> CompiledBlocks:
-    """Compile every block's regions and the RoPE module of ``transformer`` in place (idempotent)."""
+    """Compile every block's regions and the RoPE module of ``transformer`` in place (idempotent). Mochi only:
+    the regions mirror ``MochiTransformerBlock`` (ConfigError otherwise)."""
+    from diffusers import MochiTransformer3DModel
+
+    if not isinstance(transformer, MochiTransformer3DModel):
+        raise ConfigError(
+            f"parallel.compile (--compile) is available for Mochi only; {type(transformer).__name__} runs without it"
+        )
     existing = getattr(transformer, _STATE_ATTR, None)
     if existing is not None:
         return existing

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from batchgen.errors import ConfigError
+
 log = logging.getLogger("batchgen.generate.fp8")
 
 FP8 = torch.float8_e4m3fn
@@ -153,7 +155,14 @@ def fp8_supported(device) -> bool:
 
 def enable_fp8(transformer, device, *, context=None, kernel: Kernel | None = None) -> dict:
     """Convert the blocks' linears to FP8 if the device has FP8 tensor cores (or ``kernel`` is given) and the
-    gate passes on every rank; returns the facts for the sidecar and the log."""
+    gate passes on every rank; returns the facts for the sidecar and the log. Mochi only: the gate drives a
+    Mochi block (ConfigError otherwise)."""
+    from diffusers import MochiTransformer3DModel
+
+    if not isinstance(transformer, MochiTransformer3DModel):
+        raise ConfigError(
+            f"parallel.fp8 (--fp8) is available for Mochi only; {type(transformer).__name__} runs without it"
+        )
     if kernel is None:
         if not fp8_supported(device):
             log.info("fp8 requested, but %s has no FP8 tensor cores (Hopper or newer): staying in bf16", device)
