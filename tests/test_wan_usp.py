@@ -121,17 +121,32 @@ def test_cached_wan_under_ulysses2_with_padding_decides_like_one_process():
         assert diff <= LATENTS_TOLERANCE, f"rank {r['rank']}: cached latents differ by {diff}"
 
 
-@pytest.mark.parametrize("option", ["compile", "fp8"])
-def test_mochi_only_speedups_refuse_wan_with_a_config_error(option):
+def test_compile_refuses_wan_with_a_config_error():
     from batchgen.errors import ConfigError
     from batchgen.generate.compile import compile_blocks
-    from batchgen.generate.fp8 import emulated_kernel, enable_fp8
 
     model = cases.tiny_transformer()
-    install = {
-        "compile": lambda: compile_blocks(model),
-        "fp8": lambda: enable_fp8(model, "cpu", kernel=emulated_kernel),
-    }
-    with pytest.raises(ConfigError, match=f"parallel.{option} \\(--{option}\\) is available for Mochi only"):
-        install[option]()
-    assert all(type(module).__name__ != "Fp8Linear" for module in model.modules())
+    with pytest.raises(ConfigError, match=r"parallel.compile \(--compile\) is available for Mochi only"):
+        compile_blocks(model)
+    assert "forward" not in vars(model.blocks[0]), "nothing may be installed on a refused model"
+
+
+def test_fp8_gate_on_a_wan_block_converts_only_a_faithful_kernel():
+    from batchgen.generate.fp8 import Fp8Linear, emulated_kernel, enable_fp8
+
+    def off_by_a_fifth(a, b, scale_a, scale_b, out_dtype):
+        return ((a.float() * scale_a) @ (b.float() * scale_b) * 1.2).to(out_dtype)
+
+    model = cases.tiny_transformer().to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) for k, v in cases.forward_inputs(3, cases.LATENT).items()}
+    with torch.no_grad():
+        bf16 = model(**inputs, return_dict=False)[0].float()
+    facts = enable_fp8(model, "cpu", kernel=off_by_a_fifth)
+    assert facts["used"] is False and not any(isinstance(m, Fp8Linear) for m in model.modules())
+    facts = enable_fp8(model, "cpu", kernel=emulated_kernel)
+    # Both blocks' attn1 and attn2 q/k/v/out and the two FFN linears.
+    assert facts["used"] is True and facts["linear_layers"] == 2 * (4 + 4 + 2)
+    assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == facts["linear_layers"]
+    with torch.no_grad():
+        fp8 = model(**inputs, return_dict=False)[0].float()
+    assert 0 < ((fp8 - bf16).norm() / bf16.norm()).item() < 0.05
