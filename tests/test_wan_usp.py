@@ -121,14 +121,32 @@ def test_cached_wan_under_ulysses2_with_padding_decides_like_one_process():
         assert diff <= LATENTS_TOLERANCE, f"rank {r['rank']}: cached latents differ by {diff}"
 
 
-def test_compile_refuses_wan_with_a_config_error():
+@pytest.mark.slow
+def test_compiled_wan_blocks_match_eager_and_compile_once_per_shape(tmp_path, monkeypatch):
+    from batchgen.generate.compile import compile_blocks, graph_count
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = cases.tiny_transformer()
+    inputs = cases.forward_inputs(3, cases.ODD_LATENT)
+    with torch.no_grad():
+        eager = model(**inputs, return_dict=False)[0]
+        compile_blocks(model)
+        compiled = model(**inputs, return_dict=False)[0]
+        graphs = graph_count()
+        again = model(**inputs, return_dict=False)[0]
+    assert graph_count() == graphs, "a second forward of the same shape must not compile again"
+    assert torch.equal(again, compiled)
+    assert (compiled - eager).abs().max().item() <= FORWARD_TOLERANCE * eager.abs().max().item()
+
+
+def test_compile_refuses_another_model_with_a_config_error():
+    from diffusers import AutoencoderKLWan
+
     from batchgen.errors import ConfigError
     from batchgen.generate.compile import compile_blocks
 
-    model = cases.tiny_transformer()
-    with pytest.raises(ConfigError, match=r"parallel.compile \(--compile\) is available for Mochi only"):
-        compile_blocks(model)
-    assert "forward" not in vars(model.blocks[0]), "nothing may be installed on a refused model"
+    with pytest.raises(ConfigError, match=r"parallel.compile \(--compile\) is available for Mochi and Wan, not Auto"):
+        compile_blocks(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1], num_res_blocks=1))
 
 
 def test_fp8_gate_on_a_wan_block_converts_only_a_faithful_kernel():
