@@ -27,36 +27,19 @@ its pods are made (a test's fault injection: a command that always exits 143, a 
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 
+from tests._local_pods import LocalPodController, free_port, kill_process_tree, now
 from tests.k8s_emulator import OPERATOR_TOKEN
 
-log = logging.getLogger("tests.fake_operator")
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -70,7 +53,7 @@ class Pod:
     log_path: Path
     init: list[tuple[list[str], dict[str, str]]] = field(default_factory=list)
     """Init containers (argv, env), run in order before ``argv``."""
-    process: subprocess.Popen | None = None
+    process: Any = None
     stage: int = 0
     """Index into init containers; len(init) = the pytorch container."""
     recreated: int = 0
@@ -85,87 +68,34 @@ class JobRun:
     uid: str
     pods: list[Pod]
     started: float = field(default_factory=time.monotonic)
-    start_time: str = field(default_factory=_now)
+    start_time: str = field(default_factory=now)
     conditions: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
 
 
-class FakeOperator:
+class FakeOperator(LocalPodController):
+    name = "fake operator"
+
     def __init__(
         self,
         kubeconfig: Path,
         namespace: str,
         workdir: Path,
         *,
-        path_map: dict[str, str] | None = None,
-        secrets: dict[str, dict[str, str]] | None = None,
-        base_env: dict[str, str] | None = None,
         fail_first_attempt: Callable[[dict[str, Any]], bool] | None = None,
         sabotage: Callable[[dict[str, Any]], None] | None = None,
-        poll_s: float = 0.2,
+        **options: Any,
     ):
-        configuration = client.Configuration()
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-        # Its own identity, so the emulator's record of the controller's calls holds only the controller's.
-        configuration.api_key = {"BearerToken": f"Bearer {OPERATOR_TOKEN}"}
-        configuration.refresh_api_key_hook = None  # it would put the kubeconfig's token back
-        self.api = client.CustomObjectsApi(client.ApiClient(configuration))
-        self.namespace = namespace
-        self.workdir = workdir
-        self.path_map = dict(path_map or {})
-        self.secrets = secrets or {}
-        self.base_env = base_env or {}
+        super().__init__(kubeconfig, namespace, workdir, token=OPERATOR_TOKEN, **options)
         self.fail_first_attempt = fail_first_attempt
         self.sabotage = sabotage
-        self.poll_s = poll_s
         self.runs: dict[str, JobRun] = {}
-        self.started_jobs: list[str] = []
-        """Names of every job that got pods, in order (one entry per uid)."""
-        self.errors: list[BaseException] = []
-        self.peak_running = 0
-        """Most jobs with live pods at once (the controller's --max-jobs bound)."""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="fake-operator", daemon=True)
 
-    def start(self) -> FakeOperator:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        for run in self.runs.values():
-            for pod in run.pods:
-                self._kill(pod)
-
-    # -- pods ------------------------------------------------------------------------------------------------
-
-    def _map(self, value: str) -> str:
-        for image_path, local_path in self.path_map.items():
-            if value == image_path or value.startswith(image_path + "/"):
-                return local_path + value[len(image_path) :]
-        return value
-
-    def _container_env(self, container: dict[str, Any]) -> dict[str, str]:
-        env = {}
-        for entry in container.get("env") or []:
-            if "value" in entry:
-                env[entry["name"]] = self._map(str(entry["value"]))
-            elif "secretKeyRef" in (entry.get("valueFrom") or {}):
-                ref = entry["valueFrom"]["secretKeyRef"]
-                try:
-                    env[entry["name"]] = self.secrets[ref["name"]][ref["key"]]
-                except KeyError:
-                    raise RuntimeError(
-                        f"secret {ref['name']}/{ref['key']} not found (CreateContainerConfigError)"
-                    ) from None
-        return env
+    def _processes(self) -> Iterator[Any]:
+        return (pod.process for run in self.runs.values() for pod in run.pods)
 
     def _argv(self, container: dict[str, Any]) -> list[str]:
-        argv = [self._map(a) for a in container.get("command", []) + container.get("args", [])]
-        if argv and argv[0] == "python":
-            argv[0] = sys.executable
-        return argv
+        return self.container_argv(container.get("command", []) + container.get("args", []))
 
     def _pods(self, job: dict[str, Any]) -> list[Pod]:
         if self.sabotage is not None:
@@ -176,7 +106,7 @@ class FakeOperator:
         replicas = [("Master", i) for i in range(int(specs["Master"].get("replicas", 1)))]
         if "Worker" in specs:
             replicas += [("Worker", i) for i in range(int(specs["Worker"].get("replicas", 0)))]
-        port = _free_port()
+        port = free_port()
         injected_failure = (
             self.fail_first_attempt is not None
             and job["metadata"]["labels"].get("batchgen.io/attempt") == "1"
@@ -187,14 +117,11 @@ class FakeOperator:
             pod_spec = specs[rtype]["template"]["spec"]
             container = next(c for c in pod_spec["containers"] if c["name"] == "pytorch")
             argv = self._argv(container)
-            init = [
-                (self._argv(c), {**self.base_env, **self._container_env(c)}) for c in pod_spec.get("initContainers", [])
-            ]
+            init = [(self._argv(c), self.container_env(c)) for c in pod_spec.get("initContainers", [])]
             if injected_failure and rtype == "Master":
                 argv = [sys.executable, "-c", "import sys; sys.exit(1)"]
             env = {
-                **self.base_env,
-                **self._container_env(container),
+                **self.container_env(container),
                 "MASTER_ADDR": "127.0.0.1",
                 "PET_MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
@@ -206,42 +133,24 @@ class FakeOperator:
                 "RANK": str(node_rank),
             }
             pod_name = f"{name}-{rtype.lower()}-{index}"
-            for mount in [
-                m for c in [container, *pod_spec.get("initContainers", [])] for m in c.get("volumeMounts", [])
-            ]:
-                local = self._map(mount["mountPath"])
-                if local != mount["mountPath"]:
-                    Path(local).mkdir(parents=True, exist_ok=True)
-            log_dir = self.workdir / "logs"
-            log_dir.mkdir(parents=True, exist_ok=True)
-            pods.append(Pod(pod_name, rtype, index, node_rank, argv, env, log_dir / f"{pod_name}.log", init))
+            self.mount_volumes([container, *pod_spec.get("initContainers", [])])
+            log_path = self.log_path(pod_name)
+            pods.append(Pod(pod_name, rtype, index, node_rank, argv, env, log_path, init))
         return pods
 
     def _spawn(self, pod: Pod, stage: int = 0) -> None:
         """Start the pod's container number ``stage`` (init containers first, then pytorch)."""
         argv, env = pod.init[stage] if stage < len(pod.init) else (pod.argv, pod.env)
-        with open(pod.log_path, "ab") as out:
-            pod.process = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
-            )
+        pod.process = self.spawn(argv, env, pod.log_path)
         pod.stage, pod.exit_code, pod.failed = stage, None, False
 
     def _kill(self, pod: Pod) -> None:
-        if pod.process is None or pod.process.poll() is not None:
-            return
-        try:
-            os.killpg(pod.process.pid, signal.SIGTERM)
-            pod.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(pod.process.pid, signal.SIGKILL)
-            pod.process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        kill_process_tree(pod.process)
 
     # -- status ----------------------------------------------------------------------------------------------
 
     def _set_condition(self, run: JobRun, kind: str, reason: str, message: str) -> None:
-        now = _now()
+        stamp = now()
         for c in run.conditions:
             if (
                 c["type"] in ("Running", "Restarting")
@@ -255,8 +164,8 @@ class FakeOperator:
             "status": "True",
             "reason": reason,
             "message": message,
-            "lastUpdateTime": now,
-            "lastTransitionTime": now,
+            "lastUpdateTime": stamp,
+            "lastTransitionTime": stamp,
         }
         if existing:
             existing.update(entry)
@@ -287,15 +196,6 @@ class FakeOperator:
                 raise
 
     # -- the loop --------------------------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._tick()
-            except Exception as e:  # surfaced by the test through .errors
-                log.exception("fake operator error")
-                self.errors.append(e)
-            self._stop.wait(self.poll_s)
 
     def _tick(self) -> None:
         jobs = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)["items"]
@@ -348,12 +248,12 @@ class FakeOperator:
                 if code == 0:
                     self._spawn(pod, pod.stage + 1)
                     continue
-                log.info("pod %s: init container %d exited %s", pod.name, pod.stage, code)
+                self._log.info("pod %s: init container %d exited %s", pod.name, pod.stage, code)
                 pod.failed = True  # no pytorch exit code: the operator's 0xbeef, which is retryable
             else:
                 pod.exit_code = code
                 pod.failed = code != 0
-                log.info("pod %s exited %s", pod.name, code)
+                self._log.info("pod %s exited %s", pod.name, code)
             if not pod.failed:
                 continue
             if pod.exit_code is None or pod.exit_code >= 128:

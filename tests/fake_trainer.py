@@ -23,40 +23,21 @@ Each pod is local processes running the containers' own commands; ``path_map`` m
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 
+from tests._local_pods import LocalPodController, free_port, kill_process_tree, now
 from tests.k8s_emulator import TRAINER_TOKEN
 
-log = logging.getLogger("tests.fake_trainer")
 GROUP, VERSION = "trainer.kubeflow.org", "v1alpha1"
 MASTER_PORT = 29400
 Hook = Callable[[dict[str, Any], dict[str, Any]], list[str] | None]
 """(trainjob, container) -> argv to run instead of the container's command (a fault a test injects), or None."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -69,7 +50,7 @@ class Pod:
     """(container name, argv, env) in the order the kubelet runs them."""
     log_path: Path
     step: int = 0
-    process: subprocess.Popen | None = None
+    process: Any = None
     failed_container: str | None = None
     exit_code: int | None = None
 
@@ -91,70 +72,23 @@ class TrainRun:
     reason: str = ""
 
 
-class FakeTrainer:
+class FakeTrainer(LocalPodController):
+    name = "fake trainer"
+
     def __init__(
-        self,
-        kubeconfig: Path,
-        namespace: str,
-        workdir: Path,
-        *,
-        path_map: dict[str, str] | None = None,
-        secrets: dict[str, dict[str, str]] | None = None,
-        base_env: dict[str, str] | None = None,
-        override: Hook | None = None,
-        poll_s: float = 0.2,
+        self, kubeconfig: Path, namespace: str, workdir: Path, *, override: Hook | None = None, **options: Any
     ):
-        configuration = client.Configuration()
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-        # Its own identity (the Trainer's service account), so the emulator's record of the controller's calls
-        # holds only the controller's.
-        configuration.api_key = {"BearerToken": f"Bearer {TRAINER_TOKEN}"}
-        configuration.refresh_api_key_hook = None  # it would put the kubeconfig's token back
-        self.api = client.CustomObjectsApi(client.ApiClient(configuration))
-        self.namespace = namespace
-        self.workdir = workdir
-        self.path_map = dict(path_map or {})
-        self.secrets = secrets or {}
-        self.base_env = base_env or {}
+        # Its own identity is the Trainer's service account.
+        super().__init__(kubeconfig, namespace, workdir, token=TRAINER_TOKEN, **options)
         self.override = override
-        self.poll_s = poll_s
         self.runs: dict[str, TrainRun] = {}
         self.deleted: dict[str, TrainRun] = {}
         """name -> the run of a TrainJob that was deleted (its pods killed), kept for the test to inspect."""
-        self.started_jobs: list[str] = []
-        self.errors: list[BaseException] = []
-        self.peak_running = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="fake-trainer", daemon=True)
 
-    def start(self) -> FakeTrainer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        for run in self.runs.values():
-            for pod in run.pods:
-                self._kill(pod)
+    def _processes(self) -> Iterator[Any]:
+        return (pod.process for run in self.runs.values() for pod in run.pods)
 
     # -- building pods (trainer jobset + torch plugins) ------------------------------------------------------
-
-    def _map(self, value: str) -> str:
-        for image_path, local_path in self.path_map.items():
-            if value == image_path or value.startswith(image_path + "/"):
-                return local_path + value[len(image_path) :]
-        return value
-
-    def _env(self, container: dict[str, Any]) -> dict[str, str]:
-        env = {}
-        for entry in container.get("env") or []:
-            if "value" in entry:
-                env[entry["name"]] = self._map(str(entry["value"]))
-            elif "secretKeyRef" in (entry.get("valueFrom") or {}):
-                ref = entry["valueFrom"]["secretKeyRef"]
-                env[entry["name"]] = self.secrets[ref["name"]][ref["key"]]
-        return env
 
     def _runtime(self, job: dict[str, Any]) -> dict[str, Any] | None:
         ref = job["spec"]["runtimeRef"]
@@ -209,43 +143,24 @@ class FakeTrainer:
             argv = (self.override(job, container) if self.override else None) or (
                 container.get("command", []) + container.get("args", [])
             )
-            argv = [self._map(a) for a in argv]
-            if argv and argv[0] == "python":
-                argv[0] = sys.executable
-            for mount in container.get("volumeMounts") or []:
-                local = self._map(mount["mountPath"])
-                if local != mount["mountPath"]:
-                    Path(local).mkdir(parents=True, exist_ok=True)
-            env = {**self.base_env, **self._env(container)}
+            argv = self.container_argv(argv)
+            self.mount_volumes([container])
+            env = self.container_env(container)
             if container["name"] == "node":
                 env.update(torch_env)
             steps.append((container["name"], argv, env))
         run.created_pods += 1
         name = f"{run.name}-node-0-{index}-{run.created_pods}"
-        log_dir = self.workdir / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        return Pod(name, index, steps, log_dir / f"{name}.log")
+        return Pod(name, index, steps, self.log_path(name))
 
     # -- processes ---------------------------------------------------------------------------------------------
 
     def _spawn_step(self, pod: Pod) -> None:
         _name, argv, env = pod.steps[pod.step]
-        with open(pod.log_path, "ab") as out:
-            pod.process = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
-            )
+        pod.process = self.spawn(argv, env, pod.log_path)
 
     def _kill(self, pod: Pod) -> None:
-        if pod.process is None or pod.process.poll() is not None:
-            return
-        try:
-            os.killpg(pod.process.pid, signal.SIGTERM)
-            pod.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(pod.process.pid, signal.SIGKILL)
-            pod.process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        kill_process_tree(pod.process)
 
     def _poll(self, pod: Pod) -> None:
         """Advance a pod: next container when one succeeds; the pod fails with the first that does not."""
@@ -285,7 +200,7 @@ class FakeTrainer:
             self._poll(pod)
             if pod.exit_code in (None, 0):
                 continue
-            log.info("pod %s: container %s exited %s", pod.name, pod.failed_container, pod.exit_code)
+            self._log.info("pod %s: container %s exited %s", pod.name, pod.failed_container, pod.exit_code)
             run.failed_pods += 1
             if self._fail_job_rule(run.job_spec, pod):
                 message = f"Container {pod.failed_container} for pod {pod.name} failed with exit code {pod.exit_code}"
@@ -294,7 +209,7 @@ class FakeTrainer:
                 return self._finish(
                     run, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
                 )
-            port = port or _free_port()
+            port = port or free_port()
             run.pods[slot] = self._pod(job, run, pod.index, port)  # a new pod, as the Job controller creates
             self._spawn_step(run.pods[slot])
         if all(p.exit_code == 0 for p in run.pods):
@@ -307,7 +222,7 @@ class FakeTrainer:
         run.reason = job_reason
         for pod in run.pods:
             self._kill(pod)
-        log.info("trainjob %s %s: %s: %s", run.name, condition, job_reason, job_message)
+        self._log.info("trainjob %s %s: %s: %s", run.name, condition, job_reason, job_message)
         self._report(run)
 
     def _report(self, run: TrainRun) -> None:
@@ -319,7 +234,7 @@ class FakeTrainer:
         ]  # fmt: skip
         status: dict[str, Any] = {"jobsStatus": jobs_status}
         if run.finished:
-            now = _now()
+            stamp = now()
             reason, message = (
                 ("JobSetCompleted", "jobset completed successfully")
                 if run.finished == "Complete"
@@ -327,7 +242,7 @@ class FakeTrainer:
             )
             status["conditions"] = [
                 {"type": run.finished, "status": "True", "reason": reason, "message": message,
-                 "lastTransitionTime": now}
+                 "lastTransitionTime": stamp}
             ]  # fmt: skip
         try:
             self.api.patch_namespaced_custom_object_status(
@@ -338,15 +253,6 @@ class FakeTrainer:
                 raise
 
     # -- the loop ----------------------------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._tick()
-            except Exception as e:  # surfaced by the test through .errors
-                log.exception("fake trainer error")
-                self.errors.append(e)
-            self._stop.wait(self.poll_s)
 
     def _tick(self) -> None:
         jobs = self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "trainjobs")["items"]
@@ -369,7 +275,9 @@ class FakeTrainer:
     def _start(self, job: dict[str, Any]) -> TrainRun | None:
         runtime = self._runtime(job)
         if runtime is None:
-            log.error("trainjob %s: runtime %s not found", job["metadata"]["name"], job["spec"]["runtimeRef"]["name"])
+            self._log.error(
+                "trainjob %s: runtime %s not found", job["metadata"]["name"], job["spec"]["runtimeRef"]["name"]
+            )
             return None
         run = TrainRun(
             job["metadata"]["name"],
@@ -378,7 +286,7 @@ class FakeTrainer:
             nproc=int((job["spec"].get("trainer") or {}).get("numProcPerNode") or 1),
             pod_labels=self._patched_labels(job),
         )
-        port = _free_port()
+        port = free_port()
         run.pods = [self._pod(job, run, index, port) for index in range(int(run.job_spec["parallelism"]))]
         for pod in run.pods:
             self._spawn_step(pod)

@@ -1,4 +1,4 @@
-"""First-block cache for Mochi's transformer, agreed across the ranks of a parallel group.
+"""First-block cache for the transformer (Mochi's or Wan's blocks), agreed across the ranks of a parallel group.
 
 Each step runs block 0 and measures how much its residual (output - input) moved since the last fully computed
 step: ``sum|r - r_ref| / sum|r_ref|``. Below the threshold the other blocks are skipped and their residual from
@@ -24,33 +24,37 @@ from types import MethodType
 import torch
 import torch.distributed as dist
 
-from batchgen.parallel.apply import valid_local_tokens
+from batchgen.models import MOCHI, ParallelPlan
+from batchgen.parallel.apply import installed_plan, valid_local_tokens
 
 log = logging.getLogger("batchgen.generate.cache")
 
 
 class FirstBlockCache:
-    def __init__(self, transformer, threshold: float, axes=()):
-        """``axes``: the ``Axis`` objects (sp, cfg) whose ranks share one forward and must decide alike."""
+    def __init__(self, transformer, threshold: float, axes=(), *, plan: ParallelPlan | None = None):
+        """``axes``: the ``Axis`` objects (sp, cfg) whose ranks share one forward and must decide alike. ``plan``:
+        the family's ``ParallelPlan`` (where the blocks are); by default the one the transformer was
+        parallelized with, else Mochi's."""
         if threshold < 0:
             raise ValueError(f"cache threshold must be >= 0, got {threshold}")
         self.threshold = threshold
         self.transformer = transformer
         self.axes = [axis for axis in axes if axis.size > 1]
-        blocks = list(transformer.transformer_blocks)
+        blocks = list(getattr(transformer, (plan or installed_plan(transformer) or MOCHI.parallel_plan).blocks))
         if len(blocks) < 2:
             raise ValueError("the first-block cache needs at least two transformer blocks")
         _wrap(blocks[0], self._head)
         for block in blocks[1:-1]:
             _wrap(block, self._middle)
         _wrap(blocks[-1], self._tail)
+        self._joint = True
         self.reset()
 
     def reset(self) -> None:
         """Forget the previous item: its first step always computes every block."""
         self._reference: torch.Tensor | None = None
-        self._tail_residuals: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._head_output: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tail_residuals: tuple[torch.Tensor, ...] | None = None
+        self._head_output: tuple[torch.Tensor, ...] | None = None
         self._skip = False
         self.steps_computed = 0
         self.steps_reused = 0
@@ -59,33 +63,42 @@ class FirstBlockCache:
     def facts(self) -> dict[str, float | int]:
         return {"threshold": self.threshold, "steps_computed": self.steps_computed, "steps_reused": self.steps_reused}
 
-    # Block wrappers: ``forward`` is the block's own (possibly compiled) forward.
+    # Block wrappers: ``forward`` is the block's own (possibly compiled) forward. A Mochi block returns both
+    # streams (visual, text); a Wan block only the visual one (its text is not updated by the blocks).
 
     def _head(self, forward, hidden_states, encoder_hidden_states, *args, **kwargs):
-        out_hidden, out_context = forward(hidden_states, encoder_hidden_states, *args, **kwargs)
-        residual = out_hidden - hidden_states
+        output = forward(hidden_states, encoder_hidden_states, *args, **kwargs)
+        self._joint = isinstance(output, tuple)
+        streams = self._streams(output)
+        residual = streams[0] - hidden_states
         self._skip = self._agree_to_skip(residual)
         if self._skip:
             self.steps_reused += 1
-            res_hidden, res_context = self._tail_residuals
-            return out_hidden + res_hidden, out_context + res_context
+            return self._output(tuple(s + r for s, r in zip(streams, self._tail_residuals, strict=True)))
         self.steps_computed += 1
         self._reference = residual
-        self._head_output = (out_hidden, out_context)
-        return out_hidden, out_context
+        self._head_output = streams
+        return output
 
     def _middle(self, forward, hidden_states, encoder_hidden_states, *args, **kwargs):
         if self._skip:
-            return hidden_states, encoder_hidden_states
+            return self._output((hidden_states, encoder_hidden_states))
         return forward(hidden_states, encoder_hidden_states, *args, **kwargs)
 
     def _tail(self, forward, hidden_states, encoder_hidden_states, *args, **kwargs):
         if self._skip:
-            return hidden_states, encoder_hidden_states
-        out_hidden, out_context = forward(hidden_states, encoder_hidden_states, *args, **kwargs)
-        head_hidden, head_context = self._head_output
-        self._tail_residuals = (out_hidden - head_hidden, out_context - head_context)
-        return out_hidden, out_context
+            return self._output((hidden_states, encoder_hidden_states))
+        output = forward(hidden_states, encoder_hidden_states, *args, **kwargs)
+        streams = self._streams(output)
+        self._tail_residuals = tuple(s - h for s, h in zip(streams, self._head_output, strict=True))
+        return output
+
+    def _streams(self, output) -> tuple[torch.Tensor, ...]:
+        return output if self._joint else (output,)
+
+    def _output(self, streams: tuple[torch.Tensor, ...]):
+        """What a block of this model returns, from (visual, text) or (visual,)."""
+        return streams[:2] if self._joint else streams[0]
 
     def _agree_to_skip(self, residual: torch.Tensor) -> bool:
         if self._reference is None:

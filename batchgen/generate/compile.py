@@ -1,4 +1,4 @@
-"""``--compile``: torch.compile the elementwise regions of every Mochi block, leaving attention eager.
+"""``--compile``: torch.compile the elementwise regions of every Mochi or Wan block, leaving attention eager.
 
 A diffusers ``MochiTransformerBlock`` runs: norm1 / norm1_context (fp32 RMSNorm + modulation) -> ``attn1`` (the
 attention processor: all-to-all, ring send/recv, SDPA) -> residual gates, norm2..norm4 and the SwiGLU MLPs. The
@@ -21,6 +21,8 @@ import time
 from types import MethodType
 
 import torch
+
+from batchgen.errors import ConfigError
 
 log = logging.getLogger("batchgen.generate.compile")
 
@@ -78,6 +80,47 @@ def _compiled_block_forward(
     return _compiled_post(self, hidden_states, encoder_hidden_states, attn_hidden, attn_context, mods, context_mods)
 
 
+# Wan: diffusers' WanTransformerBlock.forward in three regions around its two eager attention calls (attn1, the
+# sequence-parallel one, and attn2, cross-attention to the text).
+
+
+def _wan_modulation(block, temb):
+    if temb.ndim == 4:  # per-token modulation [B, N, 6, D] (Wan 2.2 TI2V)
+        return [m.squeeze(2) for m in (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)]
+    return list((block.scale_shift_table + temb.float()).chunk(6, dim=1))
+
+
+def _wan_pre_attention(block, hidden_states, temb):
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = _wan_modulation(block, temb)
+    norm_hidden = (block.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
+    return norm_hidden, (gate_msa, c_shift_msa, c_scale_msa, c_gate_msa)
+
+
+def _wan_pre_cross_attention(block, hidden_states, attn_output, gate_msa):
+    hidden_states = (hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)
+    return hidden_states, block.norm2(hidden_states.float()).type_as(hidden_states)
+
+
+def _wan_feed_forward(block, hidden_states, attn_output, c_shift_msa, c_scale_msa, c_gate_msa):
+    hidden_states = hidden_states + attn_output
+    norm_hidden = (block.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(hidden_states)
+    ff_output = block.ffn(norm_hidden)
+    return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+
+
+_compiled_wan_pre = torch.compile(_wan_pre_attention, dynamic=False)
+_compiled_wan_cross = torch.compile(_wan_pre_cross_attention, dynamic=False)
+_compiled_wan_ff = torch.compile(_wan_feed_forward, dynamic=False)
+
+
+def _compiled_wan_block_forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+    norm_hidden, (gate_msa, *ff_mods) = _compiled_wan_pre(self, hidden_states, temb)
+    attn_output = self.attn1(norm_hidden, None, None, rotary_emb)
+    hidden_states, norm_hidden = _compiled_wan_cross(self, hidden_states, attn_output, gate_msa)
+    attn_output = self.attn2(norm_hidden, encoder_hidden_states, None, None)
+    return _compiled_wan_ff(self, hidden_states, attn_output, *ff_mods)
+
+
 class CompiledBlocks:
     """Installed on a transformer by ``compile_blocks``; tells which video shapes were compiled and how long the
     first (compiling) step of each took."""
@@ -99,18 +142,30 @@ class CompiledBlocks:
 
 
 def compile_blocks(transformer) -> CompiledBlocks:
-    """Compile every block's regions and the RoPE module of ``transformer`` in place (idempotent)."""
+    """Compile every block's regions and the RoPE module of ``transformer`` in place (idempotent): Mochi's or Wan's
+    blocks (ConfigError for another model)."""
+    blocks, block_forward = _blocks_and_forward(transformer)
     existing = getattr(transformer, _STATE_ATTR, None)
     if existing is not None:
         return existing
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    for block in transformer.transformer_blocks:
-        block.forward = MethodType(_compiled_block_forward, block)
+    for block in blocks:
+        block.forward = MethodType(block_forward, block)
     transformer.rope.forward = torch.compile(transformer.rope.forward, dynamic=False)
     state = CompiledBlocks()
     setattr(transformer, _STATE_ATTR, state)
     log.info("transformer blocks compiled lazily: norms, modulation, MLPs and RoPE; attention stays eager")
     return state
+
+
+def _blocks_and_forward(transformer):
+    from diffusers import MochiTransformer3DModel, WanTransformer3DModel
+
+    if isinstance(transformer, MochiTransformer3DModel):
+        return transformer.transformer_blocks, _compiled_block_forward
+    if isinstance(transformer, WanTransformer3DModel):
+        return transformer.blocks, _compiled_wan_block_forward
+    raise ConfigError(f"parallel.compile (--compile) is available for Mochi and Wan, not {type(transformer).__name__}")
 
 
 def graph_count() -> int:

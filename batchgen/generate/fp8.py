@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from batchgen.errors import ConfigError
+
 log = logging.getLogger("batchgen.generate.fp8")
 
 FP8 = torch.float8_e4m3fn
@@ -106,18 +108,20 @@ class GateResult:
 def numeric_gate(block, kernel: Kernel, device, *, multiple: float = ERROR_MULTIPLE) -> GateResult:
     """Run ``block`` (a copy of it, with the stock attention processor) in fp32, in its dtype and with FP8 linears
     on the same seeded inputs; pass iff the FP8 error is within ``multiple`` x the model-dtype error."""
-    from diffusers.models.transformers.transformer_mochi import MochiAttnProcessor2_0
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
+    wan = isinstance(block, WanTransformerBlock)
     dtype = next(p.dtype for p in block.parameters() if p.is_floating_point())
-    inputs = _gate_inputs(block, device)
+    inputs = _wan_gate_inputs(block, device) if wan else _gate_inputs(block, device)
     outputs = {}
     for name, run_dtype, fp8 in (("fp32", torch.float32, False), ("model", dtype, False), ("fp8", dtype, True)):
         twin = copy.deepcopy(block).to(device=device, dtype=run_dtype)
-        twin.attn1.processor = MochiAttnProcessor2_0()
+        twin.attn1.processor = _stock_processor(wan)
         if fp8:
             convert_linears(twin, kernel)
         with torch.no_grad():
-            outputs[name] = twin(**{k: _cast(v, run_dtype) for k, v in inputs.items()})[0].float()
+            output = twin(**{k: _cast(v, run_dtype) for k, v in inputs.items()})
+        outputs[name] = (output if wan else output[0]).float()  # the visual stream (Mochi's blocks return two)
     fp8_error = _relative_error(outputs["fp8"], outputs["fp32"])
     reference_error = _relative_error(outputs["model"], outputs["fp32"])
     limit = multiple * reference_error
@@ -138,8 +142,42 @@ def _gate_inputs(block, device) -> dict:
     }
 
 
-def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return value.to(dtype) if value.is_floating_point() else value
+def _wan_gate_inputs(block, device) -> dict:
+    """A Wan block's inputs: visual tokens, embedded text (already at the model width) and the six modulation
+    vectors. No RoPE: the gate is about the linears, and RoPE is not one."""
+    generator = torch.Generator("cpu").manual_seed(GATE_SEED)
+    width = block.attn1.to_q.in_features
+    return {
+        "hidden_states": torch.randn(1, GATE_TOKENS, width, generator=generator).to(device),
+        "encoder_hidden_states": torch.randn(1, GATE_TEXT_TOKENS, width, generator=generator).to(device),
+        "temb": torch.randn(1, 6, width, generator=generator).to(device),
+        "rotary_emb": None,
+    }
+
+
+def _stock_processor(wan: bool):
+    if wan:
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        return WanAttnProcessor()
+    from diffusers.models.transformers.transformer_mochi import MochiAttnProcessor2_0
+
+    return MochiAttnProcessor2_0()
+
+
+def transformer_blocks(transformer) -> nn.ModuleList:
+    """The blocks whose linears become FP8 (Mochi's or Wan's); ConfigError for another model."""
+    from diffusers import MochiTransformer3DModel, WanTransformer3DModel
+
+    if isinstance(transformer, MochiTransformer3DModel):
+        return transformer.transformer_blocks
+    if isinstance(transformer, WanTransformer3DModel):
+        return transformer.blocks
+    raise ConfigError(f"parallel.fp8 (--fp8) is available for Mochi and Wan, not {type(transformer).__name__}")
+
+
+def _cast(value, dtype: torch.dtype):
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
 
 def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -154,12 +192,13 @@ def fp8_supported(device) -> bool:
 def enable_fp8(transformer, device, *, context=None, kernel: Kernel | None = None) -> dict:
     """Convert the blocks' linears to FP8 if the device has FP8 tensor cores (or ``kernel`` is given) and the
     gate passes on every rank; returns the facts for the sidecar and the log."""
+    blocks = transformer_blocks(transformer)
     if kernel is None:
         if not fp8_supported(device):
             log.info("fp8 requested, but %s has no FP8 tensor cores (Hopper or newer): staying in bf16", device)
             return {"used": False, "reason": "no FP8 tensor cores"}
         kernel = scaled_mm_kernel
-    result = numeric_gate(transformer.transformer_blocks[0], kernel, device)
+    result = numeric_gate(blocks[0], kernel, device)
     passed = context.all_true(result.passed) if context is not None else result.passed
     facts = {"used": passed, "gate": result.to_dict()}
     if not passed:
@@ -171,6 +210,6 @@ def enable_fp8(transformer, device, *, context=None, kernel: Kernel | None = Non
             result.reference_error,
         )
         return {**facts, "reason": "numeric gate failed"}
-    replaced = sum(convert_linears(block, kernel) for block in transformer.transformer_blocks)
+    replaced = sum(convert_linears(block, kernel) for block in blocks)
     log.info("fp8 linear layers on (%d replaced): gate error %.3g <= %.3g", replaced, result.fp8_error, result.limit)
     return {**facts, "linear_layers": replaced}

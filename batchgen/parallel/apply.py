@@ -12,6 +12,7 @@ What is installed:
   processors keep padded keys out of every softmax) and keeps this rank's contiguous slice, and a hook on
   ``plan.rope`` pads and slices the RoPE rows the same way (RoPE is computed for all tokens, so positions are
   global);
+- per-token timesteps ([B, N], Wan 2.2 TI2V) are padded and sliced like the tokens, in a pre-hook on the model;
 - a hook on ``plan.output`` all-gathers the visual tokens over the sequence-parallel group and drops the padding
   (everything after the blocks is per-token, so the output norm runs on the slice);
 - with cfg degree 2, a pre-hook on the model hands this rank its half of the [uncond, cond] batch and a hook on
@@ -36,7 +37,13 @@ from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, USPMochiAttn
 log = logging.getLogger("batchgen.parallel.apply")
 
 _STATE_ATTR = "_batchgen_parallel"
-_BATCHED_ARGS = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask")
+_BATCHED_ARGS = (
+    "hidden_states",
+    "encoder_hidden_states",
+    "timestep",
+    "encoder_attention_mask",
+    "encoder_hidden_states_image",
+)
 
 
 @dataclass
@@ -103,14 +110,15 @@ def parallelize_transformer(
         attention = getattr(block, plan.attention)
         state.original_processors.append(attention.processor)
         attention.processor = processor
+    signature = inspect.signature(transformer.forward)
     if state.sp.size > 1:
         state.handles += [
+            transformer.register_forward_pre_hook(_split_token_timestep_hook(state, signature), with_kwargs=True),
             blocks[0].register_forward_pre_hook(_split_tokens_hook(state), with_kwargs=True),
             getattr(transformer, plan.rope).register_forward_hook(_split_rope_hook(state)),
             getattr(transformer, plan.output).register_forward_hook(_gather_tokens_hook(state)),
         ]
     if state.cfg.size > 1:
-        signature = inspect.signature(transformer.forward)
         state.handles += [
             transformer.register_forward_pre_hook(_split_cfg_hook(state, signature), with_kwargs=True),
             transformer.register_forward_hook(_gather_cfg_hook(state)),
@@ -132,6 +140,12 @@ def unparallelize_transformer(transformer) -> None:
     for block, processor in zip(getattr(transformer, state.plan.blocks), state.original_processors, strict=False):
         getattr(block, state.plan.attention).processor = processor
     delattr(transformer, _STATE_ATTR)
+
+
+def installed_plan(transformer) -> ParallelPlan | None:
+    """The ``ParallelPlan`` ``parallelize_transformer`` installed on ``transformer``, or None."""
+    state: _ParallelState | None = getattr(transformer, _STATE_ATTR, None)
+    return state.plan if state is not None else None
 
 
 def valid_local_tokens(transformer) -> int | None:
@@ -174,6 +188,22 @@ def _split_tokens_hook(state: _ParallelState):
         if args:  # positional call (gradient checkpointing): hidden_states first
             return (split(args[0]), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": split(kwargs["hidden_states"])}
+
+    return hook
+
+
+def _split_token_timestep_hook(state: _ParallelState, signature: inspect.Signature):
+    """Per-token timesteps [B, N] (Wan 2.2 TI2V) modulate the tokens they belong to, in the blocks and in the
+    output norm before ``plan.output``: they are split like the tokens (diffusers' Wan ``_cp_plan`` splits
+    ``timestep`` on dim 1 too). A timestep per sample ([B]) is left alone."""
+
+    def hook(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        timestep = bound.arguments.get("timestep")
+        if not isinstance(timestep, torch.Tensor) or timestep.ndim != 2:
+            return args, kwargs
+        bound.arguments["timestep"] = _pad_and_slice(timestep, 1, state.sp)
+        return bound.args, bound.kwargs
 
     return hook
 

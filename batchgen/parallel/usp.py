@@ -16,6 +16,9 @@ replicated text stream. One attention layer:
    replicated. An all-gather over the ulysses group restores all heads.
 5. Reverse all-to-all for the visual output. Padded text positions get a zero attention output, as in diffusers.
 
+``ring_attention`` is the same ring without text, for self-attention that has none (Wan's; see
+``batchgen.parallel.wan``).
+
 Any visual length runs on any degree: ``batchgen.parallel.apply`` pads the sequence to a multiple of
 ulysses x ring and drops the padding after the blocks; here padded keys are cut from their ring chunk
 (``SequenceLayout``), so they never enter a softmax, and padded queries compute rows nobody keeps.
@@ -158,6 +161,42 @@ class SequenceLayout:
         return max(0, min(block_size, self.tokens - block * block_size))
 
 
+def _ring_blocks(k: torch.Tensor, v: torch.Tensor, ring: Axis, layout: SequenceLayout):
+    """Yield (block, keys, values) for every ring chunk, this rank's own first, keys cut to the chunk's real
+    tokens. The next chunk is already in flight while the caller computes on the current one."""
+    chunk = k.shape[2]
+    exchange = RingExchange(ring) if ring.size > 1 else None
+    kv = torch.stack([k, v]).contiguous()
+    for step in range(ring.size):
+        pending = exchange.start(kv) if exchange is not None and step < ring.size - 1 else None
+        block = (ring.rank - step) % ring.size
+        valid = layout.valid_keys(block, chunk)
+        yield block, kv[0, :, :, :valid], kv[1, :, :, :valid]
+        if pending is not None:
+            recv, requests = pending
+            for request in requests:
+                request.wait()
+            kv = recv
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ring: Axis,
+    *,
+    layout: SequenceLayout | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Self-attention of this rank's chunk q over the whole ring's k, v (each [B, H_local, C, D]), no text: one
+    kernel call per ring chunk that holds real tokens, merged through the log-sum-exps. Returns [B, H_local, C, D]."""
+    out = lse = None
+    for _, keys, values in _ring_blocks(k, v, ring, layout or SequenceLayout()):
+        if keys.shape[2]:  # a chunk of padding alone holds no key
+            out, lse = merge_partial(out, lse, *attention_with_lse(q, keys, values, kernel=kernel))
+    return out.to(q.dtype)
+
+
 def ring_joint_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,19 +214,12 @@ def ring_joint_attention(
     Padded visual tokens sit at the end of the sequence; a chunk's keys are cut to its real tokens (a chunk of
     padding alone is skipped), so no padded key enters any softmax and fast kernels need no mask for the
     visual keys. Text keys join once, on the step where the rank holds its own chunk, under the key mask."""
-    layout = layout or SequenceLayout()
-    chunk = q.shape[2]
-    key_mask_visual = text.mask.new_ones(q.shape[0], chunk)
+    key_mask_visual = text.mask.new_ones(q.shape[0], q.shape[2])
     vis_out = vis_lse = None
     text_parts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * ring.size
-    exchange = RingExchange(ring) if ring.size > 1 else None
-    kv = torch.stack([k, v]).contiguous()
-    for step in range(ring.size):
-        pending = exchange.start(kv) if exchange is not None and step < ring.size - 1 else None
-        block = (ring.rank - step) % ring.size
-        valid = layout.valid_keys(block, chunk)
-        keys, values = kv[0, :, :, :valid], kv[1, :, :, :valid]
-        if step == 0:
+    for block, keys, values in _ring_blocks(k, v, ring, layout or SequenceLayout()):
+        valid = keys.shape[2]
+        if block == ring.rank:
             # The batch's text joins once per query, under the key mask (each prompt's own valid tokens).
             key_mask = torch.cat([key_mask_visual[:, :valid], text.mask], dim=1)
             out, lse = attention_with_lse(
@@ -199,11 +231,6 @@ def ring_joint_attention(
             vis_out, vis_lse = merge_partial(vis_out, vis_lse, *attention_with_lse(q, keys, values, kernel=kernel))
         if valid:
             text_parts[block] = attention_with_lse(text.q, keys, values, kernel=kernel)
-        if pending is not None:
-            recv, requests = pending
-            for request in requests:
-                request.wait()
-            kv = recv
     # Fixed merge order (text, chunk 0, chunk 1, ...): every ring rank computes bit-identical text outputs.
     text_out, text_lse = attention_with_lse(text.q, text.k, text.v, key_mask=text.mask, kernel=kernel)
     text_out = text_out.float()

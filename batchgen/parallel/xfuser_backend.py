@@ -1,4 +1,5 @@
-"""``--sp-backend xfuser``: Mochi's joint attention through xDiT's ``xFuserLongContextAttention``.
+"""``--sp-backend xfuser``: Mochi's joint attention (and Wan's self-attention, ``batchgen.parallel.wan``) through
+xDiT's ``xFuserLongContextAttention``.
 
 This is how mochi-xdit runs Mochi: each rank's visual slice is the query/key/value, the replicated valid text
 tokens are the joint tensors appended at the rear (``joint_strategy="rear"``), and xDiT does the Ulysses
@@ -70,13 +71,18 @@ def valid_text_indices(attention_mask: torch.Tensor, b: int) -> torch.Tensor:
     return torch.nonzero(attention_mask[b].flatten(), as_tuple=False).flatten()
 
 
+def long_context_attention():
+    """A new ``xFuserLongContextAttention`` on yunchang's groups (``setup_xfuser_groups`` first)."""
+    attention_class, _ = load_xfuser()
+    attn_type = _attn_type()
+    return attention_class(attn_type=attn_type) if attn_type is not None else attention_class()
+
+
 class XFuserMochiAttnProcessor:
     """Drop-in for diffusers' ``MochiAttnProcessor2_0`` on a rank holding a slice of the visual tokens."""
 
     def __init__(self, ulysses: Axis, ring: Axis):
-        attention_class, _ = load_xfuser()
-        attn_type = _attn_type()
-        self.attention = attention_class(attn_type=attn_type) if attn_type is not None else attention_class()
+        self.attention = long_context_attention()
         self.ulysses = ulysses
         self.ring = ring
 
