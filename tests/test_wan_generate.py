@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from batchgen.config import ParallelConfig
-from batchgen.errors import EXIT_BAD_INPUT, ConfigError, InputError
+from batchgen.errors import EXIT_BAD_INPUT, InputError
 from batchgen.generate.wan import WanGenerator
 from batchgen.generate.wan_loading import load_wan_components
 from batchgen.item import Item
@@ -188,9 +188,37 @@ def test_shapes_that_do_not_fit_wan_are_input_errors(tiny_wan_dir, overrides, me
     assert "item odd" in str(raised.value) and raised.value.exit_code == EXIT_BAD_INPUT
 
 
-def test_mochi_only_speedups_are_refused(tiny_wan_dir):
-    with pytest.raises(ConfigError, match="compile.*Mochi only"):
-        WanGenerator(tiny_wan_dir, device="cpu", parallel=ParallelConfig(compile=True))
+def test_first_block_cache_runs_per_expert(tiny_wan2_dir):
+    item = make_item(num_inference_steps=6)  # timesteps 999, 983, 960, 923 | 857, 707: 4 high-noise, 2 low-noise
+    plain = WanGenerator(tiny_wan2_dir, device="cpu", dtype="fp32").denoise(item)
+    never = WanGenerator(tiny_wan2_dir, device="cpu", dtype="fp32", parallel=ParallelConfig(cache_threshold=1e-9))
+    assert (never.denoise(item) - plain).abs().max().item() <= 1e-6
+    assert [c.facts()["steps_reused"] for c in never.caches] == [0, 0]
+
+    cached = WanGenerator(tiny_wan2_dir, device="cpu", dtype="fp32", parallel=ParallelConfig(cache_threshold=1.0))
+    video = cached.generate(item)
+    high, low = video.extra["cache"]
+    assert high["steps_computed"] + high["steps_reused"] == 4 and low["steps_computed"] + low["steps_reused"] == 2
+    assert high["steps_computed"] >= 1 and low["steps_computed"] >= 1  # each expert's first step runs every block
+    assert high["steps_reused"] >= 1
+    again = cached.generate(item)  # reset per item: the same decisions again
+    assert again.extra["cache"] == video.extra["cache"] and np.array_equal(again.frames, video.frames)
+
+
+def test_fp8_without_fp8_tensor_cores_stays_in_the_model_dtype(tiny_wan_dir):
+    gen = WanGenerator(tiny_wan_dir, device="cpu", dtype="fp32", parallel=ParallelConfig(fp8=True))
+    video = gen.generate(make_item(num_inference_steps=1))
+    assert video.extra["fp8"] == {"used": False, "reason": "no FP8 tensor cores"}
+
+
+@pytest.mark.slow
+def test_compiled_blocks_equal_eager_and_compile_once_per_shape(tiny_wan_dir):
+    item = make_item(num_inference_steps=2)
+    eager = WanGenerator(tiny_wan_dir, device="cpu", dtype="fp32").denoise(item)
+    compiled = WanGenerator(tiny_wan_dir, device="cpu", dtype="fp32", parallel=ParallelConfig(compile=True))
+    first = compiled.generate(item)
+    assert (compiled.denoise(item) - eager).abs().max().item() <= 1e-5
+    assert first.timings["compile"] > 0 and compiled.generate(item).timings["compile"] == 0
 
 
 def test_bf16_keeps_wan_fp32_modules_and_latents(tiny_wan_dir):

@@ -104,7 +104,6 @@ class WanGenerator:
         return self
 
     def _setup(self, components: WanComponents, context, parallel, device, identity, max_sequence_length) -> None:
-        _refuse_mochi_only_speedups(parallel)
         if not 1 <= max_sequence_length <= WAN.text_length:
             raise ConfigError(f"max_sequence_length must be between 1 and {WAN.text_length}, got {max_sequence_length}")
         self.components = components
@@ -118,6 +117,7 @@ class WanGenerator:
         self.model_identity = identity
         self.max_sequence_length = max_sequence_length
         self.last_denoise_loop_s = 0.0
+        self.last_compile_s = 0.0
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
         self.vae = components.vae
@@ -145,7 +145,31 @@ class WanGenerator:
         from batchgen.parallel.apply import parallelize_transformer
 
         self.transformers = [parallelize_transformer(t, self.context, plan=WAN.parallel_plan) for t in experts]
+        self._install_speedups(experts)
         self._encoded: dict[str, EncodedItem] = {}
+
+    def _install_speedups(self, experts: list) -> None:
+        """Per expert: FP8 linears (when the gate passes), compiled regions, then a first-block cache (each expert
+        its own: the low-noise expert's first step computes every block)."""
+        self.fp8_facts = None
+        if self.parallel.fp8:
+            from batchgen.generate.fp8 import enable_fp8
+
+            self.fp8_facts = [enable_fp8(expert, self.device, context=self.context) for expert in experts]
+        self.compiled = None
+        if self.parallel.compile:
+            from batchgen.generate.compile import compile_blocks
+
+            self.compiled = [compile_blocks(expert) for expert in experts]
+        self.caches = None
+        if self.parallel.cache_threshold > 0:
+            from batchgen.generate.cache import FirstBlockCache, group_axes
+
+            axes = group_axes(self.context)
+            self.caches = [
+                FirstBlockCache(expert, self.parallel.cache_threshold, axes, plan=WAN.parallel_plan)
+                for expert in experts
+            ]
 
     # ------------------------------------------------------------------------------------------------------------
     # VideoGenerator
@@ -167,7 +191,7 @@ class WanGenerator:
         started = time.perf_counter()
         frames = self.decode(latents)
         decode_s = time.perf_counter() - started
-        return GeneratedVideo(
+        video = GeneratedVideo(
             frames=frames,
             timings={
                 "text_encode": round(encoded.text_encode_s, 4),
@@ -180,6 +204,14 @@ class WanGenerator:
                 "dtype": str(self.transformer_dtype).replace("torch.", ""),
             },
         )
+        if self.compiled is not None:
+            # The first step of each expert on a new shape compiles; 0 for every later item of that shape.
+            video.timings["compile"] = round(self.last_compile_s, 4)
+        # One entry per expert, as a list for two experts (the sidecar keeps Mochi's shape for one).
+        for key, facts in (("cache", self.caches and [c.facts() for c in self.caches]), ("fp8", self.fp8_facts)):
+            if facts:
+                video.extra[key] = facts[0] if len(facts) == 1 else facts
+        return video
 
     def close(self) -> None:
         self._encoded = {}
@@ -270,11 +302,14 @@ class WanGenerator:
         scheduler = self.scheduler_class.from_config(self.scheduler_config)
         scheduler.set_timesteps(item.num_inference_steps, device=device)
         scheduler.set_begin_index(0)
+        for cache in self.caches or ():
+            cache.reset()
+        self.last_compile_s = 0.0
         loop_started = time.perf_counter()
         with fastest_attention(device):
             for expert, timesteps in self._expert_stages(scheduler.timesteps):
                 with Visit(self.components.experts[expert], device, enabled=self.offload):
-                    latents = self._steps(self.transformers[expert], scheduler, timesteps, latents, embeds, item)
+                    latents = self._steps(expert, scheduler, timesteps, latents, embeds, item)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.last_denoise_loop_s = time.perf_counter() - loop_started
@@ -287,11 +322,14 @@ class WanGenerator:
         high = int((timesteps >= self.boundary_timestep).sum())
         return [(expert, part) for expert, part in ((0, timesteps[:high]), (1, timesteps[high:])) if len(part)]
 
-    def _steps(self, transformer, scheduler, timesteps, latents, embeds, item: Item) -> torch.Tensor:
+    def _steps(self, expert: int, scheduler, timesteps, latents, embeds, item: Item) -> torch.Tensor:
+        from batchgen.generate.compile import FirstStepTimer
+
         use_cfg = embeds.shape[0] == 2
+        first_step = FirstStepTimer(self.compiled and self.compiled[expert], (embeds.shape[0], *latents.shape[1:]))
         for t in timesteps:
             model_input = torch.cat([latents] * 2) if use_cfg else latents
-            noise_pred = transformer(
+            noise_pred = self.transformers[expert](
                 hidden_states=model_input.to(self.transformer_dtype),
                 timestep=t.expand(model_input.shape[0]),
                 encoder_hidden_states=embeds,
@@ -303,6 +341,8 @@ class WanGenerator:
                 noise_pred = uncond + item.guidance_scale * (cond - uncond)
             # UniPC returns the sample in the prediction's dtype: fp32 here, whatever the model's dtype.
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0].to(torch.float32)
+            first_step.step_done()
+        self.last_compile_s += first_step.seconds
         return latents
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -374,14 +414,6 @@ class WanGenerator:
             batch_per_rank=max(1, batch // cfg),
             width=config.num_attention_heads * config.attention_head_dim,
         )
-
-
-def _refuse_mochi_only_speedups(parallel: ParallelConfig) -> None:
-    # compile regions, the first-block cache and FP8 linears are written against Mochi's block structure.
-    wanted = [name for name in ("compile", "fp8") if getattr(parallel, name)]
-    wanted += ["cache_threshold"] if parallel.cache_threshold > 0 else []
-    if wanted:
-        raise ConfigError(f"parallel.{', parallel.'.join(wanted)}: available for Mochi only, not for Wan")
 
 
 def _texts(item: Item) -> tuple[str, str | None]:
