@@ -291,11 +291,33 @@ def test_bf16_variant_files_are_used_for_bf16(tmp_path, tiny_wan_dir):
     assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in transformer.state_dict().items())
 
 
+def test_official_release_layout_loads_through_the_same_seam(tmp_path, tiny_wan2_dir):
+    from batchgen.generate import wan_original
+    from batchgen.generate.wan_loading import detect_wan_layout, read_transformer_config
+
+    source = load_wan_components(tiny_wan2_dir, dtype="fp32", device="cpu")
+    fields = {f.name: getattr(source, f.name) for f in dataclasses.fields(source)}
+    root = wan_original.write_official_layout(tmp_path / "official", fields)
+    assert detect_wan_layout(root) == "official" and read_transformer_config(root)["num_attention_heads"] == 4
+    official = load_wan_components(root, dtype="fp32", device="cpu")
+    assert official.layout == "official" and official.boundary_ratio == 0.875 and official.transformer_2 is not None
+    item = make_item(seed=5)
+    expected = WanGenerator.from_components(source, device="cpu").denoise(item)
+    assert (WanGenerator.from_components(official, device="cpu").denoise(item) - expected).abs().max() <= TOLERANCE
+
+
 # --- distributed: real gloo process groups against the single-process WanPipeline ---------------------------------
 
+# 9 frames at 48x48: 3 x 3 x 3 = 27 visual tokens, which no sequence-parallel degree divides (padded).
+ODD_SHAPE = {"height": 48, "width": 48}
 LAYOUTS = [
     # (name, world size, degrees, two experts, item overrides)
+    ("ulysses2", 2, {"ulysses": 2}, False, {}),
+    ("ring2", 2, {"ring": 2}, False, {}),
     ("cfg2", 2, {"cfg": 2}, False, {}),
+    ("cfg2xulysses2", 4, {"cfg": 2, "ulysses": 2}, False, {}),
+    ("ulysses2-two-experts", 2, {"ulysses": 2}, True, {}),
+    ("ring2-padded", 2, {"ring": 2}, False, ODD_SHAPE),
     ("dp2", 2, {}, False, {}),
     ("cfg2-two-experts", 2, {"cfg": 2}, True, {}),
     ("cfg2-no-guidance", 2, {"cfg": 2}, False, {"guidance_scale": 1.0}),
