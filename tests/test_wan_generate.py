@@ -319,7 +319,6 @@ LAYOUTS = [
     ("ulysses2-two-experts", 2, {"ulysses": 2}, True, {}),
     ("ring2-padded", 2, {"ring": 2}, False, ODD_SHAPE),
     ("dp2", 2, {}, False, {}),
-    ("cfg2-two-experts", 2, {"cfg": 2}, True, {}),
     ("cfg2-no-guidance", 2, {"cfg": 2}, False, {"guidance_scale": 1.0}),
 ]
 
