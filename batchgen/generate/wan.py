@@ -243,7 +243,7 @@ class WanGenerator:
                 batch = texts[start : start + TEXT_BATCH]
                 embeds = self._umt5(batch)
                 embeddings.update((text, embeds[i : i + 1].cpu()) for i, text in enumerate(batch))
-        share = (time.perf_counter() - started) / len(items)
+        share = (time.perf_counter() - started) / max(1, len(items))
         log.debug("encoded %d distinct text(s) for %d item(s) in %.2fs", len(texts), len(items), share * len(items))
         return {
             item.id: EncodedItem(
