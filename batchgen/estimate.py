@@ -24,6 +24,7 @@ from typing import Any
 
 from batchgen import layout
 from batchgen.errors import InputError
+from batchgen.models import uses_cfg
 from batchgen.parallel.topology import visual_tokens
 
 log = logging.getLogger("batchgen.estimate")
@@ -126,7 +127,7 @@ def own_timings(storage, run_id: str, *, sample: int = OWN_SAMPLE) -> OwnTimings
             continue  # adopted videos have no timings
         parallel = sidecar.get("parallel") or {}
         group = max(1, int(parallel.get("world_size", 1)) // max(1, int(parallel.get("dp_size", 1))))
-        forwards = sidecar["num_inference_steps"] * (2 if sidecar["guidance_scale"] > 1.0 else 1)
+        forwards = sidecar["num_inference_steps"] * (2 if uses_cfg(sidecar["guidance_scale"]) else 1)
         tokens = visual_tokens(sidecar["num_frames"], sidecar["height"], sidecar["width"])
         pflops += forwards * dit_flops(tokens) / 1e15
         denoise += timings["denoise"] * group
@@ -257,7 +258,7 @@ def estimate_plan(
     if not plan.shapes:
         raise InputError(f"the plan of {plan.run_id} has no shape tally (planned by an older batchgen): plan again")
     generation = plan.config.generation
-    per_item = generation.num_inference_steps * (2 if generation.guidance_scale > 1.0 else 1)
+    per_item = generation.num_inference_steps * (2 if uses_cfg(generation.guidance_scale) else 1)
     counted = all(g.forwards for g in plan.shapes)
     if counted:
         source = "per row: steps, x 2 with guidance"
