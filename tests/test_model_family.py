@@ -1,0 +1,238 @@
+"""The model family through the control plane: per-family defaults and rules in the config, the manifest's
+``model_family`` column, the family and weights in the run id, and workers refusing other weights (exit 4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen import layout
+from batchgen.cli import main
+from batchgen.commands._options import add_generation_arguments, add_shard_size_argument, config_from_args
+from batchgen.config import GenerationConfig, ModelConfig, RunConfig
+from batchgen.errors import EXIT_BAD_INPUT, EXIT_CONFLICT, ConfigError, ManifestError, ModelMismatchError
+from batchgen.generate.loading import fingerprint_model_dir
+from batchgen.manifest import manifest_family, validate_manifest
+from batchgen.models import MOCHI, WAN, check_weights
+from batchgen.plan import describe_changes, make_plan, plan_fingerprint
+from batchgen.storage.local import LocalStorage
+
+WAN_SMALL = ["--num-frames", "9", "--height", "32", "--width", "32"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("manifest", nargs="?")
+    add_generation_arguments(p)
+    add_shard_size_argument(p)
+    return p
+
+
+def write(path, **columns):
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.fixture
+def wan_dir(tmp_path):
+    """A directory the family detection reads as Wan (diffusers layout marker only: nothing here loads weights)."""
+    path = tmp_path / "wan"
+    path.mkdir()
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": None}))
+    return path
+
+
+# -- config -------------------------------------------------------------------------------------------------
+
+
+def test_family_flag_rebases_the_defaults_the_user_did_not_set(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[generation]\nheight = 240\n")
+    got = config_from_args(parser().parse_args(["--config", str(toml), "--family", "wan", "--steps", "3"]))
+    assert got.model.family == "wan" and got.spec is WAN
+    g = got.generation
+    assert (g.num_frames, g.height, g.width) == (81, 240, 832)  # Wan default, TOML, Wan default
+    assert (g.num_inference_steps, g.guidance_scale, g.fps, g.max_sequence_length) == (3, 5.0, 16, 512)
+    assert config_from_args(parser().parse_args([])).generation == GenerationConfig()  # Mochi's, as before
+
+
+def test_toml_family_then_flag_family_wins(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[model]\nfamily = 'wan'\n")
+    assert config_from_args(parser().parse_args(["--config", str(toml)])).generation.num_frames == 81
+    back = config_from_args(parser().parse_args(["--config", str(toml), "--family", "mochi"]))
+    assert (back.model.family, back.generation.num_frames, back.generation.width) == ("mochi", 163, 848)
+
+
+@pytest.mark.parametrize(
+    ("family", "key", "value", "fragment"),
+    [
+        ("wan", "num_frames", 163, "generation.num_frames must be 4k+1 for Wan 2.1/2.2"),
+        ("mochi", "num_frames", 81, "generation.num_frames must be 6k+1 for Mochi 1"),
+        ("mochi", "max_sequence_length", 512, "generation.max_sequence_length must be at most 256 for Mochi 1"),
+        ("wan", "max_sequence_length", 513, "generation.max_sequence_length must be at most 512 for Wan"),
+        ("wan", "num_frames", 4097, "must be at most 4093"),
+    ],
+)
+def test_family_rules_name_the_key_and_the_family(tmp_path, family, key, value, fragment):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"[model]\nfamily = '{family}'\n[generation]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        config_from_args(parser().parse_args(["--config", str(toml)]))
+    assert fragment in str(caught.value) and f"model.family = '{family}'" in str(caught.value)
+    assert str(toml) in str(caught.value)
+
+
+def test_wan_accepts_its_own_shapes():
+    config = RunConfig.from_dict({"model": {"family": "wan"}, "generation": {"max_sequence_length": 512}})
+    assert config.generation.num_frames == 81 and config.spec.check_frames(config.generation.num_frames) is None
+
+
+@pytest.mark.parametrize("weights", ["xyz", "ABCDEF0123456789", "ab"])
+def test_bad_weights_fingerprint_named(weights):
+    with pytest.raises(ConfigError, match="model.weights must be"):
+        ModelConfig(weights=weights)
+
+
+def test_unknown_family_exit_2(tmp_path, capsys):
+    m = write(tmp_path / "m.parquet", prompt=["a cat"])
+    assert main(["validate", str(m), "--family", "sora"]) == EXIT_BAD_INPUT
+    assert "model.family must be one of mochi, wan, got 'sora'" in capsys.readouterr().err
+
+
+# -- manifest -----------------------------------------------------------------------------------------------
+
+
+def test_manifest_column_picks_an_unset_family(tmp_path):
+    m = write(tmp_path / "m.parquet", prompt=["a", "b"], model_family=[None, "wan"])
+    assert manifest_family(m) == "wan"
+    config = config_from_args(parser().parse_args([str(m)]))
+    assert config.model.family == "wan" and config.generation.num_frames == 81
+    summary = validate_manifest(m, config.generation, spec=config.spec)
+    assert summary.rows == 2 and not summary.warnings
+
+
+def test_manifest_family_does_not_change_the_digest(tmp_path):
+    plain = write(tmp_path / "a.parquet", prompt=["a", "b"])
+    tagged = write(tmp_path / "b.parquet", prompt=["a", "b"], model_family=["mochi", "mochi"])
+    assert validate_manifest(plain, GenerationConfig()).digest == validate_manifest(tagged, GenerationConfig()).digest
+
+
+def test_mixed_families_name_file_row_and_column(tmp_path):
+    m = write(tmp_path / "m.parquet", prompt=["a", "b", "c"], model_family=["wan", "wan", "mochi"])
+    config = config_from_args(parser().parse_args([str(m)]))
+    with pytest.raises(ManifestError) as caught:
+        validate_manifest(m, config.generation, spec=config.spec)
+    text = str(caught.value)
+    assert f"{m}, row 2, column 'model_family': 'mochi' differs from the run's model family 'wan'" in text
+    assert "row 0" not in text and "row 1" not in text
+
+
+def test_explicit_family_conflicts_with_the_column(tmp_path, capsys):
+    m = write(tmp_path / "m.parquet", prompt=["a"], model_family=["wan"])
+    assert main(["plan", str(m), "--output", str(tmp_path / "o"), "--family", "mochi"]) == EXIT_BAD_INPUT
+    assert "row 0, column 'model_family': 'wan' differs from the run's model family 'mochi'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_family_in_the_column(tmp_path):
+    m = write(tmp_path / "m.parquet", prompt=["a", "b"], model_family=["mochi", "sora"])
+    assert manifest_family(m) == "mochi"
+    with pytest.raises(ManifestError, match=r"row 1, column 'model_family': unknown model family 'sora'"):
+        validate_manifest(m, GenerationConfig())
+
+
+def test_wan_frame_rule_per_row(tmp_path):
+    m = write(tmp_path / "m.parquet", prompt=["a", "b"], num_frames=[7, 9])
+    wan = RunConfig.from_dict({"model": {"family": "wan"}})
+    with pytest.raises(ManifestError) as caught:
+        validate_manifest(m, wan.generation, spec=wan.spec)
+    assert "row 0, column 'num_frames': must be 4k+1 for Wan 2.1/2.2" in str(caught.value)
+    assert "row 1" not in str(caught.value)
+    with pytest.raises(ManifestError, match=r"row 1, column 'num_frames': must be 6k\+1 for Mochi 1"):
+        validate_manifest(m, GenerationConfig(), spec=MOCHI)
+
+
+# -- run id -------------------------------------------------------------------------------------------------
+
+
+def test_mochi_run_ids_are_unchanged():
+    # Computed with batchgen before model families existed (main at 3cf30d0): existing runs keep their ids.
+    before = "373bbabd0d50869d222c362377605b773bfbbdb52282d8934f367922e4bbc6b0"
+    assert plan_fingerprint("ab" * 32, 10, GenerationConfig(), 64) == before
+    assert plan_fingerprint("ab" * 32, 10, GenerationConfig(), 64, ModelConfig()) == before
+    assert plan_fingerprint("ab" * 32, 10, GenerationConfig(), 64, ModelConfig(family="wan")) != before
+    assert plan_fingerprint("ab" * 32, 10, GenerationConfig(), 64, ModelConfig(weights="ab" * 16)) != before
+
+
+def test_family_and_weights_change_the_run_and_are_described(tmp_path):
+    storage = LocalStorage(tmp_path / "out")
+    m = write(tmp_path / "m.parquet", prompt=["a", "b"])
+    mochi = make_plan(m, RunConfig(), storage)
+    wan = make_plan(m, RunConfig.from_dict({"model": {"family": "wan"}}), storage, new_run=True)
+    assert mochi.run_id != wan.run_id and wan.config.model.family == "wan"
+    pinned = RunConfig(model=ModelConfig(weights="cd" * 16))
+    changes = describe_changes(mochi, validate_manifest(m, GenerationConfig()), pinned)
+    assert changes == [f'model.weights: "" -> "{"cd" * 16}"']
+    changes = describe_changes(mochi, validate_manifest(m, GenerationConfig()), wan.config)
+    assert 'model.family: "mochi" -> "wan"' in changes and "generation.num_frames: 163 -> 81" in changes
+
+
+def test_plan_model_dir_pins_family_and_fingerprint(tmp_path, capsys, tiny_model_dir):
+    m = write(tmp_path / "m.parquet", prompt=["a"])
+    out = str(tmp_path / "o")
+    assert main(["plan", str(m), "--output", out, "--model-dir", str(tiny_model_dir), "--json"]) == 0
+    run_id = json.loads(capsys.readouterr().out)["run_id"]
+    stored = json.loads(LocalStorage(tmp_path / "o").get_bytes(layout.plan_key(run_id)))
+    assert stored["config"]["model"] == {"family": "mochi", "weights": fingerprint_model_dir(tiny_model_dir)}
+    same = ["plan", str(m), "--output", out, "--weights-fingerprint", fingerprint_model_dir(tiny_model_dir), "--json"]
+    assert main(same) == 0
+    assert json.loads(capsys.readouterr().out)["run_id"] == run_id
+
+
+def test_plan_model_dir_of_another_family_exit_4(tmp_path, capsys, tiny_model_dir):
+    m = write(tmp_path / "m.parquet", prompt=["a"])
+    code = main(
+        ["plan", str(m), "--output", str(tmp_path / "o"), "--family", "wan", "--model-dir", str(tiny_model_dir)]
+    )
+    assert code == EXIT_CONFLICT
+    err = capsys.readouterr().err
+    assert "holds a Mochi 1 model (family 'mochi'), but the run uses family 'wan'" in err
+
+
+# -- workers ------------------------------------------------------------------------------------------------
+
+
+def _plan_cli(tmp_path, capsys, *flags) -> tuple[str, str]:
+    m = write(tmp_path / "m.parquet", prompt=["a"])
+    out = str(tmp_path / "o")
+    assert main(["plan", str(m), "--output", out, "--json", *flags]) == 0
+    return out, json.loads(capsys.readouterr().out)["run_id"]
+
+
+def test_worker_refuses_weights_of_another_family_before_loading(tmp_path, capsys, tiny_model_dir):
+    out, run_id = _plan_cli(tmp_path, capsys, "--family", "wan", *WAN_SMALL)
+    code = main(["worker", "--output", out, "--run-id", run_id, "--shards", "all", "--model-dir", str(tiny_model_dir)])
+    assert code == EXIT_CONFLICT
+    err = capsys.readouterr().err
+    assert str(tiny_model_dir) in err and "family 'mochi'" in err and "the run uses family 'wan'" in err
+
+
+def test_worker_refuses_other_weights_of_the_family(tmp_path, capsys, tiny_model_dir):
+    out, run_id = _plan_cli(tmp_path, capsys, "--weights-fingerprint", "ab" * 32)
+    code = main(["worker", "--output", out, "--run-id", run_id, "--shards", "all", "--model-dir", str(tiny_model_dir)])
+    assert code == EXIT_CONFLICT
+    err = capsys.readouterr().err
+    assert fingerprint_model_dir(tiny_model_dir) in err and "ab" * 32 in err
+    assert LocalStorage(tmp_path / "o").head(layout.model_pin_key(run_id)) is None  # nothing was committed
+
+
+def test_check_weights(wan_dir, tiny_model_dir):
+    check_weights(wan_dir, family="wan")
+    check_weights(tiny_model_dir, family="mochi", weights=fingerprint_model_dir(tiny_model_dir))
+    with pytest.raises(ModelMismatchError, match="holds a Wan 2.1/2.2 model"):
+        check_weights(wan_dir, family="mochi")
