@@ -584,21 +584,22 @@ def _tally_shapes(tally: dict[tuple[int, int, int], tuple[int, list[str], int]],
 
 
 def manifest_family(path: str | Path) -> str | None:
-    """The first non-null known ``model_family`` of the manifest, or None (no such column, no such value, or a
-    file the full scan will report): what picks the family of a run that does not set one. Reads that column
-    only, and stops at the first value."""
-    problems = _Problems(str(path), 1)
-    with _local_copy(str(path), problems) as local:
-        parquet = _open(local, problems) if local is not None else None
-        if parquet is None or FAMILY_COLUMN not in parquet.schema_arrow.names:
-            return None
-        try:
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[FAMILY_COLUMN]):
-                values = pc.drop_null(batch.column(0)).to_pylist() if _is_string(batch.column(0).type) else []
-                if values:
-                    return values[0] if values[0] in FAMILIES else None
-        except (pa.ArrowException, OSError):
-            return None
+    """The first non-null known ``model_family`` of a local manifest, or None (a URI, no such column or value, or
+    a file the full scan will report): what picks the family of a run that does not set one. Reads that column
+    only and stops at the first value; a remote manifest is not fetched twice, so its run names the family
+    (``--family`` / ``[model] family``) unless it is Mochi, and the scan checks every row against it."""
+    if "://" in str(path):
+        return None
+    parquet = _open(str(path), _Problems(str(path), 1))
+    if parquet is None or FAMILY_COLUMN not in parquet.schema_arrow.names:
+        return None
+    try:
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[FAMILY_COLUMN]):
+            values = pc.drop_null(batch.column(0)).to_pylist() if _is_string(batch.column(0).type) else []
+            if values:
+                return values[0] if values[0] in FAMILIES else None
+    except (pa.ArrowException, OSError):
+        return None
     return None
 
 
