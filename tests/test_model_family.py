@@ -9,13 +9,22 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from batchgen import layout
 from batchgen.cli import main
 from batchgen.commands._options import add_generation_arguments, add_shard_size_argument, config_from_args
 from batchgen.config import GenerationConfig, ModelConfig, RunConfig
-from batchgen.errors import EXIT_BAD_INPUT, EXIT_CONFLICT, ConfigError, ManifestError, ModelMismatchError
+from batchgen.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_CONFLICT,
+    ConfigError,
+    ManifestError,
+    ModelMismatchError,
+    TopologyError,
+)
 from batchgen.generate.loading import fingerprint_model_dir
+from batchgen.k8s.render import LaunchSettings, resolve_degrees
 from batchgen.manifest import manifest_family, validate_manifest
 from batchgen.models import MOCHI, WAN, check_weights
 from batchgen.plan import describe_changes, make_plan, plan_fingerprint
@@ -236,3 +245,37 @@ def test_check_weights(wan_dir, tiny_model_dir):
     check_weights(tiny_model_dir, family="mochi", weights=fingerprint_model_dir(tiny_model_dir))
     with pytest.raises(ModelMismatchError, match="holds a Wan 2.1/2.2 model"):
         check_weights(wan_dir, family="mochi")
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------------------
+
+
+def test_launch_settings_take_the_family_defaults():
+    wan = LaunchSettings(family="wan")
+    assert (wan.num_heads, wan.model_dir) == (WAN.default_heads, "/models/wan") == (40, "/models/wan")
+    assert (LaunchSettings().num_heads, LaunchSettings().model_dir) == (24, "/models/mochi")
+    assert LaunchSettings(family="wan", num_heads=12, model_dir="/w").num_heads == 12
+    with pytest.raises(ConfigError, match="family must be one of"):
+        LaunchSettings(family="sora")
+
+
+def test_render_a_wan_plan(tmp_path, capsys):
+    m = write(tmp_path / "m.parquet", prompt=["a", "b"], model_family=["wan", "wan"])
+    out = (tmp_path / "o").as_uri()
+    args = ["render", "--manifest", str(m), "--output", out, "--shards", "all", "--launcher", "pytorchjob"]
+    assert main([*args, *WAN_SMALL, "--gpus-per-node", "2"]) == 0
+    (job,) = yaml.safe_load_all(capsys.readouterr().out)
+    command = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--model-dir") + 1] == "/models/wan"
+    values = tmp_path / "launch.yaml"
+    values.write_text("family: mochi\n")
+    assert main([*args, *WAN_SMALL, "--values", str(values)]) == EXIT_BAD_INPUT
+    assert "family 'mochi' differs from the run's model family 'wan'" in capsys.readouterr().err
+
+
+def test_degrees_checked_against_the_family_heads(tmp_path):
+    m = write(tmp_path / "m.parquet", prompt=["a"])
+    plan = make_plan(m, RunConfig.from_dict({"model": {"family": "wan"}}), LocalStorage(tmp_path / "o"))
+    assert resolve_degrees(LaunchSettings(family="wan", ulysses_degree=8, cfg_degree=1), plan).ulysses == 8
+    with pytest.raises(TopologyError, match="does not divide the model's 12 attention heads"):
+        resolve_degrees(LaunchSettings(family="wan", num_heads=12, ulysses_degree=8, cfg_degree=1), plan)
