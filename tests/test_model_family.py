@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import types
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -279,3 +282,35 @@ def test_degrees_checked_against_the_family_heads(tmp_path):
     assert resolve_degrees(LaunchSettings(family="wan", ulysses_degree=8, cfg_degree=1), plan).ulysses == 8
     with pytest.raises(TopologyError, match="does not divide the model's 12 attention heads"):
         resolve_degrees(LaunchSettings(family="wan", num_heads=12, ulysses_degree=8, cfg_degree=1), plan)
+
+
+# -- tiny-model -----------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_wan_reaches_the_family_writer(tmp_path, monkeypatch, capsys):
+    # Plumbing only: the tiny Wan writer itself (batchgen.generate.wan_tiny) is tested with it.
+    calls = []
+
+    def write_tiny_wan(directory, *, seed=0, experts=1):
+        calls.append((str(directory), seed, experts))
+        return Path(directory)
+
+    monkeypatch.setitem(sys.modules, "batchgen.generate.wan_tiny", types.SimpleNamespace(write_tiny_wan=write_tiny_wan))
+    target = tmp_path / "wan"
+    assert main(["tiny-model", str(target), "--family", "wan", "--experts", "2", "--seed", "5"]) == 0
+    assert calls == [(str(target), 5, 2)]
+    assert main(["tiny-model", str(target), "--family", "wan"]) == 0
+    assert calls[-1] == (str(target), 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--experts", "2"], "--experts is for --family wan"),
+        (["--family", "wan", "--layout", "original"], "--layout original is for --family mochi"),
+    ],
+)
+def test_tiny_model_refuses_options_of_the_other_family(tmp_path, capsys, flags, fragment):
+    assert main(["tiny-model", str(tmp_path / "m"), *flags]) == EXIT_BAD_INPUT
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
