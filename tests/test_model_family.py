@@ -26,6 +26,7 @@ from batchgen.errors import (
     ModelMismatchError,
     TopologyError,
 )
+from batchgen.estimate import WAN_14B_FLOPS, dit_flops, estimate_plan, profile_from_bench, wan_flops_from_config
 from batchgen.generate.loading import fingerprint_model_dir
 from batchgen.k8s.render import LaunchSettings, resolve_degrees
 from batchgen.manifest import manifest_family, validate_manifest
@@ -314,3 +315,40 @@ def test_tiny_model_refuses_options_of_the_other_family(tmp_path, capsys, flags,
     assert main(["tiny-model", str(tmp_path / "m"), *flags]) == EXIT_BAD_INPUT
     assert fragment in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+# -- estimate -------------------------------------------------------------------------------------------------
+
+WAN_14B_CONFIG = {"num_attention_heads": 40, "attention_head_dim": 128, "num_layers": 40, "ffn_dim": 13824}
+WAN_1_3B_CONFIG = {"num_attention_heads": 12, "attention_head_dim": 128, "num_layers": 30, "ffn_dim": 8960}
+
+
+def test_wan_flops_from_its_config():
+    big, small = wan_flops_from_config(WAN_14B_CONFIG), wan_flops_from_config(WAN_1_3B_CONFIG)
+    assert big.params == pytest.approx(14.0e9, rel=0.01) and (big.layers, big.width) == (40, 5120)
+    assert small.params == pytest.approx(1.39e9, rel=0.01) and (small.layers, small.width) == (30, 1536)
+    n = 32760  # 81 frames at 480x832: 21 latent frames x 30 x 52
+    assert small.forward(n) == 2 * small.params * n + 4 * 30 * n**2 * 1536 + 4 * 30 * n * 512 * 1536
+
+
+def _wan_plan(tmp_path):
+    m = write(tmp_path / "m.parquet", prompt=["a", "b"])
+    return make_plan(m, RunConfig.from_dict({"model": {"family": "wan"}}), LocalStorage(tmp_path / "o"))
+
+
+def test_wan_estimate_is_labelled_flop_scaled_from_mochi(tmp_path):
+    (shape,) = estimate_plan(_wan_plan(tmp_path), gpus=8, group_size=1).shapes
+    assert shape.tokens == WAN.visual_tokens(81, 480, 832) == 32760
+    # Nearest Mochi measurement: 44520 tokens, 3.7963 s; same utilisation assumed.
+    assert shape.forward_s == pytest.approx(3.7963 * WAN_14B_FLOPS.forward(32760) / dit_flops(44520))
+    assert "FLOP-scaled from H200 measured of mochi at 44520 tokens, not measured" in shape.source
+
+
+def test_wan_calibration_file_is_used_as_measured(tmp_path):
+    bench = json.loads((Path(__file__).parents[1] / "bench/results/gpu-nvidia-h200.json").read_text())
+    bench["family"] = "wan"
+    bench["sections"]["transformer_forward"]["runs"] = [{"visual_tokens": 32760, "seconds_per_forward": 9.5}]
+    path = tmp_path / "wan-bench.json"
+    path.write_text(json.dumps(bench))
+    (shape,) = estimate_plan(_wan_plan(tmp_path), gpus=8, group_size=1, profile=profile_from_bench(path)).shapes
+    assert shape.forward_s == 9.5 and "not measured" not in shape.source and "at 32760 tokens" in shape.source
