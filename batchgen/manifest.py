@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchgen.config import MAX_PROMPT_CHARS, GenerationConfig, check_guidance, check_steps
-from batchgen.errors import ManifestError, NotFoundError
+from batchgen.config import MAX_PROMPT_CHARS, GenerationConfig, check_generation, check_guidance, check_steps
+from batchgen.errors import ConfigError, ManifestError, NotFoundError
 from batchgen.item import EXAMPLES_PER_SHAPE, Item, ShapeGroup
 from batchgen.models import FAMILIES, MOCHI, ModelSpec, uses_cfg
 
@@ -510,6 +510,11 @@ class _Scan:
         ``check_rows=False`` skips the row checks (not the schema checks or the digest): for a second pass over
         a file already validated, whose digest the caller compares at the end.
         """
+        # The defaults fill null cells unchecked, so they must fit the family (RunConfig guarantees it; callers
+        # building a GenerationConfig by hand might not).
+        problem = check_generation(generation, self.spec) if generation is not None else None
+        if problem:
+            raise ConfigError(problem)
         problems = self.problems
         with _local_copy(self.path, problems) as local:
             if local is not None:

@@ -29,7 +29,7 @@ from batchgen.errors import (
 from batchgen.estimate import WAN_14B_FLOPS, dit_flops, estimate_plan, profile_from_bench, wan_flops_from_config
 from batchgen.generate.loading import fingerprint_model_dir
 from batchgen.k8s.render import LaunchSettings, resolve_degrees
-from batchgen.manifest import manifest_family, validate_manifest
+from batchgen.manifest import iter_items, manifest_family, validate_manifest
 from batchgen.models import MOCHI, WAN, check_weights
 from batchgen.plan import describe_changes, make_plan, plan_fingerprint
 from batchgen.storage.local import LocalStorage
@@ -352,3 +352,9 @@ def test_wan_calibration_file_is_used_as_measured(tmp_path):
     path.write_text(json.dumps(bench))
     (shape,) = estimate_plan(_wan_plan(tmp_path), gpus=8, group_size=1, profile=profile_from_bench(path)).shapes
     assert shape.forward_s == 9.5 and "not measured" not in shape.source and "at 32760 tokens" in shape.source
+
+
+def test_defaults_that_do_not_fit_the_family_are_refused_before_resolving(tmp_path):
+    m = write(tmp_path / "m.parquet", prompt=["a"])
+    with pytest.raises(ConfigError, match="generation.num_frames must be 4k"):
+        list(iter_items(m, GenerationConfig(), spec=WAN))  # Mochi's 163 frames would fill the null cells
