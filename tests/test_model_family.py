@@ -358,3 +358,21 @@ def test_defaults_that_do_not_fit_the_family_are_refused_before_resolving(tmp_pa
     m = write(tmp_path / "m.parquet", prompt=["a"])
     with pytest.raises(ConfigError, match="generation.num_frames must be 4k"):
         list(iter_items(m, GenerationConfig(), spec=WAN))  # Mochi's 163 frames would fill the null cells
+
+
+def test_tiny_wan_directory_pins_wan_and_is_refused_by_a_mochi_run(tmp_path, capsys):
+    # Runs once batchgen.generate.wan_tiny (branch wgen) is merged: the real tiny Wan layout, detected from its files.
+    wan_tiny = pytest.importorskip("batchgen.generate.wan_tiny")
+    wan = wan_tiny.write_tiny_wan(tmp_path / "wan", seed=0, experts=2)
+    m = write(tmp_path / "m.parquet", prompt=["a"])
+    out = str(tmp_path / "o")
+    plan = ["plan", str(m), "--output", out, "--json", "--model-dir", str(wan), *WAN_SMALL]
+    assert main(plan) == 0
+    run_id = json.loads(capsys.readouterr().out)["run_id"]
+    stored = json.loads(LocalStorage(tmp_path / "o").get_bytes(layout.plan_key(run_id)))
+    assert stored["config"]["model"] == {"family": "wan", "weights": fingerprint_model_dir(wan)}
+    assert main(["plan", str(m), "--output", out, "--json", "--run-name", "mochi"]) == 0
+    mochi_run = json.loads(capsys.readouterr().out)["run_id"]
+    worker = ["worker", "--output", out, "--run-id", mochi_run, "--shards", "all", "--model-dir", str(wan)]
+    assert main(worker) == EXIT_CONFLICT
+    assert "holds a Wan 2.1/2.2 model (family 'wan'), but the run uses family 'mochi'" in capsys.readouterr().err
