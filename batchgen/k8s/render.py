@@ -26,6 +26,7 @@ from batchgen.launch_contract import TORCHRUN, WorkerArgs
 from batchgen.layout import shard_id, shard_index
 from batchgen.logs import LOG_FORMAT_ENV, LOG_FORMATS
 from batchgen.metrics import METRICS_PORT_ENV
+from batchgen.models import FAMILIES, spec_for, uses_cfg
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
@@ -139,8 +140,6 @@ class LaunchSettings:
     """Log format of the workers (BATCHGEN_LOG_FORMAT): text or json."""
 
     def __post_init__(self) -> None:
-        from batchgen.models import FAMILIES
-
         if self.family not in FAMILIES:
             raise ConfigError(f"launch settings: family must be one of {sorted(FAMILIES)}, got {self.family!r}")
         # Resolved once here (frozen): the family's defaults for what was left unset.
@@ -266,7 +265,6 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
     TopologyError listing the layouts that would fit.
     """
     from batchgen.config import ParallelConfig
-    from batchgen.models import spec_for, uses_cfg
     from batchgen.parallel.topology import topology_for
 
     config = getattr(plan, "config", None)
@@ -284,7 +282,7 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
         settings.world_size,
         num_heads=settings.num_heads,
         use_cfg=use_cfg,
-        spec=spec_for(settings.family),
+        spec=config.spec if config is not None else spec_for(settings.family),
         shapes=getattr(plan, "shapes", ()),
     )
 
