@@ -31,8 +31,12 @@ from batchgen.generate.loading import fingerprint_model_dir
 from batchgen.k8s.render import LaunchSettings, resolve_degrees
 from batchgen.manifest import iter_items, manifest_family, validate_manifest
 from batchgen.models import MOCHI, WAN, check_weights
-from batchgen.plan import describe_changes, make_plan, plan_fingerprint
+from batchgen.parallel.context import SingleProcess
+from batchgen.plan import describe_changes, load_shard_items, make_plan, plan_fingerprint
 from batchgen.storage.local import LocalStorage
+from batchgen.worker import run_worker
+from tests._runs import plan_run, tiny_run_config
+from tests.test_trust import NeverGenerates, put_orphans
 
 WAN_SMALL = ["--num-frames", "9", "--height", "32", "--width", "32"]
 
@@ -376,3 +380,17 @@ def test_tiny_wan_directory_pins_wan_and_is_refused_by_a_mochi_run(tmp_path, cap
     worker = ["worker", "--output", out, "--run-id", mochi_run, "--shards", "all", "--model-dir", str(wan)]
     assert main(worker) == EXIT_CONFLICT
     assert "holds a Wan 2.1/2.2 model (family 'wan'), but the run uses family 'mochi'" in capsys.readouterr().err
+
+
+def test_worker_loop_refuses_weights_other_than_the_planned_ones(tmp_path, tiny_config):
+    # The loop's own guard (a generator built without the CLI's check_weights): real MP4s adopted as orphans.
+    storage = LocalStorage(tmp_path / "out")
+    config = tiny_run_config(tiny_config, shard_size=2).with_overrides({"model": {"weights": "cd" * 16}})
+    plan = plan_run(storage, tmp_path, 2, config)
+    (shard,) = plan.shards
+    put_orphans(storage, plan, {shard: load_shard_items(storage, plan.run_id, shard)})
+    with pytest.raises(ModelMismatchError) as refused:
+        run_worker(storage, plan, [shard], NeverGenerates("ab" * 16), SingleProcess())
+    assert "cd" * 16 in str(refused.value) and "ab" * 16 in str(refused.value)
+    assert storage.head(layout.model_pin_key(plan.run_id)) is None
+    assert run_worker(storage, plan, [shard], NeverGenerates("cd" * 16), SingleProcess()).adopted == 2
