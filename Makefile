@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo
+FAMILY ?= mochi
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -21,8 +22,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create the virtual environment and install batchgen with dev extras
 
-demo: $(STAMP) ## demo batch run: tiny Mochi model, 6 prompts, local folder output (run twice to see resume)
-	$(BIN)/python -m batchgen.demo --out $(DEMO_OUT)
+demo: $(STAMP) ## demo batch run: tiny model (FAMILY=mochi or wan), 6 prompts, local folder output (run twice to resume)
+	$(BIN)/python -m batchgen.demo --out $(DEMO_OUT) --family $(FAMILY)
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

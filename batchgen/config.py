@@ -1,7 +1,8 @@
 """Run-wide configuration: one tree of small dataclasses, validated before anything expensive starts.
 
-Defaults follow Mochi 1 (``shared/reference/mochi.md``): 480x848, 163 frames, 64 steps, guidance 4.5, 30 fps.
-A TOML file may set any field; CLI flags override the file. The config is stored with the run's plan.
+``[model] family`` picks a ``batchgen.models`` spec; generation defaults are that family's
+(``spec.generation_defaults``: Mochi 1 480x848, 163 frames, 64 steps; Wan 480x832, 81 frames, 50 steps). A TOML
+file may set any field; CLI flags override the file. The config is stored with the run's plan.
 """
 
 from __future__ import annotations
@@ -14,32 +15,12 @@ from typing import Any
 import tomllib
 
 from batchgen.errors import ConfigError
+from batchgen.models import FAMILIES, ModelSpec, spec_for
 
-# Mochi's shape rules: frames are 6k+1 (causal VAE, 6x temporal), sizes multiples of 16 (8x VAE x 2x2 patch).
-FRAME_STEP = 6
-SIZE_MULTIPLE = 16
-MAX_FRAMES = 511
-MAX_SIDE = 2048
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
 MAX_PROMPT_CHARS = 4000
-
-
-def check_frames(num_frames: int) -> str | None:
-    """Return why ``num_frames`` is invalid for Mochi, or None."""
-    if num_frames < 1 or (num_frames - 1) % FRAME_STEP != 0:
-        return f"must be 6k+1 (7, 13, 19, 31, 49, 61, 85, 163, ...), got {num_frames}"
-    if num_frames > MAX_FRAMES:
-        return f"must be at most {MAX_FRAMES}, got {num_frames}"
-    return None
-
-
-def check_side(value: int) -> str | None:
-    if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE != 0:
-        return f"must be a positive multiple of {SIZE_MULTIPLE}, got {value}"
-    if value > MAX_SIDE:
-        return f"must be at most {MAX_SIDE}, got {value}"
-    return None
+_HEX = frozenset("0123456789abcdef")
 
 
 def check_steps(value: int) -> str | None:
@@ -54,21 +35,19 @@ def check_guidance(value: float) -> str | None:
     return None
 
 
-def latent_frames(num_frames: int) -> int:
-    """Latent frames T for ``num_frames`` decoded frames (decoding gives back 6T - 5)."""
-    return (num_frames - 1) // FRAME_STEP + 1
-
-
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Per-item generation parameters; manifest columns of the same names override them per row."""
+    """Per-item generation parameters; manifest columns of the same names override them per row.
+
+    The field defaults are Mochi's; ``RunConfig.from_dict`` starts from the run's family defaults instead. Rules
+    that depend on the family (frame rule, size multiple, token limit) are checked by ``RunConfig``."""
 
     num_frames: int = 163
-    """Decoded frames; must be 6k+1."""
+    """Decoded frames; the family's rule (Mochi 6k+1, Wan 4k+1)."""
     height: int = 480
-    """Pixels; multiple of 16."""
+    """Pixels; multiple of the family's size multiple (16 for both)."""
     width: int = 848
-    """Pixels; multiple of 16."""
+    """Pixels; multiple of the family's size multiple."""
     num_inference_steps: int = 64
     """Denoising steps."""
     guidance_scale: float = 4.5
@@ -78,29 +57,42 @@ class GenerationConfig:
     fps: int = 30
     """Frames per second of the MP4."""
     max_sequence_length: int = 256
-    """T5 token limit."""
+    """Text encoder token limit (Mochi's T5 256, Wan's UMT5 512 at most)."""
     crf: int = 18
     """H.264 constant rate factor (0 lossless .. 51 worst)."""
 
     def __post_init__(self) -> None:
-        for name, check in (
-            ("num_frames", check_frames),
-            ("height", check_side),
-            ("width", check_side),
-            ("num_inference_steps", check_steps),
-            ("guidance_scale", check_guidance),
-        ):
+        for name, check in (("num_inference_steps", check_steps), ("guidance_scale", check_guidance)):
             problem = check(getattr(self, name))
             if problem:
                 raise ConfigError(f"generation.{name} {problem}")
         if not 1 <= self.fps <= 240:
             raise ConfigError(f"generation.fps must be between 1 and 240, got {self.fps}")
-        if not 1 <= self.max_sequence_length <= 256:
-            raise ConfigError(
-                f"generation.max_sequence_length must be between 1 and 256, got {self.max_sequence_length}"
-            )
+        if self.max_sequence_length < 1:
+            raise ConfigError(f"generation.max_sequence_length must be >= 1, got {self.max_sequence_length}")
         if not 0 <= self.crf <= 51:
             raise ConfigError(f"generation.crf must be between 0 and 51, got {self.crf}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model family the run uses, and (when known) which weights: both are part of the run id."""
+
+    family: str = "mochi"
+    """A ``batchgen.models`` family: 'mochi' or 'wan'. One run uses one family."""
+    weights: str = ""
+    """The weights' fingerprint (``batchgen.generate.loading.fingerprint_model_dir``, hex); '' = unknown until the
+    first commit pins it in plan/model.json."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family must be one of {', '.join(sorted(FAMILIES))}, got {self.family!r}")
+        if self.weights and not (set(self.weights) <= _HEX and 16 <= len(self.weights) <= 64):
+            raise ConfigError(f"model.weights must be 16 to 64 lowercase hex digits (or empty), got {self.weights!r}")
+
+    @property
+    def spec(self) -> ModelSpec:
+        return spec_for(self.family)
 
 
 @dataclass(frozen=True)
@@ -183,41 +175,86 @@ class QualityConfig:
                 raise ConfigError(f"quality.{name} must be between 0 and {top}, got {getattr(self, name)}")
 
 
+_SECTIONS = {
+    "model": ModelConfig,
+    "generation": GenerationConfig,
+    "parallel": ParallelConfig,
+    "worker": WorkerConfig,
+    "quality": QualityConfig,
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        problem = check_generation(self.generation, self.spec)
+        if problem:
+            raise ConfigError(problem)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
-        sections = {
-            "generation": GenerationConfig,
-            "parallel": ParallelConfig,
-            "worker": WorkerConfig,
-            "quality": QualityConfig,
-        }
-        unknown = sorted(set(data) - set(sections))
+        """Build from TOML-shaped data; generation keys absent from ``data`` take the family's defaults."""
+        unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
-            raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {sorted(sections)}")
+            raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {sorted(_SECTIONS)}")
         built = {}
-        for name, klass in sections.items():
+        for name, klass in _SECTIONS.items():
             values = data.get(name, {})
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table")
+            if name == "generation":
+                values = {**built["model"].spec.generation_defaults, **values}
             built[name] = _build(klass, values, f"{source}: {name}")
-        return cls(**built)
+        try:
+            return cls(**built)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> RunConfig:
-        """Apply CLI overrides ({section: {key: value}}); None values are ignored."""
-        merged = self.to_dict()
-        for section, values in overrides.items():
-            merged[section].update({k: v for k, v in values.items() if v is not None})
+        """Apply overrides ({section: {key: value}}) on top of every value of this config; None values are ignored.
+        Keeps this config's generation values even when the family changes (``merge_tables`` + ``from_dict``
+        rebases the ones a user did not set)."""
+        merged = merge_tables(self.to_dict(), overrides)
         return RunConfig.from_dict(merged, source="command line")
+
+
+def merge_tables(base: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``base`` (TOML-shaped) with each section updated by the non-None values of ``overrides``."""
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in base.items()}
+    for section, values in overrides.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            table = merged.setdefault(section, {})
+            if isinstance(table, dict):  # a non-table section is reported by from_dict
+                table.update(given)
+    return merged
+
+
+def check_generation(generation: GenerationConfig, spec: ModelSpec) -> str | None:
+    """The first family-dependent problem of ``generation`` (naming the key and the family), or None."""
+    for name, check in (("num_frames", spec.check_frames), ("height", spec.check_side), ("width", spec.check_side)):
+        problem = check(getattr(generation, name))
+        if problem:
+            return f"generation.{name} {problem} (model.family = {spec.family!r})"
+    if generation.max_sequence_length > spec.text_length:
+        return (
+            f"generation.max_sequence_length must be at most {spec.text_length} for {spec.title} "
+            f"(model.family = {spec.family!r}), got {generation.max_sequence_length}"
+        )
+    return None
 
 
 def _build(klass: type, values: dict[str, Any], where: str) -> Any:
@@ -246,6 +283,11 @@ def load_config(path: str | Path | None) -> RunConfig:
     """Load a TOML config file; None gives the defaults."""
     if path is None:
         return RunConfig()
+    return RunConfig.from_dict(read_config_table(path), source=str(path))
+
+
+def read_config_table(path: str | Path) -> dict[str, Any]:
+    """The raw TOML tables of a config file (not yet validated: ``RunConfig.from_dict`` does that)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -259,4 +301,4 @@ def load_config(path: str | Path | None) -> RunConfig:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return RunConfig.from_dict(data, source=str(path))
+    return data

@@ -1,6 +1,6 @@
-"""``python -m batchgen.demo --out DIR`` (``make demo``): a complete batch run on this machine.
+"""``python -m batchgen.demo --out DIR [--family wan]`` (``make demo [FAMILY=wan]``): a complete batch run here.
 
-Builds the tiny random Mochi into ``DIR/model`` (once), writes a 6-prompt manifest, runs exactly what
+Builds the tiny random model of the family into ``DIR/model`` (Mochi) or ``DIR/model-<family>`` (once), writes a 6-prompt manifest, runs exactly what
 ``batchgen run`` runs (2 local workers, the tiny model's generation defaults) into ``DIR/output``, prints the
 summary and reads the index back with pyarrow (and duckdb when installed). Run it again: it resumes, finds
 every item done and generates nothing.
@@ -21,6 +21,7 @@ from batchgen.cli import configure_logging
 from batchgen.config import load_config
 from batchgen.errors import BatchgenError
 from batchgen.localrun import run_local
+from batchgen.models import FAMILIES, MOCHI, ModelSpec
 from batchgen.storage import open_storage
 
 log = logging.getLogger("batchgen.demo")
@@ -44,12 +45,12 @@ def write_demo_manifest(path: Path) -> Path:
     return path
 
 
-def ensure_tiny_model(model_dir: Path) -> Path:
-    from batchgen.generate.tiny import TINY_TOML_NAME, write_tiny_model
+def ensure_tiny_model(model_dir: Path, spec: ModelSpec = MOCHI) -> Path:
+    from batchgen.generate.tiny import TINY_TOML_NAME
 
     if not (model_dir / TINY_TOML_NAME).is_file():
-        log.info("writing the tiny random Mochi to %s", model_dir)
-        write_tiny_model(model_dir, seed=0)
+        log.info("writing the tiny random %s to %s", spec.title, model_dir)
+        spec.write_tiny_model(model_dir, seed=0)
     return model_dir
 
 
@@ -78,19 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m batchgen.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="demo folder (model, manifest, output)")
     parser.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="mochi", help="model family (default mochi)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
     configure_logging(args.verbose, quiet=False)
 
     out = args.out.resolve()
+    spec = FAMILIES[args.family]
+    # Each family its own model folder and run name, so both demos live side by side in one output.
+    suffix = "" if spec is MOCHI else f"-{spec.family}"
     try:
-        model_dir = ensure_tiny_model(out / "model")
+        model_dir = ensure_tiny_model(out / f"model{suffix}", spec)
         from batchgen.generate.tiny import TINY_TOML_NAME
 
         config = load_config(model_dir / TINY_TOML_NAME).with_overrides(
             {"generation": {"num_inference_steps": DEMO_STEPS}, "worker": {"shard_size": 2}}
         )
-        manifest = write_demo_manifest(out / "prompts.parquet")
+        manifest = write_demo_manifest(out / f"prompts{suffix}.parquet")
         output = str(out / "output")
         outcome = run_local(manifest, output, model_dir, config, workers=args.workers, verbose=args.verbose)
     except BatchgenError as e:

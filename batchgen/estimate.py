@@ -8,10 +8,17 @@ Sources of seconds, best first:
 - ``H200``: the measured table below (bench/results/gpu-nvidia-h200.json, 1 GPU, bf16, best SDPA kernel),
   optionally scaled to another GPU with ``--gpu-tflops`` (same model FLOP utilisation as measured on the H200).
 
-Shapes between or beyond measured points are FLOP-scaled from the nearest one with the formula of
-shared/reference/mochi.md: ``2 x 5.4e9 x N + 4 x 48 x N^2 x 3072`` per forward, N visual tokens. Decoding scales
-with decoded voxels (frames x height x width). Sequence parallelism is assumed to scale ideally (a lower bound on
-wall time); decoding and text encoding do not split across a group, so the group's other GPUs wait meanwhile.
+Shapes between or beyond measured points are FLOP-scaled from the nearest one with the family's formula
+(``FlopModel``), N visual tokens: Mochi (shared/reference/mochi.md) ``2 x 5.4e9 x N + 4 x 48 x N^2 x 3072``;
+Wan ``2 x params x N + 4 x layers x N^2 x width + 4 x layers x N x 512 x width`` (self- plus cross-attention to
+512 text tokens), params, layers and width from the transformer config when the weights are readable, else
+Wan 14B's. Decoding scales with decoded voxels (frames x height x width). Sequence parallelism is assumed to scale
+ideally (a lower bound on wall time); decoding and text encoding do not split across a group, so the group's
+other GPUs wait meanwhile.
+
+The measured tables are Mochi's. A run of another family without its own sidecars or a calibration file of its
+family gets seconds FLOP-scaled from the Mochi measurements (same model FLOP utilisation and decode seconds per
+voxel assumed), and every such figure says so: it is never presented as measured.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 
 from batchgen import layout
 from batchgen.errors import InputError
-from batchgen.parallel.topology import visual_tokens
+from batchgen.models import MOCHI, ModelSpec, spec_for, uses_cfg
 
 log = logging.getLogger("batchgen.estimate")
 
@@ -35,8 +42,50 @@ OWN_SAMPLE = 64
 """Most recent sidecars read for the run's own timings (one GET each)."""
 
 
+@dataclass(frozen=True)
+class FlopModel:
+    """FLOPs of one transformer forward of a family at N visual tokens."""
+
+    family: str
+    params: float
+    """Linear-layer parameters every visual token passes through."""
+    layers: int
+    width: int
+    text_tokens: int = 0
+    """Keys of a separate cross-attention (Wan: UMT5's 512); 0 where text joins self-attention (Mochi)."""
+
+    def forward(self, tokens: int) -> float:
+        self_attention = 4 * self.layers * tokens**2 * self.width
+        cross_attention = 4 * self.layers * tokens * self.text_tokens * self.width
+        return 2 * self.params * tokens + self_attention + cross_attention
+
+
+MOCHI_FLOPS = FlopModel("mochi", VISUAL_LINEAR_PARAMS, LAYERS, WIDTH)
+# Wan 2.1/2.2 T2V 14B (Wan-Video/Wan2.1 wan/configs/wan_t2v_14B.py: dim 5120, ffn 13824, 40 layers).
+WAN_14B_FLOPS = FlopModel("wan", 14.0e9, 40, 5120, text_tokens=512)
+
+
 def dit_flops(tokens: int) -> float:
-    return 2 * VISUAL_LINEAR_PARAMS * tokens + 4 * LAYERS * tokens**2 * WIDTH
+    """Mochi 1's forward FLOPs (the family the measured tables are of)."""
+    return MOCHI_FLOPS.forward(tokens)
+
+
+def wan_flops_from_config(config: dict[str, Any]) -> FlopModel:
+    """Wan's FlopModel from a diffusers ``WanTransformer3DModel`` config: per block, self- and cross-attention
+    projections (4 x width^2 each) and the feed-forward network (2 x width x ffn_dim)."""
+    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    layers = int(config["num_layers"])
+    params = layers * (8 * width**2 + 2 * width * int(config["ffn_dim"]))
+    return FlopModel("wan", float(params), layers, width, text_tokens=WAN_14B_FLOPS.text_tokens)
+
+
+def flop_model(spec: ModelSpec, model_dir: str | Path | None = None) -> FlopModel:
+    """The family's FlopModel: Mochi's published figures; Wan's from ``model_dir``'s config when given, else 14B."""
+    if spec.family == MOCHI.family:
+        return MOCHI_FLOPS
+    if model_dir is None:
+        return WAN_14B_FLOPS
+    return wan_flops_from_config(spec.read_transformer_config(model_dir))
 
 
 @dataclass(frozen=True)
@@ -50,6 +99,8 @@ class GpuProfile:
     decode_voxels: int
     """frames x height x width of the measured decode"""
     text_encode_s: float
+    family: str = "mochi"
+    """The model family the seconds were measured on."""
 
 
 # bench/results/gpu-nvidia-h200.json: transformer_forward.best (sdpa-cudnn), vae_decode, t5_encoder batch 1.
@@ -73,6 +124,7 @@ def scaled_profile(profile: GpuProfile, tflops: float) -> GpuProfile:
         decode_s=profile.decode_s * factor,
         decode_voxels=profile.decode_voxels,
         text_encode_s=profile.text_encode_s * factor,
+        family=profile.family,
     )
 
 
@@ -95,6 +147,7 @@ def profile_from_bench(path: str | Path) -> GpuProfile:
             decode_s=float(vae["seconds"]),
             decode_voxels=int(vae["frames_out"]) * int(height) * int(width),
             text_encode_s=float(sections["t5_encoder"]["batches"][0]["seconds_per_prompt"]),
+            family=str(data.get("family", "mochi")),  # bench/gpu.py measured Mochi before it named the family
         )
     except FileNotFoundError:
         raise InputError(f"{path}: calibration file not found") from None
@@ -114,7 +167,9 @@ class OwnTimings:
     text_encode_s: float
 
 
-def own_timings(storage, run_id: str, *, sample: int = OWN_SAMPLE) -> OwnTimings | None:
+def own_timings(
+    storage, run_id: str, *, sample: int = OWN_SAMPLE, spec: ModelSpec = MOCHI, flops: FlopModel = MOCHI_FLOPS
+) -> OwnTimings | None:
     """Rates from the ``sample`` most recently listed sidecars of the run that carry timings (None if none)."""
     infos = sorted(storage.list(layout.meta_prefix(run_id)), key=lambda i: (i.modified or 0.0, i.key))
     pflops = denoise = voxels = decode = text = 0.0
@@ -126,9 +181,9 @@ def own_timings(storage, run_id: str, *, sample: int = OWN_SAMPLE) -> OwnTimings
             continue  # adopted videos have no timings
         parallel = sidecar.get("parallel") or {}
         group = max(1, int(parallel.get("world_size", 1)) // max(1, int(parallel.get("dp_size", 1))))
-        forwards = sidecar["num_inference_steps"] * (2 if sidecar["guidance_scale"] > 1.0 else 1)
-        tokens = visual_tokens(sidecar["num_frames"], sidecar["height"], sidecar["width"])
-        pflops += forwards * dit_flops(tokens) / 1e15
+        forwards = sidecar["num_inference_steps"] * (2 if uses_cfg(sidecar["guidance_scale"]) else 1)
+        tokens = spec.visual_tokens(sidecar["num_frames"], sidecar["height"], sidecar["width"])
+        pflops += forwards * flops.forward(tokens) / 1e15
         denoise += timings["denoise"] * group
         voxels += sidecar["num_frames"] * sidecar["height"] * sidecar["width"]
         decode += timings["decode"]
@@ -226,22 +281,31 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
-def _forward_from_profile(profile: GpuProfile, tokens: int) -> tuple[float, str]:
+def _forward_from_profile(profile: GpuProfile, tokens: int, flops: FlopModel) -> tuple[float, str]:
     measured, seconds = min(profile.forward_s, key=lambda point: abs(point[0] - tokens))
+    if profile.family != flops.family:
+        # Another family's measurement: same utilisation assumed, the label says so.
+        measured_flops = flop_model(spec_for(profile.family)).forward(measured)
+        scaled = seconds * flops.forward(tokens) / measured_flops
+        return scaled, f"FLOP-scaled from {profile.source} of {profile.family} at {measured} tokens, not measured"
     if measured == tokens:
         return seconds, f"{profile.source} at {tokens} tokens"
-    return seconds * dit_flops(tokens) / dit_flops(measured), f"{profile.source}, FLOP-scaled from {measured} tokens"
+    return seconds * flops.forward(tokens) / flops.forward(measured), (
+        f"{profile.source}, FLOP-scaled from {measured} tokens"
+    )
 
 
-def _shape_estimate(group, forwards: int, profile: GpuProfile, own: OwnTimings | None) -> ShapeEstimate:
-    tokens = visual_tokens(group.num_frames, group.height, group.width)
+def _shape_estimate(
+    group, forwards: int, profile: GpuProfile, own: OwnTimings | None, spec: ModelSpec, flops: FlopModel
+) -> ShapeEstimate:
+    tokens = spec.visual_tokens(group.num_frames, group.height, group.width)
     voxels = group.num_frames * group.height * group.width
     if own is not None:
-        forward_s = own.denoise_s_per_pflop * dit_flops(tokens) / 1e15
+        forward_s = own.denoise_s_per_pflop * flops.forward(tokens) / 1e15
         decode_s, text_s = own.decode_s_per_voxel * voxels, own.text_encode_s
         source = f"run sidecars ({own.items} items), FLOP-scaled"
     else:
-        forward_s, source = _forward_from_profile(profile, tokens)
+        forward_s, source = _forward_from_profile(profile, tokens, flops)
         decode_s, text_s = profile.decode_s * voxels / profile.decode_voxels, profile.text_encode_s
     return ShapeEstimate(
         group.num_frames, group.height, group.width, group.items, tokens, forwards, forward_s, decode_s, text_s, source
@@ -249,21 +313,33 @@ def _shape_estimate(group, forwards: int, profile: GpuProfile, own: OwnTimings |
 
 
 def estimate_plan(
-    plan, *, gpus: int, group_size: int, profile: GpuProfile = H200, own: OwnTimings | None = None
+    plan,
+    *,
+    gpus: int,
+    group_size: int,
+    profile: GpuProfile = H200,
+    own: OwnTimings | None = None,
+    flops: FlopModel | None = None,
 ) -> Estimate:
-    """The run's cost on ``gpus`` GPUs where ``group_size`` of them split each video (ulysses x ring x cfg)."""
+    """The run's cost on ``gpus`` GPUs where ``group_size`` of them split each video (ulysses x ring x cfg), for
+    the plan's model family (``flops`` default: its ``flop_model`` without weights)."""
     if group_size < 1 or gpus < group_size:
         raise InputError(f"estimate needs at least one group: {gpus} GPU(s), {group_size} per group")
     if not plan.shapes:
         raise InputError(f"the plan of {plan.run_id} has no shape tally (planned by an older batchgen): plan again")
     generation = plan.config.generation
-    per_item = generation.num_inference_steps * (2 if generation.guidance_scale > 1.0 else 1)
+    per_item = generation.num_inference_steps * (2 if uses_cfg(generation.guidance_scale) else 1)
     counted = all(g.forwards for g in plan.shapes)
     if counted:
         source = "per row: steps, x 2 with guidance"
     else:
         source = f"run defaults: {per_item} per item; this plan predates per-row counts, plan again for them"
-    shapes = [_shape_estimate(g, g.forwards if counted else g.items * per_item, profile, own) for g in plan.shapes]
+    spec = plan.config.spec
+    flops = flops or flop_model(spec)
+    shapes = [
+        _shape_estimate(g, g.forwards if counted else g.items * per_item, profile, own, spec, flops)
+        for g in plan.shapes
+    ]
     for s in shapes:
         s.item_wall_s = s.forwards / s.items * s.forward_s / group_size + s.decode_s + s.text_encode_s
     return Estimate(

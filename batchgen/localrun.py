@@ -196,22 +196,19 @@ def _clock(seconds: float) -> str:
 def check_parallel(plan: RunPlan, config: RunConfig, model_dir: str | Path, nproc: int):
     """Degrees for ``nproc`` processes per worker, checked against the model and every item (the plan's shapes)
     before anything starts. Returns the Topology."""
-    from batchgen.generate.loading import read_transformer_config
-    from batchgen.parallel.topology import check_shapes, choose_topology
+    from batchgen.models import check_weights, uses_cfg
+    from batchgen.parallel.topology import topology_for
 
-    num_heads = int(read_transformer_config(model_dir)["num_attention_heads"])
-    parallel = config.parallel
-    topology = choose_topology(
+    spec = config.spec
+    check_weights(model_dir, family=spec.family, weights=config.model.weights)
+    return topology_for(
+        config.parallel,
         nproc,
-        ulysses=parallel.ulysses_degree,
-        ring=parallel.ring_degree,
-        cfg=parallel.cfg_degree,
-        num_heads=num_heads,
-        use_cfg=config.generation.guidance_scale > 1.0,
+        num_heads=spec.num_heads(model_dir),
+        use_cfg=uses_cfg(config.generation.guidance_scale),
+        spec=spec,
+        shapes=plan.shapes,
     )
-    if topology.sp > 1:
-        check_shapes(topology, plan.shapes, num_heads=num_heads, sp_backend=parallel.sp_backend)
-    return topology
 
 
 def run_local(

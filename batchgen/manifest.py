@@ -8,6 +8,11 @@ Columns (only ``prompt`` is required)::
     seed             integer  0 <= seed < 2**63; null = derived from the id
     num_frames, height, width, num_inference_steps   integer  per-row overrides (null = the run's default)
     guidance_scale   number   per-row override (null = the run's default)
+    model_family     string   'mochi' or 'wan' (null = the run's); every row the same: one run uses one family
+
+The run's model family (``[model] family`` / ``--family``) decides the frame rule and size multiple of every
+row. When the run does not set it, the ``model_family`` column does (``manifest_family``); when it does, every
+non-null value must equal it. ``model_family`` is not part of the digest: the family is in the run id itself.
 
 Validation checks the Arrow schema first, then every row, vectorised with pyarrow.compute per record batch,
 and reports every problem (capped) in one ``ManifestError``. Only the set of ids seen so far is kept across
@@ -35,16 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchgen.config import (
-    MAX_PROMPT_CHARS,
-    GenerationConfig,
-    check_frames,
-    check_guidance,
-    check_side,
-    check_steps,
-)
-from batchgen.errors import ManifestError, NotFoundError
+from batchgen.config import MAX_PROMPT_CHARS, GenerationConfig, check_generation, check_guidance, check_steps
+from batchgen.errors import ConfigError, ManifestError, NotFoundError
 from batchgen.item import EXAMPLES_PER_SHAPE, Item, ShapeGroup
+from batchgen.models import FAMILIES, MOCHI, ModelSpec, uses_cfg
 
 log = logging.getLogger("batchgen.manifest")
 
@@ -69,13 +68,18 @@ KNOWN_COLUMNS = (
     "num_inference_steps",
     "guidance_scale",
 )
-_OVERRIDE_CHECKS: dict[str, Callable[[int | float], str | None]] = {
-    "num_frames": check_frames,
-    "height": check_side,
-    "width": check_side,
-    "num_inference_steps": check_steps,
-    "guidance_scale": check_guidance,
-}
+FAMILY_COLUMN = "model_family"
+
+
+def _override_checks(spec: ModelSpec) -> dict[str, Callable[[int | float], str | None]]:
+    return {
+        "num_frames": spec.check_frames,
+        "height": spec.check_side,
+        "width": spec.check_side,
+        "num_inference_steps": check_steps,
+        "guidance_scale": check_guidance,
+    }
+
 
 # Shard files and iter_items use exactly this schema, whatever the manifest's input types were.
 ITEM_SCHEMA = pa.schema(
@@ -169,7 +173,7 @@ def _is_string(t: pa.DataType) -> bool:
 
 
 def _type_problem(column: str, t: pa.DataType) -> str | None:
-    if column in _STRING_COLUMNS and not _is_string(t):
+    if column in (*_STRING_COLUMNS, FAMILY_COLUMN) and not _is_string(t):
         hint = " (cast it to string)" if column == "id" else ""
         return f"must be a string column, got type {t}{hint}"
     if column in _INT_COLUMNS and not pa.types.is_integer(t):
@@ -267,17 +271,18 @@ def _check_schema(schema: pa.Schema, problems: _Problems) -> tuple[list[str], li
         problems.add("column appears more than once", column=name)
     if "prompt" not in names:
         problems.add(f"required column is missing (columns found: {names})", column="prompt")
-    present = [c for c in KNOWN_COLUMNS if c in names]
+    present = [c for c in (*KNOWN_COLUMNS, FAMILY_COLUMN) if c in names]
     for column in present:
         if column in duplicated:
             continue
         problem = _type_problem(column, schema.field(column).type)
         if problem:
             problems.add(problem, column=column)
+    known = (*KNOWN_COLUMNS, FAMILY_COLUMN)
     warnings = [
-        f"{schema_name!r} is not a manifest column and is ignored (known: {', '.join(KNOWN_COLUMNS)})"
+        f"{schema_name!r} is not a manifest column and is ignored (known: {', '.join(known)})"
         for schema_name in names
-        if schema_name not in KNOWN_COLUMNS
+        if schema_name not in known
     ]
     return present, warnings
 
@@ -307,6 +312,8 @@ def _canonical(batch: pa.RecordBatch, present: list[str]) -> dict[str, pa.Array]
             columns[name + ":raw"] = array
         else:
             columns[name] = array.cast(pa.int64())
+    if FAMILY_COLUMN in present:
+        columns[FAMILY_COLUMN] = batch.column(FAMILY_COLUMN).cast(pa.string())
     return columns
 
 
@@ -315,7 +322,9 @@ def _rows(mask: pa.Array) -> np.ndarray:
     return np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))
 
 
-def _check_batch(columns: dict[str, pa.Array], present: list[str], start: int, problems: _Problems) -> None:
+def _check_batch(
+    columns: dict[str, pa.Array], present: list[str], start: int, problems: _Problems, spec: ModelSpec
+) -> None:
     """Row checks of one batch. Messages are ordered by row within the batch."""
     found: list[tuple[int, int, str, Callable[[int], str]]] = []  # (row, order, column, message(row))
 
@@ -366,7 +375,12 @@ def _check_batch(columns: dict[str, pa.Array], present: list[str], start: int, p
 
     # The config's own scalar checks run once per distinct value, then map back to rows: exact same rules
     # as the run-wide defaults, at vectorised cost (manifests repeat a handful of shapes).
-    for name, check in _OVERRIDE_CHECKS.items():
+    if FAMILY_COLUMN in present:
+        families = columns[FAMILY_COLUMN]
+        other = pc.and_(pc.is_valid(families), pc.not_equal(families, spec.family))
+        report(FAMILY_COLUMN, _rows(other), lambda i: _family_problem(families[i].as_py(), spec))
+
+    for name, check in _override_checks(spec).items():
         if name not in present:
             continue
         values = columns[name]
@@ -384,6 +398,15 @@ def _check_batch(columns: dict[str, pa.Array], present: list[str], start: int, p
             problems.total += 1
             continue
         problems.add(message(i), row=start + i, column=column)
+
+
+def _family_problem(family: str, spec: ModelSpec) -> str:
+    if family not in FAMILIES:
+        return f"unknown model family {family!r} (known: {', '.join(sorted(FAMILIES))})"
+    return (
+        f"{family!r} differs from the run's model family {spec.family!r}: one run uses one family (make every "
+        "row the same, or set [model] family / --family to match)"
+    )
 
 
 def _string_bytes(array: pa.Array) -> bytes:
@@ -471,8 +494,9 @@ def _resolve(columns: dict[str, pa.Array], ids: list[str], start: int, generatio
 class _Scan:
     """One streaming pass over a manifest: checks, digest, and (optionally) resolved item batches."""
 
-    def __init__(self, path: str | Path, max_errors: int):
+    def __init__(self, path: str | Path, max_errors: int, spec: ModelSpec = MOCHI):
         self.path = str(path)
+        self.spec = spec
         self.problems = _Problems(self.path, max_errors)
         self.warnings: list[str] = []
         self.rows = 0
@@ -486,6 +510,11 @@ class _Scan:
         ``check_rows=False`` skips the row checks (not the schema checks or the digest): for a second pass over
         a file already validated, whose digest the caller compares at the end.
         """
+        # The defaults fill null cells unchecked, so they must fit the family (RunConfig guarantees it; callers
+        # building a GenerationConfig by hand might not).
+        problem = check_generation(generation, self.spec) if generation is not None else None
+        if problem:
+            raise ConfigError(problem)
         problems = self.problems
         with _local_copy(self.path, problems) as local:
             if local is not None:
@@ -507,7 +536,7 @@ class _Scan:
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=present):
                 columns = _canonical(batch, present)
                 if check_rows:
-                    _check_batch(columns, present, start, problems)
+                    _check_batch(columns, present, start, problems, self.spec)
                 _update_digest(hashers, columns)
                 ids = _ids_of(columns, present)
                 if check_rows:
@@ -546,7 +575,7 @@ def _tally_shapes(tally: dict[tuple[int, int, int], tuple[int, list[str], int]],
     # Validated sides and frame counts are far below 2**21, so one int64 holds the whole shape.
     codes = (frames.astype(np.int64) << 42) | (height.astype(np.int64) << 21) | width.astype(np.int64)
     steps = batch.column("num_inference_steps").to_numpy(zero_copy_only=False).astype(np.int64)
-    guided = batch.column("guidance_scale").to_numpy(zero_copy_only=False) > 1.0
+    guided = uses_cfg(batch.column("guidance_scale").to_numpy(zero_copy_only=False))  # elementwise on the array
     uniques, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
     forwards = np.bincount(inverse, weights=steps * np.where(guided, 2, 1)).astype(np.int64)
     for code, count, shape_forwards in zip(uniques.tolist(), counts.tolist(), forwards.tolist(), strict=True):
@@ -559,23 +588,46 @@ def _tally_shapes(tally: dict[tuple[int, int, int], tuple[int, list[str], int]],
         tally[shape] = (seen + count, examples, seen_forwards + shape_forwards)
 
 
-def validate_manifest(path: str | Path, generation: GenerationConfig, *, max_errors: int = 50) -> ManifestSummary:
-    """Check every row; raise ManifestError listing up to ``max_errors`` problems (file, row, column each)."""
-    scan = _Scan(path, max_errors)
+def manifest_family(path: str | Path) -> str | None:
+    """The first non-null known ``model_family`` of a local manifest, or None (a URI, no such column or value, or
+    a file the full scan will report): what picks the family of a run that does not set one. Reads that column
+    only and stops at the first value; a remote manifest is not fetched twice, so its run names the family
+    (``--family`` / ``[model] family``) unless it is Mochi, and the scan checks every row against it."""
+    if "://" in str(path):
+        return None
+    parquet = _open(str(path), _Problems(str(path), 1))
+    if parquet is None or FAMILY_COLUMN not in parquet.schema_arrow.names:
+        return None
+    try:
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[FAMILY_COLUMN]):
+            values = pc.drop_null(batch.column(0)).to_pylist() if _is_string(batch.column(0).type) else []
+            if values:
+                return values[0] if values[0] in FAMILIES else None
+    except (pa.ArrowException, OSError):
+        return None
+    return None
+
+
+def validate_manifest(
+    path: str | Path, generation: GenerationConfig, *, spec: ModelSpec = MOCHI, max_errors: int = 50
+) -> ManifestSummary:
+    """Check every row against ``spec``'s shape rules; raise ManifestError listing up to ``max_errors`` problems
+    (file, row, column each)."""
+    scan = _Scan(path, max_errors, spec)
     for _ in scan.batches(None):
         pass
     return _finish(scan)
 
 
 def validate_and_resolve(
-    path: str | Path, generation: GenerationConfig, spill: str | Path, *, max_errors: int = 50
+    path: str | Path, generation: GenerationConfig, spill: str | Path, *, spec: ModelSpec = MOCHI, max_errors: int = 50
 ) -> ManifestSummary:
     """``validate_manifest`` that also writes the resolved items (ITEM_SCHEMA) to an Arrow IPC stream file.
 
     One pass instead of validate-then-resolve, and the items written are exactly the rows the digest was
     computed from. The spill file is only meaningful when this returns (it raises like validate_manifest).
     """
-    scan = _Scan(path, max_errors)
+    scan = _Scan(path, max_errors, spec)
     with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_stream(sink, ITEM_SCHEMA) as writer:
         for batch in scan.batches(generation):
             writer.write_batch(batch)
@@ -590,7 +642,7 @@ def _finish(scan: _Scan) -> ManifestSummary:
 
 
 def iter_item_batches(
-    path: str | Path, generation: GenerationConfig, *, expected_digest: str | None = None
+    path: str | Path, generation: GenerationConfig, *, spec: ModelSpec = MOCHI, expected_digest: str | None = None
 ) -> Iterator[pa.RecordBatch]:
     """Resolved items as Arrow batches (ITEM_SCHEMA), streamed by row group.
 
@@ -599,16 +651,16 @@ def iter_item_batches(
     successful ``validate_manifest``), rows are not checked again; instead it raises at the end if the
     content no longer matches the digest (the file changed since it was validated).
     """
-    scan = _Scan(path, 50)
+    scan = _Scan(path, 50, spec)
     yield from scan.batches(generation, check_rows=expected_digest is None)
     summary = scan.summary()
     if expected_digest is not None and summary.digest != expected_digest:
         raise ManifestError(summary.path, [f"{summary.path}: the file changed while it was being planned; plan again"])
 
 
-def iter_items(path: str | Path, generation: GenerationConfig) -> Iterator[Item]:
+def iter_items(path: str | Path, generation: GenerationConfig, *, spec: ModelSpec = MOCHI) -> Iterator[Item]:
     """Every item of the manifest with its parameters resolved, in manifest order (streams by row group)."""
-    for batch in iter_item_batches(path, generation):
+    for batch in iter_item_batches(path, generation, spec=spec):
         for row in batch.to_pylist():
             yield Item(**row)
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen import __version__, layout
-from batchgen.config import GenerationConfig, RunConfig
+from batchgen.config import GenerationConfig, ModelConfig, RunConfig
 from batchgen.errors import AlreadyExistsError, InputError, NotFoundError, PlanConflictError, StorageError
 from batchgen.item import Item, ShapeGroup
 from batchgen.manifest import ITEM_SCHEMA, ManifestSummary, items_from_table, validate_and_resolve
@@ -129,14 +129,22 @@ def slugify(text: str) -> str:
     return slug or "run"
 
 
-def plan_fingerprint(manifest_digest: str, row_count: int, generation: GenerationConfig, shard_size: int) -> str:
+def plan_fingerprint(
+    manifest_digest: str,
+    row_count: int,
+    generation: GenerationConfig,
+    shard_size: int,
+    model: ModelConfig | None = None,
+) -> str:
     """sha256 over exactly what decides the run's outputs.
 
     In: the manifest's content digest, every generation parameter (shape, steps, guidance, negative prompt, fps,
-    crf, token limit: they change the videos) and the shard size (it changes which shard holds an item, hence
-    every object key). Out, on purpose: parallel degrees, offload, backend and max_attempts. They only change
-    how the same videos get made, so moving a run to more GPUs, another topology or a new retry budget must
-    keep the run, its id and everything already committed.
+    crf, token limit: they change the videos), the shard size (it changes which shard holds an item, hence
+    every object key), the model family and the weights' fingerprint when known. Out, on purpose: parallel
+    degrees, offload, backend and max_attempts. They only change how the same videos get made, so moving a run to
+    more GPUs, another topology or a new retry budget must keep the run, its id and everything already committed.
+    The model's fields enter the payload only when they differ from Mochi with unknown weights, so the ids of runs
+    planned before families existed stay the same.
     """
     payload = {
         "format": PLAN_FORMAT,
@@ -145,6 +153,10 @@ def plan_fingerprint(manifest_digest: str, row_count: int, generation: Generatio
         "generation": dataclasses.asdict(generation),
         "shard_size": shard_size,
     }
+    defaults, model = ModelConfig(), model or ModelConfig()
+    for key in ("family", "weights"):
+        if getattr(model, key) != getattr(defaults, key):
+            payload[f"model_{key}"] = getattr(model, key)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -301,10 +313,11 @@ def describe_changes(old: RunPlan, summary: ManifestSummary, config: RunConfig) 
             f"manifest content: {old.row_count} rows, digest {old.manifest_digest[:12]} -> "
             f"{summary.rows} rows, digest {summary.digest[:12]} (source {old.source} -> {summary.path})"
         )
-    before, after = dataclasses.asdict(old.config.generation), dataclasses.asdict(config.generation)
-    for key in sorted(set(before) | set(after)):
-        if before.get(key) != after.get(key):
-            changes.append(f"generation.{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}")
+    for section in ("model", "generation"):
+        before, after = dataclasses.asdict(getattr(old.config, section)), dataclasses.asdict(getattr(config, section))
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                changes.append(f"{section}.{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}")
     if old.shard_size != config.worker.shard_size:
         changes.append(f"worker.shard_size (--shard-size): {old.shard_size} -> {config.worker.shard_size}")
     if not changes:
@@ -350,7 +363,7 @@ def plan_manifest(
         # The resolved items wait in a local Arrow file while the digest (hence the run id) is unknown:
         # one pass over the manifest, bounded memory, and the shards hold exactly the rows that were hashed.
         spill = Path(scratch) / "items.arrow"
-        summary = validate_and_resolve(manifest_path, config.generation, spill, max_errors=max_errors)
+        summary = validate_and_resolve(manifest_path, config.generation, spill, spec=config.spec, max_errors=max_errors)
         return _plan_validated(manifest_path, summary, spill, config, storage, run_name=run_name, new_run=new_run)
 
 
@@ -366,7 +379,7 @@ def _plan_validated(
 ) -> tuple[RunPlan, bool]:
     slug = slugify(run_name if run_name else Path(manifest_path).stem)
     shard_size = config.worker.shard_size
-    fingerprint = plan_fingerprint(summary.digest, summary.rows, config.generation, shard_size)
+    fingerprint = plan_fingerprint(summary.digest, summary.rows, config.generation, shard_size, config.model)
     run_id = f"{slug}-{fingerprint[:12]}"
 
     stored = _load_if_present(storage, run_id)

@@ -693,6 +693,12 @@ class _WorkerLoop:
         if not fingerprint:
             self.model_pinned = True  # a generator without weights to identify (nothing to compare)
             return
+        planned = self.plan.config.model.weights
+        if planned and fingerprint != planned:
+            raise ModelMismatchError(
+                f"run {self.plan.run_id} was planned with weights {planned}, this worker has {fingerprint} "
+                f"({model.get('path')}); one run never mixes two models. Plan a new run for these weights."
+            )
         key = layout.model_pin_key(self.plan.run_id)
         if create:
             pin = {"fingerprint": fingerprint, "path": model.get("path"), "host": self.host, "pinned_at": _now()}

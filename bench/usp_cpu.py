@@ -145,9 +145,9 @@ def run_layout(world: int, degrees: dict[str, int], steps: int, shape: dict[str,
 
 
 def visual_tokens(shape: dict[str, int]) -> int:
-    from batchgen.config import latent_frames
+    from batchgen.models import MOCHI
 
-    return latent_frames(shape["num_frames"]) * (shape["height"] // 16) * (shape["width"] // 16)
+    return MOCHI.visual_tokens(shape["num_frames"], shape["height"], shape["width"])
 
 
 def main() -> int:
@@ -158,14 +158,14 @@ def main() -> int:
 
     import torch
 
-    from batchgen.config import latent_frames
+    from batchgen.models import MOCHI
     from tests import _usp_cases as cases
 
     config = cases.TINY_TRANSFORMER
     rows = []
     started = time.perf_counter()
     for world, degrees, shape in LAYOUTS:
-        t = latent_frames(shape["num_frames"])
+        t = MOCHI.latent_frames(shape["num_frames"])
         tokens = visual_tokens(shape)
         sp = degrees.get("ulysses", 1) * degrees.get("ring", 1)
         latent_shape = torch.Size([2, 12, t, shape["height"] // 8, shape["width"] // 8])
@@ -198,7 +198,7 @@ def main() -> int:
         "xfuser": "not measured: xfuser needs CUDA + flash-attn (its CPU check is the shim test, which times nothing)",
         "model": "tiny Mochi transformer (tests/_usp_cases.TINY_TRANSFORMER), fp32, random weights",
         "shapes": [
-            {**shape, "latent_frames": latent_frames(shape["num_frames"]), "visual_tokens": visual_tokens(shape)}
+            {**shape, "latent_frames": MOCHI.latent_frames(shape["num_frames"]), "visual_tokens": visual_tokens(shape)}
             for shape in (SHAPE, PADDED_SHAPE)
         ],
         "text_tokens": cases.TEXT_LEN,

@@ -28,7 +28,13 @@ def small_manifest(tmp_path):
 
 BAD_TOML = [
     ("unknown-key", "[generation]\nframes = 13\n", ["generation", "unknown key(s) ['frames']"]),
-    ("unknown-section", "[model]\npath = 'x'\n", ["unknown section(s) ['model']"]),
+    ("unknown-section", "[models]\nfamily = 'wan'\n", ["unknown section(s) ['models']"]),
+    ("unknown-family", "[model]\nfamily = 'sora'\n", ["model.family must be one of mochi, wan"]),
+    (
+        "wan-frame-rule",
+        "[model]\nfamily = 'wan'\n[generation]\nnum_frames = 163\n",
+        ["generation.num_frames must be 4k+1", "'wan'"],
+    ),
     ("wrong-type-int", "[generation]\nheight = '480'\n", ["generation.height must be an integer"]),
     ("bool-not-int", "[worker]\nshard_size = true\n", ["worker.shard_size must be an integer"]),
     ("wrong-type-float", "[generation]\nguidance_scale = 'high'\n", ["generation.guidance_scale must be a number"]),

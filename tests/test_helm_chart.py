@@ -543,3 +543,17 @@ def test_role_grants_exactly_the_launchers_verbs(chart, launcher, tmp_path):
     objects = objects_of(render(chart, merged({"launcher": launcher})))
     assert rbac_problems(objects, launcher=launcher) == []
     assert launch_settings(objects, tmp_path).launcher == launcher
+
+
+def test_wan_chart_values_reach_config_and_launch_settings(chart, tmp_path):
+    objects = objects_of(render(chart, merged({"model": {"family": "wan", "numHeads": 12}})))
+    (config_map,) = by_kind(objects, "ConfigMap")
+    path = tmp_path / "run.toml"
+    path.write_text(config_map["data"]["run.toml"])
+    loaded = load_config(path)
+    assert loaded.model.family == "wan" and loaded.generation.num_frames == 81  # Wan's defaults, nothing else set
+    settings = LaunchSettings.from_dict(yaml.safe_load(config_map["data"]["launch.yaml"]))
+    assert (settings.family, settings.num_heads, settings.model_dir) == ("wan", 12, "/models/wan")
+    # The shipped runtime mounts the weights where the launch settings say (batchgen renders the same spec).
+    (runtime,) = by_kind(objects, "TrainingRuntime")
+    assert runtime["spec"] == render_trainingruntime(settings)["spec"]

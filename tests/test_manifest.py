@@ -109,7 +109,11 @@ MALFORMED = [
     ),
     ("frames-not-6k+1", _table(prompt=["a", "b"], num_frames=[13, 12]), ["row 1, column 'num_frames'", "6k+1"]),
     ("frames-too-many", _table(prompt=["a"], num_frames=[601]), ["row 0, column 'num_frames'", "at most 511"]),
-    ("height-not-16", _table(prompt=["a"], height=[500]), ["row 0, column 'height'", "multiple of 16, got 500"]),
+    (
+        "height-not-16",
+        _table(prompt=["a"], height=[500]),
+        ["row 0, column 'height'", "multiple of 16 for Mochi 1, got 500"],
+    ),
     ("width-too-big", _table(prompt=["a"], width=[4096]), ["row 0, column 'width'", "at most 2048"]),
     ("steps-negative", _table(prompt=["a"], num_inference_steps=[-3]), ["row 0, column 'num_inference_steps'"]),
     ("guidance-negative", _table(prompt=["a"], guidance_scale=[-1.0]), ["row 0, column 'guidance_scale'"]),

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from batchgen.cli import main
-from batchgen.config import latent_frames, load_config
+from batchgen.config import load_config
 from batchgen.errors import EXIT_BAD_INPUT
 from batchgen.generate.loading import (
     fingerprint_model_dir,
@@ -16,6 +16,7 @@ from batchgen.generate.loading import (
     read_transformer_config,
 )
 from batchgen.generate.tiny import TINY_TOML_NAME, TRANSFORMER_CONFIG, write_tiny_model
+from batchgen.models import MOCHI
 
 
 def test_layout_matches_mochi_1_preview(tiny_model_dir):
@@ -63,7 +64,7 @@ def test_default_shape_allows_sequence_parallel_1_2_4(tiny_model_dir):
     generation = load_config(tiny_model_dir / TINY_TOML_NAME).generation
     assert (generation.num_frames, generation.height, generation.width) == (13, 64, 64)
     heads = read_transformer_config(tiny_model_dir)["num_attention_heads"]
-    tokens = latent_frames(generation.num_frames) * (generation.height // 16) * (generation.width // 16)
+    tokens = MOCHI.visual_tokens(generation.num_frames, generation.height, generation.width)
     assert tokens == 48
     for degree in (1, 2, 4):
         assert heads % degree == 0 and tokens % degree == 0

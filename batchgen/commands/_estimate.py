@@ -24,9 +24,13 @@ def add_estimate_arguments(parser: argparse.ArgumentParser, *, layout_flags: boo
 
 
 def estimate_for(args: argparse.Namespace, storage, plan, *, gpus: int, group_size: int):
-    """The estimate, from the run's own sidecars when it has committed items, else from the chosen profile."""
-    from batchgen.estimate import choose_profile, estimate_plan, own_timings
+    """The estimate, from the run's own sidecars when it has committed items, else from the chosen profile. The
+    FLOPs are the plan's family's, from the weights' config when ``--model-dir`` is local (``plan``)."""
+    from batchgen.estimate import choose_profile, estimate_plan, flop_model, own_timings
 
+    spec = plan.config.spec
+    # plan's --model-dir is local; submit's is the pods' path (dest launch_model_dir), so it is not read here.
+    flops = flop_model(spec, getattr(args, "model_dir", None))
     profile = choose_profile(args.gpu_tflops, args.calibration)
-    own = own_timings(storage, plan.run_id)
-    return estimate_plan(plan, gpus=gpus, group_size=group_size, profile=profile, own=own)
+    own = own_timings(storage, plan.run_id, spec=spec, flops=flops)
+    return estimate_plan(plan, gpus=gpus, group_size=group_size, profile=profile, own=own, flops=flops)

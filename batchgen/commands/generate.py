@@ -14,9 +14,10 @@ from batchgen.commands._options import add_generation_arguments, add_parallel_ar
 NAME = "generate"
 HELP = "render one video from a prompt (MP4, optionally the final latents)"
 DESCRIPTION = (
-    "Render one video from --prompt with the Mochi model in --model-dir (diffusers or original layout) and write "
-    "it to --out as an H.264 MP4. Generation defaults come from --config, else from DIR/batchgen-tiny.toml when "
-    "the model directory is a tiny model, else Mochi's (480x848, 163 frames, 64 steps); flags override them. "
+    "Render one video from --prompt with the Mochi or Wan model in --model-dir (family detected from its files) "
+    "and write it to --out as an H.264 MP4. Generation defaults come from --config, else from "
+    "DIR/batchgen-tiny.toml when the model directory is a tiny model, else the family's (Mochi 480x848, 163 frames, "
+    "64 steps; Wan 480x832, 81 frames, 50 steps); flags override them. "
     "Run it under torchrun with --ulysses-degree/--ring-degree/--cfg-degree to split one video across processes."
 )
 ORDER = 80
@@ -24,7 +25,7 @@ ORDER = 80
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model-dir", required=True, metavar="DIR", help="Mochi weights (diffusers or original layout)"
+        "--model-dir", required=True, metavar="DIR", help="Mochi or Wan weights (diffusers or original layout)"
     )
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--out", required=True, metavar="FILE.mp4", help="output MP4 (written atomically)")
@@ -52,7 +53,8 @@ def _load_config(args: argparse.Namespace):
         # The tiny model's own defaults (13 frames at 64x64): Mochi's 163x480x848 would only be slow with it.
         logging.getLogger("batchgen.commands.generate").info("using generation defaults from %s", tiny_defaults)
         args = argparse.Namespace(**{**vars(args), "config": str(tiny_defaults)})
-    return config_from_args(args)
+    # The family comes from the directory (its defaults apply); a contradicting --family or config is exit 4.
+    return config_from_args(args, model_dir=args.model_dir)
 
 
 def _check_output(path_text: str, flag: str):
@@ -85,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from batchgen.errors import InputError
-    from batchgen.generate.loading import read_transformer_config
     from batchgen.item import Item
+    from batchgen.models import uses_cfg
     from batchgen.parallel.context import open_context
     from batchgen.parallel.topology import check_items, visual_tokens
 
@@ -110,32 +112,33 @@ def run(args: argparse.Namespace) -> int:
         row=0,
     )
     # Shape and degree checks before any weights load.
-    num_heads = int(read_transformer_config(args.model_dir)["num_attention_heads"])
-    use_cfg = item.guidance_scale > 1.0
-    tokens = (visual_tokens(item.num_frames, item.height, item.width),)
+    spec = config.spec
+    num_heads = spec.num_heads(args.model_dir)
+    tokens = (visual_tokens(item.num_frames, item.height, item.width, spec=spec),)
+    use_cfg = uses_cfg(item.guidance_scale)
     context, topology = open_context(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=tokens)
     try:
-        check_items(topology, [item], num_heads=num_heads, sp_backend=parallel.sp_backend)
+        check_items(topology, [item], num_heads=num_heads, sp_backend=parallel.sp_backend, spec=spec)
         # One video: data-parallel groups beyond the first have nothing to do.
         if context.dp_rank == 0:
-            _generate(args, item, generation, parallel, context, out_path, latents_path, log)
+            _generate(args, item, config, context, out_path, latents_path, log)
         context.barrier()
     finally:
         context.close()
     return 0
 
 
-def _generate(args, item, generation, parallel, context, out_path, latents_path, log) -> None:
+def _generate(args, item, config, context, out_path, latents_path, log) -> None:
     import time
 
-    from batchgen.generate.pipeline import MochiGenerator
     from batchgen.video import encode_mp4, probe_mp4
 
+    generation = config.generation
     started = time.perf_counter()
-    generator = MochiGenerator(
+    generator = config.spec.generator_class()(
         args.model_dir,
         context=context,
-        parallel=parallel,
+        parallel=config.parallel,
         device=args.device,
         dtype=args.dtype,
         max_sequence_length=generation.max_sequence_length,

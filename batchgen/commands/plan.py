@@ -6,12 +6,18 @@ import argparse
 import json
 
 from batchgen.commands._estimate import add_estimate_arguments, estimate_for
-from batchgen.commands._options import add_generation_arguments, add_shard_size_argument, config_from_args
+from batchgen.commands._options import (
+    add_generation_arguments,
+    add_shard_size_argument,
+    add_weights_arguments,
+    config_from_args,
+)
 
 NAME = "plan"
 HELP = "validate a manifest and store the run's deterministic shard plan under the output (idempotent)"
 DESCRIPTION = (
-    "Validate MANIFEST, derive the run id from its content, the generation settings and the shard size, and "
+    "Validate MANIFEST, derive the run id from its content, the generation settings, the shard size and the "
+    "model (family; weights' fingerprint when --model-dir or --weights-fingerprint gives it), and "
     "store the plan under OUTPUT/<run-id>/plan/. Planning again with the same inputs reuses the stored plan; "
     "a run of the same name planned from other inputs is refused (exit 4) unless --new-run."
 )
@@ -31,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_generation_arguments(parser)
+    add_weights_arguments(parser)
     add_shard_size_argument(parser)
     add_estimate_arguments(parser, layout_flags=True)
 
@@ -40,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.plan import plan_manifest
     from batchgen.storage import open_storage
 
-    config = config_from_args(args)
+    config = config_from_args(args, model_dir=args.model_dir)
     storage = open_storage(args.output)
     plan, reused = plan_manifest(args.manifest, config, storage, run_name=args.run_name, new_run=args.new_run)
     where = storage.url(layout.plan_key(plan.run_id))

@@ -43,7 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.k8s.render import parse_shard_indices, render_pytorchjob, to_yaml
     from batchgen.k8s.trainjob import render_trainingruntime, render_trainjob
 
-    settings = settings_from_args(args, output=args.output)
+    config = None
+    if args.manifest:
+        from batchgen.commands._options import config_from_args
+
+        config = config_from_args(args)
+    family = config.model.family if config is not None else args.family
+    settings = settings_from_args(args, output=args.output, family=family)
     if not settings.output:
         raise ConfigError("--output (or 'output' in --values) is required: the workers need to know where to write")
     if args.attempt < 1:
@@ -52,11 +58,10 @@ def run(args: argparse.Namespace) -> int:
         plan_or_run: object = args.run_id
         shards = parse_shard_indices(args.shards)
     else:
-        from batchgen.commands._options import config_from_args
         from batchgen.plan import make_plan, parse_shard_selection
         from batchgen.storage import open_storage
 
-        plan = make_plan(args.manifest, config_from_args(args), open_storage(settings.output))
+        plan = make_plan(args.manifest, config, open_storage(settings.output))
         plan_or_run = plan
         shards = parse_shard_selection(args.shards, plan)
     size = args.shards_per_job or len(shards)

@@ -17,11 +17,21 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from batchgen.commands._options import add_generation_arguments, add_parallel_arguments, add_shard_size_argument
+    from batchgen.commands._options import (
+        add_generation_arguments,
+        add_parallel_arguments,
+        add_shard_size_argument,
+        add_weights_arguments,
+    )
 
     parser.add_argument("manifest", metavar="MANIFEST", help="Parquet prompt manifest (a path or an s3:// URI)")
     parser.add_argument("--output", required=True, metavar="URI", help="output root: s3://bucket/prefix or a folder")
-    parser.add_argument("--model-dir", required=True, metavar="DIR", help="Mochi model directory (diffusers layout)")
+    parser.add_argument(
+        "--model-dir",
+        required=True,
+        metavar="DIR",
+        help="model directory (its family and fingerprint enter the run id)",
+    )
     parser.add_argument("--workers", type=int, default=1, metavar="N", help="local worker processes (default 1)")
     parser.add_argument(
         "--nproc-per-worker", type=int, default=1, metavar="P", help="processes per worker, via torchrun (default 1)"
@@ -30,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-run", action="store_true", help="plan a separate run even if the name has one")
     parser.add_argument("--poll", type=float, default=1.0, metavar="S", help="progress refresh interval in seconds")
     add_generation_arguments(parser)
+    add_weights_arguments(parser, model_dir=False)
     add_shard_size_argument(parser)
     add_parallel_arguments(parser)
 
@@ -42,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.metrics import resolve_port
     from batchgen.storage import open_storage
 
-    config = config_from_args(args)
+    config = config_from_args(args, model_dir=args.model_dir)
     port = resolve_port(args.metrics_port, config.worker.metrics_port)
     outcome = run_local(
         args.manifest,

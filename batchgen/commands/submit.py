@@ -24,7 +24,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from batchgen.commands._options import add_generation_arguments, add_shard_size_argument
+    from batchgen.commands._options import add_generation_arguments, add_shard_size_argument, add_weights_arguments
     from batchgen.k8s.options import add_launch_arguments
 
     parser.add_argument("manifest", metavar="MANIFEST", help="Parquet manifest (a path or an s3:// URI)")
@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_cluster_arguments(parser)
     add_generation_arguments(parser)
+    add_weights_arguments(parser, model_dir=False)  # --model-dir is the pods' path
     add_shard_size_argument(parser)
     add_launch_arguments(parser)
     from batchgen.commands._estimate import add_estimate_arguments
@@ -71,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_jobs", "shards_per_job", "max_attempts", "resync_seconds"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    settings = settings_from_args(args, output=args.output)
+    config = config_from_args(args)
+    settings = settings_from_args(args, output=args.output, family=config.model.family)
     storage = open_storage(args.output)
-    plan = make_plan(args.manifest, config_from_args(args), storage, run_name=args.run_name, new_run=args.new_run)
+    plan = make_plan(args.manifest, config, storage, run_name=args.run_name, new_run=args.new_run)
     topology = resolve_degrees(settings, plan)  # refuse degrees that cannot fit before touching the cluster
     log.info(
         "run %s: %d items in %d shards; pods: %s", plan.run_id, plan.row_count, len(plan.shards), topology.describe()

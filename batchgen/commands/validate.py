@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.manifest import validate_manifest
 
     config = config_from_args(args)
-    summary = validate_manifest(args.manifest, config.generation, max_errors=args.max_errors)
+    summary = validate_manifest(args.manifest, config.generation, spec=config.spec, max_errors=args.max_errors)
     if args.json:
         print(
             json.dumps(

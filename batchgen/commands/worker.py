@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shards", required=True, metavar="SEL", help="'A:B' (half-open indices), '1,3,7', 'shard-000003' or 'all'"
     )
-    parser.add_argument("--model-dir", required=True, metavar="DIR", help="Mochi model directory (diffusers layout)")
+    parser.add_argument("--model-dir", required=True, metavar="DIR", help="model directory of the plan's family")
     parser.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument("--dtype", default="auto", help="weights dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     add_config_argument(parser)
@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     from batchgen import metrics
     from batchgen.commands._options import config_from_args
-    from batchgen.generate.loading import read_transformer_config
     from batchgen.logs import log_context
+    from batchgen.models import check_weights, uses_cfg
     from batchgen.parallel.context import open_context
     from batchgen.parallel.topology import check_items, visual_tokens
     from batchgen.plan import load_plan, load_shard_items, parse_shard_selection
@@ -62,20 +62,20 @@ def run(args: argparse.Namespace) -> int:
     port = metrics.resolve_port(args.metrics_port, local.worker.metrics_port)
     metrics.serve(metrics.WORKER_REGISTRY, port, offset=metrics.local_rank())
 
-    num_heads = int(read_transformer_config(args.model_dir)["num_attention_heads"])
-    use_cfg = config.generation.guidance_scale > 1.0
+    spec = config.spec
+    check_weights(args.model_dir, family=spec.family, weights=config.model.weights)  # before any weights load
+    num_heads = spec.num_heads(args.model_dir)
+    use_cfg = uses_cfg(config.generation.guidance_scale)
     items = [item for shard in shards for item in load_shard_items(storage, plan.run_id, shard)]
-    token_counts = tuple(sorted({visual_tokens(i.num_frames, i.height, i.width) for i in items}))
+    token_counts = tuple(sorted({visual_tokens(i.num_frames, i.height, i.width, spec=spec) for i in items}))
     parallel = config.parallel
 
     stop = StopRequest()
     with stop.handling_signals(), log_context(run_id=plan.run_id):
         context, topology = open_context(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
         try:
-            check_items(topology, items, num_heads=num_heads, sp_backend=parallel.sp_backend)
-            from batchgen.generate.pipeline import MochiGenerator
-
-            generator = MochiGenerator(
+            check_items(topology, items, num_heads=num_heads, sp_backend=parallel.sp_backend, spec=spec)
+            generator = spec.generator_class()(
                 args.model_dir,
                 context=context,
                 parallel=parallel,

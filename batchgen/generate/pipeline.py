@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchgen.config import ParallelConfig, latent_frames
+from batchgen.config import ParallelConfig
 from batchgen.errors import InputError
 from batchgen.generate.api import GeneratedVideo
 from batchgen.generate.common import Visit as _Visit
@@ -45,6 +45,7 @@ from batchgen.generate.loading import (  # noqa: F401  (build_random_components:
 )
 from batchgen.generate.vae import enable_causal_framewise_decoding
 from batchgen.item import Item
+from batchgen.models import MOCHI, uses_cfg
 from batchgen.parallel.context import ProcessContext, SingleProcess
 from batchgen.parallel.joint import gather_valid_text
 
@@ -272,7 +273,9 @@ class MochiGenerator:
     def encode_prompts(self, items: Sequence[Item]) -> dict[str, EncodedItem]:
         """T5 embeddings for every item (conditional and, with CFG, unconditional), each distinct text once."""
         started = time.perf_counter()
-        texts = sorted({item.prompt for item in items} | {item.negative_prompt for item in items if _uses_cfg(item)})
+        texts = sorted(
+            {item.prompt for item in items} | {item.negative_prompt for item in items if uses_cfg(item.guidance_scale)}
+        )
         nonempty = [t for t in texts if t != ""]
         embeddings: dict[str, PromptEmbedding] = {}
         if "" in texts:
@@ -289,7 +292,7 @@ class MochiGenerator:
         return {
             item.id: EncodedItem(
                 cond=embeddings[item.prompt],
-                uncond=embeddings[item.negative_prompt] if _uses_cfg(item) else None,
+                uncond=embeddings[item.negative_prompt] if uses_cfg(item.guidance_scale) else None,
                 text_encode_s=share,
                 texts=_texts(item),
             )
@@ -336,7 +339,7 @@ class MochiGenerator:
         shape = (
             1,
             self.latent_channels,
-            latent_frames(item.num_frames),
+            MOCHI.latent_frames(item.num_frames),
             item.height // VAE_SPATIAL,
             item.width // VAE_SPATIAL,
         )
@@ -451,7 +454,7 @@ class MochiGenerator:
         sp = getattr(self.topology, "sp", 1) if self.topology is not None else 1
         cfg = getattr(self.topology, "cfg", 1) if self.topology is not None else 1
         tokens = max(visual_tokens(i.num_frames, i.height, i.width) for i in items)
-        batch = max(2 if _uses_cfg(i) else 1 for i in items)
+        batch = max(2 if uses_cfg(i.guidance_scale) else 1 for i in items)
         return MemoryNeeds(
             transformer_bytes=_param_bytes(self.components.transformer),
             vae_bytes=_param_bytes(self.vae),
@@ -468,12 +471,8 @@ class MochiGenerator:
         return _Visit(module, self.device, enabled=always or self.offload)
 
 
-def _uses_cfg(item: Item) -> bool:
-    return item.guidance_scale > 1.0
-
-
 def _texts(item: Item) -> tuple[str, str | None]:
-    return (item.prompt, item.negative_prompt if _uses_cfg(item) else None)
+    return (item.prompt, item.negative_prompt if uses_cfg(item.guidance_scale) else None)
 
 
 def _check_shape(item: Item) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 from batchgen.errors import ConfigError
 from batchgen.k8s.render import LaunchSettings
 
-_VALUES_ONLY = {"tolerations", "affinity", "node_selector", "image_pull_secrets", "output"}
+# family: from the plan's config, or --family (a generation flag) when rendering a run id.
+_VALUES_ONLY = {"tolerations", "affinity", "node_selector", "image_pull_secrets", "output", "family"}
 
 
 def _flag(name: str) -> str:
@@ -67,7 +68,8 @@ def load_values(path: str | Path) -> dict[str, Any]:
 
 
 def settings_from_args(args: argparse.Namespace, **fixed: Any) -> LaunchSettings:
-    """Defaults < --values < flags < ``fixed`` (what the command itself knows, e.g. the output URI)."""
+    """Defaults < --values < flags < ``fixed`` (what the command itself knows, e.g. the output URI, or the family
+    of the run's plan, which a values file may repeat but not contradict)."""
     source = args.values or "command line"
     values: dict[str, Any] = load_values(args.values) if args.values else {}
     for f in fields(LaunchSettings):
@@ -83,5 +85,8 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> LaunchSettings
                 pairs[key] = value
             given = {**values.get("node_selector", {}), **pairs}
         values[f.name] = given
+    family = fixed.get("family")
+    if family is not None and values.get("family", family) != family:
+        raise ConfigError(f"{source}: family {values['family']!r} differs from the run's model family {family!r}")
     values.update({k: v for k, v in fixed.items() if v is not None})
     return LaunchSettings.from_dict(values, source=str(source))

@@ -26,13 +26,13 @@ from batchgen.launch_contract import TORCHRUN, WorkerArgs
 from batchgen.layout import shard_id, shard_index
 from batchgen.logs import LOG_FORMAT_ENV, LOG_FORMATS
 from batchgen.metrics import METRICS_PORT_ENV
+from batchgen.models import FAMILIES, spec_for, uses_cfg
 
 API_VERSION = "kubeflow.org/v1"
 KIND = "PyTorchJob"
 CONTAINER_NAME = "pytorch"  # the operator's webhook requires exactly this name
 FETCH_CONTAINER = "fetch-model"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-MOCHI_HEADS = 24
 
 SCRATCH_DIR = "/scratch"
 TMP_DIR = "/tmp"
@@ -78,8 +78,11 @@ class LaunchSettings:
     """native or xfuser."""
     offload: str = "none"
     """none, model or auto (offload only when the GPU is too small)."""
-    num_heads: int = MOCHI_HEADS
-    """Attention heads of the model (24 for Mochi 1), for refusing Ulysses degrees that cannot divide them."""
+    family: str = "mochi"
+    """Model family of the run (the plan's ``[model] family`` when rendering a plan): picks the defaults below."""
+    num_heads: int = 0
+    """Attention heads of the model, for refusing Ulysses degrees that cannot divide them; 0 = the family's
+    flagship (Mochi 1: 24, Wan 14B: 40; Wan 1.3B has 12, so set it for that size)."""
     cpu: str | None = None
     """CPU request and limit per pod (e.g. "32"); None leaves it unset."""
     memory: str | None = None
@@ -94,8 +97,8 @@ class LaunchSettings:
     """Size of the memory-backed /dev/shm; NCCL's shared-memory transport needs far more than Docker's 64Mi."""
     scratch_size: str = "20Gi"
     """Writable emptyDir for caches (HF, Triton, inductor) and HOME; the root filesystem is read-only."""
-    model_dir: str = "/models/mochi"
-    """Where the pods see the model weights (diffusers layout)."""
+    model_dir: str = ""
+    """Where the pods see the model weights; empty = /models/<family>."""
     model_pvc: str | None = None
     """PersistentVolumeClaim holding the weights, mounted read-only at model_dir."""
     model_pvc_subpath: str = ""
@@ -137,6 +140,13 @@ class LaunchSettings:
     """Log format of the workers (BATCHGEN_LOG_FORMAT): text or json."""
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"launch settings: family must be one of {sorted(FAMILIES)}, got {self.family!r}")
+        # Resolved once here (frozen): the family's defaults for what was left unset.
+        if not self.num_heads:
+            object.__setattr__(self, "num_heads", FAMILIES[self.family].default_heads)
+        if not self.model_dir:
+            object.__setattr__(self, "model_dir", f"/models/{self.family}")
         problems = []
         for name in ("nodes", "gpus_per_node", "num_heads"):
             if getattr(self, name) < 1:
@@ -254,22 +264,27 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
     plan's shape tally (degrees that fit every item). Returns the ``batchgen.parallel.topology.Topology``; raises
     TopologyError listing the layouts that would fit.
     """
-    from batchgen.parallel.topology import check_shapes, choose_topology, shape_token_counts
+    from batchgen.config import ParallelConfig
+    from batchgen.parallel.topology import topology_for
 
-    parallel = getattr(getattr(plan, "config", None), "parallel", None)
-    generation = getattr(getattr(plan, "config", None), "generation", None)
-    ulysses = settings.ulysses_degree or getattr(parallel, "ulysses_degree", 0)
-    ring = settings.ring_degree or getattr(parallel, "ring_degree", 0)
-    cfg = settings.cfg_degree or getattr(parallel, "cfg_degree", 0)
-    use_cfg = generation.guidance_scale > 1.0 if generation is not None else True
-    shapes = getattr(plan, "shapes", ())
-    topology = choose_topology(
-        settings.world_size, ulysses=ulysses, ring=ring, cfg=cfg, num_heads=settings.num_heads, use_cfg=use_cfg,
-        token_counts=shape_token_counts(shapes), pad=settings.sp_backend != "xfuser",
-    )  # fmt: skip
-    if topology.sp > 1 and shapes:
-        check_shapes(topology, shapes, num_heads=settings.num_heads, sp_backend=settings.sp_backend)
-    return topology
+    config = getattr(plan, "config", None)
+    parallel = getattr(config, "parallel", None) or ParallelConfig()
+    degrees = dataclasses.replace(
+        parallel,
+        ulysses_degree=settings.ulysses_degree or parallel.ulysses_degree,
+        ring_degree=settings.ring_degree or parallel.ring_degree,
+        cfg_degree=settings.cfg_degree or parallel.cfg_degree,
+        sp_backend=settings.sp_backend,
+    )
+    use_cfg = uses_cfg(config.generation.guidance_scale) if config is not None else True
+    return topology_for(
+        degrees,
+        settings.world_size,
+        num_heads=settings.num_heads,
+        use_cfg=use_cfg,
+        spec=config.spec if config is not None else spec_for(settings.family),
+        shapes=getattr(plan, "shapes", ()),
+    )
 
 
 def worker_command(run_id: str, shards: Sequence[str], settings: LaunchSettings, topology: Any) -> list[str]:

@@ -6,9 +6,20 @@ from batchgen.models.spec import (
     WAN,
     ModelSpec,
     ParallelPlan,
+    check_weights,
     detect_family,
     spec_for,
     uses_cfg,
 )
 
-__all__ = ["FAMILIES", "MOCHI", "WAN", "ModelSpec", "ParallelPlan", "detect_family", "spec_for", "uses_cfg"]
+__all__ = [
+    "FAMILIES",
+    "MOCHI",
+    "WAN",
+    "ModelSpec",
+    "ParallelPlan",
+    "check_weights",
+    "detect_family",
+    "spec_for",
+    "uses_cfg",
+]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgen.errors import ConfigError, InputError
+from batchgen.errors import ConfigError, InputError, ModelMismatchError
 
 MAX_SIDE = 2048
 
@@ -232,6 +232,28 @@ def detect_family(model_dir: str | Path) -> str:
         f"{' or '.join(c for s in FAMILIES.values() for c in s.pipeline_classes)}, no transformer/config.json, "
         "no dit.safetensors (Mochi's original layout) and no Wan config.json"
     )
+
+
+def check_weights(model_dir: str | Path, *, family: str, weights: str = "", fingerprint: str | None = None) -> None:
+    """Refuse (ModelMismatchError, exit 4) weights in ``model_dir`` of another family than ``family`` or, when
+    ``weights`` is known, with another fingerprint: before any weights load, naming both sides."""
+    found = detect_family(model_dir)
+    if found != family:
+        raise ModelMismatchError(
+            f"{model_dir} holds a {spec_for(found).title} model (family {found!r}), but the run uses family "
+            f"{family!r}; one run never mixes two models (use weights of that family, or plan another run)"
+        )
+    if not weights:
+        return
+    if fingerprint is None:
+        from batchgen.generate.loading import fingerprint_model_dir
+
+        fingerprint = fingerprint_model_dir(model_dir)
+    if fingerprint != weights:
+        raise ModelMismatchError(
+            f"{model_dir} has weights fingerprint {fingerprint}, but the run was planned with weights {weights}; "
+            "one run never mixes two models (use those weights, or plan another run)"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

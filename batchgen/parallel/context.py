@@ -66,20 +66,12 @@ def open_context(parallel, *, num_heads: int, use_cfg: bool, token_counts: tuple
     Returns (context, topology). The topology's degrees are checked against the model's heads and the items'
     token counts before any weights load (``batchgen.parallel.topology.check_items`` does the per-item check).
     """
-    from batchgen.parallel.topology import choose_topology
+    from batchgen.parallel.topology import topology_for
 
     if under_torchrun():
         from batchgen.parallel.runtime import TorchContext
 
         context = TorchContext.from_env(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
         return context, context.topology
-    topology = choose_topology(
-        1,
-        ulysses=parallel.ulysses_degree,
-        ring=parallel.ring_degree,
-        cfg=parallel.cfg_degree,
-        num_heads=num_heads,
-        use_cfg=use_cfg,
-        token_counts=token_counts,
-    )
+    topology = topology_for(parallel, 1, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
     return SingleProcess(), topology

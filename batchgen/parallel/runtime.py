@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from batchgen.config import ParallelConfig
 from batchgen.errors import InputError
-from batchgen.parallel.topology import Topology, choose_topology
+from batchgen.parallel.topology import Topology, topology_for
 from batchgen.parallel.usp import Axis
 
 log = logging.getLogger("batchgen.parallel.runtime")
@@ -97,15 +97,7 @@ class TorchContext:
     ) -> TorchContext:
         rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), int(os.environ.get("LOCAL_RANK", "0"))
         # Degrees are checked before the process group starts, so a bad layout fails fast on every rank alike.
-        topology = choose_topology(
-            world_size,
-            ulysses=parallel.ulysses_degree,
-            ring=parallel.ring_degree,
-            cfg=parallel.cfg_degree,
-            num_heads=num_heads,
-            use_cfg=use_cfg,
-            token_counts=token_counts,
-        )
+        topology = topology_for(parallel, world_size, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
         if torch.cuda.is_available():
             backend, device = "nccl", torch.device("cuda", local_rank)
             torch.cuda.set_device(device)

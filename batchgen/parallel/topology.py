@@ -3,10 +3,11 @@
 World size = data-parallel x cfg x ulysses x ring. Rank order (innermost first): ulysses, ring, cfg, data, so
 the Ulysses all-to-all, the heaviest collective, stays between neighbouring ranks (the same node's NVLink).
 
-What decides which degrees can work for Mochi:
-- Ulysses scatters attention heads, so its degree must divide the heads (24 for Mochi 1, 4 for the tiny model).
+What decides which degrees can work (the family's facts come from its ``batchgen.models`` spec):
+- Ulysses scatters attention heads, so its degree must divide the heads (24 for Mochi 1, 12 for Wan 1.3B, 40 for
+  Wan 14B, 4 for the tiny models).
 - Every sequence-parallel rank holds an equal contiguous slice of the visual tokens. The native backend pads
-  N = T * (H / 16) * (W / 16) (T = latent frames) up to a multiple of ulysses x ring with tokens attention
+  N = T * (H / 16) * (W / 16) (T = latent frames: Mochi (F - 1) / 6 + 1, Wan (F - 1) / 4 + 1) up to a multiple of ulysses x ring with tokens attention
   ignores, so any length runs on any degree: Mochi's 1590 tokens per 480x848 frame (2 * 3 * 5 * 53) at 49 frames
   (14,310) take ulysses 4 with 2 padded tokens. The xfuser backend cannot pad (xDiT's attention takes no mask),
   so there ulysses x ring must divide N for every item, and the check says so before the weights load instead
@@ -20,9 +21,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from batchgen.config import latent_frames
 from batchgen.errors import TopologyError
 from batchgen.item import EXAMPLES_PER_SHAPE, ShapeGroup
+from batchgen.models import MOCHI, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,15 @@ def choose_topology(
     return Topology(world_size, remaining // ring, cfg, ulysses, ring)
 
 
+class _Degrees(Protocol):
+    """What ``topology_for`` reads of a ``batchgen.config.ParallelConfig``."""
+
+    ulysses_degree: int
+    ring_degree: int
+    cfg_degree: int
+    sp_backend: str
+
+
 class _ShapedItem(Protocol):
     id: str
     num_frames: int
@@ -164,10 +174,9 @@ class _ShapedItem(Protocol):
     width: int
 
 
-def visual_tokens(num_frames: int, height: int, width: int, *, vae_spatial: int = 8, patch: int = 2) -> int:
-    """Visual tokens of one Mochi forward: latent frames x (H / 16) x (W / 16) with the default VAE and patch."""
-    cell = vae_spatial * patch
-    return latent_frames(num_frames) * (height // cell) * (width // cell)
+def visual_tokens(num_frames: int, height: int, width: int, *, spec: ModelSpec = MOCHI) -> int:
+    """Visual tokens of one transformer forward of ``spec``'s family: latent frames x (H / 16) x (W / 16)."""
+    return spec.visual_tokens(num_frames, height, width)
 
 
 def working_layouts(
@@ -187,10 +196,38 @@ def working_layouts(
     return pairs
 
 
-def shape_token_counts(shapes: Iterable[ShapeGroup], *, vae_spatial: int = 8, patch: int = 2) -> tuple[int, ...]:
+def shape_token_counts(shapes: Iterable[ShapeGroup], *, spec: ModelSpec = MOCHI) -> tuple[int, ...]:
     """The distinct visual token counts of a plan's shapes (what ``choose_topology`` fits automatic degrees to)."""
-    counts = {visual_tokens(g.num_frames, g.height, g.width, vae_spatial=vae_spatial, patch=patch) for g in shapes}
-    return tuple(sorted(counts))
+    return tuple(sorted({spec.visual_tokens(g.num_frames, g.height, g.width) for g in shapes}))
+
+
+def topology_for(
+    parallel: _Degrees,
+    world_size: int,
+    *,
+    num_heads: int,
+    use_cfg: bool,
+    spec: ModelSpec = MOCHI,
+    shapes: Collection[ShapeGroup] = (),
+    token_counts: Collection[int] | None = None,
+) -> Topology:
+    """The degrees of ``parallel`` (0 = automatic) for ``world_size`` ranks running ``spec``'s model with
+    ``num_heads`` heads: fitted to the token counts (of ``shapes`` unless given) and, for sequence parallelism,
+    checked against every shape. What every command and launcher asks before anything starts."""
+    counts = shape_token_counts(shapes, spec=spec) if token_counts is None else token_counts
+    topology = choose_topology(
+        world_size,
+        ulysses=parallel.ulysses_degree,
+        ring=parallel.ring_degree,
+        cfg=parallel.cfg_degree,
+        num_heads=num_heads,
+        use_cfg=use_cfg,
+        token_counts=counts,
+        pad=parallel.sp_backend != "xfuser",
+    )
+    if topology.sp > 1 and shapes:
+        check_shapes(topology, shapes, spec=spec, num_heads=num_heads, sp_backend=parallel.sp_backend)
+    return topology
 
 
 def fitting_layouts(
@@ -222,8 +259,7 @@ def check_items(
     *,
     num_heads: int,
     sp_backend: str = "native",
-    vae_spatial: int = 8,
-    patch: int = 2,
+    spec: ModelSpec = MOCHI,
 ) -> None:
     """Raise TopologyError if the degrees cannot run every item, listing the degrees that would."""
     by_shape: dict[tuple[int, int, int], list[str]] = {}
@@ -232,7 +268,7 @@ def check_items(
     groups = [
         ShapeGroup(*shape, items=len(ids), examples=tuple(ids[:EXAMPLES_PER_SHAPE])) for shape, ids in by_shape.items()
     ]
-    check_shapes(topology, groups, num_heads=num_heads, sp_backend=sp_backend, vae_spatial=vae_spatial, patch=patch)
+    check_shapes(topology, groups, num_heads=num_heads, sp_backend=sp_backend, spec=spec)
 
 
 def check_shapes(
@@ -241,8 +277,7 @@ def check_shapes(
     *,
     num_heads: int,
     sp_backend: str = "native",
-    vae_spatial: int = 8,
-    patch: int = 2,
+    spec: ModelSpec = MOCHI,
 ) -> None:
     """``check_items`` for items already counted per shape (a plan's ``shapes``). The native backend pads any
     token count; ``sp_backend='xfuser'`` cannot, so there ulysses x ring must divide every item's count."""
@@ -255,8 +290,8 @@ def check_shapes(
 
     pad = sp_backend != "xfuser"
     by_shape = {(g.num_frames, g.height, g.width): g for g in shapes}
-    token_counts = {shape: visual_tokens(*shape, vae_spatial=vae_spatial, patch=patch) for shape in by_shape}
-    cell = vae_spatial * patch
+    token_counts = {shape: spec.visual_tokens(*shape) for shape in by_shape}
+    cell = spec.size_multiple
     for (frames, height, width), group in sorted(by_shape.items()):
         if height % cell or width % cell:
             problems.append(f"{frames} frames at {height}x{width}: height and width must be multiples of {cell}")

@@ -156,3 +156,10 @@ capabilities:
     readOnly: true
 {{- end }}
 {{- end -}}
+
+{{/*
+Where the workers see the weights: model.dir, else /models/<family> (LaunchSettings' default).
+*/}}
+{{- define "batchgen.modelDir" -}}
+{{- .Values.model.dir | default (printf "/models/%s" .Values.model.family) -}}
+{{- end }}
