@@ -4,6 +4,7 @@ and off, empty and non-empty negative prompts; prompt encoding once per shard; l
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 
 import numpy as np
@@ -360,3 +361,29 @@ def test_offload_estimate_counts_both_experts(tiny_wan2_dir):
     assert len(experts) == 2
     assert needs.transformer_bytes == sum(p.numel() * 4 for t in experts for p in t.parameters())
     assert needs.tokens_per_rank == 5 * 4 * 4 and needs.batch_per_rank == 2 and needs.width == 4 * 24
+
+
+@pytest.mark.slow
+def test_batch_run_on_two_experts_under_ulysses_2_commits_each_item_once(tmp_path, tiny_wan2_dir):
+    """The whole machinery on Wan: `batchgen run` (plan, torchrun-style worker pair, commit, index), then a rerun
+    that finds everything done."""
+    from batchgen.generate.loading import fingerprint_model_dir
+    from batchgen.plan import load_plan
+    from batchgen.storage import open_storage
+    from tests._runs import assert_exactly_once, run_cli, tiny_run_args, write_manifest
+
+    out = tmp_path / "out"
+    manifest = write_manifest(tmp_path / "prompts.parquet", 4)
+    args = ["run", str(manifest), "--output", str(out), *tiny_run_args(tiny_wan2_dir), "--shard-size", "2"]
+    first = run_cli(*args, "--nproc-per-worker", "2", "--ulysses-degree", "2")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "4 done (4 generated now, 0 resumed), 0 failed" in first.stdout
+    storage = open_storage(str(out))
+    run_id = re.search(r"^run\s+(\S+)$", first.stdout, re.M).group(1)
+    sidecars = assert_exactly_once(storage, load_plan(storage, run_id))
+    assert len(sidecars) == 4 and {s["frames"] for s in sidecars.values()} == {9}
+    assert {s["model"]["fingerprint"] for s in sidecars.values()} == {fingerprint_model_dir(tiny_wan2_dir)}
+    assert {(s["parallel"]["world_size"], s["parallel"]["ulysses"]) for s in sidecars.values()} == {(2, 2)}
+    second = run_cli(*args, "--nproc-per-worker", "2", "--ulysses-degree", "2")
+    assert second.returncode == 0 and "Nothing to generate" in second.stdout, second.stderr[-4000:]
+    assert "4 done (0 generated now, 4 resumed)" in second.stdout
