@@ -31,7 +31,7 @@ from typing import Any
 
 from batchgen import layout
 from batchgen.errors import InputError
-from batchgen.models import MOCHI, ModelSpec, spec_for, uses_cfg
+from batchgen.models import MOCHI, WAN, ModelSpec, spec_for, uses_cfg
 
 log = logging.getLogger("batchgen.estimate")
 
@@ -61,8 +61,6 @@ class FlopModel:
 
 
 MOCHI_FLOPS = FlopModel("mochi", VISUAL_LINEAR_PARAMS, LAYERS, WIDTH)
-# Wan 2.1/2.2 T2V 14B (Wan-Video/Wan2.1 wan/configs/wan_t2v_14B.py: dim 5120, ffn 13824, 40 layers).
-WAN_14B_FLOPS = FlopModel("wan", 14.0e9, 40, 5120, text_tokens=512)
 
 
 def dit_flops(tokens: int) -> float:
@@ -71,12 +69,24 @@ def dit_flops(tokens: int) -> float:
 
 
 def wan_flops_from_config(config: dict[str, Any]) -> FlopModel:
-    """Wan's FlopModel from a diffusers ``WanTransformer3DModel`` config: per block, self- and cross-attention
-    projections (4 x width^2 each) and the feed-forward network (2 x width x ffn_dim)."""
+    """Wan's FlopModel from a diffusers ``WanTransformer3DModel`` config. Per block, a visual token passes the
+    self-attention's q/k/v/out (4 x width^2), the cross-attention's q and out (2 x width^2: its keys and values
+    are projections of the 512 text tokens, computed once per forward, a negligible 4 x width^2 x 512 FLOPs) and the
+    feed-forward network (2 x width x ffn_dim)."""
     width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     layers = int(config["num_layers"])
-    params = layers * (8 * width**2 + 2 * width * int(config["ffn_dim"]))
-    return FlopModel("wan", float(params), layers, width, text_tokens=WAN_14B_FLOPS.text_tokens)
+    params = layers * (6 * width**2 + 2 * width * int(config["ffn_dim"]))
+    return FlopModel("wan", float(params), layers, width, text_tokens=WAN.text_length)
+
+
+# Wan-AI/Wan2.1-T2V-14B as diffusers' WanTransformer3DModel (Wan-Video/Wan2.1 wan/configs/wan_t2v_14B.py: dim 5120,
+# ffn 13824, 40 heads, 40 layers; Wan 2.2 A14B's two experts have the same shape).
+WAN_14B_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
+    "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
+}  # fmt: skip
+WAN_14B_FLOPS = wan_flops_from_config(WAN_14B_CONFIG)
 
 
 def flop_model(spec: ModelSpec, model_dir: str | Path | None = None) -> FlopModel:

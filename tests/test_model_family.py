@@ -26,7 +26,14 @@ from batchgen.errors import (
     ModelMismatchError,
     TopologyError,
 )
-from batchgen.estimate import WAN_14B_FLOPS, dit_flops, estimate_plan, profile_from_bench, wan_flops_from_config
+from batchgen.estimate import (
+    WAN_14B_CONFIG,
+    WAN_14B_FLOPS,
+    dit_flops,
+    estimate_plan,
+    profile_from_bench,
+    wan_flops_from_config,
+)
 from batchgen.generate.loading import fingerprint_model_dir
 from batchgen.k8s.render import LaunchSettings, resolve_degrees
 from batchgen.manifest import iter_items, manifest_family, validate_manifest
@@ -323,14 +330,14 @@ def test_tiny_model_refuses_options_of_the_other_family(tmp_path, capsys, flags,
 
 # -- estimate -------------------------------------------------------------------------------------------------
 
-WAN_14B_CONFIG = {"num_attention_heads": 40, "attention_head_dim": 128, "num_layers": 40, "ffn_dim": 13824}
 WAN_1_3B_CONFIG = {"num_attention_heads": 12, "attention_head_dim": 128, "num_layers": 30, "ffn_dim": 8960}
 
 
 def test_wan_flops_from_its_config():
     big, small = wan_flops_from_config(WAN_14B_CONFIG), wan_flops_from_config(WAN_1_3B_CONFIG)
-    assert big.params == pytest.approx(14.0e9, rel=0.01) and (big.layers, big.width) == (40, 5120)
-    assert small.params == pytest.approx(1.39e9, rel=0.01) and (small.layers, small.width) == (30, 1536)
+    # Per visual token and block: self-attention q/k/v/out, cross-attention q/out, the two FFN matrices.
+    assert big.params == 40 * (6 * 5120**2 + 2 * 5120 * 13824) and (big.layers, big.width) == (40, 5120)
+    assert small.params == 30 * (6 * 1536**2 + 2 * 1536 * 8960) and (small.layers, small.width) == (30, 1536)
     n = 32760  # 81 frames at 480x832: 21 latent frames x 30 x 52
     assert small.forward(n) == 2 * small.params * n + 4 * 30 * n**2 * 1536 + 4 * 30 * n * 512 * 1536
 
