@@ -357,20 +357,8 @@ def node_resources(settings: LaunchSettings) -> dict[str, Any]:
     return resources
 
 
-def pod_template(
-    settings: LaunchSettings,
-    labels: Mapping[str, str],
-    *,
-    container_name: str,
-    command: list[str] | None = None,
-    resources: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The hardened worker pod both launchers run: read-only root, caches on scratch, /dev/shm, the weights.
-
-    The TrainJob launcher leaves ``command`` and ``resources`` out here (its runtime is shared by every job)
-    and sets them per job in the TrainJob's ``trainer``.
-    """
-    env = [
+def _worker_env(settings: LaunchSettings) -> list[dict[str, Any]]:
+    return [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         # The root filesystem is read-only: every cache and HOME live on the scratch emptyDir.
         {"name": "HOME", "value": SCRATCH_DIR},
@@ -381,17 +369,20 @@ def pod_template(
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         *_s3_env(settings),
     ]
-    mounts = [
-        {"name": "dshm", "mountPath": SHM_DIR},
-        {"name": "tmp", "mountPath": TMP_DIR},
-        {"name": "scratch", "mountPath": SCRATCH_DIR},
-    ]
+
+
+def _volumes(settings: LaunchSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the pod's volumes, the worker container's mounts): /dev/shm, /tmp, scratch, and the weights if mounted."""
     volumes: list[dict[str, Any]] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size}},
     ]
-    init_containers = []
+    mounts = [
+        {"name": "dshm", "mountPath": SHM_DIR},
+        {"name": "tmp", "mountPath": TMP_DIR},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
+    ]
     if settings.model_pvc:
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": settings.model_pvc, "readOnly": True}})
         mount = {"name": "model", "mountPath": settings.model_dir, "readOnly": True}
@@ -399,50 +390,46 @@ def pod_template(
             mount["subPath"] = settings.model_pvc_subpath
         mounts.append(mount)
     elif settings.model_s3_uri:
-        # Node-local disk, filled once per pod: restarts of the pytorch container reuse it.
+        # Node-local disk, filled once per pod by the fetch init container: restarts of the worker reuse it.
         volumes.append({"name": "model", "emptyDir": {"sizeLimit": settings.model_cache_size}})
         mounts.append({"name": "model", "mountPath": settings.model_dir, "readOnly": True})
-        init_containers.append(
-            {
-                "name": FETCH_CONTAINER,
-                "image": settings.image,
-                "imagePullPolicy": settings.image_pull_policy,
-                "command": ["python", "-m", "batchgen.k8s.fetch", settings.model_s3_uri, settings.model_dir],
-                "env": [{"name": "HOME", "value": SCRATCH_DIR}, *_s3_env(settings)],
-                "volumeMounts": [
-                    {"name": "model", "mountPath": settings.model_dir},
-                    {"name": "tmp", "mountPath": TMP_DIR},
-                    {"name": "scratch", "mountPath": SCRATCH_DIR},
-                ],
-                "securityContext": _container_security(),
-            }
-        )
-    container: dict[str, Any] = {
-        "name": container_name,
+    return volumes, mounts
+
+
+def _fetch_container(settings: LaunchSettings) -> dict[str, Any]:
+    """The init container that downloads the weights from ``model_s3_uri`` into the pod's model volume."""
+    return {
+        "name": FETCH_CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "batchgen.k8s.fetch", settings.model_s3_uri, settings.model_dir],
+        "env": [{"name": "HOME", "value": SCRATCH_DIR}, *_s3_env(settings)],
+        "volumeMounts": [
+            {"name": "model", "mountPath": settings.model_dir},
+            {"name": "tmp", "mountPath": TMP_DIR},
+            {"name": "scratch", "mountPath": SCRATCH_DIR},
+        ],
+        "securityContext": _container_security(),
     }
+
+
+def _worker_container(
+    settings: LaunchSettings, name: str, mounts: list[dict[str, Any]], command: list[str] | None, resources
+) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": name, "image": settings.image, "imagePullPolicy": settings.image_pull_policy}
     if command is not None:
         container["command"] = command
-    container["env"] = env
+    container["env"] = _worker_env(settings)
     if resources is not None:
         container["resources"] = resources
     container.update({"volumeMounts": mounts, "securityContext": _container_security()})
     _add_observability(container, settings)
-    spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_group,
-            "fsGroup": settings.fs_group,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-    }
-    if init_containers:
-        spec["initContainers"] = init_containers
+    return container
+
+
+def _scheduling(settings: LaunchSettings) -> dict[str, Any]:
+    """Pod spec fields that only exist when set: service account, pull secrets, placement, priority."""
+    spec: dict[str, Any] = {}
     if settings.service_account:
         spec["serviceAccountName"] = settings.service_account
     else:
@@ -458,6 +445,38 @@ def pod_template(
         spec["affinity"] = dict(settings.affinity)
     if settings.priority_class:
         spec["priorityClassName"] = settings.priority_class
+    return spec
+
+
+def pod_template(
+    settings: LaunchSettings,
+    labels: Mapping[str, str],
+    *,
+    container_name: str,
+    command: list[str] | None = None,
+    resources: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The hardened worker pod both launchers run: read-only root, caches on scratch, /dev/shm, the weights.
+
+    The TrainJob launcher leaves ``command`` and ``resources`` out here (its runtime is shared by every job)
+    and sets them per job in the TrainJob's ``trainer``.
+    """
+    volumes, mounts = _volumes(settings)
+    spec: dict[str, Any] = {
+        "containers": [_worker_container(settings, container_name, mounts, command, resources)],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_group,
+            "fsGroup": settings.fs_group,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if settings.model_s3_uri and not settings.model_pvc:
+        spec["initContainers"] = [_fetch_container(settings)]
+    spec.update(_scheduling(settings))
     return {"metadata": {"labels": dict(labels)}, "spec": spec}
 
 
