@@ -19,7 +19,8 @@ from batchgen.item import Item
 
 # Nested objects with a fixed set of keys: each becomes columns ``<object>_<key>`` of these types in the index.
 NESTED_COLUMNS: dict[str, dict[str, pa.DataType]] = {
-    "model": {"path": pa.string(), "fingerprint": pa.string()},
+    # family: null for videos committed before runs had one (they are all Mochi's).
+    "model": {"family": pa.string(), "path": pa.string(), "fingerprint": pa.string()},
     "timings": {name: pa.float64() for name in ("text_encode", "denoise", "decode", "encode_mp4", "upload")},
     "parallel": {"world_size": pa.int64(), "dp_size": pa.int64()},
     # batchgen.quality's measurements (null for videos committed before the gate existed).

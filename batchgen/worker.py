@@ -645,7 +645,11 @@ class _WorkerLoop:
             video_width=info.width,
             video_height=info.height,
             duration_s=info.duration_s,
-            model={"path": model.get("path"), "fingerprint": model.get("fingerprint")},
+            model={
+                "family": self.plan.config.model.family,
+                "path": model.get("path"),
+                "fingerprint": model.get("fingerprint"),
+            },
             timings=timings,
             attempt=attempt + self.launch_attempt,
             host=self.host,

@@ -47,6 +47,7 @@ def check_complete_run(storage, run_id: str, tmp_path, *, expected_frames: int) 
         sidecar = sidecars[row["id"]]
         assert row["prompt"] == sidecar["prompt"] and row["seed"] == sidecar["seed"]
         assert row["model_fingerprint"] == sidecar["model"]["fingerprint"]
+        assert row["model_family"] == sidecar["model"]["family"] == "mochi"
         assert row["timings_denoise"] == sidecar["timings"]["denoise"]
     return sidecars
 

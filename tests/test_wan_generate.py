@@ -383,6 +383,7 @@ def test_batch_run_on_two_experts_under_ulysses_2_commits_each_item_once(tmp_pat
     sidecars = assert_exactly_once(storage, load_plan(storage, run_id))
     assert len(sidecars) == 4 and {s["frames"] for s in sidecars.values()} == {9}
     assert {s["model"]["fingerprint"] for s in sidecars.values()} == {fingerprint_model_dir(tiny_wan2_dir)}
+    assert {s["model"]["family"] for s in sidecars.values()} == {"wan"}
     assert {(s["parallel"]["world_size"], s["parallel"]["ulysses"]) for s in sidecars.values()} == {(2, 2)}
     second = run_cli(*args, "--nproc-per-worker", "2", "--ulysses-degree", "2")
     assert second.returncode == 0 and "Nothing to generate" in second.stdout, second.stderr[-4000:]
