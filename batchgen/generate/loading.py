@@ -195,6 +195,22 @@ def read_transformer_config(model_dir: str | Path) -> dict[str, Any]:
     raise InputError(f"{path}: missing transformer/config.json (diffusers layout) and {ORIGINAL_DIT} (original layout)")
 
 
+def read_json_object(path: Path, *, required: bool = False) -> dict[str, Any]:
+    """The JSON object in ``path``: {} when the file is absent (InputError when ``required``), InputError naming
+    the file when it is not a JSON object."""
+    if not path.is_file():
+        if required:
+            raise InputError(f"{path}: missing")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
 _HEAD_BYTES = 1 << 16
 
 

@@ -18,7 +18,6 @@ The official release layout (``config.json`` with ``model_type`` at the root, or
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from batchgen.generate.loading import (
     _weight_files,
     check_safetensors_complete,
     quiet_progress_bars,
+    read_json_object,
     resolve_dtype,
 )
 
@@ -76,7 +76,7 @@ def detect_wan_layout(model_dir: str | Path) -> str:
     path = _require_dir(model_dir)
     if _weight_files(path / "transformer"):
         return "diffusers"
-    if (path / "high_noise_model").is_dir() or "model_type" in _read_json(path / "config.json"):
+    if (path / "high_noise_model").is_dir() or "model_type" in read_json_object(path / "config.json"):
         return "official"
     if (path / "transformer" / "config.json").is_file():
         raise InputError(
@@ -94,7 +94,7 @@ def read_transformer_config(model_dir: str | Path) -> dict[str, Any]:
     config_path = path / "transformer" / "config.json"
     if not config_path.is_file() and detect_wan_layout(path) == "official":
         return importlib.import_module(OFFICIAL_MODULE).read_official_transformer_config(path)
-    config = _read_json(config_path, required=True)
+    config = read_json_object(config_path, required=True)
     if "num_attention_heads" not in config:
         raise InputError(f"{config_path}: not a WanTransformer3DModel config (no num_attention_heads)")
     return config
@@ -103,26 +103,12 @@ def read_transformer_config(model_dir: str | Path) -> dict[str, Any]:
 def read_boundary_ratio(model_dir: str | Path) -> float | None:
     """Wan 2.2's expert switch from model_index.json (None: one expert)."""
     index_path = Path(model_dir) / "model_index.json"
-    ratio = _read_json(index_path).get("boundary_ratio")
+    ratio = read_json_object(index_path).get("boundary_ratio")
     if ratio is None:
         return None
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise InputError(f"{index_path}: boundary_ratio must be a number between 0 and 1, got {ratio!r}")
     return float(ratio)
-
-
-def _read_json(path: Path, *, required: bool = False) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise InputError(f"{path}: missing")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,7 +170,7 @@ def _load_diffusers(path: Path, experts: tuple[str, ...], boundary_ratio, dtype,
         kwargs = {"dtype": dtype, "variant": _variant_for(folder, dtype), "low_cpu_mem_usage": True}
         return cls.from_pretrained(str(folder), **kwargs, **_device_map(device)).to(device)
 
-    scheduler_class = _read_json(path / "scheduler" / "scheduler_config.json", required=True).get("_class_name")
+    scheduler_class = read_json_object(path / "scheduler" / "scheduler_config.json", required=True).get("_class_name")
     if not hasattr(diffusers, str(scheduler_class)):
         raise InputError(f"{path / 'scheduler' / 'scheduler_config.json'}: unknown scheduler {scheduler_class!r}")
     transformers = [from_folder(WanTransformer3DModel, name) for name in experts]

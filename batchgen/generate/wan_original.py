@@ -45,6 +45,7 @@ from batchgen.generate.loading import (
     _require_dir,
     check_safetensors_complete,
     quiet_progress_bars,
+    read_json_object,
     read_safetensors_header,
     resolve_dtype,
 )
@@ -66,6 +67,17 @@ ROPE_MAX_SEQ_LEN = 1024
 """RoPE positions per axis: ``rope_params(1024, ...)`` in Wan's WanModel, diffusers' default."""
 T5_MAX_DISTANCE = 128
 """T5RelativeEmbedding's max_dist in wan/modules/t5.py (transformers' relative_attention_max_distance)."""
+UMT5_FLAGS: dict[str, Any] = {
+    "relative_attention_max_distance": T5_MAX_DISTANCE,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.0,
+    "layer_norm_epsilon": 1e-6,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+"""What every UMT5 encoder of Wan shares (wan/modules/t5.py's umt5_xxl), real or tiny: UMT5Config values."""
 VAE_STRUCTURE = {
     "dim_mult": [1, 2, 4, 4],
     "num_res_blocks": 2,
@@ -88,7 +100,7 @@ def is_official_layout(model_dir: str | Path) -> bool:
     if (path / EXPERT_FOLDERS[0]).is_dir():
         return True
     config = path / CONFIG_NAME
-    return config.is_file() and "model_type" in _read_json(config)
+    return config.is_file() and "model_type" in read_json_object(config)
 
 
 def expert_folders(model_dir: str | Path) -> list[Path]:
@@ -112,7 +124,7 @@ def read_official_transformer_config(model_dir: str | Path) -> dict[str, Any]:
 
 def _expert_config(folder: Path) -> dict[str, Any]:
     config_path = folder / CONFIG_NAME
-    config = _read_json(config_path, required=True)
+    config = read_json_object(config_path, required=True)
     if config.get("model_type") != "t2v":
         raise InputError(
             f"{config_path}: model_type {config.get('model_type')!r} is not supported; batchgen generates "
@@ -151,7 +163,7 @@ def weight_shards(folder: Path) -> list[Path]:
     """The DiT's safetensors files in ``folder``: those the index names (each must exist), else the single file."""
     index_path = folder / WEIGHTS_INDEX_NAME
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json_object(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{index_path}: no weight_map")
         shards = [folder / name for name in sorted(set(weight_map.values()))]
@@ -170,20 +182,6 @@ def _header(shard: Path) -> dict[str, Any]:
     if any(not isinstance(entry, dict) or "shape" not in entry for entry in header.values()):
         raise InputError(f"{shard}: not a safetensors file (a tensor entry has no shape)")
     return header
-
-
-def _read_json(path: Path, *, required: bool = False) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise InputError(f"{path}: missing")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,14 +239,7 @@ def umt5_config(shapes: Mapping[str, Any], source: Path) -> dict[str, Any]:
         "num_layers": len(layers),
         "num_heads": int(num_heads),
         "relative_attention_num_buckets": int(num_buckets),
-        "relative_attention_max_distance": T5_MAX_DISTANCE,
-        "feed_forward_proj": "gated-gelu",
-        "dropout_rate": 0.0,
-        "layer_norm_epsilon": 1e-6,
-        "tie_word_embeddings": False,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "decoder_start_token_id": 0,
+        **UMT5_FLAGS,
     }
 
 

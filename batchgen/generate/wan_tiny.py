@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.generate.tiny import TINY_TOML_NAME
+from batchgen.generate.wan_original import UMT5_FLAGS
 
 log = logging.getLogger("batchgen.generate.wan_tiny")
 
@@ -64,14 +65,7 @@ UMT5_CONFIG: dict[str, Any] = {
     "num_layers": 2,
     "num_heads": 4,
     "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",
-    "dropout_rate": 0.0,
-    "layer_norm_epsilon": 1e-6,
-    "tie_word_embeddings": False,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
+    **UMT5_FLAGS,
 }
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers' scheduler/scheduler_config.json; the A14B release samples with shift 12
 # (sample_shift in the official wan/configs/wan_t2v_A14B.py).

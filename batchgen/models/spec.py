@@ -14,7 +14,6 @@ and the official Wan configs (wan/configs/*.py in Wan-Video/Wan2.1 and Wan2.2: 4
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,21 +210,23 @@ def detect_family(model_dir: str | Path) -> str:
     """The family of the weights in ``model_dir`` from its files alone (no torch): ``model_index.json``'s pipeline
     class, else the transformer config's class, else the official single-file layouts (Genmo's ``dit.safetensors``;
     Wan's root ``config.json`` with ``model_type``, or its ``high_noise_model/`` and ``low_noise_model/``)."""
+    from batchgen.generate.loading import read_json_object
+
     path = Path(model_dir)
     if not path.is_dir():
         raise InputError(f"model directory {path} does not exist or is not a directory")
-    index = _read_json(path / "model_index.json")
+    index = read_json_object(path / "model_index.json")
     for spec in FAMILIES.values():
         if index.get("_class_name") in spec.pipeline_classes:
             return spec.family
-    transformer_class = _read_json(path / "transformer" / "config.json").get("_class_name", "")
+    transformer_class = read_json_object(path / "transformer" / "config.json").get("_class_name", "")
     if transformer_class.startswith("Mochi"):
         return "mochi"
     if transformer_class.startswith("Wan"):
         return "wan"
     if (path / "dit.safetensors").is_file():
         return "mochi"
-    if "model_type" in _read_json(path / "config.json") or (path / "high_noise_model").is_dir():
+    if "model_type" in read_json_object(path / "config.json") or (path / "high_noise_model").is_dir():
         return "wan"
     raise InputError(
         f"{path}: cannot tell the model family: no model_index.json naming "
@@ -254,13 +255,3 @@ def check_weights(model_dir: str | Path, *, family: str, weights: str = "", fing
             f"{model_dir} has weights fingerprint {fingerprint}, but the run was planned with weights {weights}; "
             "one run never mixes two models (use those weights, or plan another run)"
         )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from None
-    return data if isinstance(data, dict) else {}
