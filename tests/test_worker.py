@@ -90,7 +90,8 @@ def test_commit_then_resume_generates_nothing(storage, generator, tmp_path, tiny
         assert SIDECAR_FIELDS <= set(sidecar)
         assert sidecar["adopted"] is False and sidecar["attempt"] == 1
         assert {"text_encode", "denoise", "decode", "encode_mp4", "upload"} <= set(sidecar["timings"])
-        assert sidecar["model"] == generator.model_identity and sidecar["model"]["fingerprint"]
+        assert sidecar["model"] == {"family": plan.config.model.family, **generator.model_identity}
+        assert sidecar["model"]["fingerprint"] and sidecar["model"]["family"] == "mochi"
         assert sidecar["video_uri"] == storage.url(sidecar["video_key"])
         assert sidecar["fps"] == tiny_config.generation.fps
     for shard in plan.shards:
