@@ -103,8 +103,14 @@ def test_trainjobs_run_and_failures_end_within_bounds(
             "--max-attempts", str(MAX_ATTEMPTS), "--wait", "--resync-seconds", "2", *launch,
         ]  # fmt: skip
         done = subprocess.run(submit, capture_output=True, text=True, timeout=500, cwd=ROOT)
-        # The run settles once storage has every shard it will get; the healthy pod may still be exiting.
-        _wait_for(lambda: all(run.finished for run in trainer.runs.values()), timeout_s=60)
+        # The run settles once storage has every shard it will get; the healthy pod may still be exiting, and
+        # the trainer learns of the healthy job's deletion only on its next list, after the emulator finishes it.
+        kube.emulator.wait_for_deletions()
+        _wait_for(
+            lambda: all(run.finished for run in trainer.runs.values())
+            and any(name.endswith("-2-2-a1") for name in trainer.deleted),
+            timeout_s=60,
+        )
     finally:
         trainer.stop()
     assert not trainer.errors, trainer.errors
