@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 import tomllib
 import yaml
 
-from batchgen.cli import build_parser
+from batchgen.cli import build_parser, main
 from batchgen.commands._options import config_from_args
 from batchgen.config import RunConfig, load_config
 from batchgen.errors import ConfigError, TopologyError
@@ -507,3 +509,55 @@ def test_readme_layouts_pass_the_workers_shape_check(tmp_path):
         settings = settings_from_args(args, output=args.output)
         for config in (RunConfig(), readme_config):  # Mochi's defaults, and the README's own 49-frame config
             _check_layout(settings, config)
+
+
+def _worker_flags(command: list[str]) -> argparse.Namespace:
+    """The worker's own parser reading what the job's container runs (after torchrun's ``-m batchgen``)."""
+    return build_parser().parse_args(command[command.index("worker") :])
+
+
+@pytest.mark.parametrize("launcher", ["pytorchjob", "trainjob"])
+def test_speed_options_reach_the_workers_from_the_plan_or_the_launch_settings(launcher, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["a fox"]}), manifest)
+    config = tmp_path / "run.toml"
+    config.write_text("[parallel]\ncache_threshold = 0.05\n")
+    render = ["render", "--manifest", str(manifest), "--output", str(tmp_path / "out"), "--shards", "all"]
+    render += ["--config", str(config), "--gpus-per-node", "1", "--model-pvc", "w", "--launcher", launcher]
+
+    def worker_of(*flags: str) -> argparse.Namespace:
+        assert main([*render, *flags]) == 0
+        # A TrainJob comes with the TrainingRuntime it references.
+        (job,) = [o for o in yaml.safe_load_all(capsys.readouterr().out) if o["kind"] != "TrainingRuntime"]
+        if launcher == "trainjob":
+            return _worker_flags(job["spec"]["trainer"]["command"])
+        return _worker_flags(
+            job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+        )
+
+    from_plan = worker_of()
+    assert (from_plan.cache_threshold, from_plan.compile, from_plan.fp8) == (0.05, None, None)
+    given = worker_of("--compile", "--fp8", "--cache-threshold", "0.1")
+    assert (given.cache_threshold, given.compile, given.fp8) == (0.1, True, True)
+    values = tmp_path / "launch.yaml"
+    values.write_text("compile: true\ncache_threshold: 0.2\n")
+    from_values = worker_of("--values", str(values))
+    assert (from_values.cache_threshold, from_values.compile, from_values.fp8) == (0.2, True, None)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"compile": "yes"}, "compile must be true or false, got 'yes'"),
+        ({"fp8": 1}, "fp8 must be true or false, got 1"),
+        ({"cache_threshold": "0.1"}, "cache_threshold must be a number, got '0.1'"),
+        ({"cache_threshold": True}, "cache_threshold must be a number, got True"),
+        ({"cache_threshold": 1.5}, "cache_threshold must be between 0 and 1, got 1.5"),
+    ],
+)
+def test_bad_speed_options_in_a_values_file_are_refused_by_key(values, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        LaunchSettings.from_dict(values, source="launch.yaml")

@@ -107,8 +107,10 @@ def test_trainjobs_run_and_failures_end_within_bounds(
         # the trainer learns of the healthy job's deletion only on its next list, after the emulator finishes it.
         kube.emulator.wait_for_deletions()
         _wait_for(
-            lambda: all(run.finished for run in trainer.runs.values())
-            and any(name.endswith("-2-2-a1") for name in trainer.deleted),
+            lambda: (
+                all(run.finished for run in trainer.runs.values())
+                and any(name.endswith("-2-2-a1") for name in trainer.deleted)
+            ),
             timeout_s=60,
         )
     finally:

@@ -24,7 +24,7 @@ def _flag(name: str) -> str:
 
 
 def _kind(field_type: str) -> type:
-    return int if str(field_type).split(" |")[0] == "int" else str
+    return {"int": int, "float": float, "bool": bool}.get(str(field_type).split(" |")[0], str)
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
@@ -37,8 +37,12 @@ def add_launch_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ..
             continue
         default = None if f.default is MISSING else f.default
         doc = (f.metadata or {}).get("help") or f"default {default!r}"
+        kind = _kind(f.type)
+        if kind is bool:  # a switch: absent leaves the values file's setting
+            group.add_argument(_flag(f.name), dest=f"launch_{f.name}", action="store_const", const=True, help=doc)
+            continue
         group.add_argument(
-            _flag(f.name), dest=f"launch_{f.name}", type=_kind(f.type), default=None, metavar=f.name.upper(), help=doc
+            _flag(f.name), dest=f"launch_{f.name}", type=kind, default=None, metavar=f.name.upper(), help=doc
         )
     group.add_argument(
         "--node-selector", dest="launch_node_selector", action="append", default=None, metavar="KEY=VALUE",

@@ -78,6 +78,12 @@ class LaunchSettings:
     """native or xfuser."""
     offload: str = "none"
     """none, model or auto (offload only when the GPU is too small)."""
+    compile: bool = False
+    """torch.compile the blocks' regions (README "Speed options"); off = the plan's ``[parallel] compile``."""
+    fp8: bool = False
+    """FP8 linears on Hopper when the numeric gate passes; off = the plan's ``[parallel] fp8``."""
+    cache_threshold: float = 0.0
+    """First-block cache threshold, 0 to 1; 0 = the plan's ``[parallel] cache_threshold``."""
     family: str = "mochi"
     """Model family of the run (the plan's ``[model] family`` when rendering a plan): picks the defaults below."""
     num_heads: int = 0
@@ -170,6 +176,8 @@ class LaunchSettings:
             problems.append(f"worker_metrics_port must be 0 (off) or a port below {65536 - self.gpus_per_node}")
         if self.worker_log_format not in LOG_FORMATS:
             problems.append(f"worker_log_format must be one of {LOG_FORMATS}, got {self.worker_log_format!r}")
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            problems.append(f"cache_threshold must be between 0 and 1, got {self.cache_threshold}")
         if self.offload not in _OFFLOAD:
             problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
         if not self.image:
@@ -222,6 +230,10 @@ class LaunchSettings:
                 values[key] = None
             elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+            elif kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+            elif kind == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
             elif kind == "str" and not isinstance(value, str):
                 raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
             elif kind.startswith("tuple") and not isinstance(value, list):
@@ -255,30 +267,42 @@ def parse_shard_indices(text: str) -> list[str]:
     return [shard_id(i) for i in sorted(set(indices))]
 
 
-def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
-    """Check the degrees against the pods' GPUs, the model's heads and (with a plan) every item's shape, before
-    anything is created: a degree that cannot split an item's tokens would otherwise fail only once the pods had
-    their GPUs and had loaded the weights.
+def resolve_parallel(settings: LaunchSettings, plan: Any | None = None):
+    """The workers' ``ParallelConfig``: the plan's ``[parallel]`` with what the launch settings set on top.
 
-    Settings win; zero falls back to the plan's config, and zero there means "choose automatically" from the
-    plan's shape tally (degrees that fit every item). Returns the ``batchgen.parallel.topology.Topology``; raises
-    TopologyError listing the layouts that would fit.
+    Degrees of zero and speed options left off fall back to the plan's config (zero degrees there mean "choose
+    automatically"); the backend is the settings' own.
     """
     from batchgen.config import ParallelConfig
-    from batchgen.parallel.topology import topology_for
 
-    config = getattr(plan, "config", None)
-    parallel = getattr(config, "parallel", None) or ParallelConfig()
-    degrees = dataclasses.replace(
+    parallel = getattr(getattr(plan, "config", None), "parallel", None) or ParallelConfig()
+    return dataclasses.replace(
         parallel,
         ulysses_degree=settings.ulysses_degree or parallel.ulysses_degree,
         ring_degree=settings.ring_degree or parallel.ring_degree,
         cfg_degree=settings.cfg_degree or parallel.cfg_degree,
         sp_backend=settings.sp_backend,
+        compile=settings.compile or parallel.compile,
+        fp8=settings.fp8 or parallel.fp8,
+        cache_threshold=settings.cache_threshold or parallel.cache_threshold,
     )
+
+
+def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
+    """Check the degrees against the pods' GPUs, the model's heads and (with a plan) every item's shape, before
+    anything is created: a degree that cannot split an item's tokens would otherwise fail only once the pods had
+    their GPUs and had loaded the weights.
+
+    Degrees come from ``resolve_parallel``; automatic ones are chosen from the plan's shape tally (degrees that
+    fit every item). Returns the ``batchgen.parallel.topology.Topology``; raises TopologyError listing the layouts
+    that would fit.
+    """
+    from batchgen.parallel.topology import topology_for
+
+    config = getattr(plan, "config", None)
     use_cfg = uses_cfg(config.generation.guidance_scale) if config is not None else True
     return topology_for(
-        degrees,
+        resolve_parallel(settings, plan),
         settings.world_size,
         num_heads=settings.num_heads,
         use_cfg=use_cfg,
@@ -287,15 +311,17 @@ def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
     )
 
 
-def worker_command(run_id: str, shards: Sequence[str], settings: LaunchSettings, topology: Any) -> list[str]:
+def worker_command(job: JobIdentity, settings: LaunchSettings) -> list[str]:
     """The trainer container's command: torchrun (through batchgen.k8s.launch) running ``batchgen worker``.
 
     Both launchers inject the ``PET_*`` variables torchrun reads, so the command carries no rendezvous flags.
     """
+    topology, parallel = job.topology, job.parallel
     worker = WorkerArgs(
-        output=settings.output, run_id=run_id, shards=tuple(shards), model_dir=settings.model_dir,
+        output=settings.output, run_id=job.run_id, shards=tuple(job.shards), model_dir=settings.model_dir,
         ulysses=topology.ulysses, ring=topology.ring, cfg=topology.cfg, sp_backend=settings.sp_backend,
-        offload=settings.offload,
+        offload=settings.offload, compile=parallel.compile, fp8=parallel.fp8,
+        cache_threshold=parallel.cache_threshold,
     )  # fmt: skip
     # A failed rank fails the pod; the job's failure policy decides whether to retry it.
     return ["python", *TORCHRUN, "--max-restarts=0", "-m", "batchgen", *worker.argv()]
@@ -487,6 +513,8 @@ class JobIdentity:
     run_id: str
     shards: list[str]
     topology: Any
+    parallel: Any
+    """The workers' ``ParallelConfig`` (``resolve_parallel``): degrees as asked and the speed options."""
     name: str
     pod_labels: dict[str, str]
     """The job's labels minus the Kueue queue label (which belongs on the job only)."""
@@ -524,7 +552,7 @@ def job_identity(
         names.SHARDS_ANNOTATION: ",".join(ordered),
         names.OUTPUT_ANNOTATION: settings.output,
     }
-    return JobIdentity(run_id, ordered, topology, name, labels, metadata)
+    return JobIdentity(run_id, ordered, topology, resolve_parallel(settings, plan), name, labels, metadata)
 
 
 def render_pytorchjob(
@@ -541,7 +569,7 @@ def render_pytorchjob(
         settings,
         job.pod_labels,
         container_name=CONTAINER_NAME,
-        command=worker_command(job.run_id, job.shards, settings, job.topology),
+        command=worker_command(job, settings),
         resources=node_resources(settings),
     )
     replica_specs: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "ExitCode", "template": template}}

@@ -112,7 +112,7 @@ def render_trainjob(
     job = job_identity(plan_or_run_id, shards, settings, attempt, group)
     trainer = {
         "image": settings.image,
-        "command": worker_command(job.run_id, job.shards, settings, job.topology),
+        "command": worker_command(job, settings),
         "numNodes": settings.nodes,
         "numProcPerNode": settings.gpus_per_node,
         "resourcesPerNode": node_resources(settings),
