@@ -415,7 +415,7 @@ class Bench:
         batched call with a key-padding mask; both against an fp32 reference, on the valid query rows."""
         import torch.nn.functional as F
 
-        from batchgen.generate.pipeline import _fastest_attention
+        from batchgen.generate.common import fastest_attention as _fastest_attention
 
         heads, dim, n, text = self.shape["heads"], self.shape["head_dim"], self.longest_tokens(), 256
         valid = (0, 64)  # [uncond, cond]: an empty negative prompt has no valid text token
@@ -542,7 +542,7 @@ class Bench:
         }
 
     def fastest(self):
-        from batchgen.generate.pipeline import _fastest_attention
+        from batchgen.generate.common import fastest_attention as _fastest_attention
 
         return _fastest_attention(self.device)
 

@@ -53,9 +53,10 @@ def frame_scores(reference, frames) -> dict:
 
 
 def compare_seed(generator, item, threshold: float) -> dict:
-    generator.cache.threshold = 0.0
+    (cache,) = generator.caches
+    cache.threshold = 0.0
     reference = generator.generate(item)
-    generator.cache.threshold = threshold
+    cache.threshold = threshold
     cached = generator.generate(item)
     uncached_s, cached_s = reference.timings["denoise_loop"], cached.timings["denoise_loop"]
     return {

@@ -43,8 +43,8 @@ def denoise_case(
     return {
         "rank": context.rank,
         "latents": latents,
-        "cache": generator.cache.facts() if generator.cache is not None else None,
-        "last_change": generator.cache.last_change if generator.cache is not None else None,
+        "cache": generator.caches[0].facts() if generator.caches else None,
+        "last_change": generator.caches[0].last_change if generator.caches else None,
         "compile_s": generator.last_compile_s,
     }
 
@@ -57,6 +57,7 @@ def single_process_latents(
 
     generator = MochiGenerator(model_dir, parallel=ParallelConfig(**parallel), device="cpu")
     latents = generator.denoise(tiny_item(steps, **(shape or {})))
-    if generator.cache is None:
+    if not generator.caches:
         return latents, None
-    return latents, {**generator.cache.facts(), "last_change": generator.cache.last_change}
+    (cache,) = generator.caches
+    return latents, {**cache.facts(), "last_change": cache.last_change}

@@ -85,16 +85,17 @@ def test_cache_threshold_zero_equals_uncached_exactly(tiny_model_dir):
     plain = MochiGenerator(tiny_model_dir, device="cpu")
     reference = plain.denoise(cases.tiny_item(CACHE_STEPS))
     cached = MochiGenerator(tiny_model_dir, device="cpu")
-    cached.cache = FirstBlockCache(cached.components.transformer, 0.0)
+    cached.caches = [FirstBlockCache(cached.components.transformer, 0.0)]
     assert torch.equal(cached.denoise(cases.tiny_item(CACHE_STEPS)), reference)
-    assert cached.cache.facts() == {"threshold": 0.0, "steps_computed": CACHE_STEPS, "steps_reused": 0}
+    assert cached.caches[0].facts() == {"threshold": 0.0, "steps_computed": CACHE_STEPS, "steps_reused": 0}
 
 
 def test_cache_reuses_steps_resets_per_item_and_lands_in_the_sidecar(tiny_model_dir):
     plain = MochiGenerator(tiny_model_dir, device="cpu").denoise(cases.tiny_item(CACHE_STEPS))
     generator = MochiGenerator(tiny_model_dir, device="cpu", parallel=ParallelConfig(cache_threshold=CACHE_THRESHOLD))
     first = generator.denoise(cases.tiny_item(CACHE_STEPS))
-    facts = generator.cache.facts()
+    (cache,) = generator.caches
+    facts = cache.facts()
     assert facts["steps_reused"] > 0 and facts["steps_computed"] > 1
     assert facts["steps_computed"] + facts["steps_reused"] == CACHE_STEPS
     assert torch.isfinite(first).all() and not torch.equal(first, plain)
@@ -163,7 +164,7 @@ def test_compiled_blocks_match_eager_and_compile_once_per_shape(tiny_model_dir, 
     again = generator.generate(item)
     assert again.timings["compile"] == 0.0, "a second item of the same shape must not compile again"
     assert graph_count() == graphs
-    assert list(generator.compiled.shapes) == [(2, 12, 3, 4, 8)]
+    assert [list(c.shapes) for c in generator.compiled] == [[(2, 12, 3, 4, 8)]]
 
 
 @pytest.mark.slow
@@ -225,7 +226,7 @@ def test_fp8_enable_converts_the_linears_only_when_the_gate_passes(tiny_model_di
 def test_fp8_is_off_by_default_and_refused_without_fp8_hardware(tiny_model_dir):
     assert ParallelConfig().fp8 is False
     generator = MochiGenerator(tiny_model_dir, device="cpu", parallel=ParallelConfig(fp8=True))
-    assert generator.fp8_facts == {"used": False, "reason": "no FP8 tensor cores"}
+    assert generator.fp8_facts == [{"used": False, "reason": "no FP8 tensor cores"}]
     assert not any(isinstance(m, Fp8Linear) for m in generator.components.transformer.modules())
 
 

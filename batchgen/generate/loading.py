@@ -71,6 +71,11 @@ class MochiComponents:
     layout: str = "diffusers"
     """'diffusers', 'original' or 'memory' (built in process, e.g. by the GPU benchmark)."""
 
+    @property
+    def experts(self) -> list[Any]:
+        """The denoising transformers, as Wan 2.2's list of experts: Mochi has one."""
+        return [self.transformer]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cheap inspection (no torch)
