@@ -15,10 +15,7 @@ machine: these numbers check the bookkeeping and the relative cost of layouts, n
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -80,25 +77,12 @@ def worker(degrees: dict[str, int], steps: int, shape: dict[str, int]) -> dict:
     # diffusers computes RoPE under an fp32 autocast that CPU autocast rejects (and then runs in fp32 anyway).
     warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
 
-    from batchgen.config import ParallelConfig
-    from batchgen.parallel.apply import parallelize_transformer
-    from batchgen.parallel.runtime import TorchContext
     from batchgen.parallel.usp import COMM_STATS
+    from bench._usp_report import parallel_transformer
     from tests import _usp_cases as cases
 
-    transformer = cases.tiny_transformer()
-    context = None
-    if degrees:
-        context = TorchContext.from_env(
-            ParallelConfig(
-                ulysses_degree=degrees.get("ulysses", 1),
-                ring_degree=degrees.get("ring", 1),
-                cfg_degree=degrees.get("cfg", 1),
-            ),
-            num_heads=cases.TINY_TRANSFORMER["num_attention_heads"],
-            timeout_s=60,
-        )
-        transformer = parallelize_transformer(transformer, context)
+    heads = cases.TINY_TRANSFORMER["num_attention_heads"]
+    transformer, context = parallel_transformer(cases.tiny_transformer(), degrees, heads)
 
     from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
 
@@ -133,17 +117,6 @@ def worker(degrees: dict[str, int], steps: int, shape: dict[str, int]) -> dict:
     return {"step_s": step_s, "bytes_per_step": comm[-1], "rank": int(os.environ.get("RANK", 0))}
 
 
-def run_layout(world: int, degrees: dict[str, int], steps: int, shape: dict[str, int]) -> list[dict]:
-    if world == 1:
-        import torch
-
-        torch.set_num_threads(1)
-        return [worker({}, steps, shape)]
-    from tests._dist import run_world
-
-    return run_world(world, worker, degrees, steps, shape, timeout_s=300)
-
-
 def visual_tokens(shape: dict[str, int]) -> int:
     from batchgen.models import MOCHI
 
@@ -159,6 +132,7 @@ def main() -> int:
     import torch
 
     from batchgen.models import MOCHI
+    from bench._usp_report import layout_row, machine, run_layout, write_and_print
     from tests import _usp_cases as cases
 
     config = cases.TINY_TRANSFORMER
@@ -166,32 +140,13 @@ def main() -> int:
     started = time.perf_counter()
     for world, degrees, shape in LAYOUTS:
         t = MOCHI.latent_frames(shape["num_frames"])
-        tokens = visual_tokens(shape)
-        sp = degrees.get("ulysses", 1) * degrees.get("ring", 1)
         latent_shape = torch.Size([2, 12, t, shape["height"] // 8, shape["width"] // 8])
-        results = run_layout(world, degrees, args.steps, shape)
-        per_rank_median = [statistics.median(r["step_s"]) for r in results]
-        measured = results[0]["bytes_per_step"]
-        # Every rank of a layout sends the same amount; record the spread to show it.
-        totals = [sum(r["bytes_per_step"].values()) for r in results]
+        results = run_layout(world, worker, degrees, args.steps, shape)
+        tokens = visual_tokens(shape)
         expected = expected_bytes(
             degrees, tokens=tokens, text_len=cases.TEXT_LEN, config=config, latent_shape=latent_shape
         )
-        name = " x ".join(f"{k} {v}" for k, v in degrees.items()) or "single process"
-        rows.append({
-            "layout": name,
-            "processes": world,
-            "visual_tokens": tokens,
-            "padded_tokens": -(-tokens // sp) * sp,
-            "degrees": {"ulysses": degrees.get("ulysses", 1), "ring": degrees.get("ring", 1), "cfg": degrees.get("cfg", 1)},
-            "median_step_s": statistics.median(per_rank_median),
-            "max_rank_median_step_s": max(per_rank_median),
-            "bytes_per_step_per_rank": {"measured": measured, "formula": expected,
-                                         "measured_total": sum(measured.values()),
-                                         "formula_total": sum(expected.values()),
-                                         "rank_totals": totals},
-            "matches_formula": measured == expected and len(set(totals)) == 1,
-        })  # fmt: skip
+        rows.append(layout_row("step", world, degrees, tokens, results, expected))
     report = {
         "benchmark": "bench/usp_cpu.py",
         "backend": "native (torch.distributed gloo)",
@@ -203,28 +158,11 @@ def main() -> int:
         ],
         "text_tokens": cases.TEXT_LEN,
         "steps": args.steps,
-        "threads_per_process": 1,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **machine(),
         "seconds_total": round(time.perf_counter() - started, 1),
         "layouts": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-
-    print(f"tiny Mochi, {args.steps} steps, {os.cpu_count()} CPUs, 1 thread/process")
-    print(f"{'layout':<22} {'procs':>5} {'tokens':>9} {'step s':>8} {'KiB/step/rank':>14} {'formula KiB':>12}  ok")
-    for row in rows:
-        b = row["bytes_per_step_per_rank"]
-        tokens = f"{row['visual_tokens']}>{row['padded_tokens']}"
-        print(
-            f"{row['layout']:<22} {row['processes']:>5} {tokens:>9} {row['median_step_s']:>8.4f} "
-            f"{b['measured_total'] / 1024:>14.1f} {b['formula_total'] / 1024:>12.1f}  {'yes' if row['matches_formula'] else 'NO'}"
-        )
-    print(f"wrote {args.out}")
-    return 0 if all(r["matches_formula"] for r in rows) else 1
+    return write_and_print(report, args.out, f"tiny Mochi, {args.steps} steps", "step")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,8 @@ machine: these numbers check the bookkeeping and the relative cost of layouts, n
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -79,26 +76,13 @@ def expected_bytes(degrees: dict[str, int], *, latent: tuple[int, int, int], con
 def worker(degrees: dict[str, int], repeats: int, latent: tuple[int, int, int]) -> dict:
     import torch
 
-    from batchgen.config import ParallelConfig
     from batchgen.models import WAN
-    from batchgen.parallel.apply import parallelize_transformer
-    from batchgen.parallel.runtime import TorchContext
     from batchgen.parallel.usp import COMM_STATS
+    from bench._usp_report import parallel_transformer
     from tests import _wan_cases as cases
 
-    transformer = cases.tiny_transformer()
-    context = None
-    if degrees:
-        context = TorchContext.from_env(
-            ParallelConfig(
-                ulysses_degree=degrees.get("ulysses", 1),
-                ring_degree=degrees.get("ring", 1),
-                cfg_degree=degrees.get("cfg", 1),
-            ),
-            num_heads=cases.TINY_TRANSFORMER["num_attention_heads"],
-            timeout_s=60,
-        )
-        transformer = parallelize_transformer(transformer, context, plan=WAN.parallel_plan)
+    heads = cases.TINY_TRANSFORMER["num_attention_heads"]
+    transformer, context = parallel_transformer(cases.tiny_transformer(), degrees, heads, plan=WAN.parallel_plan)
     inputs = cases.forward_inputs(3, latent)
     seconds, comm = [], {}
     with torch.no_grad():
@@ -113,87 +97,36 @@ def worker(degrees: dict[str, int], repeats: int, latent: tuple[int, int, int]) 
     return {"forward_s": seconds[1:], "bytes_per_forward": comm, "rank": int(os.environ.get("RANK", 0))}
 
 
-def run_layout(world: int, degrees: dict[str, int], repeats: int, latent: tuple[int, int, int]) -> list[dict]:
-    if world == 1:
-        import torch
-
-        torch.set_num_threads(1)
-        return [worker({}, repeats, latent)]
-    from tests._dist import run_world
-
-    return run_world(world, worker, degrees, repeats, latent, timeout_s=300)
-
-
-def measure(world: int, degrees: dict[str, int], latent: tuple[int, int, int], repeats: int, config: dict) -> dict:
-    results = run_layout(world, degrees, repeats, latent)
-    per_rank_median = [statistics.median(r["forward_s"]) for r in results]
-    measured = results[0]["bytes_per_forward"]
-    totals = [sum(r["bytes_per_forward"].values()) for r in results]  # every rank sends the same: show it
-    expected = expected_bytes(degrees, latent=latent, config=config)
-    sp = degrees.get("ulysses", 1) * degrees.get("ring", 1)
-    tokens = visual_tokens(latent)
-    return {
-        "layout": " x ".join(f"{k} {v}" for k, v in degrees.items()) or "single process",
-        "processes": world,
-        "latent": list(latent),
-        "visual_tokens": tokens,
-        "padded_tokens": -(-tokens // sp) * sp,
-        "degrees": {name: degrees.get(name, 1) for name in ("ulysses", "ring", "cfg")},
-        "median_forward_s": statistics.median(per_rank_median),
-        "max_rank_median_forward_s": max(per_rank_median),
-        "bytes_per_forward_per_rank": {
-            "measured": measured,
-            "formula": expected,
-            "measured_total": sum(measured.values()),
-            "formula_total": sum(expected.values()),
-            "rank_totals": totals,
-        },
-        "matches_formula": measured == expected and len(set(totals)) == 1,
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench/results/wan-usp-cpu.json"))
     args = parser.parse_args()
 
-    import torch
-
+    from bench._usp_report import layout_row, machine, run_layout, write_and_print
     from tests import _wan_cases as cases
 
     config = cases.TINY_TRANSFORMER
     started = time.perf_counter()
-    rows = [measure(world, degrees, latent, args.repeats, config) for world, degrees, latent in LAYOUTS]
+    rows = [
+        layout_row(
+            "forward", world, degrees, visual_tokens(latent), run_layout(world, worker, degrees, args.repeats, latent),
+            expected_bytes(degrees, latent=latent, config=config), latent=list(latent),
+        )
+        for world, degrees, latent in LAYOUTS
+    ]  # fmt: skip
     report = {
         "benchmark": "bench/wan_usp_cpu.py",
         "backend": "native (torch.distributed gloo)",
         "model": "tiny WanTransformer3DModel (tests/_wan_cases.TINY_TRANSFORMER), fp32, random weights",
         "text_tokens": cases.TEXT_LEN,
         "repeats": args.repeats,
-        "threads_per_process": 1,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **machine(),
         "seconds_total": round(time.perf_counter() - started, 1),
         "layouts": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-
-    print(f"tiny Wan forward (CFG batch 2), {args.repeats} repeats, {os.cpu_count()} CPUs, 1 thread/process")
-    print(f"{'layout':<22} {'procs':>5} {'tokens':>9} {'forward s':>10} {'KiB/fwd/rank':>13} {'formula KiB':>12}  ok")
-    for row in rows:
-        b = row["bytes_per_forward_per_rank"]
-        tokens = f"{row['visual_tokens']}>{row['padded_tokens']}"
-        print(
-            f"{row['layout']:<22} {row['processes']:>5} {tokens:>9} {row['median_forward_s']:>10.4f} "
-            f"{b['measured_total'] / 1024:>13.1f} {b['formula_total'] / 1024:>12.1f}  "
-            f"{'yes' if row['matches_formula'] else 'NO'}"
-        )
-    print(f"wrote {args.out}")
-    return 0 if all(r["matches_formula"] for r in rows) else 1
+    title = f"tiny Wan forward (CFG batch 2), {args.repeats} repeats"
+    return write_and_print(report, args.out, title, "forward")
 
 
 if __name__ == "__main__":
