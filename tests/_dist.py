@@ -32,6 +32,26 @@ def _mp_context():
     return _context
 
 
+def rank_context(degrees: dict[str, int], num_heads: int, backend: str = "native"):
+    """On a rank started by ``run_world``: the ``TorchContext`` of ``degrees`` (ulysses, ring, cfg; 1 where
+    absent). ``backend`` "xfuser-shim" runs the xfuser backend on the CPU shim of xfuser's attention."""
+    from batchgen.config import ParallelConfig
+    from batchgen.parallel.runtime import TorchContext
+
+    if backend == "xfuser-shim":
+        from tests import _xfuser_shim
+
+        _xfuser_shim.install()
+        backend = "xfuser"
+    config = ParallelConfig(
+        ulysses_degree=degrees.get("ulysses", 1),
+        ring_degree=degrees.get("ring", 1),
+        cfg_degree=degrees.get("cfg", 1),
+        sp_backend=backend,
+    )
+    return TorchContext.from_env(config, num_heads=num_heads, timeout_s=INIT_TIMEOUT_S)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

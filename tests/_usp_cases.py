@@ -127,26 +127,10 @@ def parallel_case(
     empty_negative: bool = False,
 ) -> dict[str, Any]:
     """On every rank: the parallel transformer forward and the full denoising run of this dp group's item."""
-    from batchgen.config import ParallelConfig
     from batchgen.parallel.apply import parallelize_transformer
-    from batchgen.parallel.runtime import TorchContext
-    from tests._dist import INIT_TIMEOUT_S
+    from tests._dist import rank_context
 
-    if backend == "xfuser-shim":
-        from tests import _xfuser_shim
-
-        _xfuser_shim.install()
-        backend = "xfuser"
-    context = TorchContext.from_env(
-        ParallelConfig(
-            ulysses_degree=degrees.get("ulysses", 1),
-            ring_degree=degrees.get("ring", 1),
-            cfg_degree=degrees.get("cfg", 1),
-            sp_backend=backend,
-        ),
-        num_heads=TINY_TRANSFORMER["num_attention_heads"],
-        timeout_s=INIT_TIMEOUT_S,
-    )
+    context = rank_context(degrees, TINY_TRANSFORMER["num_attention_heads"], backend)
     item_seed = 11 + context.dp_rank  # data-parallel groups work on different items
     transformer = parallelize_transformer(tiny_transformer(), context, kernel=kernel)
     with torch.no_grad():

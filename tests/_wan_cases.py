@@ -141,28 +141,12 @@ def reference(item_seed: int, inputs: list[dict], pipeline: bool) -> dict[str, A
 def parallel_case(degrees: dict[str, int], inputs: list[dict], pipeline: bool, backend: str = "native") -> dict:
     """On every rank: the parallelized transformer's forwards and (``pipeline``) the two-expert denoising run,
     each expert parallelized by its own call."""
-    from batchgen.config import ParallelConfig
     from batchgen.models import WAN
     from batchgen.parallel.apply import parallelize_transformer
-    from batchgen.parallel.runtime import TorchContext
     from batchgen.parallel.usp import COMM_STATS
-    from tests._dist import INIT_TIMEOUT_S
+    from tests._dist import rank_context
 
-    if backend == "xfuser-shim":
-        from tests import _xfuser_shim
-
-        _xfuser_shim.install()
-        backend = "xfuser"
-    context = TorchContext.from_env(
-        ParallelConfig(
-            ulysses_degree=degrees.get("ulysses", 1),
-            ring_degree=degrees.get("ring", 1),
-            cfg_degree=degrees.get("cfg", 1),
-            sp_backend=backend,
-        ),
-        num_heads=TINY_TRANSFORMER["num_attention_heads"],
-        timeout_s=INIT_TIMEOUT_S,
-    )
+    context = rank_context(degrees, TINY_TRANSFORMER["num_attention_heads"], backend)
     item_seed = 11 + context.dp_rank
     high_noise = parallelize_transformer(tiny_transformer(0), context, plan=WAN.parallel_plan)
     COMM_STATS.reset()
@@ -199,13 +183,7 @@ def cached_denoise(item_seed: int, threshold: float, context=None) -> dict[str, 
 
 
 def parallel_cached_case(degrees: dict[str, int], threshold: float) -> dict[str, Any]:
-    from batchgen.config import ParallelConfig
-    from batchgen.parallel.runtime import TorchContext
-    from tests._dist import INIT_TIMEOUT_S
+    from tests._dist import rank_context
 
-    context = TorchContext.from_env(
-        ParallelConfig(ulysses_degree=degrees.get("ulysses", 1), ring_degree=degrees.get("ring", 1)),
-        num_heads=TINY_TRANSFORMER["num_attention_heads"],
-        timeout_s=INIT_TIMEOUT_S,
-    )
+    context = rank_context(degrees, TINY_TRANSFORMER["num_attention_heads"])
     return {"rank": context.rank, **cached_denoise(11, threshold, context)}

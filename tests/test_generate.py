@@ -26,6 +26,7 @@ from batchgen.generate.tiny import write_tiny_model
 from batchgen.item import Item
 from batchgen.parallel.context import SingleProcess
 from batchgen.video import probe_mp4
+from tests._stock import stock_output, stock_pipeline
 
 TOLERANCE = 1e-4
 
@@ -59,23 +60,7 @@ def generator(tiny_model_dir):
 def reference_pipeline(tiny_model_dir):
     from diffusers import MochiPipeline
 
-    pipe = MochiPipeline.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def reference_latents(pipe, item: Item) -> torch.Tensor:
-    return pipe(
-        prompt=item.prompt,
-        negative_prompt=item.negative_prompt,
-        num_frames=item.num_frames,
-        height=item.height,
-        width=item.width,
-        num_inference_steps=item.num_inference_steps,
-        guidance_scale=item.guidance_scale,
-        generator=torch.Generator().manual_seed(item.seed),
-        output_type="latent",
-    ).frames
+    return stock_pipeline(MochiPipeline, tiny_model_dir)
 
 
 @pytest.mark.parametrize(
@@ -92,7 +77,7 @@ def reference_latents(pipe, item: Item) -> torch.Tensor:
 def test_latents_match_diffusers_mochi_pipeline(generator, reference_pipeline, tiny_config, overrides):
     item = make_item(tiny_config, **overrides)
     latents = generator.denoise(item, generator.encode_prompts([item])[item.id])
-    expected = reference_latents(reference_pipeline, item)
+    expected = stock_output(reference_pipeline, item, "latent")
     assert latents.dtype == torch.float32 and latents.shape == expected.shape
     assert (latents - expected).abs().max().item() <= TOLERANCE
     assert latents.std().item() > 0.1  # a real result, not a degenerate one

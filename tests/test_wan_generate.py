@@ -18,6 +18,7 @@ from batchgen.generate.wan_loading import load_wan_components
 from batchgen.item import Item
 from batchgen.parallel.context import SingleProcess
 from batchgen.quality import NonFiniteError
+from tests._stock import stock_output, stock_pipeline
 
 TOLERANCE = 1e-4
 STEPS = 4  # the two-expert model's 4th timestep (800) is below its boundary (875): both experts run
@@ -56,23 +57,7 @@ def generator(model_dir):
 def reference_pipeline(model_dir):
     from diffusers import WanPipeline
 
-    pipe = WanPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run_reference(pipe, item: Item, output_type: str):
-    return pipe(
-        prompt=item.prompt,
-        negative_prompt=item.negative_prompt,
-        num_frames=item.num_frames,
-        height=item.height,
-        width=item.width,
-        num_inference_steps=item.num_inference_steps,
-        guidance_scale=item.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(item.seed),
-        output_type=output_type,
-    ).frames
+    return stock_pipeline(WanPipeline, model_dir)
 
 
 @pytest.mark.parametrize(
@@ -82,12 +67,12 @@ def run_reference(pipe, item: Item, output_type: str):
 )
 def test_latents_and_frames_match_diffusers_wan_pipeline(generator, reference_pipeline, overrides):
     item = make_item(**overrides)
-    expected_latents = run_reference(reference_pipeline, item, "latent")
+    expected_latents = stock_output(reference_pipeline, item, "latent")
     latents = generator.denoise(item)
     assert latents.dtype == torch.float32
     assert (latents - expected_latents).abs().max().item() <= TOLERANCE
 
-    expected_video = run_reference(reference_pipeline, item, "np")[0]  # [F, H, W, 3] in [0, 1]
+    expected_video = stock_output(reference_pipeline, item, "np")[0]  # [F, H, W, 3] in [0, 1]
     video = generator.decode_video(latents)[0].permute(1, 2, 3, 0).numpy()  # [-1, 1]
     assert np.abs((video + 1) / 2 - expected_video).max() <= TOLERANCE
     frames = generator.decode(latents)

@@ -81,6 +81,15 @@ class MochiComponents:
 # Cheap inspection (no torch)
 
 
+def refuse_config_without_weights(path: Path) -> None:
+    """A diffusers ``transformer/`` folder with its config but no weights is named as such, not as an unknown
+    layout (an interrupted download)."""
+    if (path / "transformer" / "config.json").is_file():
+        raise InputError(
+            f"{path / 'transformer'}: config.json but no weight file (diffusion_pytorch_model*.safetensors)"
+        )
+
+
 def _require_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir)
     if not path.exists():
@@ -97,10 +106,7 @@ def detect_layout(model_dir: str | Path) -> str:
         return "diffusers"
     if (path / ORIGINAL_DIT).is_file():
         return "original"
-    if (path / "transformer" / "config.json").is_file():
-        raise InputError(
-            f"{path / 'transformer'}: config.json but no weight file (diffusion_pytorch_model*.safetensors)"
-        )
+    refuse_config_without_weights(path)
     raise InputError(
         f"{path}: not a Mochi model directory: expected transformer/diffusion_pytorch_model*.safetensors "
         f"(diffusers layout, with model_index.json) or {ORIGINAL_DIT} (Genmo's original layout)"

@@ -90,6 +90,17 @@ def tokenizer_vocab() -> list[tuple[str, float]]:
     return pieces
 
 
+def fresh_directory(directory: str | Path) -> Path:
+    """``directory``, created if missing; InputError if it holds anything (a tiny model never overwrites)."""
+    from batchgen.errors import InputError
+
+    root = Path(directory)
+    if root.exists() and any(root.iterdir()):
+        raise InputError(f"{root}: directory is not empty; the tiny model needs a fresh directory")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def write_tokenizer(path: Path, *, model_max_length: int = 256) -> int:
     from transformers import T5TokenizerFast
 
@@ -118,10 +129,7 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
 
     if layout not in ("diffusers", "original"):
         raise InputError(f"layout must be 'diffusers' or 'original', got {layout!r}")
-    root = Path(directory)
-    if root.exists() and any(root.iterdir()):
-        raise InputError(f"{root}: directory is not empty; the tiny model needs a fresh directory")
-    root.mkdir(parents=True, exist_ok=True)
+    root = fresh_directory(directory)
     quiet_progress_bars()
 
     vocab_size = write_tokenizer(root / "tokenizer")

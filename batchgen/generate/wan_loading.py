@@ -33,6 +33,7 @@ from batchgen.generate.loading import (
     check_safetensors_complete,
     quiet_progress_bars,
     read_json_object,
+    refuse_config_without_weights,
     resolve_dtype,
 )
 
@@ -78,10 +79,7 @@ def detect_wan_layout(model_dir: str | Path) -> str:
         return "diffusers"
     if (path / "high_noise_model").is_dir() or "model_type" in read_json_object(path / "config.json"):
         return "official"
-    if (path / "transformer" / "config.json").is_file():
-        raise InputError(
-            f"{path / 'transformer'}: config.json but no weight file (diffusion_pytorch_model*.safetensors)"
-        )
+    refuse_config_without_weights(path)
     raise InputError(
         f"{path}: not a Wan model directory: expected transformer/diffusion_pytorch_model*.safetensors "
         "(diffusers layout, with model_index.json) or config.json with model_type (the official release layout)"

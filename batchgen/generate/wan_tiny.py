@@ -121,14 +121,11 @@ def write_tiny_wan(directory: str | Path, *, seed: int = 0, experts: int = 1) ->
 
     from batchgen.errors import InputError
     from batchgen.generate.loading import quiet_progress_bars
-    from batchgen.generate.tiny import randomize_parameters, write_tokenizer
+    from batchgen.generate.tiny import fresh_directory, randomize_parameters, write_tokenizer
 
     if experts not in (1, 2):
         raise InputError(f"experts must be 1 (Wan 2.1) or 2 (Wan 2.2 A14B), got {experts!r}")
-    root = Path(directory)
-    if root.exists() and any(root.iterdir()):
-        raise InputError(f"{root}: directory is not empty; the tiny model needs a fresh directory")
-    root.mkdir(parents=True, exist_ok=True)
+    root = fresh_directory(directory)
     quiet_progress_bars()
 
     vocab_size = write_tokenizer(root / "tokenizer", model_max_length=512)
