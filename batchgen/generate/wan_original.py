@@ -42,6 +42,7 @@ from typing import Any
 
 from batchgen.errors import InputError
 from batchgen.generate.loading import (
+    _require,
     _require_dir,
     check_safetensors_complete,
     quiet_progress_bars,
@@ -294,8 +295,7 @@ def load_official_components(model_dir: str | Path, *, dtype: Any = "auto", devi
         (VAE_CHECKPOINT, "Wan's VAE"),
         (T5_TOKENIZER, "tokenizer"),
     ):
-        if not (path / name).exists():
-            raise InputError(f"{path / name}: missing ({what}, part of the official Wan release layout)")
+        _require(path / name, f"{what}, part of the official Wan release layout")
     experts = [load_official_transformer(folder, dtype=dtype, device=device) for folder in folders]
     components = {
         "transformer": experts[0],
