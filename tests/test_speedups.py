@@ -252,9 +252,21 @@ def test_config_keys_and_flags(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="parallel.cache_threshold must be between 0 and 1"):
         ParallelConfig(cache_threshold=1.5)
+    assert config_from_args(parser.parse_args(["--attention", "per-prompt"])).parallel.attention == "per-prompt"
+    with pytest.raises(ConfigError, match="parallel.attention must be one of 'auto', 'joint', 'per-prompt', got 'x'"):
+        config_from_args(parser.parse_args(["--attention", "x"]))
+    with pytest.raises(ConfigError, match="parallel.attention 'joint' needs a key mask"):
+        ParallelConfig(attention="joint", sp_backend="xfuser")
 
 
-@pytest.mark.parametrize("parallel", [ParallelConfig(), ParallelConfig(compile=True, cache_threshold=0.05, fp8=True)])
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        ParallelConfig(),
+        ParallelConfig(compile=True, cache_threshold=0.05, fp8=True),
+        ParallelConfig(attention="per-prompt"),
+    ],
+)
 def test_local_workers_get_the_speed_settings(parallel):
     import argparse
     import types
