@@ -78,6 +78,19 @@ def test_auto_is_the_default_and_recorded(tiny_model_dir):
     assert facts["offload"] == "auto" and facts["offloaded"] is False and facts["compile"] is False
 
 
+def test_attention_choice_lands_in_the_sidecar_and_per_prompt_equals_joint(tiny_model_dir):
+    # The generator carries [parallel] attention to its processors; each item's sidecar says what ran.
+    item = cases.tiny_item(CACHE_STEPS)
+    joint = MochiGenerator(tiny_model_dir, device="cpu", parallel=ParallelConfig(attention="joint"))
+    per_prompt = MochiGenerator(tiny_model_dir, device="cpu", parallel=ParallelConfig(attention="per-prompt"))
+    torch.testing.assert_close(per_prompt.denoise(item), joint.denoise(item), atol=1e-5, rtol=1e-5)
+    facts = per_prompt.generate(item).extra["parallel"]["attention"]
+    assert (facts["setting"], facts["path"], facts["measured"]) == ("per-prompt", "per-prompt", False)
+    assert facts["kernel"] in ("cpu_flash", "math")
+    auto = MochiGenerator(tiny_model_dir, device="cpu").generate(item).extra["parallel"]["attention"]
+    assert (auto["setting"], auto["path"], auto["measured"]) == ("auto", "joint", False)  # no timer on CPU
+
+
 # -- first-block cache -------------------------------------------------------------------------------------------
 
 
