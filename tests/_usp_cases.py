@@ -172,9 +172,9 @@ def context_case(fail_rank: int | None = None) -> dict[str, Any]:
 
 
 def rank_preferring_timer(rank: int):
-    """A made-up timer on which rank 0 finds 'per-prompt/math' fastest and every other rank 'joint/math': each
-    candidate still runs once (it must work); only its time is invented."""
-    preferred = "per-prompt/math" if rank == 0 else "joint/math"
+    """A made-up timer on which rank 0 finds 'per-prompt/cpu_flash' fastest and every other rank
+    'joint/cpu_flash': each candidate still runs once (it must work); only its time is invented."""
+    preferred = "per-prompt/cpu_flash" if rank == 0 else "joint/cpu_flash"
 
     def timer(name: str, call) -> float:
         call()

@@ -36,8 +36,10 @@ from batchgen.parallel.attention import attention_with_lse, list_kernels, resolv
 log = logging.getLogger("batchgen.parallel.choice")
 
 PATHS = ("joint", "per-prompt")
-WARMUP_CALLS = 3
-TIMED_CALLS = 7
+# Measuring costs (2 + 5) calls per candidate of one block's attention, once per shape: a few seconds at 163 frames
+# against about 64 x 2 x 48 such calls per item.
+WARMUP_CALLS = 2
+TIMED_CALLS = 5
 
 Timer = Callable[[str, Callable[[], object]], float]
 """(candidate name, the call) -> its median seconds."""
@@ -139,6 +141,16 @@ def candidates(device: torch.device, dtype: torch.dtype, head_dim: int, kernel: 
     return found
 
 
+def timed_candidates(
+    device: torch.device, dtype: torch.dtype, head_dim: int, kernel: str = "auto"
+) -> list[AttentionPath]:
+    """What 'auto' measures: ``candidates`` without the math fallback of a path that has a fused kernel (math is
+    the slowest by far; timing it would cost more than any choice saves)."""
+    found = candidates(device, dtype, head_dim, kernel)
+    fused = {c.path for c in found if c.kernel != "math"}
+    return [c for c in found if c.kernel != "math" or c.path not in fused]
+
+
 def agree(decision: dict[str, Any], axes: Sequence) -> dict[str, Any]:
     """The decision of the group's rank 0 on every rank of a forward's group (the sp and cfg axes, rank 0 of
     each first): a broadcast along sp gives every sp group its first rank's; one along cfg then spreads cfg 0's."""
@@ -205,7 +217,7 @@ class AttentionChooser:
         started = time.perf_counter()
         rows = self.prompt_keys.rows(text_mask, leading)
         timings = {}
-        for candidate in candidates(q.device, q.dtype, q.shape[-1], self.kernel):
+        for candidate in timed_candidates(q.device, q.dtype, q.shape[-1], self.kernel):
             call = lambda c=candidate: masked_attention(q, k, v, key_mask, c, rows)  # noqa: E731
             timings[candidate.name] = round(timer(candidate.name, call) * 1000, 4)
         best = min(timings, key=timings.__getitem__)
