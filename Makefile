@@ -41,10 +41,14 @@ bench: $(STAMP) ## CPU benchmarks -> bench/results/
 	$(BIN)/python bench/quality_gate.py
 	$(BIN)/python bench/gallery.py
 
+device-wheels: $(STAMP) ## wheels a lent GPU machine lacks (it has no network) -> .device/wheels, for bench/gpu_device.sh
+	$(BIN)/pip download -q --no-deps --only-binary=:all: -d .device/wheels \
+		"diffusers==$$($(BIN)/python -c 'import diffusers; print(diffusers.__version__)')" importlib_metadata zipp
+
 jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen render`
 	$(BIN)/python -m batchgen.k8s.examples --write jobs
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf out .pytest_cache
 
-.PHONY: help venv demo test test-fast lint bench jobs clean
+.PHONY: help venv demo test test-fast lint bench device-wheels jobs clean
