@@ -237,7 +237,9 @@ class DeviceBench(Bench):
         build_s = time.perf_counter() - started
         ctx = {
             "device": self.device, "dtype": self.dtype, "timer": self.timer, "repeats": self.args.repeats,
-            "matmul_tflops": self.results.get("measured_matmul_tflops") or self.matmul_peak()["tflops"],
+            # Unrounded where matmul_peak's figure rounds to 0 (a small CPU): the MFU divides by it.
+            "matmul_tflops": self.results.get("measured_matmul_tflops")
+            or wan_gpu.matmul_tflops(self.timer, self.device, self.dtype),
             "datasheet": self.results.get("datasheet_bf16_tflops"),
         }  # fmt: skip
         height, width = setup["shapes"][0]
