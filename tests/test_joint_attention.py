@@ -245,7 +245,8 @@ def test_per_prompt_path_reads_the_text_mask_once_per_forward(monkeypatch):
     processor = MochiJointAttnProcessor(chooser=AttentionChooser("per-prompt"))
     calls, syncs = kernel_calls_and_syncs(monkeypatch, processor, [0, 9])
     assert calls == 2 * 2
-    assert syncs == ["cpu"]
+    # One copy to the host for both blocks; the scalar reads after it are on that host copy.
+    assert syncs.count("cpu") == 1 and set(syncs) <= {"cpu", "__int__", "__bool__"}
 
 
 def test_masked_probe_drops_a_kernel_that_ignores_its_mask(monkeypatch):

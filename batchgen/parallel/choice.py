@@ -104,6 +104,10 @@ class PromptKeys:
         return rows
 
 
+def _decision_key(q: torch.Tensor, text_mask: torch.Tensor, site: tuple) -> tuple:
+    return (*site, tuple(q.shape), text_mask.shape[1], str(q.dtype).replace("torch.", ""), q.device.type)
+
+
 def _valid(row: torch.Tensor) -> slice | torch.Tensor:
     count = int(row.sum())
     return slice(0, count) if bool(row[:count].all()) else torch.nonzero(row).flatten()
@@ -193,8 +197,7 @@ class AttentionChooser:
         same on every rank of the group at the same call, so the ranks measure and agree together. ``record``:
         this call's decision is the one ``facts`` reports (the visual queries', not the text's)."""
         key_mask = torch.cat([text_mask.new_ones(text_mask.shape[0], leading), text_mask], dim=1)
-        dtype = str(q.dtype).replace("torch.", "")
-        shape = (*site, tuple(q.shape), text_mask.shape[1], dtype, q.device.type)
+        shape = _decision_key(q, text_mask, site)
         decision = self.decisions.get(shape)
         if decision is None:
             decision = self.decisions[shape] = self._decide(shape, q, k, v, key_mask, text_mask, leading)
@@ -203,6 +206,10 @@ class AttentionChooser:
         path = AttentionPath(decision["path"], decision["kernel"])
         rows = self.prompt_keys.rows(text_mask, leading) if path.path == "per-prompt" else []
         return masked_attention(q, k, v, key_mask, path, rows)
+
+    def decided(self, q: torch.Tensor, text_mask: torch.Tensor, site: tuple = ("joint",)) -> bool:
+        """Whether ``attend`` with these arguments runs without measuring (and without collectives)."""
+        return _decision_key(q, text_mask, site) in self.decisions
 
     def facts(self) -> dict[str, Any]:
         """The sidecar's ``parallel.attention``: the setting and the decision of the latest forward's shape."""

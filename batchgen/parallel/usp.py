@@ -221,15 +221,23 @@ def ring_joint_attention(
     layout = layout or SequenceLayout()
     # The same on every rank (a rank's real key count is not: the last chunks may hold padding).
     site = ("ring", layout.tokens, layout.padded)
+
+    def own_step(keys: torch.Tensor, values: torch.Tensor):
+        # The batch's text joins once per query, under the key mask (each prompt's own valid tokens).
+        joint_k, joint_v = torch.cat([keys, text.k], dim=2), torch.cat([values, text.v], dim=2)
+        return chooser.attend(q, joint_k, joint_v, text.mask, leading=keys.shape[2], site=site)
+
+    own = None
+    if not chooser.decided(q, text.mask, site):
+        # The first forward of a shape measures and agrees (a collective) before any ring transfer is in flight.
+        own_valid = layout.valid_keys(ring.rank, k.shape[2])
+        own = own_step(k[:, :, :own_valid], v[:, :, :own_valid])
     vis_out = vis_lse = None
     text_parts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * ring.size
     for block, keys, values in _ring_blocks(k, v, ring, layout):
         valid = keys.shape[2]
         if block == ring.rank:
-            # The batch's text joins once per query, under the key mask (each prompt's own valid tokens).
-            joint_k, joint_v = torch.cat([keys, text.k], dim=2), torch.cat([values, text.v], dim=2)
-            out, lse = chooser.attend(q, joint_k, joint_v, text.mask, leading=valid, site=site)
-            vis_out, vis_lse = merge_partial(vis_out, vis_lse, out, lse)
+            vis_out, vis_lse = merge_partial(vis_out, vis_lse, *(own if own is not None else own_step(keys, values)))
         elif valid:
             vis_out, vis_lse = merge_partial(vis_out, vis_lse, *attention_with_lse(q, keys, values, kernel=kernel))
         if valid:
