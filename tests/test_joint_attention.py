@@ -89,6 +89,19 @@ def test_every_attention_candidate_matches_diffusers(block, processor, batch, ca
     assert (chooser.last["path"], chooser.last["kernel"]) == (candidate.path, candidate.kernel)
 
 
+@pytest.mark.parametrize("path", ["joint", "per-prompt"])
+def test_valid_tokens_with_holes_give_diffusers_visual_output_on_both_paths(block, path):
+    # Without gather_valid_text the per-prompt path gathers each prompt's keys by index instead of a slice.
+    hidden, text, _, rope = attention_inputs(block, [0, 0])
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [1, 4, 9]] = True
+    mask[1, [0, 2, 3, 5, 8, 15]] = True
+    with torch.no_grad():
+        expected_visual, _ = stock(block, hidden, text, mask.long(), rope)
+        visual, _ = MochiJointAttnProcessor(chooser=AttentionChooser(path))(block.attn1, hidden, text, mask, rope)
+    torch.testing.assert_close(visual, expected_visual, atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_candidates_are_both_paths_under_every_working_kernel():
     names = [c.name for c in CANDIDATES]
     assert names == [f"joint/{k}" for k in attention.list_kernels("cpu", torch.float32, HEAD_DIM, masked=True)] + [

@@ -87,6 +87,7 @@ class PromptKeys:
     def __init__(self) -> None:
         self._source: torch.Tensor | None = None
         self._text: list[slice | torch.Tensor] = []
+        self._rows: dict[int, Rows] = {}
 
     def rows(self, text_mask: torch.Tensor, leading: int) -> Rows:
         """Rows of keys [``leading`` always-valid keys ; the text] valid for each prompt."""
@@ -94,14 +95,15 @@ class PromptKeys:
             host = text_mask.bool().cpu()
             self._source = text_mask
             self._text = [_valid(row) for row in host]
-        rows: Rows = []
-        for text in self._text:
-            if isinstance(text, slice):
-                rows.append(slice(0, leading + text.stop))
-            else:
-                keys = torch.cat([torch.arange(leading), leading + text]).to(text_mask.device)
-                rows.append(keys)
-        return rows
+            self._rows = {}
+        if leading not in self._rows:
+            self._rows[leading] = [
+                slice(0, leading + text.stop)
+                if isinstance(text, slice)
+                else torch.cat([torch.arange(leading), leading + text]).to(text_mask.device)
+                for text in self._text
+            ]
+        return self._rows[leading]
 
 
 def _decision_key(q: torch.Tensor, text_mask: torch.Tensor, site: tuple) -> tuple:
