@@ -95,6 +95,10 @@ class ModelConfig:
         return spec_for(self.family)
 
 
+ATTENTION_CHOICES = ("auto", "joint", "per-prompt")
+"""``[parallel] attention``: how each block's attention treats the CFG batch (``ParallelConfig.attention``)."""
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """How one worker process group splits the work. World size = data x cfg x ulysses x ring."""
@@ -117,6 +121,10 @@ class ParallelConfig:
     this (e.g. 0.05); 0 = off. Changes the output: recorded in each sidecar."""
     fp8: bool = False
     """FP8 linear layers (Hopper only), used only when the numeric gate passes on this device."""
+    attention: str = "auto"
+    """How each block attends over the CFG batch: 'joint' (one masked call for the batch), 'per-prompt' (one
+    unmasked call per prompt, cut to its valid text tokens: FlashAttention stays eligible) or 'auto' (on CUDA, the
+    faster of the two and of the kernels under each, measured at the first use of each shape; on CPU 'joint')."""
 
     def __post_init__(self) -> None:
         for name in ("ulysses_degree", "ring_degree"):
@@ -130,6 +138,15 @@ class ParallelConfig:
             raise ConfigError(f"parallel.offload must be 'auto', 'none' or 'model', got {self.offload!r}")
         if not 0.0 <= self.cache_threshold <= 1.0:
             raise ConfigError(f"parallel.cache_threshold must be between 0 and 1, got {self.cache_threshold}")
+        if self.attention not in ATTENTION_CHOICES:
+            choices = ", ".join(repr(c) for c in ATTENTION_CHOICES)
+            raise ConfigError(f"parallel.attention must be one of {choices}, got {self.attention!r}")
+        if self.attention == "joint" and self.sp_backend == "xfuser":
+            # xDiT's attention takes no key mask, so it cannot batch prompts of different lengths into one call.
+            raise ConfigError(
+                "parallel.attention 'joint' needs a key mask, which the xfuser backend's attention "
+                "does not take; use 'auto' or 'per-prompt', or sp_backend 'native'"
+            )
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class WorkerArgs:
     compile: bool = False
     fp8: bool = False
     cache_threshold: float = 0.0
+    attention: str = "auto"
     """Speed options (README "Speed options"); written only when not at their defaults."""
     metrics_port: int | None = None
     """Prometheus port of the worker's first rank; None leaves it to BATCHGEN_METRICS_PORT and the config."""
@@ -60,6 +61,8 @@ class WorkerArgs:
             args += ["--max-attempts", str(self.max_attempts)]
         if self.cache_threshold:
             args += ["--cache-threshold", str(self.cache_threshold)]
+        if self.attention != "auto":
+            args += ["--attention", self.attention]
         args += ["--compile"] * self.compile + ["--fp8"] * self.fp8
         if self.metrics_port is not None:
             args += ["--metrics-port", str(self.metrics_port)]

@@ -138,6 +138,7 @@ def worker_command(
         ulysses=ulysses, ring=ring, cfg=cfg, sp_backend=parallel.sp_backend, offload=parallel.offload,
         max_attempts=config.worker.max_attempts, metrics_port=metrics_port,
         compile=parallel.compile, fp8=parallel.fp8, cache_threshold=parallel.cache_threshold,
+        attention=parallel.attention,
     )  # fmt: skip
     return prefix + logging_flags + worker.argv()
 

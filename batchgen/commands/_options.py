@@ -39,6 +39,7 @@ _PARALLEL_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--compile", "parallel", "compile", bool, "torch.compile the blocks' norms, modulation and MLPs"),
     ("--cache-threshold", "parallel", "cache_threshold", float, "first-block cache threshold (0 = off)"),
     ("--fp8", "parallel", "fp8", bool, "FP8 linear layers on Hopper when the numeric gate passes"),
+    ("--attention", "parallel", "attention", str, "attention over the CFG batch: auto (measured), joint or per-prompt"),
     ("--max-attempts", "worker", "max_attempts", int, "attempts per item before it is recorded as failed"),
     ("--metrics-port", "worker", "metrics_port", int, "Prometheus port, + LOCAL_RANK per rank (0 = off)"),
 )

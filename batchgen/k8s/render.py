@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from batchgen.config import ATTENTION_CHOICES
 from batchgen.errors import ConfigError
 from batchgen.k8s import names
 from batchgen.launch_contract import TORCHRUN, WorkerArgs
@@ -84,6 +85,8 @@ class LaunchSettings:
     """FP8 linears on Hopper when the numeric gate passes; off = the plan's ``[parallel] fp8``."""
     cache_threshold: float = 0.0
     """First-block cache threshold, 0 to 1; 0 = the plan's ``[parallel] cache_threshold``."""
+    attention: str = ""
+    """auto, joint or per-prompt (``ParallelConfig.attention``); empty = the plan's ``[parallel] attention``."""
     family: str = "mochi"
     """Model family of the run (the plan's ``[model] family`` when rendering a plan): picks the defaults below."""
     num_heads: int = 0
@@ -178,6 +181,10 @@ class LaunchSettings:
             problems.append(f"worker_log_format must be one of {LOG_FORMATS}, got {self.worker_log_format!r}")
         if not 0.0 <= self.cache_threshold <= 1.0:
             problems.append(f"cache_threshold must be between 0 and 1, got {self.cache_threshold}")
+        if self.attention not in ("", *ATTENTION_CHOICES):
+            problems.append(
+                f"attention must be empty (the plan's) or one of {ATTENTION_CHOICES}, got {self.attention!r}"
+            )
         if self.offload not in _OFFLOAD:
             problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
         if not self.image:
@@ -285,6 +292,7 @@ def resolve_parallel(settings: LaunchSettings, plan: Any | None = None):
         compile=settings.compile or parallel.compile,
         fp8=settings.fp8 or parallel.fp8,
         cache_threshold=settings.cache_threshold or parallel.cache_threshold,
+        attention=settings.attention or parallel.attention,
     )
 
 
@@ -321,7 +329,7 @@ def worker_command(job: JobIdentity, settings: LaunchSettings) -> list[str]:
         output=settings.output, run_id=job.run_id, shards=tuple(job.shards), model_dir=settings.model_dir,
         ulysses=topology.ulysses, ring=topology.ring, cfg=topology.cfg, sp_backend=settings.sp_backend,
         offload=settings.offload, compile=parallel.compile, fp8=parallel.fp8,
-        cache_threshold=parallel.cache_threshold,
+        cache_threshold=parallel.cache_threshold, attention=parallel.attention,
     )  # fmt: skip
     # A failed rank fails the pod; the job's failure policy decides whether to retry it.
     return ["python", *TORCHRUN, "--max-restarts=0", "-m", "batchgen", *worker.argv()]

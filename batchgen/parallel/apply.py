@@ -31,6 +31,7 @@ import torch
 
 from batchgen.errors import TopologyError
 from batchgen.models import MOCHI, ParallelPlan
+from batchgen.parallel.choice import AttentionChooser, Timer
 from batchgen.parallel.joint import MochiJointAttnProcessor
 from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, USPMochiAttnProcessor, all_gather_cat
 
@@ -57,17 +58,30 @@ class _ParallelState:
     backend: str = "native"
     layout: SequenceLayout = field(default_factory=SequenceLayout)
     plan: ParallelPlan = MOCHI.parallel_plan
+    attention: str = "auto"
+    """``[parallel] attention`` (Mochi's joint attention: ``batchgen.parallel.choice``)."""
+    timer: Timer | None = None
+    """What measures the candidates under 'auto'; None: CUDA events on CUDA, no measuring elsewhere."""
+    chooser: AttentionChooser | None = None
 
 
 def mochi_processors(transformer, context, state: _ParallelState, kernel: str) -> list:
     """Mochi's joint-attention processors for every block (``MOCHI.parallel_plan.processors``)."""
     blocks = getattr(transformer, state.plan.blocks)
-    if state.sp.size == 1:
-        return [MochiJointAttnProcessor(kernel=kernel) for _ in blocks]
-    ulysses, ring, backend = context.axes["ulysses"], context.axes["ring"], state.backend
+    backend = state.backend if state.sp.size > 1 else "native"
     if backend == "native":
-        return [USPMochiAttnProcessor(ulysses, ring, kernel=kernel, layout=state.layout) for _ in blocks]
+        # One chooser for every block: the ranks of one forward (sp and cfg) decide together, once per shape.
+        state.chooser = AttentionChooser(state.attention, kernel=kernel, axes=(state.sp, state.cfg), timer=state.timer)
+    if state.sp.size == 1:
+        return [MochiJointAttnProcessor(chooser=state.chooser) for _ in blocks]
+    ulysses, ring = context.axes["ulysses"], context.axes["ring"]
+    if backend == "native":
+        return [
+            USPMochiAttnProcessor(ulysses, ring, kernel=kernel, layout=state.layout, chooser=state.chooser)
+            for _ in blocks
+        ]
     if backend == "xfuser":
+        # xDiT's attention takes no key mask: its CFG pair always runs per prompt (ParallelConfig refuses 'joint').
         from batchgen.parallel.xfuser_backend import XFuserMochiAttnProcessor, setup_xfuser_groups
 
         setup_xfuser_groups(ulysses, ring)
@@ -81,11 +95,19 @@ def _processor_factory(plan: ParallelPlan):
 
 
 def parallelize_transformer(
-    transformer, context, *, plan: ParallelPlan = MOCHI.parallel_plan, backend: str | None = None, kernel: str = "auto"
+    transformer,
+    context,
+    *,
+    plan: ParallelPlan = MOCHI.parallel_plan,
+    backend: str | None = None,
+    kernel: str = "auto",
+    attention: str = "auto",
+    timer: Timer | None = None,
 ):
     """Install CFG / sequence parallelism on ``transformer`` (in place) and return it.
 
-    ``plan`` is the family's ``ParallelPlan`` (Mochi's by default). ``context`` is a ``TorchContext``, or any
+    ``plan`` is the family's ``ParallelPlan`` (Mochi's by default). ``attention``: ``[parallel] attention``, the
+    path of Mochi's joint attention ('auto' measures with ``timer``, by default CUDA events on CUDA). ``context`` is a ``TorchContext``, or any
     context without a ``topology`` (``SingleProcess``): one process. ``backend`` defaults to the context's parallel
     config ('native' when it has none). Every rank of a data-parallel group must call the returned model with the
     same full CFG batch; each returns the full noise prediction.
@@ -103,6 +125,8 @@ def parallelize_transformer(
         sp=axes["sp"],
         backend=backend or getattr(context, "sp_backend", None) or "native",
         plan=plan,
+        attention=attention,
+        timer=timer,
     )
     blocks = getattr(transformer, plan.blocks)
     processors = _processor_factory(plan)(transformer, context, state, kernel)
@@ -146,6 +170,15 @@ def installed_plan(transformer) -> ParallelPlan | None:
     """The ``ParallelPlan`` ``parallelize_transformer`` installed on ``transformer``, or None."""
     state: _ParallelState | None = getattr(transformer, _STATE_ATTR, None)
     return state.plan if state is not None else None
+
+
+def attention_facts(transformer) -> dict[str, Any] | None:
+    """The sidecar's ``parallel.attention``: the setting, and the path, kernel and candidate timings of the latest
+    forward (``AttentionChooser.facts``); None where no choice is made (Wan, the xfuser backend)."""
+    state: _ParallelState | None = getattr(transformer, _STATE_ATTR, None)
+    if state is None or state.chooser is None:
+        return None
+    return state.chooser.facts()
 
 
 def valid_local_tokens(transformer) -> int | None:
