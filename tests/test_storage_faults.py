@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -127,10 +126,8 @@ def test_retries_are_bounded_then_transient(proxy_factory, s3_uri, monkeypatch, 
     assert proxy.total == 3 == storage.request_count
 
 
-def test_access_denied_fails_fast_with_a_clear_message(proxy_factory, s3_uri, s3_bucket, monkeypatch):
+def test_access_denied_fails_fast_with_a_clear_message(proxy_factory, s3_uri, s3_bucket):
     proxy = proxy_factory(failure_rate=0.0, deny_path_prefix=f"/{s3_bucket}/out/private/")
-    # Default backoff: a wrongly retried 403 would spend the whole retry budget, many seconds.
-    monkeypatch.delenv("BATCHGEN_S3_BACKOFF_S")
     storage = open_storage(s3_uri)
     storage.put_bytes("public/ok.json", b"{}")
     for operation in (
@@ -139,17 +136,14 @@ def test_access_denied_fails_fast_with_a_clear_message(proxy_factory, s3_uri, s3
         lambda: storage.get_bytes("private/x.json"),
     ):
         before = proxy.total
-        started = time.monotonic()
         with pytest.raises(StorageError) as caught:
             operation()
-        elapsed = time.monotonic() - started
         assert type(caught.value) is StorageError  # not retryable, not "not found", not "already exists"
         assert caught.value.exit_code == EXIT_STORAGE
         message = str(caught.value)
         assert "access denied" in message and "AccessDenied" in message
         assert f"{s3_uri}/private/x.json" in message
-        assert proxy.total - before == 1, "a 403 must not be retried"
-        assert elapsed < 1.0
+        assert proxy.total - before == 1, "a 403 must not be retried"  # one request: no retry, no backoff
 
 
 def test_access_denied_on_first_use_fails_before_any_work(proxy_factory, s3_uri, s3_bucket):
@@ -163,10 +157,8 @@ def test_access_denied_on_first_use_fails_before_any_work(proxy_factory, s3_uri,
 def test_missing_bucket_fails_fast(s3_server):
     bucket = f"bg-missing-{uuid.uuid4().hex[:8]}"
     storage = open_storage(f"s3://{bucket}/out")
-    started = time.monotonic()
     with pytest.raises(StorageError, match=rf"bucket '{bucket}' does not exist \(endpoint {s3_server}\)") as caught:
         storage.put_bytes("run/plan/run.json", b"{}", if_absent=True)
-    assert time.monotonic() - started < 1.0
     assert caught.value.exit_code == EXIT_STORAGE
     assert storage.request_count == 1
 
