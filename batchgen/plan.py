@@ -250,10 +250,13 @@ def _runs_held(runs: list[str], parent: Storage | None) -> str:
     """Which runs the output root holds: this folder's, else (a mistyped run folder) its parent's."""
     if runs:
         return f"it holds runs {', '.join(runs)}"
-    parent_runs = list_runs(parent) if parent is not None else []
+    try:
+        parent_runs = list_runs(parent) if parent is not None else None
+    except StorageError:  # a folder above the output that these credentials may not list: say what we know
+        parent_runs = None
     if parent_runs:
         return f"{parent.uri} holds runs {', '.join(parent_runs)} (name one as {parent.uri}/<run-id>)"
-    above = "" if parent is None else ", nor does the folder above it"
+    above = ", nor does the folder above it" if parent_runs == [] else ""
     return f"it holds no run{above} (plan one with `batchgen run` or `batchgen plan`)"
 
 
