@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,18 +44,14 @@ CONTROL_PLANE = [
 ]
 
 SCRIPT = r"""
-import contextlib, importlib, importlib.util, io, json, pkgutil, sys
+import contextlib, importlib, io, json, pkgutil, sys
+
+import batchgen.k8s
 
 modules = json.loads(sys.argv[1])
-if importlib.util.find_spec("batchgen.k8s") is not None:
-    import batchgen.k8s
-    modules += [f"batchgen.k8s.{m.name}" for m in pkgutil.iter_modules(batchgen.k8s.__path__)]
-imported, skipped = [], []
-for name in modules:
-    # Modules that do not exist yet are skipped, not failed: each is checked once it lands.
-    if importlib.util.find_spec(name) is None:
-        skipped.append(name)
-        continue
+modules += [f"batchgen.k8s.{m.name}" for m in pkgutil.iter_modules(batchgen.k8s.__path__)]
+imported = []
+for name in modules:  # a listed module that is missing fails here: it was renamed or removed, update the list
     importlib.import_module(name)
     imported.append(name)
 
@@ -70,7 +65,7 @@ with contextlib.redirect_stdout(io.StringIO()) as help_text:
 with contextlib.redirect_stdout(io.StringIO()) as validate_out:
     code = main(["validate", sys.argv[2]])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in json.loads(sys.argv[3]))
-print(json.dumps({"imported": imported, "skipped": skipped, "validate_code": code,
+print(json.dumps({"imported": imported, "validate_code": code,
                   "validate_out": validate_out.getvalue(), "help": help_text.getvalue(), "heavy": heavy}))
 """
 
@@ -93,11 +88,24 @@ def test_control_plane_does_not_import_heavy_packages(tmp_path):
     assert "validate" in report["help"] and "plan" in report["help"]
 
 
-def test_help_starts_quickly():
-    # Generous sanity bound only: the machine is shared; real start-up timing belongs in the benchmark.
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "batchgen", "--help"], cwd=ROOT, capture_output=True, timeout=60)
-    elapsed = time.perf_counter() - start
+HELP_SCRIPT = r"""
+import contextlib, io, json, sys
+from batchgen.cli import main
+
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0, e.code
+packages = {m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - {"__main__"}
+print(json.dumps({"help": out.getvalue(), "packages": sorted(p for p in packages if not p.startswith("_"))}))
+"""
+
+
+def test_help_imports_no_third_party_package_but_the_metrics_client():
+    """`batchgen --help` starts fast because it loads nothing heavy: counted by what it imports, not timed."""
+    result = subprocess.run([sys.executable, "-c", HELP_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert b"exit codes" in result.stdout
-    assert elapsed < 5.0, f"batchgen --help took {elapsed:.1f} s"
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "exit codes" in report["help"]
+    assert report["packages"] == ["batchgen", "prometheus_client"], report["packages"]
