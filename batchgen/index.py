@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from batchgen import __version__, layout
 from batchgen.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError, TransientStorageError
+from batchgen.logs import log_context
 from batchgen.plan import RunPlan
 from batchgen.progress import RunProgress, scan_run
 from batchgen.records import INDEX_RENAMED, Sidecar, SidecarError, index_schema
@@ -242,6 +243,11 @@ def finalize(storage: Storage, plan: RunPlan) -> Finalized:
     4. if the index has changed since our put, a newer finaliser may have set the marker before we did: start over.
        Otherwise our index is the newest, and any later finaliser sets the marker after us.
     """
+    with log_context(run_id=plan.run_id):
+        return _finalize_rounds(storage, plan)
+
+
+def _finalize_rounds(storage: Storage, plan: RunPlan) -> Finalized:
     key = layout.index_key(plan.run_id)
     for _ in range(FINALIZE_ROUNDS):
         before = storage.head(key)
