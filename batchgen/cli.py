@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return e.exit_code
     except KeyboardInterrupt:
-        log.error("interrupted")
+        log.error("interrupted: nothing half-written is left; run the same command again to finish")
         return EXIT_INTERRUPTED
     except Exception:
         log.exception("unexpected error")
