@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from batchgen.cli import _command_modules, main
+from batchgen.cli import _command_modules, _merge_global_options, build_parser, main
 from batchgen.errors import (
     EXIT_BAD_INPUT,
     EXIT_INCOMPLETE,
@@ -603,3 +603,13 @@ def test_run_summary_counts_failed_and_flagged(world: World):
     assert "/errors/ (one JSON per failed item)" in failed
     done = world.result("run", "s3", "success").stdout
     assert re.search(r"^flagged +0 of 2 videos", done, re.M), done
+
+
+def test_global_options_are_accepted_on_both_sides_of_the_subcommand():
+    """Issue 19 item 2: as kubectl, aws and gcloud do; -v counts on both sides, the later --log-format wins."""
+    args = build_parser().parse_args(["-v", "--log-format", "text", "status", "out", "-v", "--log-format", "json"])
+    _merge_global_options(args)
+    assert (args.verbose, args.quiet, args.log_format) == (2, False, "json")
+    args = build_parser().parse_args(["validate", "m.parquet", "-q"])
+    _merge_global_options(args)
+    assert (args.verbose, args.quiet, args.log_format) == (0, True, None)
