@@ -18,8 +18,10 @@ How each situation is made:
 - interrupt: SIGINT raised at the command's first storage request, or at its first step where it has no storage;
   ``run``'s is a real SIGINT to a real ``batchgen run`` once its progress shows, so its workers are running.
 
-Commands run in this process (``batchgen.cli.main``, stdout and stderr captured), except ``run``'s interrupt.
-Global options go after the subcommand in every other case.
+Commands run in this process (``batchgen.cli.main``, stdout and stderr captured), which makes them as fast as the
+commands themselves, except ``run``'s: its success and failed cells are real ``batchgen run`` processes, all four
+started together when the module begins, so that they overlap each other and the other cells. One tiny model, one
+moto server and two fault proxies serve every cell. Global options go after the subcommand in every other case.
 """
 
 from __future__ import annotations
@@ -545,7 +547,14 @@ def assert_sentence(line: str, where: str) -> None:
     assert len(re.findall(r"[A-Za-z]{2,}", line)) >= 2, f"{where} is not a sentence: {line!r}"
 
 
-@pytest.mark.parametrize(("command", "backend", "situation"), CASES, ids=["/".join(case) for case in CASES])
+# A real run started and stopped on top of the four the module shares: slow.
+HEAVY = {("run", backend, "interrupt") for backend in BACKENDS}
+
+
+@pytest.mark.parametrize(
+    ("command", "backend", "situation"),
+    [pytest.param(*case, id="/".join(case), marks=[pytest.mark.slow] if case in HEAVY else []) for case in CASES],
+)
 def test_cli_case(world: World, command: str, backend: str, situation: str):
     case = cell(command, backend, situation)
     result = world.result(command, backend, situation)
