@@ -89,13 +89,13 @@ def run(args: argparse.Namespace) -> int:
                 generator.close()
         finally:
             context.close()
-    log.info(
-        "worker done: %d shard(s), %d generated, %d resumed, %d adopted, %d failed%s",
-        len(summary.shards),
-        summary.generated,
-        summary.resumed,
-        summary.adopted,
-        summary.failed,
-        f", stopped by signal {summary.interrupted}" if summary.interrupted else "",
-    )
+        log.info(
+            "worker done: %d shard(s), %d generated, %d resumed, %d adopted, %d failed%s",
+            len(summary.shards),
+            summary.generated,
+            summary.resumed,
+            summary.adopted,
+            summary.failed,
+            f", stopped by signal {summary.interrupted}" if summary.interrupted else "",
+        )
     return summary.exit_code

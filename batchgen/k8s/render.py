@@ -77,8 +77,9 @@ class LaunchSettings:
     """CFG parallel degree 1 or 2; 0 = the plan's config, else automatic."""
     sp_backend: str = "native"
     """native or xfuser."""
-    offload: str = "none"
-    """none, model or auto (offload only when the GPU is too small)."""
+    offload: str = ""
+    """auto (offload only when the GPU is too small), none or model; empty = the plan's ``[parallel] offload``
+    (whose default is auto)."""
     compile: bool = False
     """torch.compile the blocks' regions (README "Speed options"); off = the plan's ``[parallel] compile``."""
     fp8: bool = False
@@ -185,8 +186,8 @@ class LaunchSettings:
             problems.append(
                 f"attention must be empty (the plan's) or one of {ATTENTION_CHOICES}, got {self.attention!r}"
             )
-        if self.offload not in _OFFLOAD:
-            problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
+        if self.offload and self.offload not in _OFFLOAD:
+            problems.append(f"offload must be empty (the plan's) or one of {_OFFLOAD}, got {self.offload!r}")
         if not self.image:
             problems.append("image must not be empty")
         if (
@@ -277,8 +278,8 @@ def parse_shard_indices(text: str) -> list[str]:
 def resolve_parallel(settings: LaunchSettings, plan: Any | None = None):
     """The workers' ``ParallelConfig``: the plan's ``[parallel]`` with what the launch settings set on top.
 
-    Degrees of zero and speed options left off fall back to the plan's config (zero degrees there mean "choose
-    automatically"); the backend is the settings' own.
+    Degrees of zero, an empty offload and speed options left off fall back to the plan's config (zero degrees
+    there mean "choose automatically"); the backend is the settings' own.
     """
     from batchgen.config import ParallelConfig
 
@@ -289,6 +290,7 @@ def resolve_parallel(settings: LaunchSettings, plan: Any | None = None):
         ring_degree=settings.ring_degree or parallel.ring_degree,
         cfg_degree=settings.cfg_degree or parallel.cfg_degree,
         sp_backend=settings.sp_backend,
+        offload=settings.offload or parallel.offload,
         compile=settings.compile or parallel.compile,
         fp8=settings.fp8 or parallel.fp8,
         cache_threshold=settings.cache_threshold or parallel.cache_threshold,
@@ -328,7 +330,7 @@ def worker_command(job: JobIdentity, settings: LaunchSettings) -> list[str]:
     worker = WorkerArgs(
         output=settings.output, run_id=job.run_id, shards=tuple(job.shards), model_dir=settings.model_dir,
         ulysses=topology.ulysses, ring=topology.ring, cfg=topology.cfg, sp_backend=settings.sp_backend,
-        offload=settings.offload, compile=parallel.compile, fp8=parallel.fp8,
+        offload=parallel.offload, compile=parallel.compile, fp8=parallel.fp8,
         cache_threshold=parallel.cache_threshold, attention=parallel.attention,
     )  # fmt: skip
     # A failed rank fails the pod; the job's failure policy decides whether to retry it.
