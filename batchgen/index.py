@@ -314,9 +314,13 @@ def flagged_videos(storage: Storage, plan: RunPlan, progress: RunProgress) -> in
 
 
 def _flagged_in(storage: Storage, key: str) -> int:
-    table = pq.read_table(pa.BufferReader(storage.get_bytes(key)))
-    if FLAGS_COLUMN not in table.column_names:  # written before the quality gate existed
+    # One column through ParquetFile on this thread: pq.read_table's dataset scanner leaves Arrow threads that a
+    # command exiting right after this read can meet in teardown, aborting with "terminate called without an active
+    # exception" (exit -6; apache/arrow#34314). Seen here on `batchgen run` under load, after its summary.
+    parquet = pq.ParquetFile(pa.BufferReader(storage.get_bytes(key)), pre_buffer=False)
+    if FLAGS_COLUMN not in parquet.schema_arrow.names:  # written before the quality gate existed
         return 0
+    table = parquet.read(columns=[FLAGS_COLUMN], use_threads=False)
     return sum(1 for flags in table.column(FLAGS_COLUMN).to_pylist() if flags)
 
 
