@@ -1,0 +1,139 @@
+"""JobSet and the Kubeflow Trainer as local processes: their CRDs, webhook configurations and ClusterTrainingRuntimes
+come from the very module versions `make kube-bin` built (the unpacked module zip), rendered with the built
+kubectl's kustomize; only what a Deployment would have supplied is changed here:
+- the webhook configurations call https://127.0.0.1:PORT/<path> with our CA in caBundle instead of a Service,
+  as envtest's WebhookInstallOptions (controller-runtime pkg/envtest/webhook.go) and the Trainer's own
+  test/integration/framework do;
+- certificate rotation is off, and our serving certificate is where controller-runtime's webhook server looks
+  (webhook.certDir for JobSet; $TMPDIR/k8s-webhook-server/serving-certs, its default, for the Trainer);
+- leader election and metrics are off.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import kubebin
+import yaml
+from pki import CertPair
+
+WEBHOOK_KINDS = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
+Kubectl = Callable[..., subprocess.CompletedProcess]
+
+
+def _install_serving_cert(cert_dir: Path, cert: CertPair) -> None:
+    cert_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(cert.cert, cert_dir / "tls.crt")
+    shutil.copy(cert.key, cert_dir / "tls.key")
+
+
+def url_webhooks(rendered: str, port: int, ca: Path, name_prefix: str) -> list[dict]:
+    """The rendered webhook configurations with each Service reference turned into a loopback URL."""
+    ca_bundle = base64.b64encode(ca.read_bytes()).decode()
+    configs = [doc for doc in yaml.safe_load_all(rendered) if doc and doc.get("kind") in WEBHOOK_KINDS]
+    for config in configs:
+        if not config["metadata"]["name"].startswith(name_prefix):
+            config["metadata"]["name"] = name_prefix + config["metadata"]["name"]
+        for hook in config["webhooks"]:
+            path = hook["clientConfig"]["service"].get("path", "/")
+            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_bundle}
+    return configs
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str  # process and folder name
+    binary: str
+    component: str  # kubebin component whose module holds the manifests
+    crds: str  # path in the module: a file (applied with -f) or a kustomization (-k)
+    webhooks: str  # kustomization of the webhook configurations
+    name_prefix: str  # what the project's own default overlay prefixes the configurations' names with
+    after_webhooks: tuple[str, ...] = ()  # kustomizations applied once the webhooks answer (validated objects)
+
+    def module(self) -> Path:
+        module, version = kubebin.component(self.component).module_and_version()
+        return kubebin.module_dir(module, version)
+
+    def apply_crds(self, kubectl: Kubectl) -> None:
+        path = self.module() / self.crds
+        source = ["-k", str(path)] if path.is_dir() else ["-f", str(path)]
+        names = kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", *source, "-o", "name")
+        crds = names.stdout.split()
+        kubectl("wait", "--for=condition=Established", "--timeout=60s", *crds)
+
+    def tmpdir(self, folder: Path) -> Path:
+        path = folder / "tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_config(self, folder: Path, port: int, health_port: int, cert: CertPair) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.name == "jobset":
+            cert_dir = folder / "certs"
+            config = {
+                "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
+                "kind": "Configuration",
+                "leaderElection": {"leaderElect": False},
+                "internalCertManagement": {"enable": False},
+                "webhook": {"port": port, "host": "127.0.0.1", "certDir": str(cert_dir)},
+                "metrics": {"bindAddress": "0"},
+                "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+            }
+        else:
+            cert_dir = self.tmpdir(folder) / "k8s-webhook-server" / "serving-certs"
+            config = {
+                "apiVersion": "config.trainer.kubeflow.org/v1alpha1",
+                "kind": "Configuration",
+                "leaderElection": {"leaderElect": False},
+                "certManagement": {"enable": False},
+                "webhook": {"port": port, "host": "127.0.0.1"},
+                "metrics": {"bindAddress": "0"},
+                "health": {
+                    "healthProbeBindAddress": f"127.0.0.1:{health_port}",
+                    "readinessEndpointName": "readyz",
+                    "livenessEndpointName": "healthz",
+                },
+            }
+        _install_serving_cert(cert_dir, cert)
+        path = folder / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def apply_webhooks(self, kubectl: Kubectl, port: int, ca: Path, folder: Path) -> None:
+        rendered = kubectl("kustomize", str(self.module() / self.webhooks)).stdout
+        configs = url_webhooks(rendered, port, ca, self.name_prefix)
+        path = folder / "webhooks.yaml"
+        path.write_text(yaml.safe_dump_all(configs, sort_keys=False))
+        kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(path))
+
+    def apply_after_webhooks(self, kubectl: Kubectl) -> None:
+        for kustomization in self.after_webhooks:
+            kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-k",
+                    str(self.module() / kustomization))
+
+
+def operators() -> list[Operator]:
+    return [
+        Operator(
+            name="jobset",
+            binary="jobset",
+            component="jobset",
+            crds="config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml",
+            webhooks="config/components/webhook",
+            name_prefix="jobset-",
+        ),
+        Operator(
+            name="trainer",
+            binary="trainer-controller-manager",
+            component="trainer",
+            crds="manifests/base/crds",
+            webhooks="manifests/base/webhook",
+            name_prefix="",  # its kustomization already names them (validator.trainer.kubeflow.org, ...)
+            after_webhooks=("manifests/base/runtimes",),
+        ),
+    ]
