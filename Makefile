@@ -57,7 +57,7 @@ kube-down: $(STAMP) ## stop what kube-up started (each process by its PID)
 	@$(BIN)/python tools/kube/controlplane.py down --dir $(KUBE_DIR)
 
 test-kube: $(STAMP) kube-bin ## the tests against the real control plane (tests/realk8s)
-	$(BIN)/python -m pytest -q tests/realk8s $(PYTEST_ARGS)
+	BATCHGEN_KUBE_TESTS=required $(BIN)/python -m pytest -q tests/realk8s $(PYTEST_ARGS)
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf out .pytest_cache

@@ -225,8 +225,16 @@ class ControlPlane:
             folder = self.root / name
             self._proc(
                 name,
-                [sys.executable, str(NODE_AGENT), "--kubeconfig", str(kubeconfig), "--node-name", name,
-                 "--root", str(folder / "root")],
+                [
+                    sys.executable,
+                    str(NODE_AGENT),
+                    "--kubeconfig",
+                    str(kubeconfig),
+                    "--node-name",
+                    name,
+                    "--root",
+                    str(folder / "root"),
+                ],
             )
             self.node_names.append(name)
 
@@ -234,8 +242,12 @@ class ControlPlane:
         for name in self.node_names:
             process = next(p for p in self.started if p.name == name)
             process.wait_until(
-                lambda n=name: self.kubectl("get", "node", n, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
-                                            check=False).stdout.strip() == "True",
+                lambda n=name: (
+                    self.kubectl(
+                        "get", "node", n, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False
+                    ).stdout.strip()
+                    == "True"
+                ),
                 "Ready node",
                 timeout_s=60,
             )
@@ -243,8 +255,10 @@ class ControlPlane:
     def _default_service_account(self) -> None:
         """The serviceaccount controller creates `default` in each namespace: the sign that controllers run."""
         cm = next(p for p in self.started if p.name == "kube-controller-manager")
-        cm.wait_until(lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
-                      "ServiceAccount default/default")
+        cm.wait_until(
+            lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
+            "ServiceAccount default/default",
+        )
 
     # -- public ------------------------------------------------------------------------------------------------
     def kubectl(self, *args: str, check: bool = True, stdin: str | None = None):
@@ -252,7 +266,10 @@ class ControlPlane:
 
         result = subprocess.run(
             [self._binary("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-            input=stdin, capture_output=True, text=True, check=False,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if check and result.returncode != 0:
             raise StartupError(f"kubectl {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
@@ -272,6 +289,7 @@ class ControlPlane:
                 process.wait_until(lambda p=port, c=insecure: http_ok(f"https://127.0.0.1:{p}/healthz", c), "/healthz")
             self._moto()
             self._operators()
+            webhooks.apply_pytorchjob_crd(self.kubectl)
             self._node_agents()
             self._wait_nodes_ready()
             self._default_service_account()
@@ -343,8 +361,10 @@ def main(argv: list[str]) -> int:
     except StartupError as err:
         print(f"kube-up: {err}", file=sys.stderr)
         return 1
-    print(f"kube-up: control plane ready in {seconds:.1f} s (logs under {args.dir}); stop it with make kube-down",
-          file=sys.stderr)
+    print(
+        f"kube-up: control plane ready in {seconds:.1f} s (logs under {args.dir}); stop it with make kube-down",
+        file=sys.stderr,
+    )
     for name, value in plane.env().items():
         print(f"export {name}={shlex.quote(value)}")
     return 0

@@ -113,8 +113,9 @@ class Operator:
 
     def apply_after_webhooks(self, kubectl: Kubectl) -> None:
         for kustomization in self.after_webhooks:
-            kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-k",
-                    str(self.module() / kustomization))
+            kubectl(
+                "apply", "--server-side", "--field-manager=batchgen-kube-up", "-k", str(self.module() / kustomization)
+            )
 
 
 def operators() -> list[Operator]:
@@ -137,3 +138,12 @@ def operators() -> list[Operator]:
             after_webhooks=("manifests/base/runtimes",),
         ),
     ]
+
+
+def apply_pytorchjob_crd(kubectl: Kubectl) -> None:
+    """The v1 training operator's PyTorchJob CRD, from its module, so the server validates PyTorchJobs even where
+    the operator itself did not build (kubebin records why)."""
+    module, version = kubebin.component("training-operator").module_and_version()
+    crd = kubebin.module_dir(module, version) / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
+    kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(crd))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/pytorchjobs.kubeflow.org")
