@@ -209,6 +209,27 @@ class ControlPlane:
             operator.apply_webhooks(self.kubectl, port, self.pki.ca, folder)
             operator.apply_after_webhooks(self.kubectl)
 
+    def _training_operator(self) -> None:
+        """Optional (it may not have built: kubebin records why). PyTorchJob only, as batchgen uses it."""
+        if not (self.bin / "training-operator.v1").exists():
+            print("kube-up: training-operator.v1 not built: PyTorchJobs are validated, not run", file=sys.stderr)
+            return
+        port, health = free_port(), free_port()
+        folder = self.root / "training-operator"
+        webhooks.prepare_training_operator(self.kubectl, self.pki, folder, port)
+        process = self._proc(
+            "training-operator",
+            [
+                self._binary("training-operator.v1"),
+                "--enable-scheme=pytorchjob",
+                f"--webhook-server-port={port}",
+                "--metrics-bind-address=0",
+                f"--health-probe-bind-address=127.0.0.1:{health}",
+            ],
+            env={"KUBECONFIG": str(self.kubeconfig)},
+        )
+        process.wait_until(lambda: http_ok(f"http://127.0.0.1:{health}/readyz"), "/readyz")
+
     def _node_agents(self) -> None:
         if not NODE_AGENT.exists():
             print(f"kube-up: {NODE_AGENT} not present: no nodes (pods stay Pending)", file=sys.stderr)
@@ -290,6 +311,7 @@ class ControlPlane:
             self._moto()
             self._operators()
             webhooks.apply_pytorchjob_crd(self.kubectl)
+            self._training_operator()
             self._node_agents()
             self._wait_nodes_ready()
             self._default_service_account()

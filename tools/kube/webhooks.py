@@ -147,3 +147,34 @@ def apply_pytorchjob_crd(kubectl: Kubectl) -> None:
     crd = kubebin.module_dir(module, version) / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
     kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(crd))
     kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/pytorchjobs.kubeflow.org")
+
+
+TRAINING_OPERATOR_NAMESPACE = "kubeflow"  # the operator's default (pkg/cert/cert.go, MY_POD_NAMESPACE unset)
+TRAINING_OPERATOR_SERVICE = "training-operator"  # --webhook-service-name's default
+TRAINING_OPERATOR_SECRET = "training-operator-webhook-cert"
+# Its cert rotator (open-policy-agent/cert-controller) cannot be turned off and reads the kubelet-mounted Secret
+# from this fixed folder (pkg/cert/cert.go): one training operator per machine at a time.
+TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+
+
+def prepare_training_operator(kubectl: Kubectl, pki, folder: Path, port: int) -> None:
+    """What its Deployment would provide: the Secret its rotator keeps (our CA, so the rotator finds it valid and
+    keeps it), the same files where the kubelet would mount them, and the PyTorchJob webhook at a loopback URL."""
+    dns_name = f"{TRAINING_OPERATOR_SERVICE}.{TRAINING_OPERATOR_NAMESPACE}.svc"
+    cert = pki.serving("training-operator", (dns_name,))
+    files = {"ca.crt": pki.ca, "ca.key": pki.ca_key, "tls.crt": cert.cert, "tls.key": cert.key}
+    TRAINING_OPERATOR_CERT_DIR.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        shutil.copy(source, TRAINING_OPERATOR_CERT_DIR / name)
+    kubectl("create", "namespace", TRAINING_OPERATOR_NAMESPACE)
+    secret = ["create", "secret", "generic", TRAINING_OPERATOR_SECRET, "-n", TRAINING_OPERATOR_NAMESPACE]
+    kubectl(*secret, *(f"--from-file={name}={source}" for name, source in files.items()))
+    module, version = kubebin.component("training-operator").module_and_version()
+    rendered = kubectl("kustomize", str(kubebin.module_dir(module, version) / "manifests/base/webhook")).stdout
+    configs = url_webhooks(rendered, port, pki.ca, "")
+    for config in configs:  # only PyTorchJob is enabled (--enable-scheme): the other kinds' paths would not answer
+        config["webhooks"] = [hook for hook in config["webhooks"] if "pytorchjob" in hook["clientConfig"]["url"]]
+    path = folder / "webhooks.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump_all(configs, sort_keys=False))
+    kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(path))
