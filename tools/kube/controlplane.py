@@ -127,6 +127,9 @@ class ControlPlane:
                 f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                # The `kubernetes` Service's Endpoints may not hold a loopback address; node agents give pods
+                # KUBERNETES_SERVICE_HOST=127.0.0.1 themselves.
+                "--endpoint-reconciler-type=none",
                 f"--secure-port={port}",
                 f"--cert-dir={folder / 'certs'}",
                 f"--tls-cert-file={self.api_cert.cert}",

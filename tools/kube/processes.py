@@ -72,7 +72,9 @@ class Process:
         popen = getattr(self, "_popen", None)
         if popen is not None and popen.poll() is not None:
             return None
-        return record["pid"] if _cmdline(record["pid"])[:1] == record["argv"][:1] else None
+        argv = record["argv"]
+        # A script started through its #! line shows its interpreter first: compare the tail.
+        return record["pid"] if _cmdline(record["pid"])[-len(argv) :] == argv else None
 
     def stop(self, grace_s: float = 10.0) -> None:
         pid = self.running_pid()
