@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,17 @@ def _install_serving_cert(cert_dir: Path, cert: CertPair) -> None:
     cert_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(cert.cert, cert_dir / "tls.crt")
     shutil.copy(cert.key, cert_dir / "tls.key")
+
+
+def wait_established(kubectl: Kubectl, crds: list[str], timeout_s: float = 60) -> None:
+    """Polls instead of `kubectl wait`, which errors out when it reads a CRD before its status has conditions."""
+    established = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+    deadline = time.monotonic() + timeout_s
+    for crd in crds:
+        while kubectl("get", crd, "-o", established, check=False).stdout.strip() != "True":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{crd} not Established after {timeout_s:.0f} s")
+            time.sleep(0.2)
 
 
 def url_webhooks(rendered: str, port: int, ca: Path, name_prefix: str) -> list[dict]:
@@ -63,8 +75,7 @@ class Operator:
         path = self.module() / self.crds
         source = ["-k", str(path)] if path.is_dir() else ["-f", str(path)]
         names = kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", *source, "-o", "name")
-        crds = names.stdout.split()
-        kubectl("wait", "--for=condition=Established", "--timeout=60s", *crds)
+        wait_established(kubectl, names.stdout.split())
 
     def tmpdir(self, folder: Path) -> Path:
         path = folder / "tmp"
@@ -146,7 +157,7 @@ def apply_pytorchjob_crd(kubectl: Kubectl) -> None:
     module, version = kubebin.component("training-operator").module_and_version()
     crd = kubebin.module_dir(module, version) / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
     kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(crd))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/pytorchjobs.kubeflow.org")
+    wait_established(kubectl, ["crd/pytorchjobs.kubeflow.org"])
 
 
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"  # the operator's default (pkg/cert/cert.go, MY_POD_NAMESPACE unset)
