@@ -66,12 +66,12 @@ class Process:
 
     def running_pid(self) -> int | None:
         """The recorded PID while it still runs the recorded program (a reused PID is not ours)."""
+        popen = getattr(self, "_popen", None)
+        if popen is not None:  # started by this process: its own handle knows
+            return popen.pid if popen.poll() is None else None
         if not self.pid_file.exists():
             return None
         record = json.loads(self.pid_file.read_text())
-        popen = getattr(self, "_popen", None)
-        if popen is not None and popen.poll() is not None:
-            return None
         argv = record["argv"]
         # A script started through its #! line shows its interpreter first: compare the tail.
         return record["pid"] if _cmdline(record["pid"])[-len(argv) :] == argv else None
