@@ -45,6 +45,9 @@ CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
     "ttl-after-finished-controller",
     "pod-garbage-collector-controller",
+    # Removes the node.kubernetes.io/not-ready taint (TaintNodesByCondition admission puts it on every new Node)
+    # once the node agent reports Ready, and marks a node whose agent stopped heartbeating NotReady.
+    "node-lifecycle-controller",
     "clusterrole-aggregation-controller",
     "persistentvolume-binder-controller",
 )
@@ -182,6 +185,7 @@ class ControlPlane:
                 f"--authentication-kubeconfig={self.kubeconfigs['scheduler']}",
                 f"--authorization-kubeconfig={self.kubeconfigs['scheduler']}",
                 "--leader-elect=false",
+                "--v=2",  # one line per binding or scheduling failure
                 "--bind-address=127.0.0.1",
                 f"--secure-port={sched_port}",
             ],
