@@ -223,7 +223,7 @@ class ControlPlane:
             return
         port, health = free_port(), free_port()
         folder = self.root / "training-operator"
-        webhooks.prepare_training_operator(self.kubectl, self.pki, folder, port)
+        webhooks.prepare_training_operator(self.kubectl, folder, port)
         process = self._proc(
             "training-operator",
             [

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import kubebin
 import yaml
-from pki import CertPair
+from pki import CertPair, Pki
 
 WEBHOOK_KINDS = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
 Kubectl = Callable[..., subprocess.CompletedProcess]
@@ -163,15 +163,18 @@ def apply_pytorchjob_crd(kubectl: Kubectl) -> None:
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"  # the operator's default (pkg/cert/cert.go, MY_POD_NAMESPACE unset)
 TRAINING_OPERATOR_SERVICE = "training-operator"  # --webhook-service-name's default
 TRAINING_OPERATOR_SECRET = "training-operator-webhook-cert"
+TRAINING_OPERATOR_CA = "training-operator-ca"  # pkg/cert/cert.go caName
 # Its cert rotator (open-policy-agent/cert-controller) cannot be turned off and reads the kubelet-mounted Secret
 # from this fixed folder (pkg/cert/cert.go): one training operator per machine at a time.
 TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
 
 
-def prepare_training_operator(kubectl: Kubectl, pki, folder: Path, port: int) -> None:
-    """What its Deployment would provide: the Secret its rotator keeps (our CA, so the rotator finds it valid and
-    keeps it), the same files where the kubelet would mount them, and the PyTorchJob webhook at a loopback URL."""
+def prepare_training_operator(kubectl: Kubectl, folder: Path, port: int) -> None:
+    """What its Deployment would provide: the Secret its rotator keeps (a CA of the name the rotator expects and
+    certificates it finds valid, so it keeps them), the same files where the kubelet would mount them, and the
+    PyTorchJob webhook at a loopback URL."""
     dns_name = f"{TRAINING_OPERATOR_SERVICE}.{TRAINING_OPERATOR_NAMESPACE}.svc"
+    pki = Pki(folder / "pki", ca_name=TRAINING_OPERATOR_CA, rsa_pkcs1=True)
     cert = pki.serving("training-operator", (dns_name,))
     files = {"ca.crt": pki.ca, "ca.key": pki.ca_key, "tls.crt": cert.cert, "tls.key": cert.key}
     TRAINING_OPERATOR_CERT_DIR.mkdir(parents=True, exist_ok=True)
