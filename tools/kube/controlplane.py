@@ -66,8 +66,8 @@ class ControlPlane:
         self.ports: dict[str, int] = {}
 
     # -- the pieces -------------------------------------------------------------------------------------------
-    def _proc(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
-        process = Process(name, self.root / name).start(argv, env)
+    def _proc(self, name: str, argv: list[str], env: dict[str, str] | None = None, launcher: list[str] = ()) -> Process:
+        process = Process(name, self.root / name).start(argv, env, launcher)
         self.started.append(process)
         return process
 
@@ -223,7 +223,7 @@ class ControlPlane:
             return
         port, health = free_port(), free_port()
         folder = self.root / "training-operator"
-        webhooks.prepare_training_operator(self.kubectl, folder, port)
+        cert_dir = webhooks.prepare_training_operator(self.kubectl, folder, port)
         process = self._proc(
             "training-operator",
             [
@@ -234,6 +234,7 @@ class ControlPlane:
                 f"--health-probe-bind-address=127.0.0.1:{health}",
             ],
             env={"KUBECONFIG": str(self.kubeconfig)},
+            launcher=webhooks.operator_launcher(cert_dir),
         )
         process.wait_until(lambda: http_ok(f"http://127.0.0.1:{health}/readyz"), "/readyz")
 

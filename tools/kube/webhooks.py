@@ -12,6 +12,7 @@ kubectl's kustomize; only what a Deployment would have supplied is changed here:
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 import time
@@ -165,11 +166,24 @@ TRAINING_OPERATOR_SERVICE = "training-operator"  # --webhook-service-name's defa
 TRAINING_OPERATOR_SECRET = "training-operator-webhook-cert"
 TRAINING_OPERATOR_CA = "training-operator-ca"  # pkg/cert/cert.go caName
 # Its cert rotator (open-policy-agent/cert-controller) cannot be turned off and reads the kubelet-mounted Secret
-# from this fixed folder (pkg/cert/cert.go): one training operator per machine at a time.
+# from this fixed folder (pkg/cert/cert.go); operator_launcher gives each operator its own copy of it.
 TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
 
 
-def prepare_training_operator(kubectl: Kubectl, folder: Path, port: int) -> None:
+def operator_launcher(cert_dir: Path) -> list[str]:
+    """As root, a private mount namespace binds ``cert_dir`` over the fixed folder, as the kubelet mounts the
+    Secret into the pod, so control planes side by side do not share it. Elsewhere the fixed folder is used
+    directly: one training operator per machine at a time."""
+    TRAINING_OPERATOR_CERT_DIR.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        for name in ("ca.crt", "ca.key", "tls.crt", "tls.key"):
+            shutil.copy(cert_dir / name, TRAINING_OPERATOR_CERT_DIR / name)
+        return []
+    bind = f'mount --bind {cert_dir} {TRAINING_OPERATOR_CERT_DIR} && exec "$0" "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", bind]
+
+
+def prepare_training_operator(kubectl: Kubectl, folder: Path, port: int) -> Path:
     """What its Deployment would provide: the Secret its rotator keeps (a CA of the name the rotator expects and
     certificates it finds valid, so it keeps them), the same files where the kubelet would mount them, and the
     PyTorchJob webhook at a loopback URL."""
@@ -177,9 +191,10 @@ def prepare_training_operator(kubectl: Kubectl, folder: Path, port: int) -> None
     pki = Pki(folder / "pki", ca_name=TRAINING_OPERATOR_CA, rsa_pkcs1=True)
     cert = pki.serving("training-operator", (dns_name,))
     files = {"ca.crt": pki.ca, "ca.key": pki.ca_key, "tls.crt": cert.cert, "tls.key": cert.key}
-    TRAINING_OPERATOR_CERT_DIR.mkdir(parents=True, exist_ok=True)
+    cert_dir = folder / "serving-certs"
+    cert_dir.mkdir(parents=True, exist_ok=True)
     for name, source in files.items():
-        shutil.copy(source, TRAINING_OPERATOR_CERT_DIR / name)
+        shutil.copy(source, cert_dir / name)
     kubectl("create", "namespace", TRAINING_OPERATOR_NAMESPACE)
     secret = ["create", "secret", "generic", TRAINING_OPERATOR_SECRET, "-n", TRAINING_OPERATOR_NAMESPACE]
     kubectl(*secret, *(f"--from-file={name}={source}" for name, source in files.items()))
@@ -192,3 +207,4 @@ def prepare_training_operator(kubectl: Kubectl, folder: Path, port: int) -> None
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump_all(configs, sort_keys=False))
     kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(path))
+    return cert_dir
