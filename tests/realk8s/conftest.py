@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools" / "kube"))
+from tools.kube import controlplane, kubebin
 
-import controlplane  # noqa: E402
-import kubebin  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 RESTRICTED = "restricted"
 REQUIRED = os.environ.get("BATCHGEN_KUBE_TESTS") == "required"

@@ -51,7 +51,7 @@ def namespaces_of(yaml_text: str) -> set[str]:
 
 
 def test_server_reports_the_release_it_was_built_from(control_plane):
-    import kubebin
+    from tools.kube import kubebin
 
     version = yaml.safe_load(control_plane.kubectl("version", "-o", "yaml").stdout)["serverVersion"]
     assert version["gitVersion"] == kubebin.version_of("kubernetes")

@@ -25,12 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a script: make `tools.kube` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import kubebin  # noqa: E402
-import pki  # noqa: E402
-import webhooks  # noqa: E402
-from processes import Process, StartupError, free_port, http_ok, tls_context, tls_listening  # noqa: E402
+from tools.kube import kubebin, pki, webhooks  # noqa: E402
+from tools.kube.processes import Process, StartupError, free_port, http_ok, tls_context, tls_listening  # noqa: E402
 
 DEFAULT_DIR = Path(os.environ.get("BATCHGEN_KUBE_DIR", Path.home() / ".cache" / "batchgen" / "kube-up"))
 NODE_AGENT = Path(__file__).resolve().parent / "node_agent.py"

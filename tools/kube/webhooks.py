@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import kubebin
 import yaml
-from pki import CertPair, Pki
+
+from tools.kube import kubebin
+from tools.kube.pki import CertPair, Pki
 
 WEBHOOK_KINDS = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
 Kubectl = Callable[..., subprocess.CompletedProcess]
