@@ -26,6 +26,7 @@ from tools.kube import kubebin
 from tools.kube.pki import CertPair, Pki
 
 WEBHOOK_KINDS = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
+APPLY = ("apply", "--server-side", "--field-manager=batchgen-kube-up")
 Kubectl = Callable[..., subprocess.CompletedProcess]
 
 
@@ -76,7 +77,7 @@ class Operator:
     def apply_crds(self, kubectl: Kubectl) -> None:
         path = self.module() / self.crds
         source = ["-k", str(path)] if path.is_dir() else ["-f", str(path)]
-        names = kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", *source, "-o", "name")
+        names = kubectl(*APPLY, *source, "-o", "name")
         wait_established(kubectl, names.stdout.split())
 
     def tmpdir(self, folder: Path) -> Path:
@@ -122,13 +123,11 @@ class Operator:
         configs = url_webhooks(rendered, port, ca, self.name_prefix)
         path = folder / "webhooks.yaml"
         path.write_text(yaml.safe_dump_all(configs, sort_keys=False))
-        kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(path))
+        kubectl(*APPLY, "-f", str(path))
 
     def apply_after_webhooks(self, kubectl: Kubectl) -> None:
         for kustomization in self.after_webhooks:
-            kubectl(
-                "apply", "--server-side", "--field-manager=batchgen-kube-up", "-k", str(self.module() / kustomization)
-            )
+            kubectl(*APPLY, "-k", str(self.module() / kustomization))
 
 
 def operators() -> list[Operator]:
@@ -158,7 +157,7 @@ def apply_pytorchjob_crd(kubectl: Kubectl) -> None:
     the operator itself did not build (kubebin records why)."""
     module, version = kubebin.component("training-operator").module_and_version()
     crd = kubebin.module_dir(module, version) / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
-    kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(crd))
+    kubectl(*APPLY, "-f", str(crd))
     wait_established(kubectl, ["crd/pytorchjobs.kubeflow.org"])
 
 
@@ -207,5 +206,5 @@ def prepare_training_operator(kubectl: Kubectl, folder: Path, port: int) -> Path
     path = folder / "webhooks.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump_all(configs, sort_keys=False))
-    kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(path))
+    kubectl(*APPLY, "-f", str(path))
     return cert_dir
