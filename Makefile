@@ -52,7 +52,22 @@ perf-tables: $(STAMP) ## regenerate README.md's performance tables from the file
 jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen render`
 	$(BIN)/python -m batchgen.k8s.examples --write jobs
 
+# A real control plane built from Go modules (tools/kube/; README "A real control plane"). Needs Go 1.26.
+KUBE_DIR ?= $(HOME)/.cache/batchgen/kube-up
+
+kube-bin: ## build etcd, kube-apiserver/-controller-manager/-scheduler, kubectl, helm, JobSet, Trainer, training operator (cached; KUBE_BIN_EXTRA=kueue adds Kueue)
+	@$(PY) tools/kube/kubebin.py build
+
+kube-up: $(STAMP) kube-bin ## start the local control plane; prints export lines: eval "$$(make -s kube-up)"
+	@$(BIN)/python tools/kube/controlplane.py up --dir $(KUBE_DIR)
+
+kube-down: $(STAMP) ## stop what kube-up started (each process by its PID)
+	@$(BIN)/python tools/kube/controlplane.py down --dir $(KUBE_DIR)
+
+test-kube: $(STAMP) kube-bin ## the tests against the real control plane (tests/realk8s)
+	BATCHGEN_KUBE_TESTS=required $(BIN)/python -m pytest -q tests/realk8s $(PYTEST_ARGS)
+
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf out .pytest_cache
 
-.PHONY: help venv demo test test-fast lint bench device-wheels perf-tables jobs clean
+.PHONY: help venv demo test test-fast lint bench device-wheels perf-tables jobs clean kube-bin kube-up kube-down test-kube
