@@ -118,6 +118,9 @@ class PodWorker:
         self.log_dir = host.root / "logs" / self.key
         self.init = [Container(c, True) for c in pod["spec"].get("initContainers") or []]
         self.main = [Container(c, False) for c in pod["spec"].get("containers") or []]
+        if self.init:  # kubelet_pods.go convertToAPIContainerStatuses: waiting for the init containers
+            for container in self.main:
+                container.record.reason = "PodInitializing"
         self.stopping = threading.Event()
         self.stop_grace: int | None = None
         self.deleting = False
@@ -153,16 +156,22 @@ class PodWorker:
             self._publish()
             if self._setup() and self._run_init():
                 self._run_main()
-            if self.stopping.is_set():
-                self._kill_all()
-                self.terminal = True
-            self._publish()
+            self._finish()
             if self.deleting:
                 self.host.delete(self.pod)
         except Exception:
-            log.exception("pod %s: worker failed", self.key)
+            log.exception("pod %s: worker failed; killing its processes", self.key)
+            self.stopping.set()
+            self.stop_grace = MINIMUM_GRACE_S
+            self._finish()
         finally:
             self.done.set()
+
+    def _finish(self) -> None:
+        if self.stopping.is_set():
+            self._kill_all()
+            self.terminal = True
+        self._publish()
 
     def _publish(self) -> None:
         view = PodView(
@@ -297,13 +306,11 @@ class PodWorker:
         try:
             with open(log_path, "ab") as out:
                 container.process = subprocess.Popen(
-                    ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
-                    + [str(marker_fd), *argv],
+                    ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *argv],
                     env=env,
-                    stdin=subprocess.DEVNULL,
+                    stdin=marker_fd,
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    pass_fds=(marker_fd,),
                     start_new_session=True,  # its own process group: SIGTERM reaches every process of it
                 )
         finally:

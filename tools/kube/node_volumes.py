@@ -205,9 +205,9 @@ def order_mounts(mounts: Sequence[Mount]) -> list[Mount]:
 
 
 def mount_script(mounts: Sequence[Mount], workdir: str) -> str:
-    """The sh program that runs in the new mount namespace before exec'ing the container's argv ("$@"). fd 3 is
-    the start marker, opened by the agent before any mount can hide it; a setup failure exits START_FAILED with
-    the marker empty."""
+    """The sh program that runs in the new mount namespace, then execs the container's argv ("$@") with stdin on
+    /dev/null. Its stdin is the start marker, opened for writing by the agent before any mount can hide the file;
+    a setup failure exits START_FAILED with the marker empty."""
     lines = []
     for mount in mounts:
         source, target = shlex.quote(str(mount.source)), shlex.quote(mount.target)
@@ -217,8 +217,8 @@ def mount_script(mounts: Sequence[Mount], workdir: str) -> str:
             lines.append(f"mount -o remount,bind,ro {target} || fail 'read-only {mount.target}'")
     quoted = shlex.quote(workdir)
     lines.append(f"{{ mkdir -p {quoted} && cd {quoted}; }} || fail 'workingDir {workdir}'")
-    lines.append('command -v -- "$1" > /dev/null || fail "executable file not found in $PATH: $1"')
-    lines.append("echo started >&3 && exec 3>&-")
+    lines.append('command -v -- "$1" > /dev/null || fail "exec: \\"$1\\": executable file not found in \\$PATH"')
+    lines.append("echo started >&0 && exec 0< /dev/null")
     lines.append('exec "$@"')
     fail = f'fail() {{ echo "node-agent: $1" >&2; exit {START_FAILED}; }}'
     return "\n".join([fail, *lines])
