@@ -210,8 +210,9 @@ class PodVolumes:
 
 
 class NodeAgent:
-    def __init__(self, api: KubeApi, args: argparse.Namespace):
+    def __init__(self, api: KubeApi, args: argparse.Namespace, dns_api: KubeApi | None = None):
         self.api = api
+        self.dns_api = dns_api or api
         self.node_name: str = args.node_name
         self.root: Path = args.root.resolve()
         self.no_run_s: float | None = args.no_run
@@ -407,12 +408,21 @@ class NodeAgent:
         return PodVolumes(self, pod)
 
     def dns_names(self, namespace: str) -> list[str]:
+        """The names cluster DNS would serve in `namespace`, read with the DNS identity (--dns-kubeconfig): a node
+        may list Services but, under the Node authorizer, only its own pods; then peers are this node's pods."""
         cached = self._dns_cache.get(namespace)
         if cached and time.monotonic() - cached[0] < DNS_CACHE_S:
             return cached[1]
         base = f"/api/v1/namespaces/{namespace}"
-        services = [s["metadata"]["name"] for s in self.api.request("GET", f"{base}/services")["items"]]
-        names = dns_names(namespace, services, self.api.request("GET", f"{base}/pods")["items"])
+        services = [s["metadata"]["name"] for s in self.dns_api.request("GET", f"{base}/services")["items"]]
+        try:
+            pods = self.dns_api.request("GET", f"{base}/pods")["items"]
+        except ApiException as e:
+            if e.status != 403:
+                raise
+            with self._lock:
+                pods = [w.pod for w in self.workers.values() if w.pod["metadata"]["namespace"] == namespace]
+        names = dns_names(namespace, services, pods)
         self._dns_cache[namespace] = (time.monotonic(), names)
         return names
 
@@ -449,6 +459,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-run", type=float, default=None, metavar="SECONDS", help="run nothing; exit 0 after SECONDS"
     )
+    parser.add_argument(
+        "--dns-kubeconfig",
+        type=Path,
+        help="identity that names are looked up with, as cluster DNS has one (lists Services and pods); "
+        "default: --kubeconfig",
+    )
     parser.add_argument("--shutdown-grace", type=int, default=10, help="cap on grace periods when the agent stops")
     return parser.parse_args(argv)
 
@@ -461,10 +477,11 @@ def main(argv: list[str] | None = None) -> int:
             "node_agent: running containers needs root and unshare (a private mount namespace per pod)", file=sys.stderr
         )
         return EXIT_USAGE
-    if not args.kubeconfig.is_file():
-        print(f"node_agent: --kubeconfig {args.kubeconfig}: no such file", file=sys.stderr)
-        return EXIT_USAGE
-    agent = NodeAgent(KubeApi(args.kubeconfig), args)
+    for option, path in (("--kubeconfig", args.kubeconfig), ("--dns-kubeconfig", args.dns_kubeconfig)):
+        if path is not None and not path.is_file():
+            print(f"node_agent: {option} {path}: no such file", file=sys.stderr)
+            return EXIT_USAGE
+    agent = NodeAgent(KubeApi(args.kubeconfig), args, KubeApi(args.dns_kubeconfig) if args.dns_kubeconfig else None)
     agent.root.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stop.set())

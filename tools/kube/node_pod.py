@@ -38,6 +38,7 @@ BACKOFF_INITIAL_S = 10.0  # kubelet.go: backOffPeriod, doubled per restart up to
 BACKOFF_MAX_S = 300.0
 SETUP_RETRY_S = 2.0
 POLL_S = 0.1
+HOSTS_REFRESH_S = 2.0
 
 
 class NodeHost(Protocol):
@@ -128,6 +129,7 @@ class PodWorker:
         self.terminal = False
         self.start_time = now()
         self.volumes: dict[str, Volume] = {}
+        self.hosts_written = 0.0
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pod {self.key}", daemon=True)
 
@@ -209,9 +211,19 @@ class PodWorker:
         """Rewritten in place (the bind mount follows the inode) so names created later resolve too."""
         content = hosts_file(self.pod, self.host.pod_ip, self.host.dns_names(self.pod["metadata"]["namespace"]))
         path = self.dir / "etc-hosts"
+        self.hosts_written = time.monotonic()
         if not path.exists() or path.read_text() != content:
             with open(path, "w") as f:
                 f.write(content)
+
+    def _refresh_hosts(self) -> None:
+        """Names created after the pod started (a peer's pod, a Service) resolve too, as DNS would serve them."""
+        if self.host.no_run_s is not None or time.monotonic() - self.hosts_written < HOSTS_REFRESH_S:
+            return
+        try:
+            self._write_hosts()
+        except Exception as e:  # best effort: the file keeps its last content
+            log.warning("pod %s: /etc/hosts not refreshed: %s", self.key, e)
 
     def _set_waiting(self, reason: str, message: str) -> None:
         changed = False
@@ -263,6 +275,7 @@ class PodWorker:
             if not pending and all(c.record.state != "running" for c in self.main):
                 return
             if not exited and not started:
+                self._refresh_hosts()
                 self.stopping.wait(POLL_S)
 
     # -- processes ------------------------------------------------------------------------------------------
