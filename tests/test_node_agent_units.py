@@ -372,13 +372,13 @@ def _run(host: RecordingHost, pod: dict, timeout=30) -> dict:
 @needs_root
 def test_worker_exit_code_reaches_the_terminated_state(tmp_path):
     host = RecordingHost(tmp_path)
-    final = _run(host, _shell_pod("echo hi > /scratch-vol/f && getent hosts peer-0.svc-x && exit 7"))
+    final = _run(host, _shell_pod("echo hi > /scratch-vol/f && getent hosts peer-0.svc-x && hostname && exit 7"))
     assert final["phase"] == "Failed"
     terminated = final["containerStatuses"][0]["state"]["terminated"]
     assert (terminated["exitCode"], terminated["reason"]) == (7, "Error")
     assert [s["phase"] for s in host.statuses][:1] == ["Pending"] and "Running" in [s["phase"] for s in host.statuses]
     log = next((tmp_path / "logs").glob("*/main/0.log")).read_text()
-    assert "127.0.0.1       peer-0.svc-x" in log
+    assert log.splitlines() == ["127.0.0.1       peer-0.svc-x", "p"]  # the pod's name is its hostname
     assert next((tmp_path / "pods").glob("*/volumes/scratch/f")).read_text() == "hi\n"
 
 

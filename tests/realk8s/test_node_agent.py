@@ -147,7 +147,7 @@ for folder in ("/etc/agent/config", "/etc/agent/secret", "/etc/podinfo", "/scrat
 names = ["tj-node-0-0.tj", "tj-node-0-1.tj", "tj", "job-master-0", "tj-node-0-1.tj.everything.svc.cluster.local"]
 print(json.dumps({
     "env": dict(os.environ), "argv": sys.argv[1:], "cwd": os.getcwd(), "user": review["status"]["userInfo"],
-    "files": files, "resolved": {n: socket.gethostbyname(n) for n in names}, "batchgen": shutil.which("batchgen"),
+    "hostname": socket.gethostname(), "files": files, "resolved": {n: socket.gethostbyname(n) for n in names}, "batchgen": shutil.which("batchgen"),
 }))
 """
 
@@ -248,6 +248,7 @@ def test_env_volumes_token_and_names_as_the_kubelet_gives_them(cluster):
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert report["batchgen"] == str(Path(sys.executable).parent / "batchgen")
     assert report["argv"] == ["everything-arg", "$(POD_NAME)"] and report["cwd"] == "/data"
+    assert report["hostname"] == "tj-node-0-0"
     # the projected token is a real bound token: the API server knows the pod it belongs to
     assert report["user"]["username"] == f"system:serviceaccount:{ns}:default"
     assert report["user"]["extra"]["authentication.kubernetes.io/pod-name"] == ["everything"]

@@ -63,6 +63,7 @@ DNS_CACHE_S = 1.0
 MAX_PODS = "110"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_USAGE = 2
+POOL_SIZE = 32
 
 
 class KubeApi:
@@ -71,6 +72,7 @@ class KubeApi:
     def __init__(self, kubeconfig: Path):
         configuration = client.Configuration()
         config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        configuration.connection_pool_maxsize = POOL_SIZE  # one pod worker thread per pod publishes at once
         self.client = client.ApiClient(configuration)
         url = urlsplit(configuration.host)
         self.host, self.port = url.hostname or LOOPBACK, url.port or 443
@@ -277,7 +279,10 @@ class NodeAgent:
                 raise
             self.api.merge_patch(f"/api/v1/nodes/{self.node_name}", {"metadata": {"labels": labels}})
         registered = self.api.merge_patch(f"/api/v1/nodes/{self.node_name}/status", {"status": self.node_status()})
-        self._renew_lease(registered["metadata"]["uid"])
+        try:
+            self._renew_lease(registered["metadata"]["uid"])
+        except ApiException as e:  # the heartbeat tries again
+            log.warning("lease: %s %s", e.status, e.reason)
         log.info("node %s registered (%s)", self.node_name, ", ".join(f"{k}={v}" for k, v in self.allocatable.items()))
         return registered
 

@@ -306,11 +306,12 @@ class PodWorker:
             container.process = None
             self._record_start(container, f"node-agent://no-run/{self.key}/{record.name}/{attempt}")
             return
-        env = {**self.host.image.env, "HOSTNAME": self.pod["spec"].get("hostname") or self.pod["metadata"]["name"]}
+        hostname = self.pod["spec"].get("hostname") or self.pod["metadata"]["name"]
+        env = {**self.host.image.env, "HOSTNAME": hostname}
         env.update(resolve_env(self.pod, container.spec, self.host.env_sources(self.pod)))
         argv = container_argv(container.spec, env, self.host.image)
         mounts = container_mounts(container.spec, self.volumes, self.dir / "etc-hosts")
-        script = mount_script(mounts, container.spec.get("workingDir") or self.host.image.workdir)
+        script = mount_script(mounts, container.spec.get("workingDir") or self.host.image.workdir, hostname)
         log_path = self.log_dir / record.name / f"{attempt}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         container.marker = self.dir / "started" / f"{record.name}-{attempt}"
@@ -319,7 +320,7 @@ class PodWorker:
         try:
             with open(log_path, "ab") as out:
                 container.process = subprocess.Popen(
-                    ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *argv],
+                    ["unshare", "--mount", "--uts", "--propagation", "private", "--", "sh", "-c", script, "sh", *argv],
                     env=env,
                     stdin=marker_fd,
                     stdout=out,

@@ -163,6 +163,14 @@ def _condition(kind: str, ok: bool, reason: str = "", message: str = "") -> dict
     return condition
 
 
+def _not_ready_message(unknown: list[str], others: list[str], state: str) -> str:
+    """generate.go's message: "containers with unknown status: [a], containers with <state> status: [b]"."""
+    parts = [f"containers with unknown status: [{' '.join(unknown)}]"] if unknown else []
+    if others:
+        parts.append(f"containers with {state} status: [{' '.join(others)}]")
+    return ", ".join(parts)
+
+
 def _containers_ready(spec: Mapping[str, Any], regular: Mapping[str, ContainerRecord], phase: str) -> dict:
     """kubernetes pkg/kubelet/status/generate.go GenerateContainersReadyCondition."""
     if phase in ("Succeeded", "Failed"):
@@ -170,13 +178,9 @@ def _containers_ready(spec: Mapping[str, Any], regular: Mapping[str, ContainerRe
     names = [c["name"] for c in spec.get("containers") or []]
     unknown = [n for n in names if n not in regular]
     unready = [n for n in names if n in regular and not regular[n].ready]
-    messages = []
-    if unknown:
-        messages.append(f"containers with unknown status: [{' '.join(unknown)}]")
-    if unready:
-        messages.append(f"containers with unready status: [{' '.join(unready)}]")
-    if messages:
-        return _condition("ContainersReady", False, "ContainersNotReady", ", ".join(messages))
+    message = _not_ready_message(unknown, unready, "unready")
+    if message:
+        return _condition("ContainersReady", False, "ContainersNotReady", message)
     return _condition("ContainersReady", True)
 
 
@@ -187,13 +191,9 @@ def _initialized(spec: Mapping[str, Any], init: Mapping[str, ContainerRecord], s
     if (phase == "Succeeded" and not unknown) or started:
         return _condition("Initialized", True, "PodCompleted" if phase == "Succeeded" else "")
     incomplete = [n for n in names if n in init and not init[n].ready]
-    messages = []
-    if unknown:
-        messages.append(f"containers with unknown status: [{' '.join(unknown)}]")
-    if incomplete:
-        messages.append(f"containers with incomplete status: [{' '.join(incomplete)}]")
-    if messages:
-        return _condition("Initialized", False, "ContainersNotInitialized", ", ".join(messages))
+    message = _not_ready_message(unknown, incomplete, "incomplete")
+    if message:
+        return _condition("Initialized", False, "ContainersNotInitialized", message)
     return _condition("Initialized", True)
 
 

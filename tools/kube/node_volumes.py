@@ -204,11 +204,11 @@ def order_mounts(mounts: Sequence[Mount]) -> list[Mount]:
     return ordered
 
 
-def mount_script(mounts: Sequence[Mount], workdir: str) -> str:
-    """The sh program that runs in the new mount namespace, then execs the container's argv ("$@") with stdin on
+def mount_script(mounts: Sequence[Mount], workdir: str, hostname: str) -> str:
+    """The sh program that runs in the new mount (and UTS) namespace, then execs the container's argv ("$@") with stdin on
     /dev/null. Its stdin is the start marker, opened for writing by the agent before any mount can hide the file;
     a setup failure exits START_FAILED with the marker empty."""
-    lines = []
+    lines = [f"hostname {shlex.quote(hostname)} || fail 'hostname {hostname}'"]  # in its own UTS namespace
     for mount in mounts:
         source, target = shlex.quote(str(mount.source)), shlex.quote(mount.target)
         make = f"mkdir -p {target}" if mount.source.is_dir() else f"mkdir -p $(dirname {target}) && touch {target}"
