@@ -253,7 +253,7 @@ def test_status_conditions_keep_transition_times_and_foreign_conditions():
     spec = {"restartPolicy": "Never", "containers": [{"name": "m"}, {"name": "n"}]}
     foreign = {"type": "DisruptionTarget", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}
     old_ready = {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:01Z"}
-    view = PodView(spec, [foreign, old_ready], "127.0.0.1", "127.0.0.1", "t0", sandbox_ready=True, terminal=False)
+    view = PodView(spec, [foreign, old_ready], [], "127.0.0.1", "127.0.0.1", "t0", sandbox_ready=True, terminal=False)
     status = pod_status(view, [], [_record("m", "running"), _record("n", "waiting")])
     by_type = {c["type"]: c for c in status["conditions"]}
     assert status["phase"] == "Pending" and status["podIP"] == "127.0.0.1"

@@ -130,6 +130,7 @@ class PodWorker:
         self.start_time = now()
         self.volumes: dict[str, Volume] = {}
         self.hosts_written = 0.0
+        self.published_conditions: list[dict] = []
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pod {self.key}", daemon=True)
 
@@ -158,14 +159,16 @@ class PodWorker:
             self._publish()
             if self._setup() and self._run_init():
                 self._run_main()
+        except Exception:
+            log.exception("pod %s: worker failed; killing its processes", self.key)
+            self.stop_grace = MINIMUM_GRACE_S
+            self.stopping.set()
+        try:
             self._finish()
             if self.deleting:
                 self.host.delete(self.pod)
         except Exception:
-            log.exception("pod %s: worker failed; killing its processes", self.key)
-            self.stopping.set()
-            self.stop_grace = MINIMUM_GRACE_S
-            self._finish()
+            log.exception("pod %s: final status or deletion not written", self.key)
         finally:
             self.done.set()
 
@@ -179,13 +182,16 @@ class PodWorker:
         view = PodView(
             spec=self.pod["spec"],
             api_conditions=(self.pod.get("status") or {}).get("conditions") or [],
+            previous_conditions=self.published_conditions,
             host_ip=self.host.host_ip,
             pod_ip=self.host.pod_ip,
             start_time=self.start_time,
             sandbox_ready=self.sandbox_ready,
             terminal=self.terminal,
         )
-        self.host.publish(self.pod, pod_status(view, [c.record for c in self.init], [c.record for c in self.main]))
+        status = pod_status(view, [c.record for c in self.init], [c.record for c in self.main])
+        self.published_conditions = status["conditions"]
+        self.host.publish(self.pod, status)
 
     def _setup(self) -> bool:
         """Volumes and /etc/hosts; retried while a source is missing (the kubelet's ContainerCreating)."""

@@ -236,6 +236,8 @@ class PodView:
 
     spec: Mapping[str, Any]
     api_conditions: Sequence[Mapping[str, Any]]
+    previous_conditions: Sequence[Mapping[str, Any]]
+    """What we last wrote (the kubelet's status cache): transition times survive a watch that lags behind."""
     host_ip: str
     pod_ip: str
     start_time: str
@@ -252,7 +254,7 @@ def pod_status(view: PodView, init: Sequence[ContainerRecord], regular: Sequence
     others = [dict(c) for c in view.api_conditions if c.get("type") not in KUBELET_CONDITIONS]
     status: dict[str, Any] = {
         "phase": phase,
-        "conditions": others + with_transition_times(ours, view.api_conditions),
+        "conditions": others + with_transition_times(ours, view.previous_conditions or view.api_conditions),
         "hostIP": view.host_ip,
         "hostIPs": [{"ip": view.host_ip}],
         "startTime": view.start_time,
