@@ -152,7 +152,8 @@ print(json.dumps({
 """
 
 
-def _everything_pod(cluster: Cluster, namespace: str) -> dict:
+def _everything_objects(cluster: Cluster, namespace: str) -> None:
+    """What the pod refers to: a ConfigMap, a Secret, two headless Services, a PVC bound to a hostPath PV."""
     base = f"/api/v1/namespaces/{namespace}"
     cluster.admin.request(
         "POST", f"{base}/configmaps", {"metadata": {"name": "settings"}, "data": {"MODE": "fast", "LEVEL": "2"}}
@@ -172,6 +173,10 @@ def _everything_pod(cluster: Cluster, namespace: str) -> dict:
     claim.update(volumeName=f"{namespace}-pv", storageClassName="")
     cluster.admin.request("POST", f"{base}/persistentvolumeclaims", {"metadata": {"name": "claim"}, "spec": claim})
     (cluster.data_dir / "seed").write_text("seeded on the host")
+
+
+def _everything_pod(cluster: Cluster, namespace: str) -> dict:
+    _everything_objects(cluster, namespace)
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
