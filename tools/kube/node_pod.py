@@ -17,6 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
 from tools.kube.node_env import ContainerConfigError, EnvSources, Image, container_argv, resolve_env
 from tools.kube.node_status import ContainerRecord, PodView, now, pod_status
 from tools.kube.node_volumes import (
@@ -38,6 +41,8 @@ BACKOFF_INITIAL_S = 10.0  # kubelet.go: backOffPeriod, doubled per restart up to
 BACKOFF_MAX_S = 300.0
 SETUP_RETRY_S = 2.0
 POLL_S = 0.1
+# The API server failing a lookup is retried like a missing source; the container waits meanwhile.
+TRANSIENT = (ApiException, urllib3.exceptions.HTTPError)
 HOSTS_REFRESH_S = 2.0
 
 
@@ -208,7 +213,7 @@ class PodWorker:
                 self._write_hosts()
                 self.sandbox_ready = True
                 return True
-            except (VolumeError, ContainerConfigError) as e:
+            except (VolumeError, ContainerConfigError, *TRANSIENT) as e:
                 self._set_waiting("ContainerCreating", str(e))
             self.stopping.wait(SETUP_RETRY_S)
         return False
@@ -295,7 +300,7 @@ class PodWorker:
         try:
             self._spawn(container)
             return True
-        except ContainerConfigError as e:
+        except (ContainerConfigError, *TRANSIENT) as e:
             if container.record.state == "terminated":
                 container.record.wait("CreateContainerConfigError", str(e))
             else:
