@@ -332,6 +332,7 @@ class RecordingHost:
         self.allocatable = {"cpu": "4", "memory": "8Gi"}
         self.statuses: list[dict] = []
         self.deleted: list[str] = []
+        self.secrets: dict[str, dict[str, str]] = {}
 
     def publish(self, pod, status):
         self.statuses.append(status)
@@ -340,7 +341,7 @@ class RecordingHost:
         self.deleted.append(pod["metadata"]["name"])
 
     def env_sources(self, pod):
-        return _sources()
+        return _sources(secrets=self.secrets)
 
     def volume_api(self, pod):
         return None  # these pods have only emptyDir volumes
@@ -434,3 +435,22 @@ def test_no_run_pods_succeed_after_the_delay(tmp_path):
     assert final["phase"] == "Succeeded"
     assert final["containerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
     assert not (tmp_path / "logs").exists()
+
+
+@needs_root
+def test_worker_waits_for_a_missing_secret_then_starts(tmp_path):
+    host = RecordingHost(tmp_path)
+    pod = _shell_pod('test "$PASS" = late')
+    pod["spec"]["containers"][0]["env"] = [{"name": "PASS", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]
+    worker = PodWorker(pod, host).start()
+    deadline = time.monotonic() + 10
+    while not any(_waiting_reason(s) == "CreateContainerConfigError" for s in host.statuses):
+        assert time.monotonic() < deadline, host.statuses
+        time.sleep(0.1)
+    host.secrets["s"] = {"k": "late"}
+    assert worker.done.wait(30)
+    assert host.statuses[-1]["phase"] == "Succeeded"
+
+
+def _waiting_reason(status: dict) -> str | None:
+    return status["containerStatuses"][0]["state"].get("waiting", {}).get("reason")
