@@ -7,6 +7,8 @@ import base64
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -454,3 +456,20 @@ def test_worker_waits_for_a_missing_secret_then_starts(tmp_path):
 
 def _waiting_reason(status: dict) -> str | None:
     return status["containerStatuses"][0]["state"].get("waiting", {}).get("reason")
+
+
+def test_cli_refuses_a_missing_kubeconfig(tmp_path):
+    agent = REPO / "tools" / "kube" / "node_agent.py"
+    argv = [
+        sys.executable,
+        str(agent),
+        "--kubeconfig",
+        str(tmp_path / "nope"),
+        "--node-name",
+        "n",
+        "--root",
+        str(tmp_path),
+    ]
+    done = subprocess.run(argv + ["--no-run", "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"node_agent: --kubeconfig {tmp_path / 'nope'}: no such file"
