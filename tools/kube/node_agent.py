@@ -59,7 +59,6 @@ LEASE_DURATION_S = 40  # kubelet's nodeLeaseDurationSeconds
 LEASE_RENEW_S = 10  # lease controller: renew every quarter of the duration
 NODE_STATUS_REPORT_S = 60  # the kubelet re-posts an unchanged status every nodeStatusReportFrequency
 WATCH_TIMEOUT_S = 60
-DNS_CACHE_S = 1.0
 MAX_PODS = "110"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_USAGE = 2
@@ -229,7 +228,6 @@ class NodeAgent:
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self._last_status: dict[str, dict] = {}
-        self._dns_cache: dict[str, tuple[float, list[str]]] = {}
         self._conditions: list[dict] = []
         self.version = ""
 
@@ -415,9 +413,6 @@ class NodeAgent:
     def dns_names(self, namespace: str) -> list[str]:
         """The names cluster DNS would serve in `namespace`, read with the DNS identity (--dns-kubeconfig): a node
         may list Services but, under the Node authorizer, only its own pods; then peers are this node's pods."""
-        cached = self._dns_cache.get(namespace)
-        if cached and time.monotonic() - cached[0] < DNS_CACHE_S:
-            return cached[1]
         base = f"/api/v1/namespaces/{namespace}"
         services = [s["metadata"]["name"] for s in self.dns_api.request("GET", f"{base}/services")["items"]]
         try:
@@ -427,9 +422,7 @@ class NodeAgent:
                 raise
             with self._lock:
                 pods = [w.pod for w in self.workers.values() if w.pod["metadata"]["namespace"] == namespace]
-        names = dns_names(namespace, services, pods)
-        self._dns_cache[namespace] = (time.monotonic(), names)
-        return names
+        return dns_names(namespace, services, pods)
 
     # -- shutdown -------------------------------------------------------------------------------------------
 

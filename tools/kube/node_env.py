@@ -169,7 +169,7 @@ def resource_field_value(
     if kind == "requests" and quantity is None:  # the API defaults requests to limits
         quantity = (resources.get("limits") or {}).get(resource)
     value = parse_quantity(quantity if quantity is not None else "0")
-    divisor = parse_quantity(str(ref.get("divisor") or "1"))
+    divisor = parse_quantity(str(ref.get("divisor") or "0")) or 1  # the API server writes an unset divisor as "0"
     if resource == "cpu":  # MilliValue: rounded up to whole millicores first
         return str(math.ceil(math.ceil(value * 1000) / math.ceil(divisor * 1000)))
     return str(math.ceil(math.ceil(value) / math.ceil(divisor)))
