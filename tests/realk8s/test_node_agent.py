@@ -45,7 +45,7 @@ class Cluster:
         return name
 
     def create_pod(self, namespace: str, pod: dict) -> dict:
-        pod.setdefault("spec", {})["nodeName"] = NODE
+        pod.setdefault("spec", {}).setdefault("nodeName", NODE)
         return self.admin.request("POST", f"/api/v1/namespaces/{namespace}/pods", pod)
 
     def pod(self, namespace: str, name: str) -> dict | None:
@@ -342,6 +342,29 @@ def test_deletion_sigterm_then_sigkill_after_the_grace_period(cluster):
     assert "TERM" in cluster.log(pod).split()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_no_run_agent_completes_pods_without_running_them(cluster, tmp_path):
+    node, root = "agent-no-run-node", tmp_path / "no-run"
+    argv = [sys.executable, str(AGENT), "--kubeconfig", str(cluster.plane.node_kubeconfig(node)), "--node-name", node]
+    agent = subprocess.Popen(
+        argv + ["--root", str(root), "--no-run", "0.5"], env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    try:
+        ns = cluster.namespace("no-run")
+        init = [{"name": "setup", "image": "x", "command": ["false"]}]
+        for index in range(10):
+            cluster.create_pod(ns, _simple(f"p{index}", "exit 1", initContainers=init, nodeName=node))
+        for index in range(10):
+            pod = cluster.wait_phase(ns, f"p{index}", ("Succeeded", "Failed"))
+            assert pod["status"]["phase"] == "Succeeded"
+            assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+        assert not (root / "logs").exists()  # nothing ran
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
 
 
 def test_agent_stops_cleanly_on_sigterm_terminating_its_pods(cluster):
