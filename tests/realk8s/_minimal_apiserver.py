@@ -2,8 +2,8 @@
 
 A stop-gap kept apart from the harness (tools/kube/controlplane.py): the same flags (envtest's, with the Node
 authorizer and NodeRestriction on), our own CA, an admin client certificate and a `system:node:<name>` one for the
-agent. No controller-manager: the tests create what its serviceaccount and root-ca-cert-publisher controllers
-would (`default` ServiceAccount, `kube-root-ca.crt`). Swap it for the harness once both branches are merged.
+agent, the controller-manager (job, serviceaccount and root-ca-cert-publisher controllers) and the scheduler.
+Swap it for the harness once both branches are merged.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 CACHE = Path.home() / ".cache" / "batchgen" / "kube"
-NEEDED = ("etcd", "kube-apiserver")
+NEEDED = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# node-lifecycle-controller: it removes the node.kubernetes.io/not-ready:NoSchedule taint that the TaintNodesByCondition
+# admission plugin puts on every new Node (the kubelet leaves that to it); without it the scheduler binds nothing.
+CONTROLLERS = "job-controller,serviceaccount-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller"
 
 
 def bin_dir() -> Path | None:
-    """The newest build folder holding etcd and kube-apiserver, or None."""
+    """The newest build folder holding etcd, kube-apiserver, the controller-manager and the scheduler, or None."""
     found = [d for d in CACHE.glob("*/bin") if all((d / name).is_file() for name in NEEDED)]
     return max(found, key=lambda d: d.stat().st_mtime) if found else None
 
@@ -171,24 +174,42 @@ class MinimalApiServer:
             "--allow-privileged=true",
         ])  # fmt: skip
         self._wait_ready(admin)
+        self._controllers(accounts)
         return time.monotonic() - began
 
-    def _wait_ready(self, admin: Pair, timeout_s: float = 180) -> None:
+    def _controllers(self, accounts: Pair) -> None:
+        """kube-controller-manager and kube-scheduler with the admin identity, as kwokctl runs them."""
+        ports = free_port(), free_port()
+        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--bind-address=127.0.0.1"]
+        self._spawn("kube-controller-manager", [
+            str(self.bin / "kube-controller-manager"), *common, f"--secure-port={ports[0]}",
+            f"--controllers={CONTROLLERS}", f"--service-account-private-key-file={accounts.key}",
+            f"--root-ca-file={self.pki.ca}",
+        ])  # fmt: skip
+        self._spawn("kube-scheduler", [str(self.bin / "kube-scheduler"), *common, f"--secure-port={ports[1]}"])
+        insecure = ssl._create_unverified_context()  # their self-signed serving certificates, on loopback
+        for port in ports:
+            self._wait_ok(f"https://127.0.0.1:{port}/healthz", insecure, 60)
+
+    def _wait_ready(self, admin: Pair) -> None:
         context = ssl.create_default_context(cafile=str(self.pki.ca))
         context.load_cert_chain(str(admin.cert), str(admin.key))
+        self._wait_ok(f"{self.server}/readyz", context, 180)
+
+    def _wait_ok(self, url: str, context: ssl.SSLContext, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for process in self.processes:
                 if process.poll() is not None:
                     raise RuntimeError(f"{process.args[0]} exited {process.returncode}; see {self.root}/*.log")
             try:
-                with urllib.request.urlopen(f"{self.server}/readyz", context=context, timeout=5) as answer:
+                with urllib.request.urlopen(url, context=context, timeout=5) as answer:
                     if answer.status == 200:
                         return
             except OSError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"kube-apiserver not ready after {timeout_s} s; see {self.root}/kube-apiserver.log")
+        raise RuntimeError(f"{url} not answering after {timeout_s} s; see {self.root}/*.log")
 
     def node_kubeconfig(self, name: str) -> Path:
         pair = self.pki.issue(name, f"system:node:{name}", "system:nodes")

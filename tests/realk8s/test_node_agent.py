@@ -36,12 +36,15 @@ class Cluster:
     data_dir: Path
 
     def namespace(self, name: str) -> str:
-        """A namespace with what the controller-manager would add: `default` and `kube-root-ca.crt`."""
+        """A namespace, once the controller-manager has added `default` and `kube-root-ca.crt` to it."""
         self.admin.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
         base = f"/api/v1/namespaces/{name}"
-        self.admin.request("POST", f"{base}/serviceaccounts", {"metadata": {"name": "default"}})
-        ca = {"metadata": {"name": "kube-root-ca.crt"}, "data": {"ca.crt": self.plane.pki.ca.read_text()}}
-        self.admin.request("POST", f"{base}/configmaps", ca)
+        deadline = time.monotonic() + 30
+        while not (
+            self.admin.get(f"{base}/serviceaccounts/default") and self.admin.get(f"{base}/configmaps/kube-root-ca.crt")
+        ):
+            assert time.monotonic() < deadline, f"the controller-manager did not fill namespace {name}"
+            time.sleep(0.1)
         return name
 
     def create_pod(self, namespace: str, pod: dict) -> dict:
@@ -75,7 +78,7 @@ def cluster(tmp_path_factory):
     binaries = bin_dir()
     if binaries is None or os.geteuid() != 0:
         why = (
-            f"no etcd and kube-apiserver under {CACHE}/*/bin (`make kube-bin` builds them; needs Go)"
+            f"no etcd, kube-apiserver, controller-manager and scheduler under {CACHE}/*/bin (`make kube-bin`; needs Go)"
             if binaries is None
             else "the node agent needs root (a private mount namespace per pod)"
         )
@@ -342,6 +345,42 @@ def test_deletion_sigterm_then_sigkill_after_the_grace_period(cluster):
     assert "TERM" in cluster.log(pod).split()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def _job(name: str, script: str, **spec) -> dict:
+    container = {"name": "main", "image": "x", "command": ["sh", "-c", script]}
+    template = {"spec": {"restartPolicy": "Never", "containers": [container]}}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": {"template": template, **spec}}
+
+
+def _job_outcome(cluster: Cluster, namespace: str, name: str, timeout_s: float = 90) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = cluster.admin.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
+        if any(
+            c["type"] in ("Complete", "Failed") and c["status"] == "True" for c in job["status"].get("conditions", [])
+        ):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {namespace}/{name} did not finish: {json.dumps(job['status'])}")
+
+
+def test_jobs_through_the_real_scheduler_and_job_controller(cluster):
+    ns = cluster.namespace("jobs")
+    base = f"/apis/batch/v1/namespaces/{ns}/jobs"
+    indexed = _job(
+        "indexed", 'echo "index $JOB_COMPLETION_INDEX"', completionMode="Indexed", completions=3, parallelism=3
+    )
+    cluster.admin.request("POST", base, indexed)
+    cluster.admin.request("POST", base, _job("failing", "exit 3", backoffLimit=1))
+    done = _job_outcome(cluster, ns, "indexed")
+    assert done["status"]["succeeded"] == 3 and done["status"]["completedIndexes"] == "0-2"
+    pods = cluster.admin.request("GET", f"/api/v1/namespaces/{ns}/pods", query={"labelSelector": "job-name=indexed"})
+    assert {p["spec"]["nodeName"] for p in pods["items"]} == {NODE}  # bound by kube-scheduler
+    assert sorted(cluster.log(p) for p in pods["items"]) == ["index 0\n", "index 1\n", "index 2\n"]
+    failed = _job_outcome(cluster, ns, "failing")
+    reasons = {c["type"]: c.get("reason") for c in failed["status"]["conditions"]}
+    assert reasons["Failed"] == "BackoffLimitExceeded" and failed["status"]["failed"] == 2
 
 
 def test_no_run_agent_completes_pods_without_running_them(cluster, tmp_path):
