@@ -29,7 +29,9 @@ CACHE = Path.home() / ".cache" / "batchgen" / "kube"
 NEEDED = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 # node-lifecycle-controller: it removes the node.kubernetes.io/not-ready:NoSchedule taint that the TaintNodesByCondition
 # admission plugin puts on every new Node (the kubelet leaves that to it); without it the scheduler binds nothing.
-CONTROLLERS = "job-controller,serviceaccount-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller"
+CONTROLLERS = (
+    "job-controller,serviceaccount-controller,root-ca-certificate-publisher-controller,node-lifecycle-controller"
+)
 
 
 def bin_dir() -> Path | None:
