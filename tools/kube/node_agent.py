@@ -230,6 +230,7 @@ class NodeAgent:
         self._last_status: dict[str, dict] = {}
         self._conditions: list[dict] = []
         self.version = ""
+        self._warned_dns = False
 
     # -- the node: kubelet_node_status.go registerWithAPIServer, nodestatus/setters.go, lease controller -------
 
@@ -420,6 +421,9 @@ class NodeAgent:
         except ApiException as e:
             if e.status != 403:
                 raise
+            if not self._warned_dns:
+                log.warning("this identity may not list pods: only this node's pods' names resolve (--dns-kubeconfig)")
+                self._warned_dns = True
             with self._lock:
                 pods = [w.pod for w in self.workers.values() if w.pod["metadata"]["namespace"] == namespace]
         return dns_names(namespace, services, pods)
