@@ -63,6 +63,7 @@ MAX_PODS = "110"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_USAGE = 2
 POOL_SIZE = 32
+STATUS_ATTEMPTS = 3
 
 
 class KubeApi:
@@ -323,8 +324,8 @@ class NodeAgent:
                 for uid in set(self.workers) - present:
                     self.removed(uid)
                 self._follow(query, listed["metadata"]["resourceVersion"])
-            except (ApiException, urllib3.exceptions.HTTPError, json.JSONDecodeError) as e:
-                log.warning("pod watch: %s; listing again", e)
+            except Exception:  # the watch must outlive any one bad answer: log it, list again
+                log.exception("pod watch failed; listing again")
                 self.stop.wait(1)
 
     def _follow(self, query: Mapping[str, str], version: str) -> None:
@@ -371,17 +372,28 @@ class NodeAgent:
     # -- what pod workers call ----------------------------------------------------------------------------------
 
     def publish(self, pod: Mapping[str, Any], status: dict) -> None:
+        """A merge patch of pods/status, retried a few times as the status manager retries its sync."""
         meta = pod["metadata"]
         if self._last_status.get(meta["uid"]) == status:
             return
         body = {"metadata": {"uid": meta["uid"]}, "status": status}
-        try:
-            self.api.merge_patch(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status", body)
-            self._last_status[meta["uid"]] = status
-        except ApiException as e:
-            if e.status not in (404, 409):
-                raise
-            log.info("pod %s/%s: status not written (%s): the pod is gone", meta["namespace"], meta["name"], e.status)
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
+        for attempt in range(STATUS_ATTEMPTS):
+            try:
+                self.api.merge_patch(path, body)
+                self._last_status[meta["uid"]] = status
+                return
+            except ApiException as e:
+                if e.status in (404, 409):
+                    log.info(
+                        "pod %s/%s: status not written (%s): the pod is gone", meta["namespace"], meta["name"], e.status
+                    )
+                    return
+                error: Exception = e
+            except urllib3.exceptions.HTTPError as e:
+                error = e
+            time.sleep(0.5 * (attempt + 1))
+        log.warning("pod %s/%s: status not written: %s", meta["namespace"], meta["name"], error)
 
     def delete(self, pod: Mapping[str, Any]) -> None:
         meta = pod["metadata"]
