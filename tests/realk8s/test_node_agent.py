@@ -141,15 +141,20 @@ request = api.param_serialize(
     body={"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}, auth_settings=["BearerToken"])
 review = json.loads(api.call_api(*request).read())
 pathlib.Path("/data/written-by-pod").write_text("hello from the pod")
+try:
+    pathlib.Path("/etc/agent/config/new").write_text("x")
+    read_only = "writable"
+except OSError as e:
+    read_only = e.strerror
 files = {}
-for folder in ("/etc/agent/config", "/etc/agent/secret", "/etc/podinfo", "/scratch", "/data",
+for folder in ("/etc/agent/config", "/etc/agent/secret", "/etc/podinfo", "/scratch", "/data", "/opt/agent-test",
                "/var/run/secrets/kubernetes.io/serviceaccount"):
     for path in sorted(pathlib.Path(folder).rglob("*")):
         if path.is_file():
             files[str(path)] = [path.read_text(), oct(path.stat().st_mode & 0o777)]
 names = ["tj-node-0-0.tj", "tj-node-0-1.tj", "tj", "job-master-0", "tj-node-0-1.tj.everything.svc.cluster.local"]
 print(json.dumps({
-    "env": dict(os.environ), "argv": sys.argv[1:], "cwd": os.getcwd(), "user": review["status"]["userInfo"],
+    "env": dict(os.environ), "argv": sys.argv[1:], "read_only": read_only, "cwd": os.getcwd(), "user": review["status"]["userInfo"],
     "hostname": socket.gethostname(), "files": files, "resolved": {n: socket.gethostbyname(n) for n in names}, "batchgen": shutil.which("batchgen"),
 }))
 """
@@ -212,6 +217,7 @@ def _everything_pod(cluster: Cluster, namespace: str) -> dict:
             {"name": "info", "mountPath": "/etc/podinfo"},
             {"name": "scratch", "mountPath": "/scratch"},
             {"name": "data", "mountPath": "/data"},
+            {"name": "whole", "mountPath": "/opt/agent-test/level.txt", "subPath": "LEVEL"},
         ],
     }
     init = {"name": "setup", "image": "x", "command": ["sh", "-c", "echo init-was-here > /scratch/from-init"],
@@ -222,6 +228,7 @@ def _everything_pod(cluster: Cluster, namespace: str) -> dict:
         {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
         {"name": "scratch", "emptyDir": {}},
         {"name": "data", "persistentVolumeClaim": {"claimName": "claim"}},
+        {"name": "whole", "configMap": {"name": "settings"}},
     ]
     meta = {"name": "everything", "labels": {"team": "video", "app": "tj"}, "annotations": {INDEX_ANNOTATION: "5"}}
     spec = {"restartPolicy": "Never", "hostname": "tj-node-0-0", "subdomain": "tj", "initContainers": [init],
@@ -262,7 +269,10 @@ def test_env_volumes_token_and_names_as_the_kubelet_gives_them(cluster):
     assert report["user"]["extra"]["authentication.kubernetes.io/pod-name"] == ["everything"]
     sa = "/var/run/secrets/kubernetes.io/serviceaccount"
     assert files[f"{sa}/namespace"][0] == ns and files[f"{sa}/ca.crt"][0] == cluster.plane.pki.ca.read_text()
-    assert files["/etc/agent/config/sub/mode.txt"] == ["fast", "0o644"]
+    assert (
+        files["/etc/agent/config/sub/mode.txt"] == ["fast", "0o644"] and report["read_only"] == "Read-only file system"
+    )
+    assert files["/opt/agent-test/level.txt"][0] == "2"  # one key through subPath
     assert files["/etc/agent/secret/PASSWORD"] == ["s3cret", "0o400"]
     assert files["/etc/podinfo/labels"][0] == 'app="tj"\nteam="video"'
     assert files["/scratch/from-init"][0] == "init-was-here\n" and files["/data/seed"][0] == "seeded on the host"
