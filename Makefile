@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create the virtual environment and install batchgen with dev extras
 
 demo: $(STAMP) ## demo batch run: tiny model (FAMILY=mochi or wan), 6 prompts, local folder output (run twice to resume)
-	$(BIN)/python -m batchgen.demo --out $(DEMO_OUT) --family $(FAMILY)
+	$(BIN)/python -m tools.demo --out $(DEMO_OUT) --family $(FAMILY)
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -42,7 +42,7 @@ bench: $(STAMP) ## CPU benchmarks -> bench/results/
 	$(BIN)/python bench/gallery.py
 
 jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen render`
-	$(BIN)/python -m batchgen.k8s.examples --write jobs
+	$(BIN)/python -m tools.k8s_examples --write jobs
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf out .pytest_cache

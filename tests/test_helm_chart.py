@@ -17,10 +17,10 @@ import helm_python as helm
 import pytest
 import yaml
 
-from batchgen.config import load_config
-from batchgen.k8s.render import KUEUE_QUEUE_LABEL, LaunchSettings, render_pytorchjob
-from batchgen.k8s.trainjob import render_trainingruntime, render_trainjob
-from batchgen.layout import shard_id
+from batchgen.core.config import load_config
+from batchgen.core.layout import shard_id
+from batchgen.launch.k8s.render import KUEUE_QUEUE_LABEL, LaunchSettings, render_pytorchjob
+from batchgen.launch.k8s.trainjob import render_trainingruntime, render_trainjob
 from tests.k8s_manifests import (
     all_problems,
     by_kind,
@@ -383,7 +383,7 @@ def test_run_config_is_valid_toml_for_batchgen(chart, tmp_path):
 
 
 def test_permanent_exit_codes_fail_the_controller_job_at_once(chart):
-    from batchgen.errors import EXIT_CODES
+    from batchgen.core.errors import EXIT_CODES
 
     (job,) = by_kind(objects_of(render(chart, merged())), "Job")
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it

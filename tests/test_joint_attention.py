@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from batchgen.models.mochi.joint import MochiJointAttnProcessor, gather_valid_text
 from batchgen.parallel import attention
-from batchgen.parallel.joint import MochiJointAttnProcessor, gather_valid_text
 from batchgen.parallel.usp import Axis, USPMochiAttnProcessor
 from tests import _usp_cases as cases
 

@@ -14,10 +14,10 @@ import helm_python as helm
 import pytest
 import yaml
 
-from batchgen.config import RunConfig, load_config
-from batchgen.k8s.render import KUEUE_QUEUE_LABEL, LaunchSettings, render_pytorchjob
-from batchgen.k8s.trainjob import render_trainingruntime, render_trainjob
-from batchgen.layout import shard_id
+from batchgen.core.config import RunConfig, load_config
+from batchgen.core.layout import shard_id
+from batchgen.launch.k8s.render import KUEUE_QUEUE_LABEL, LaunchSettings, render_pytorchjob
+from batchgen.launch.k8s.trainjob import render_trainingruntime, render_trainjob
 from tests.k8s_manifests import (
     all_problems,
     by_kind,

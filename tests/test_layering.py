@@ -20,37 +20,37 @@ HEAVY = ("torch", "diffusers", "transformers", "xfuser")
 
 CONTROL_PLANE = [
     "batchgen.cli",
-    "batchgen.config",
-    "batchgen.errors",
-    "batchgen.item",
-    "batchgen.manifest",
-    "batchgen.plan",
-    "batchgen.layout",
+    "batchgen.core.config",
+    "batchgen.core.errors",
+    "batchgen.core.item",
+    "batchgen.core.manifest",
+    "batchgen.core.plan",
+    "batchgen.core.layout",
     "batchgen.storage",
     "batchgen.storage.base",
     "batchgen.storage.local",
     "batchgen.storage.s3",
     "batchgen.storage.retry",
-    "batchgen.worker",
-    "batchgen.index",
-    "batchgen.progress",
-    "batchgen.localrun",
-    "batchgen.video",
-    "batchgen.parallel.topology",
-    "batchgen.commands._options",
-    "batchgen.quality",
+    "batchgen.worker.loop",
+    "batchgen.dataset.index",
+    "batchgen.core.progress",
+    "batchgen.launch.local",
+    "batchgen.core.video",
+    "batchgen.core.topology",
+    "batchgen.cli._options",
+    "batchgen.core.quality",
     "batchgen.dataset",
-    "batchgen.export",
-    "batchgen.gallery",
+    "batchgen.dataset.export",
+    "batchgen.dataset.gallery",
 ]
 
 SCRIPT = r"""
 import contextlib, importlib, importlib.util, io, json, pkgutil, sys
 
 modules = json.loads(sys.argv[1])
-if importlib.util.find_spec("batchgen.k8s") is not None:
-    import batchgen.k8s
-    modules += [f"batchgen.k8s.{m.name}" for m in pkgutil.iter_modules(batchgen.k8s.__path__)]
+if importlib.util.find_spec("batchgen.launch.k8s") is not None:
+    import batchgen.launch.k8s
+    modules += [f"batchgen.launch.k8s.{m.name}" for m in pkgutil.iter_modules(batchgen.launch.k8s.__path__)]
 imported, skipped = [], []
 for name in modules:
     # Modules that do not exist yet are skipped, not failed: each is checked once it lands.
@@ -88,7 +88,9 @@ def test_control_plane_does_not_import_heavy_packages(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["heavy"] == [], f"imported: {report['heavy']}"
-    assert {"batchgen.cli", "batchgen.manifest", "batchgen.plan", "batchgen.layout"} <= set(report["imported"])
+    assert {"batchgen.cli", "batchgen.core.manifest", "batchgen.core.plan", "batchgen.core.layout"} <= set(
+        report["imported"]
+    )
     assert report["validate_code"] == 0 and "2 rows" in report["validate_out"]
     assert "validate" in report["help"] and "plan" in report["help"]
 

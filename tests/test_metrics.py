@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from batchgen import metrics
-from batchgen.errors import ConfigError
-from batchgen.k8s.backend import JobInfo
-from batchgen.k8s.controller import Group, GroupState, Reconciled
-from batchgen.k8s.names import ATTEMPT_LABEL
+from batchgen.core import metrics
+from batchgen.core.errors import ConfigError
+from batchgen.launch.k8s.backend import JobInfo
+from batchgen.launch.k8s.controller import Group, GroupState, Reconciled
+from batchgen.launch.k8s.names import ATTEMPT_LABEL
 from tests._dist import free_port_block
 from tests._runs import SMALL_SHAPE, tiny_run_args, write_manifest
 from tests._scrape import scrape, value

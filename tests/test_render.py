@@ -17,19 +17,20 @@ import tomllib
 import yaml
 
 from batchgen.cli import build_parser, main
-from batchgen.commands._options import config_from_args
-from batchgen.config import RunConfig, load_config
-from batchgen.errors import ConfigError, TopologyError
-from batchgen.item import ShapeGroup
-from batchgen.k8s import examples, names
-from batchgen.k8s.options import settings_from_args
-from batchgen.k8s.render import LaunchSettings, parse_shard_indices, render_pytorchjob
-from batchgen.launch_contract import shard_selection
-from batchgen.layout import shard_id
-from batchgen.parallel.topology import Topology, check_shapes
+from batchgen.cli._options import config_from_args
+from batchgen.core.config import RunConfig, load_config
+from batchgen.core.errors import ConfigError, TopologyError
+from batchgen.core.item import ShapeGroup
+from batchgen.core.layout import shard_id
+from batchgen.core.topology import Topology, check_shapes
+from batchgen.launch.k8s import names
+from batchgen.launch.k8s.options import settings_from_args
+from batchgen.launch.k8s.render import LaunchSettings, parse_shard_indices, render_pytorchjob
+from batchgen.worker.contract import shard_selection
 from tests.k8s_manifests import load_all, submit_args
 from tests.k8s_schema import pytorchjob_problems, strict_schema
 from tests.test_kustomize import kustomize
+from tools import k8s_examples as examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_shapes_validate_against_crd_and_webhook(case_id, changes, expected):
 
     container = specs["Master"]["template"]["spec"]["containers"][0]
     command = container["command"]
-    assert command[:3] == ["python", "-m", "batchgen.k8s.launch"]
+    assert command[:3] == ["python", "-m", "batchgen.launch.k8s.torchrun"]
     assert command[command.index("-m", 3) : command.index("-m", 3) + 3] == ["-m", "batchgen", "worker"]
     assert _flag(command, "--shards") == "4:8"
     assert _flag(command, "--run-id") == RUN
@@ -431,9 +432,10 @@ def test_launcher_exits_with_the_workers_code(child, expected, tmp_path):
     env = {
         "PATH": os.environ["PATH"], "PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
         "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # this checkout's batchgen, not only the installed one
     }  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "batchgen.k8s.launch", "--max-restarts=0", "--no-python", sys.executable, "-c", child],
+        [sys.executable, "-m", "batchgen.launch.k8s.torchrun", "--max-restarts=0", "--no-python", sys.executable, "-c", child],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == expected, done.stderr[-2000:]

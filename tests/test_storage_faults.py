@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from batchgen.errors import (
+from batchgen.core.errors import (
     EXIT_STORAGE,
     EXIT_TRANSIENT,
     AlreadyExistsError,

@@ -64,7 +64,7 @@ def test_generate_latents_under_torchrun_ulysses2_match_single_process(tiny_mode
 
 FAILING_SCRIPT = """
 import sys
-from batchgen.config import ParallelConfig
+from batchgen.core.config import ParallelConfig
 from batchgen.parallel.runtime import TorchContext
 
 context = TorchContext.from_env(ParallelConfig(ulysses_degree=2), num_heads=4, timeout_s=60)

@@ -77,7 +77,7 @@ def test_stock_processors_come_back_and_cross_attention_is_untouched():
 
     from batchgen.models import WAN
     from batchgen.parallel.apply import parallelize_transformer, unparallelize_transformer
-    from batchgen.parallel.context import SingleProcess
+    from batchgen.worker.context import SingleProcess
 
     model = cases.tiny_transformer()
     before = [(block.attn1.processor, block.attn2.processor) for block in model.blocks]
@@ -123,7 +123,7 @@ def test_cached_wan_under_ulysses2_with_padding_decides_like_one_process():
 
 @pytest.mark.slow
 def test_compiled_wan_blocks_match_eager_and_compile_once_per_shape(tmp_path, monkeypatch):
-    from batchgen.generate.compile import compile_blocks, graph_count
+    from batchgen.models.common.compile import compile_blocks, graph_count
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = cases.tiny_transformer()
@@ -142,15 +142,15 @@ def test_compiled_wan_blocks_match_eager_and_compile_once_per_shape(tmp_path, mo
 def test_compile_refuses_another_model_with_a_config_error():
     from diffusers import AutoencoderKLWan
 
-    from batchgen.errors import ConfigError
-    from batchgen.generate.compile import compile_blocks
+    from batchgen.core.errors import ConfigError
+    from batchgen.models.common.compile import compile_blocks
 
     with pytest.raises(ConfigError, match=r"parallel.compile \(--compile\) is available for Mochi and Wan, not Auto"):
         compile_blocks(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1], num_res_blocks=1))
 
 
 def test_fp8_gate_on_a_wan_block_converts_only_a_faithful_kernel():
-    from batchgen.generate.fp8 import Fp8Linear, emulated_kernel, enable_fp8
+    from batchgen.models.common.fp8 import Fp8Linear, emulated_kernel, enable_fp8
 
     def off_by_a_fifth(a, b, scale_a, scale_b, out_dtype):
         return ((a.float() * scale_a) @ (b.float() * scale_b) * 1.2).to(out_dtype)

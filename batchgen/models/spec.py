@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgen.errors import ConfigError, InputError, ModelMismatchError
+from batchgen.core.errors import ConfigError, InputError, ModelMismatchError
 
 MAX_SIDE = 2048
 
@@ -67,7 +67,7 @@ class ModelSpec:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     """GenerationConfig values that differ by family (shape, steps, guidance, fps, token limit)."""
     generator: str = ""
-    """``module:Class`` implementing ``batchgen.generate.api.VideoGenerator`` (imported only by workers)."""
+    """``module:Class`` implementing ``batchgen.models.api.VideoGenerator`` (imported only by workers)."""
     config_reader: str = ""
     """``module:function(model_dir) -> dict``: the transformer's config without torch."""
     tiny_writer: str = ""
@@ -148,9 +148,9 @@ MOCHI = ModelSpec(
         "fps": 30,
         "max_sequence_length": 256,
     },
-    generator="batchgen.generate.pipeline:MochiGenerator",
-    config_reader="batchgen.generate.loading:read_transformer_config",
-    tiny_writer="batchgen.generate.tiny:write_tiny_model",
+    generator="batchgen.models.mochi.generator:MochiGenerator",
+    config_reader="batchgen.models.mochi.loading:read_transformer_config",
+    tiny_writer="batchgen.models.mochi.tiny:write_tiny_model",
     pipeline_classes=("MochiPipeline",),
     parallel_plan=ParallelPlan(
         blocks="transformer_blocks",
@@ -181,9 +181,9 @@ WAN = ModelSpec(
         "fps": 16,
         "max_sequence_length": 512,
     },
-    generator="batchgen.generate.wan:WanGenerator",
-    config_reader="batchgen.generate.wan_loading:read_transformer_config",
-    tiny_writer="batchgen.generate.wan_tiny:write_tiny_wan",
+    generator="batchgen.models.wan.generator:WanGenerator",
+    config_reader="batchgen.models.wan.loading:read_transformer_config",
+    tiny_writer="batchgen.models.wan.tiny:write_tiny_wan",
     pipeline_classes=("WanPipeline",),
     parallel_plan=ParallelPlan(
         blocks="blocks",
@@ -191,7 +191,7 @@ WAN = ModelSpec(
         rope="rope",
         rope_token_dim=1,
         output="proj_out",
-        processors="batchgen.parallel.wan:wan_processors",
+        processors="batchgen.models.wan.parallel:wan_processors",
     ),
 )
 
@@ -210,7 +210,7 @@ def detect_family(model_dir: str | Path) -> str:
     """The family of the weights in ``model_dir`` from its files alone (no torch): ``model_index.json``'s pipeline
     class, else the transformer config's class, else the official single-file layouts (Genmo's ``dit.safetensors``;
     Wan's root ``config.json`` with ``model_type``, or its ``high_noise_model/`` and ``low_noise_model/``)."""
-    from batchgen.generate.loading import read_json_object
+    from batchgen.models.mochi.loading import read_json_object
 
     path = Path(model_dir)
     if not path.is_dir():
@@ -247,7 +247,7 @@ def check_weights(model_dir: str | Path, *, family: str, weights: str = "", fing
     if not weights:
         return
     if fingerprint is None:
-        from batchgen.generate.loading import fingerprint_model_dir
+        from batchgen.models.mochi.loading import fingerprint_model_dir
 
         fingerprint = fingerprint_model_dir(model_dir)
     if fingerprint != weights:

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from batchgen.errors import TopologyError
+from batchgen.core.errors import TopologyError
 from batchgen.models import MOCHI, ParallelPlan
-from batchgen.parallel.joint import MochiJointAttnProcessor
+from batchgen.models.mochi.joint import MochiJointAttnProcessor
 from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, USPMochiAttnProcessor, all_gather_cat
 
 log = logging.getLogger("batchgen.parallel.apply")

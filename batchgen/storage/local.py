@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from batchgen.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError
+from batchgen.core.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError
 from batchgen.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger("batchgen.storage.local")

@@ -1,0 +1,304 @@
+"""Run-wide configuration: one tree of small dataclasses, validated before anything expensive starts.
+
+``[model] family`` picks a ``batchgen.models`` spec; generation defaults are that family's
+(``spec.generation_defaults``: Mochi 1 480x848, 163 frames, 64 steps; Wan 480x832, 81 frames, 50 steps). A TOML
+file may set any field; CLI flags override the file. The config is stored with the run's plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from batchgen.core.errors import ConfigError
+from batchgen.models import FAMILIES, ModelSpec, spec_for
+
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_PROMPT_CHARS = 4000
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_steps(value: int) -> str | None:
+    if value < 1 or value > MAX_STEPS:
+        return f"must be between 1 and {MAX_STEPS}, got {value}"
+    return None
+
+
+def check_guidance(value: float) -> str | None:
+    if not (value == value) or value < 0 or value > MAX_GUIDANCE:  # value != value catches NaN
+        return f"must be between 0 and {MAX_GUIDANCE}, got {value}"
+    return None
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Per-item generation parameters; manifest columns of the same names override them per row.
+
+    The field defaults are Mochi's; ``RunConfig.from_dict`` starts from the run's family defaults instead. Rules
+    that depend on the family (frame rule, size multiple, token limit) are checked by ``RunConfig``."""
+
+    num_frames: int = 163
+    """Decoded frames; the family's rule (Mochi 6k+1, Wan 4k+1)."""
+    height: int = 480
+    """Pixels; multiple of the family's size multiple (16 for both)."""
+    width: int = 848
+    """Pixels; multiple of the family's size multiple."""
+    num_inference_steps: int = 64
+    """Denoising steps."""
+    guidance_scale: float = 4.5
+    """Classifier-free guidance scale; 1.0 or less disables the unconditional pass."""
+    negative_prompt: str = ""
+    """Default negative prompt; empty is encoded as zeros, as Genmo does."""
+    fps: int = 30
+    """Frames per second of the MP4."""
+    max_sequence_length: int = 256
+    """Text encoder token limit (Mochi's T5 256, Wan's UMT5 512 at most)."""
+    crf: int = 18
+    """H.264 constant rate factor (0 lossless .. 51 worst)."""
+
+    def __post_init__(self) -> None:
+        for name, check in (("num_inference_steps", check_steps), ("guidance_scale", check_guidance)):
+            problem = check(getattr(self, name))
+            if problem:
+                raise ConfigError(f"generation.{name} {problem}")
+        if not 1 <= self.fps <= 240:
+            raise ConfigError(f"generation.fps must be between 1 and 240, got {self.fps}")
+        if self.max_sequence_length < 1:
+            raise ConfigError(f"generation.max_sequence_length must be >= 1, got {self.max_sequence_length}")
+        if not 0 <= self.crf <= 51:
+            raise ConfigError(f"generation.crf must be between 0 and 51, got {self.crf}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model family the run uses, and (when known) which weights: both are part of the run id."""
+
+    family: str = "mochi"
+    """A ``batchgen.models`` family: 'mochi' or 'wan'. One run uses one family."""
+    weights: str = ""
+    """The weights' fingerprint (``batchgen.models.mochi.loading.fingerprint_model_dir``, hex); '' = unknown until the
+    first commit pins it in plan/model.json."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family must be one of {', '.join(sorted(FAMILIES))}, got {self.family!r}")
+        if self.weights and not (set(self.weights) <= _HEX and 16 <= len(self.weights) <= 64):
+            raise ConfigError(f"model.weights must be 16 to 64 lowercase hex digits (or empty), got {self.weights!r}")
+
+    @property
+    def spec(self) -> ModelSpec:
+        return spec_for(self.family)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one worker process group splits the work. World size = data x cfg x ulysses x ring."""
+
+    ulysses_degree: int = 0
+    """Ulysses (all-to-all over heads) degree; 0 = choose automatically."""
+    ring_degree: int = 0
+    """Ring attention degree; 0 = choose automatically."""
+    cfg_degree: int = 0
+    """1 or 2 (conditional and unconditional passes on different ranks); 0 = choose automatically."""
+    sp_backend: str = "native"
+    """'native' (torch.distributed, CPU and GPU) or 'xfuser' (xDiT, CUDA + flash-attn only)."""
+    offload: str = "auto"
+    """'auto' (offload only when the estimated peak does not fit the GPU), 'none' or 'model' (each component on the
+    GPU only while it runs)."""
+    compile: bool = False
+    """torch.compile each transformer block's norm, modulation and MLP regions (collectives stay eager)."""
+    cache_threshold: float = 0.0
+    """First-block cache: reuse the other blocks' residual while the first block's relative change stays below
+    this (e.g. 0.05); 0 = off. Changes the output: recorded in each sidecar."""
+    fp8: bool = False
+    """FP8 linear layers (Hopper only), used only when the numeric gate passes on this device."""
+
+    def __post_init__(self) -> None:
+        for name in ("ulysses_degree", "ring_degree"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"parallel.{name} must be >= 0, got {getattr(self, name)}")
+        if self.cfg_degree not in (0, 1, 2):
+            raise ConfigError(f"parallel.cfg_degree must be 0, 1 or 2, got {self.cfg_degree}")
+        if self.sp_backend not in ("native", "xfuser"):
+            raise ConfigError(f"parallel.sp_backend must be 'native' or 'xfuser', got {self.sp_backend!r}")
+        if self.offload not in ("auto", "none", "model"):
+            raise ConfigError(f"parallel.offload must be 'auto', 'none' or 'model', got {self.offload!r}")
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ConfigError(f"parallel.cache_threshold must be between 0 and 1, got {self.cache_threshold}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    max_attempts: int = 3
+    """Attempts per item inside one worker before it is recorded as failed."""
+    shard_size: int = 64
+    """Items per shard."""
+    metrics_port: int = 0
+    """Port of the Prometheus endpoint (0 = off); each torchrun rank adds its LOCAL_RANK (see metrics.py)."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"worker.max_attempts must be >= 1, got {self.max_attempts}")
+        if not 1 <= self.shard_size <= 100_000:
+            raise ConfigError(f"worker.shard_size must be between 1 and 100000, got {self.shard_size}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"worker.metrics_port must be between 0 (off) and 65535, got {self.metrics_port}")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """The quality gate (``batchgen.core.quality``): thresholds of the black and frozen flags, and what a flag does.
+    Not part of the run id, like the retry settings: a rerun may tighten them."""
+
+    on_flag: str = "record"
+    """'record' (commit the video, flags in the sidecar and index) or 'fail' (the item fails with the flags)."""
+    black_luma: float = 25.5
+    """A pixel is black at or below this BT.601 luma (0-255): ffmpeg blackdetect's pix_th default, 10%."""
+    black_pixel_fraction: float = 0.98
+    """A frame is black when this share of its pixels is (blackdetect's picture_black_ratio_th default)."""
+    black_frame_fraction: float = 0.5
+    """A video is flagged 'black' when at least this share of its frames is black."""
+    frozen_motion: float = 0.5
+    """A video is flagged 'frozen' when its mean frame-to-frame luma difference (0-255) is below this."""
+
+    def __post_init__(self) -> None:
+        if self.on_flag not in ("record", "fail"):
+            raise ConfigError(f"quality.on_flag must be 'record' or 'fail', got {self.on_flag!r}")
+        limits = {"black_luma": 255, "black_pixel_fraction": 1, "black_frame_fraction": 1, "frozen_motion": 255}
+        for name, top in limits.items():
+            if not 0 <= getattr(self, name) <= top:
+                raise ConfigError(f"quality.{name} must be between 0 and {top}, got {getattr(self, name)}")
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "generation": GenerationConfig,
+    "parallel": ParallelConfig,
+    "worker": WorkerConfig,
+    "quality": QualityConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        problem = check_generation(self.generation, self.spec)
+        if problem:
+            raise ConfigError(problem)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
+        """Build from TOML-shaped data; generation keys absent from ``data`` take the family's defaults."""
+        unknown = sorted(set(data) - set(_SECTIONS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {sorted(_SECTIONS)}")
+        built = {}
+        for name, klass in _SECTIONS.items():
+            values = data.get(name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table")
+            if name == "generation":
+                values = {**built["model"].spec.generation_defaults, **values}
+            built[name] = _build(klass, values, f"{source}: {name}")
+        try:
+            return cls(**built)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+        """Apply overrides ({section: {key: value}}) on top of every value of this config; None values are ignored.
+        Keeps this config's generation values even when the family changes (``merge_tables`` + ``from_dict``
+        rebases the ones a user did not set)."""
+        merged = merge_tables(self.to_dict(), overrides)
+        return RunConfig.from_dict(merged, source="command line")
+
+
+def merge_tables(base: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``base`` (TOML-shaped) with each section updated by the non-None values of ``overrides``."""
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in base.items()}
+    for section, values in overrides.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            table = merged.setdefault(section, {})
+            if isinstance(table, dict):  # a non-table section is reported by from_dict
+                table.update(given)
+    return merged
+
+
+def check_generation(generation: GenerationConfig, spec: ModelSpec) -> str | None:
+    """The first family-dependent problem of ``generation`` (naming the key and the family), or None."""
+    for name, check in (("num_frames", spec.check_frames), ("height", spec.check_side), ("width", spec.check_side)):
+        problem = check(getattr(generation, name))
+        if problem:
+            return f"generation.{name} {problem} (model.family = {spec.family!r})"
+    if generation.max_sequence_length > spec.text_length:
+        return (
+            f"generation.max_sequence_length must be at most {spec.text_length} for {spec.title} "
+            f"(model.family = {spec.family!r}), got {generation.max_sequence_length}"
+        )
+    return None
+
+
+def _build(klass: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(klass)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected {sorted(known)}")
+    for key, value in values.items():
+        expected = known[key].type
+        # Annotations are strings under `from __future__ import annotations`.
+        if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
+        if expected == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
+        if expected == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
+        if expected == "str" and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
+    try:
+        return klass(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{where.split(':')[0]}: {e}") from None
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Load a TOML config file; None gives the defaults."""
+    if path is None:
+        return RunConfig()
+    return RunConfig.from_dict(read_config_table(path), source=str(path))
+
+
+def read_config_table(path: str | Path) -> dict[str, Any]:
+    """The raw TOML tables of a config file (not yet validated: ``RunConfig.from_dict`` does that)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a TOML config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}), so not a TOML config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return data
