@@ -291,9 +291,9 @@ def test_render_a_wan_plan(tmp_path, capsys):
 def test_degrees_checked_against_the_family_heads(tmp_path):
     m = write(tmp_path / "m.parquet", prompt=["a"])
     plan = make_plan(m, RunConfig.from_dict({"model": {"family": "wan"}}), LocalStorage(tmp_path / "o"))
-    assert resolve_degrees(LaunchSettings(family="wan", ulysses_degree=8, cfg_degree=1), plan).ulysses == 8
+    assert resolve_degrees(LaunchSettings(family="wan").replace(ulysses_degree=8, cfg_degree=1), plan).ulysses == 8
     with pytest.raises(TopologyError, match="does not divide the model's 12 attention heads"):
-        resolve_degrees(LaunchSettings(family="wan", num_heads=12, ulysses_degree=8, cfg_degree=1), plan)
+        resolve_degrees(LaunchSettings(family="wan", num_heads=12).replace(ulysses_degree=8, cfg_degree=1), plan)
 
 
 # -- tiny-model -----------------------------------------------------------------------------------------------

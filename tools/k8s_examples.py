@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from batchgen.core.config import setting_argv
 from batchgen.core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from batchgen.core.layout import shard_id
 from batchgen.launch.k8s.render import LaunchSettings, render_pytorchjob, to_yaml
@@ -97,7 +98,9 @@ def render_flags(settings: LaunchSettings) -> list[str]:
         value = getattr(settings, f.name)
         if value == getattr(_DEFAULTS, f.name):
             continue
-        if f.name == "node_selector":
+        if f.name == "parallel":
+            flags += setting_argv(value)
+        elif f.name == "node_selector":
             for key, val in sorted(value.items()):
                 flags += ["--node-selector", f"{key}={val}"]
         elif f.name == "image_pull_secrets":

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from batchgen.core.config import RunConfig, merge_tables, read_config_table
+from batchgen.core.config import ParallelConfig, RunConfig, WorkerConfig, flag_specs, merge_tables, read_config_table
 
-# (flag, config section, config key, type, help). One table, so the flag -> key mapping used by
-# config_from_args cannot drift from the flags that exist.
+# (flag, config section, config key, type, help). One table per group, so the flag -> key mapping used by
+# config_from_args cannot drift from the flags that exist. The parallel and worker flags are derived from the
+# config dataclasses; the generation flags keep their own short names (--steps) and family-aware help.
 _GENERATION_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--num-frames", "generation", "num_frames", int, "decoded frames per video, Mochi 6k+1 (163), Wan 4k+1 (81)"),
     ("--height", "generation", "height", int, "pixels, multiple of 16 (default 480)"),
@@ -27,20 +28,20 @@ _GENERATION_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--fps", "generation", "fps", int, "MP4 frames per second (default Mochi 30, Wan 16)"),
     ("--crf", "generation", "crf", int, "H.264 quality, 0 lossless .. 51 worst (default 18)"),
 )
-_SHARD_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
-    ("--shard-size", "worker", "shard_size", int, "items per shard (default 64)"),
-)
-_PARALLEL_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
-    ("--ulysses-degree", "parallel", "ulysses_degree", int, "Ulysses degree (0 = choose automatically)"),
-    ("--ring-degree", "parallel", "ring_degree", int, "ring attention degree (0 = choose automatically)"),
-    ("--cfg-degree", "parallel", "cfg_degree", int, "CFG parallel degree 1 or 2 (0 = choose automatically)"),
-    ("--sp-backend", "parallel", "sp_backend", str, "sequence-parallel backend: native or xfuser"),
-    ("--offload", "parallel", "offload", str, "auto (offload only when the GPU is too small), none or model"),
-    ("--compile", "parallel", "compile", bool, "torch.compile the blocks' norms, modulation and MLPs"),
-    ("--cache-threshold", "parallel", "cache_threshold", float, "first-block cache threshold (0 = off)"),
-    ("--fp8", "parallel", "fp8", bool, "FP8 linear layers on Hopper when the numeric gate passes"),
-    ("--max-attempts", "worker", "max_attempts", int, "attempts per item before it is recorded as failed"),
-    ("--metrics-port", "worker", "metrics_port", int, "Prometheus port, + LOCAL_RANK per rank (0 = off)"),
+
+
+def _section_flags(klass: type, section: str, keys: tuple[str, ...] | None = None):
+    """The flags of a config section whose fields are declared with ``config.setting`` (derived, never restated)."""
+    return tuple(
+        (flag, section, key, kind, help_text)
+        for flag, key, kind, help_text in flag_specs(klass)
+        if keys is None or key in keys
+    )
+
+
+_SHARD_FLAGS = _section_flags(WorkerConfig, "worker", ("shard_size",))
+_PARALLEL_FLAGS = _section_flags(ParallelConfig, "parallel") + _section_flags(
+    WorkerConfig, "worker", ("max_attempts", "metrics_port")
 )
 _MODEL_FLAGS: tuple[tuple[str, str, str, type, str], ...] = (
     ("--family", "model", "family", str, "model family: mochi (default) or wan; one run uses one family"),
@@ -93,7 +94,7 @@ def add_shard_size_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    """--ulysses-degree --ring-degree --cfg-degree --sp-backend --offload --max-attempts."""
+    """One flag per ``ParallelConfig`` field (--ulysses-degree ... --fp8), --max-attempts and --metrics-port."""
     _add(parser, _PARALLEL_FLAGS, "parallelism and worker runtime")
 
 

@@ -95,59 +95,143 @@ class ModelConfig:
         return spec_for(self.family)
 
 
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[Any, ...] = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> Any:
+    """A config field whose help, choices and bounds are declared once, as field metadata: the CLI flags, the
+    launch settings, the chart's values schema and the worker's argv are all derived from it (see ``flag_specs``,
+    ``value_schema``, ``setting_argv``), and ``check_setting`` is its one validation."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "maximum": maximum})
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How one worker process group splits the work. World size = data x cfg x ulysses x ring."""
+    """How one worker process group splits the work. World size = data x cfg x ulysses x ring.
 
-    ulysses_degree: int = 0
-    """Ulysses (all-to-all over heads) degree; 0 = choose automatically."""
-    ring_degree: int = 0
-    """Ring attention degree; 0 = choose automatically."""
-    cfg_degree: int = 0
-    """1 or 2 (conditional and unconditional passes on different ranks); 0 = choose automatically."""
-    sp_backend: str = "native"
-    """'native' (torch.distributed, CPU and GPU) or 'xfuser' (xDiT, CUDA + flash-attn only)."""
-    offload: str = "auto"
-    """'auto' (offload only when the estimated peak does not fit the GPU), 'none' or 'model' (each component on the
-    GPU only while it runs)."""
-    compile: bool = False
-    """torch.compile each transformer block's norm, modulation and MLP regions (collectives stay eager)."""
-    cache_threshold: float = 0.0
-    """First-block cache: reuse the other blocks' residual while the first block's relative change stays below
-    this (e.g. 0.05); 0 = off. Changes the output: recorded in each sidecar."""
-    fp8: bool = False
-    """FP8 linear layers (Hopper only), used only when the numeric gate passes on this device."""
+    The one declaration of the parallel and speed settings. A value at its default means "not set" wherever the
+    settings are layered (launch settings over the plan's config; flags over the config file)."""
+
+    ulysses_degree: int = setting(0, "Ulysses (all-to-all over heads) degree; 0 = choose automatically", minimum=0)
+    ring_degree: int = setting(0, "ring attention degree; 0 = choose automatically", minimum=0)
+    cfg_degree: int = setting(
+        0, "CFG parallel degree: conditional and unconditional passes on different ranks; 0 = automatic",
+        choices=(0, 1, 2),
+    )  # fmt: skip
+    sp_backend: str = setting(
+        "native", "sequence-parallel backend: native (torch.distributed) or xfuser (xDiT, CUDA + flash-attn only)",
+        choices=("native", "xfuser"),
+    )  # fmt: skip
+    offload: str = setting(
+        "auto", "auto (offload only when the estimated peak does not fit the GPU), none, or model (each component "
+        "on the GPU only while it runs)", choices=("auto", "none", "model"),
+    )  # fmt: skip
+    compile: bool = setting(False, "torch.compile each block's norm, modulation and MLP regions (collectives eager)")
+    cache_threshold: float = setting(
+        0.0, "first-block cache: reuse the other blocks' residual while the first block's relative change stays "
+        "below this (e.g. 0.05); 0 = off; changes the output, recorded in each sidecar", minimum=0.0, maximum=1.0,
+    )  # fmt: skip
+    fp8: bool = setting(False, "FP8 linear layers (Hopper only), used only where the numeric gate passes")
 
     def __post_init__(self) -> None:
-        for name in ("ulysses_degree", "ring_degree"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"parallel.{name} must be >= 0, got {getattr(self, name)}")
-        if self.cfg_degree not in (0, 1, 2):
-            raise ConfigError(f"parallel.cfg_degree must be 0, 1 or 2, got {self.cfg_degree}")
-        if self.sp_backend not in ("native", "xfuser"):
-            raise ConfigError(f"parallel.sp_backend must be 'native' or 'xfuser', got {self.sp_backend!r}")
-        if self.offload not in ("auto", "none", "model"):
-            raise ConfigError(f"parallel.offload must be 'auto', 'none' or 'model', got {self.offload!r}")
-        if not 0.0 <= self.cache_threshold <= 1.0:
-            raise ConfigError(f"parallel.cache_threshold must be between 0 and 1, got {self.cache_threshold}")
+        problems = setting_problems(self)
+        if problems:
+            raise ConfigError(f"parallel.{problems[0]}")
+
+
+def _one_of(choices: tuple[Any, ...]) -> str:
+    shown = [repr(c) for c in choices]
+    return ", ".join(shown[:-1]) + f" or {shown[-1]}" if len(shown) > 1 else shown[0]
+
+
+def check_setting(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with ``value`` for the ``setting`` field ``f`` ("must be ..."), or None."""
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"must be {_one_of(meta['choices'])}, got {value!r}"
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if low is not None and high is not None and not low <= value <= high:
+        return f"must be between {low:g} and {high:g}, got {value}"
+    if low is not None and value < low:
+        return f"must be >= {low:g}, got {value}"
+    return None
+
+
+def setting_problems(obj: Any) -> list[str]:
+    """Every "<key> must be ..." problem of a dataclass whose fields are declared with ``setting``."""
+    problems = []
+    for f in fields(obj):
+        problem = check_setting(f, getattr(obj, f.name))
+        if problem:
+            problems.append(f"{f.name} {problem}")
+    return problems
+
+
+def field_kind(f: dataclasses.Field) -> str:
+    """The field's base type name ("int", "float", "bool", "str", "tuple...", "Mapping..."); annotations are strings
+    under ``from __future__ import annotations``, and ``X | None`` counts as X."""
+    return str(f.type).split(" |")[0]
+
+
+def flag_specs(klass: type) -> list[tuple[str, str, type, str]]:
+    """(flag, key, type, help) of each ``setting`` field: the command-line flags derived from the dataclass."""
+    specs = []
+    for f in fields(klass):
+        kind = {"int": int, "float": float, "bool": bool}.get(field_kind(f), str)
+        help_text = f.metadata["help"]
+        if kind is not bool:
+            help_text += f"; default {f.default}"
+        specs.append(("--" + f.name.replace("_", "-"), f.name, kind, help_text))
+    return specs
+
+
+def setting_argv(obj: Any) -> list[str]:
+    """The flags that give a fresh process ``obj``'s values: those that differ from the defaults (an absent flag
+    leaves the default), values first, then switches."""
+    values, switches = [], []
+    for flag, key, kind, _help in flag_specs(type(obj)):
+        value = getattr(obj, key)
+        if value == next(f.default for f in fields(obj) if f.name == key):
+            continue
+        if kind is bool:
+            switches.append(flag)
+        else:
+            values += [flag, str(value)]
+    return values + switches
+
+
+def value_schema(klass: type) -> dict[str, dict[str, Any]]:
+    """JSON-schema properties (camelCase names, as a Helm values file spells them) of the ``setting`` fields."""
+    json_types = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+    properties = {}
+    for f in fields(klass):
+        head, *rest = f.name.split("_")
+        entry: dict[str, Any] = {"type": json_types[field_kind(f)], "description": f.metadata["help"]}
+        if f.metadata.get("choices"):
+            entry["enum"] = list(f.metadata["choices"])
+        for bound in ("minimum", "maximum"):
+            if f.metadata.get(bound) is not None:
+                entry[bound] = f.metadata[bound]
+        properties[head + "".join(part.title() for part in rest)] = entry
+    return properties
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    max_attempts: int = 3
-    """Attempts per item inside one worker before it is recorded as failed."""
-    shard_size: int = 64
-    """Items per shard."""
-    metrics_port: int = 0
-    """Port of the Prometheus endpoint (0 = off); each torchrun rank adds its LOCAL_RANK (see metrics.py)."""
+    max_attempts: int = setting(3, "attempts per item inside one worker before it is recorded as failed", minimum=1)
+    shard_size: int = setting(64, "items per shard", minimum=1, maximum=100_000)
+    metrics_port: int = setting(
+        0, "port of the Prometheus endpoint, + LOCAL_RANK per rank (see metrics.py); 0 = off", minimum=0, maximum=65535
+    )
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ConfigError(f"worker.max_attempts must be >= 1, got {self.max_attempts}")
-        if not 1 <= self.shard_size <= 100_000:
-            raise ConfigError(f"worker.shard_size must be between 1 and 100000, got {self.shard_size}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"worker.metrics_port must be between 0 (off) and 65535, got {self.metrics_port}")
+        problems = setting_problems(self)
+        if problems:
+            raise ConfigError(f"worker.{problems[0]}")
 
 
 @dataclass(frozen=True)
@@ -217,7 +301,7 @@ class RunConfig:
                 raise ConfigError(f"{source}: [{name}] must be a table")
             if name == "generation":
                 values = {**built["model"].spec.generation_defaults, **values}
-            built[name] = _build(klass, values, f"{source}: {name}")
+            built[name] = build_section(klass, values, f"{source}: {name}")
         try:
             return cls(**built)
         except ConfigError as e:
@@ -257,22 +341,33 @@ def check_generation(generation: GenerationConfig, spec: ModelSpec) -> str | Non
     return None
 
 
-def _build(klass: type, values: dict[str, Any], where: str) -> Any:
+def type_problem(kind: str, value: Any) -> str | None:
+    """ "must be ..." when ``value`` (from TOML or YAML) does not have the field type ``kind`` (see ``field_kind``)."""
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"must be an integer, got {value!r}"
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        return f"must be a number, got {value!r}"
+    if kind == "bool" and not isinstance(value, bool):
+        return f"must be true or false, got {value!r}"
+    if kind == "str" and not isinstance(value, str):
+        return f"must be a string, got {value!r}"
+    if kind.startswith("tuple") and not isinstance(value, list | tuple):
+        return f"must be a list, got {value!r}"
+    if kind.startswith("Mapping") and not isinstance(value, dict):
+        return f"must be a mapping, got {value!r}"
+    return None
+
+
+def build_section(klass: type, values: dict[str, Any], where: str) -> Any:
+    """``klass(**values)`` after refusing unknown keys and wrong types by name (``where``: "source: section")."""
     known = {f.name: f for f in fields(klass)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; expected {sorted(known)}")
     for key, value in values.items():
-        expected = known[key].type
-        # Annotations are strings under `from __future__ import annotations`.
-        if expected == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
-        if expected == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{where}.{key} must be a number, got {value!r}")
-        if expected == "bool" and not isinstance(value, bool):
-            raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
-        if expected == "str" and not isinstance(value, str):
-            raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
+        problem = type_problem(field_kind(known[key]), value)
+        if problem:
+            raise ConfigError(f"{where}.{key} {problem}")
     try:
         return klass(**values)
     except ConfigError as e:

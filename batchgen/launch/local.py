@@ -10,6 +10,7 @@ committed. Running the same command again finds every shard finished, generates 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -132,12 +133,12 @@ def worker_command(
         prefix = [sys.executable, "-m", "batchgen"]
     logging_flags = ["-" + "v" * verbose] if verbose else ["-q"]
     parallel = config.parallel
-    ulysses, ring, cfg = degrees or (parallel.ulysses_degree, parallel.ring_degree, parallel.cfg_degree)
+    if degrees:
+        ulysses, ring, cfg = degrees
+        parallel = dataclasses.replace(parallel, ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg)
     worker = WorkerArgs(
-        output=storage_uri, run_id=plan.run_id, shards=tuple(shards), model_dir=str(model_dir),
-        ulysses=ulysses, ring=ring, cfg=cfg, sp_backend=parallel.sp_backend, offload=parallel.offload,
+        output=storage_uri, run_id=plan.run_id, shards=tuple(shards), model_dir=str(model_dir), parallel=parallel,
         max_attempts=config.worker.max_attempts, metrics_port=metrics_port,
-        compile=parallel.compile, fp8=parallel.fp8, cache_threshold=parallel.cache_threshold,
     )  # fmt: skip
     return prefix + logging_flags + worker.argv()
 

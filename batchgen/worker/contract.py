@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from batchgen.core.config import ParallelConfig, setting_argv
 from batchgen.core.layout import shard_index
 
 PERMANENT_EXIT_CODES = range(1, 128)
@@ -28,17 +29,11 @@ class WorkerArgs:
     run_id: str
     shards: tuple[str, ...]
     model_dir: str
-    ulysses: int
-    ring: int
-    cfg: int
-    sp_backend: str
-    offload: str
+    parallel: ParallelConfig
+    """Degrees as checked by the launcher, and the speed options: passed as the flags that differ from the
+    defaults (``config.setting_argv``), so a setting added to ``ParallelConfig`` reaches every launcher."""
     max_attempts: int | None = None
     """Attempts per item; None keeps the worker's own default."""
-    compile: bool = False
-    fp8: bool = False
-    cache_threshold: float = 0.0
-    """Speed options (README "Speed options"); written only when not at their defaults."""
     metrics_port: int | None = None
     """Prometheus port of the worker's first rank; None leaves it to BATCHGEN_METRICS_PORT and the config."""
 
@@ -50,17 +45,10 @@ class WorkerArgs:
             "--run-id", self.run_id,
             "--shards", shard_selection(self.shards),
             "--model-dir", self.model_dir,
-            "--ulysses-degree", str(self.ulysses),
-            "--ring-degree", str(self.ring),
-            "--cfg-degree", str(self.cfg),
-            "--sp-backend", self.sp_backend,
-            "--offload", self.offload,
+            *setting_argv(self.parallel),
         ]  # fmt: skip
         if self.max_attempts is not None:
             args += ["--max-attempts", str(self.max_attempts)]
-        if self.cache_threshold:
-            args += ["--cache-threshold", str(self.cache_threshold)]
-        args += ["--compile"] * self.compile + ["--fp8"] * self.fp8
         if self.metrics_port is not None:
             args += ["--metrics-port", str(self.metrics_port)]
         return args

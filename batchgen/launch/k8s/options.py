@@ -12,6 +12,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from batchgen.core.config import ParallelConfig, flag_specs
 from batchgen.core.errors import ConfigError
 from batchgen.launch.k8s.render import LaunchSettings
 
@@ -27,23 +28,27 @@ def _kind(field_type: str) -> type:
     return {"int": int, "float": float, "bool": bool}.get(str(field_type).split(" |")[0], str)
 
 
+def _add_flag(group: argparse._ArgumentGroup, flag: str, key: str, kind: type, doc: str) -> None:
+    if kind is bool:  # a switch: absent leaves the values file's setting
+        group.add_argument(flag, dest=f"launch_{key}", action="store_const", const=True, help=doc)
+    else:
+        group.add_argument(flag, dest=f"launch_{key}", type=kind, default=None, metavar=key.upper(), help=doc)
+
+
 def add_launch_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("Kubernetes launch settings (also settable in --values FILE)")
     group.add_argument(
         "--values", metavar="FILE", default=None, help="YAML file of launch settings (field names as keys)"
     )
     for f in fields(LaunchSettings):
-        if f.name in _VALUES_ONLY or f.name in skip:
+        if f.name in _VALUES_ONLY or f.name in skip or f.name == "parallel":
             continue
         default = None if f.default is MISSING else f.default
         doc = (f.metadata or {}).get("help") or f"default {default!r}"
-        kind = _kind(f.type)
-        if kind is bool:  # a switch: absent leaves the values file's setting
-            group.add_argument(_flag(f.name), dest=f"launch_{f.name}", action="store_const", const=True, help=doc)
-            continue
-        group.add_argument(
-            _flag(f.name), dest=f"launch_{f.name}", type=kind, default=None, metavar=f.name.upper(), help=doc
-        )
+        _add_flag(group, _flag(f.name), f.name, _kind(f.type), doc)
+    for flag, key, kind, doc in flag_specs(ParallelConfig):
+        if key not in skip:
+            _add_flag(group, flag, key, kind, doc + " (else the plan's)")
     group.add_argument(
         "--node-selector", dest="launch_node_selector", action="append", default=None, metavar="KEY=VALUE",
         help="node selector entry (repeatable)",
@@ -76,11 +81,11 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> LaunchSettings
     of the run's plan, which a values file may repeat but not contradict)."""
     source = args.values or "command line"
     values: dict[str, Any] = load_values(args.values) if args.values else {}
-    for f in fields(LaunchSettings):
-        given = getattr(args, f"launch_{f.name}", None)
+    for name in [f.name for f in fields(LaunchSettings)] + [f.name for f in fields(ParallelConfig)]:
+        given = getattr(args, f"launch_{name}", None)
         if given is None:
             continue
-        if f.name == "node_selector":
+        if name == "node_selector":
             pairs = {}
             for entry in given:
                 key, sep, value = entry.partition("=")
@@ -88,7 +93,7 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> LaunchSettings
                     raise ConfigError(f"--node-selector {entry!r}: expected KEY=VALUE")
                 pairs[key] = value
             given = {**values.get("node_selector", {}), **pairs}
-        values[f.name] = given
+        values[name] = given
     family = fixed.get("family")
     if family is not None and values.get("family", family) != family:
         raise ConfigError(f"{source}: family {values['family']!r} differs from the run's model family {family!r}")

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from batchgen.core.config import ParallelConfig, build_section, field_kind, type_problem
 from batchgen.core.errors import ConfigError
 from batchgen.core.layout import shard_id, shard_index
 from batchgen.core.logs import LOG_FORMAT_ENV, LOG_FORMATS
@@ -40,8 +41,6 @@ SHM_DIR = "/dev/shm"
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$")
 _PULL_POLICIES = ("Always", "IfNotPresent", "Never")
-_SP_BACKENDS = ("native", "xfuser")
-_OFFLOAD = ("auto", "none", "model")
 LAUNCHERS = ("auto", "trainjob", "pytorchjob")
 TRAINER_APIS = ("v2.1", "v2.3")
 
@@ -68,22 +67,9 @@ class LaunchSettings:
     """GPUs per pod = processes per pod (nprocPerNode)."""
     gpu_resource: str = "nvidia.com/gpu"
     """Extended resource name of a GPU."""
-    ulysses_degree: int = 0
-    """Ulysses degree passed to the workers; 0 = the plan's config, else chosen automatically."""
-    ring_degree: int = 0
-    """Ring attention degree; 0 = the plan's config, else automatic."""
-    cfg_degree: int = 0
-    """CFG parallel degree 1 or 2; 0 = the plan's config, else automatic."""
-    sp_backend: str = "native"
-    """native or xfuser."""
-    offload: str = "none"
-    """none, model or auto (offload only when the GPU is too small)."""
-    compile: bool = False
-    """torch.compile the blocks' regions (README "Speed options"); off = the plan's ``[parallel] compile``."""
-    fp8: bool = False
-    """FP8 linears on Hopper when the numeric gate passes; off = the plan's ``[parallel] fp8``."""
-    cache_threshold: float = 0.0
-    """First-block cache threshold, 0 to 1; 0 = the plan's ``[parallel] cache_threshold``."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The workers' parallel and speed settings (``ParallelConfig``'s fields, flat keys in a values file and flags):
+    a value at its default leaves the plan's ``[parallel]`` (see ``resolve_parallel``)."""
     family: str = "mochi"
     """Model family of the run (the plan's ``[model] family`` when rendering a plan): picks the defaults below."""
     num_heads: int = 0
@@ -157,15 +143,11 @@ class LaunchSettings:
         for name in ("nodes", "gpus_per_node", "num_heads"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ulysses_degree", "ring_degree", "backoff_limit", "termination_grace_seconds"):
+        for name in ("backoff_limit", "termination_grace_seconds"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.cfg_degree not in (0, 1, 2):
-            problems.append(f"cfg_degree must be 0, 1 or 2, got {self.cfg_degree}")
         if self.image_pull_policy not in _PULL_POLICIES:
             problems.append(f"image_pull_policy must be one of {_PULL_POLICIES}, got {self.image_pull_policy!r}")
-        if self.sp_backend not in _SP_BACKENDS:
-            problems.append(f"sp_backend must be one of {_SP_BACKENDS}, got {self.sp_backend!r}")
         if self.launcher not in LAUNCHERS:
             problems.append(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
         if self.trainer_api not in TRAINER_APIS:
@@ -176,10 +158,6 @@ class LaunchSettings:
             problems.append(f"worker_metrics_port must be 0 (off) or a port below {65536 - self.gpus_per_node}")
         if self.worker_log_format not in LOG_FORMATS:
             problems.append(f"worker_log_format must be one of {LOG_FORMATS}, got {self.worker_log_format!r}")
-        if not 0.0 <= self.cache_threshold <= 1.0:
-            problems.append(f"cache_threshold must be between 0 and 1, got {self.cache_threshold}")
-        if self.offload not in _OFFLOAD:
-            problems.append(f"offload must be one of {_OFFLOAD}, got {self.offload!r}")
         if not self.image:
             problems.append("image must not be empty")
         if (
@@ -210,45 +188,51 @@ class LaunchSettings:
         return self.nodes * self.gpus_per_node
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        """The values-file shape: flat keys, the parallel settings beside the others."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "parallel"}
+        data.update(dataclasses.asdict(self.parallel))
         data["image_pull_secrets"] = list(self.image_pull_secrets)
         data["tolerations"] = [dict(t) for t in self.tolerations]
         data["node_selector"] = dict(self.node_selector)
+        data["affinity"] = None if self.affinity is None else dict(self.affinity)
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "launch settings") -> LaunchSettings:
-        """Build from a mapping of field names (a ``--values`` file); unknown keys are refused by name."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(known))
+        """Build from a mapping of field names (a ``--values`` file); unknown keys and wrong types are refused by
+        name, the parallel settings by ``ParallelConfig``'s own checks."""
+        values, parallel = _split_parallel(dict(data))
+        known = {f.name: f for f in fields(cls) if f.name != "parallel"}
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            kind = str(known[key].type).split(" |")[0]
-            if value is None:
-                values[key] = None
-            elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
-            elif kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
-            elif kind == "bool" and not isinstance(value, bool):
-                raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
-            elif kind == "str" and not isinstance(value, str):
-                raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
-            elif kind.startswith("tuple") and not isinstance(value, list):
-                raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-            elif kind.startswith("Mapping") and not isinstance(value, dict):
-                raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
-            else:
-                values[key] = tuple(value) if kind.startswith("tuple") else value
+            expected = sorted({*known, *_PARALLEL_KEYS})
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; expected some of {expected}")
+        for key, value in values.items():
+            problem = None if value is None else type_problem(field_kind(known[key]), value)
+            if problem:
+                raise ConfigError(f"{source}: {key} {problem}")
+            if isinstance(value, list):
+                values[key] = tuple(value)
         try:
-            return cls(**values)
+            return cls(**values, parallel=build_section(ParallelConfig, parallel, f"{source}: parallel"))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 
     def replace(self, **changes: Any) -> LaunchSettings:
+        """A copy with ``changes``; parallel settings are given by their flat names (``ulysses_degree=8``)."""
+        changes, parallel = _split_parallel(changes)
+        if parallel:
+            changes["parallel"] = dataclasses.replace(self.parallel, **parallel)
         return dataclasses.replace(self, **changes)
+
+
+_PARALLEL_KEYS = frozenset(f.name for f in fields(ParallelConfig))
+
+
+def _split_parallel(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the launch settings' own keys, the ``ParallelConfig`` keys) of a flat mapping."""
+    parallel = {k: values.pop(k) for k in list(values) if k in _PARALLEL_KEYS}
+    return values, parallel
 
 
 def parse_shard_indices(text: str) -> list[str]:
@@ -267,25 +251,17 @@ def parse_shard_indices(text: str) -> list[str]:
     return [shard_id(i) for i in sorted(set(indices))]
 
 
-def resolve_parallel(settings: LaunchSettings, plan: Any | None = None):
-    """The workers' ``ParallelConfig``: the plan's ``[parallel]`` with what the launch settings set on top.
-
-    Degrees of zero and speed options left off fall back to the plan's config (zero degrees there mean "choose
-    automatically"); the backend is the settings' own.
-    """
-    from batchgen.core.config import ParallelConfig
-
+def resolve_parallel(settings: LaunchSettings, plan: Any | None = None) -> ParallelConfig:
+    """The workers' ``ParallelConfig``: the plan's ``[parallel]`` with every launch setting that is not at its
+    default on top (a default means "not set here": zero degrees and speed options left off fall back to the plan's,
+    whose own zero degrees mean "choose automatically")."""
     parallel = getattr(getattr(plan, "config", None), "parallel", None) or ParallelConfig()
-    return dataclasses.replace(
-        parallel,
-        ulysses_degree=settings.ulysses_degree or parallel.ulysses_degree,
-        ring_degree=settings.ring_degree or parallel.ring_degree,
-        cfg_degree=settings.cfg_degree or parallel.cfg_degree,
-        sp_backend=settings.sp_backend,
-        compile=settings.compile or parallel.compile,
-        fp8=settings.fp8 or parallel.fp8,
-        cache_threshold=settings.cache_threshold or parallel.cache_threshold,
-    )
+    given = {
+        f.name: getattr(settings.parallel, f.name)
+        for f in fields(ParallelConfig)
+        if getattr(settings.parallel, f.name) != f.default
+    }
+    return dataclasses.replace(parallel, **given)
 
 
 def resolve_degrees(settings: LaunchSettings, plan: Any | None = None):
@@ -316,12 +292,13 @@ def worker_command(job: JobIdentity, settings: LaunchSettings) -> list[str]:
 
     Both launchers inject the ``PET_*`` variables torchrun reads, so the command carries no rendezvous flags.
     """
-    topology, parallel = job.topology, job.parallel
+    topology = job.topology
+    parallel = dataclasses.replace(
+        job.parallel, ulysses_degree=topology.ulysses, ring_degree=topology.ring, cfg_degree=topology.cfg
+    )
     worker = WorkerArgs(
         output=settings.output, run_id=job.run_id, shards=tuple(job.shards), model_dir=settings.model_dir,
-        ulysses=topology.ulysses, ring=topology.ring, cfg=topology.cfg, sp_backend=settings.sp_backend,
-        offload=settings.offload, compile=parallel.compile, fp8=parallel.fp8,
-        cache_threshold=parallel.cache_threshold,
+        parallel=parallel,
     )  # fmt: skip
     # A failed rank fails the pod; the job's failure policy decides whether to retry it.
     return ["python", *TORCHRUN, "--max-restarts=0", "-m", "batchgen", *worker.argv()]
