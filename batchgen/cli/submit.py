@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(estimate_for(args, storage, plan, gpus=gpus, group_size=group).lines()) + "\n")
         sys.stdout.write(f"dry run: no job created ({args.max_jobs} job(s) of {settings.world_size} GPU(s) at once)\n")
         return 0
-    from batchgen.core import metrics
+    from batchgen.core import layout, metrics
 
     metrics.serve(metrics.CONTROLLER_REGISTRY, metrics.resolve_port(args.metrics_port))
     if not settings.namespace:
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     state = controller.run(wait=args.wait)
     sys.stdout.write(f"run {plan.run_id}: {state.summary()}\n")
     if args.wait:
-        sys.stdout.write(f"index: {storage.url(f'{plan.run_id}/index/index.parquet')}\n")
+        sys.stdout.write(f"index: {storage.url(layout.index_key(plan.run_id))}\n")
     else:
         sys.stdout.write(
             f"follow: batchgen status {args.output} --namespace {settings.namespace} --launcher "

@@ -65,6 +65,14 @@ def meta_prefix(run_id: str) -> str:
     return f"{run_id}/meta/"
 
 
+def videos_root(run_id: str) -> str:
+    return f"{run_id}/videos/"
+
+
+def errors_root(run_id: str) -> str:
+    return f"{run_id}/errors/"
+
+
 def error_key(run_id: str, shard: str, item_id: str) -> str:
     return f"{run_id}/errors/{shard}/{item_id}.json"
 

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 from batchgen.core import layout
 from batchgen.core.plan import RunPlan, ids_digest, load_shard_items
@@ -127,9 +128,9 @@ def scan_run(storage: Storage, plan: RunPlan, shards: Collection[str] | None = N
                 shards_of[shard].stats_written = True
     etags: dict[str, str | None] = {}
     listed = _listed_sidecars(storage, plan, spans, strays, etags)
-    errors = f"{run_id}/errors/"
+    errors = layout.errors_root(run_id)
     pairs = [pair for span in spans for pair in _pairs_under(storage, errors, ".json", strays, span=span)]
-    failed = _grouped(pairs, shards_of, strays, errors)
+    failed = _grouped(pairs, shards_of, strays, partial(layout.error_key, run_id))
     ids_of = _planned_ids(storage, plan, [s for s in chosen if _needs_ids(plan, s, listed, failed)])
     for name, s in shards_of.items():
         names = listed.get(name, set())
@@ -193,7 +194,7 @@ def _listed_sidecars(
         # One request per shard, or items/1000 requests for the span's range: whichever is fewer.
         if len(span.shards) > -(-sum(plan.items_in_shard(s) for s in span.shards) // LIST_PAGE):
             pairs = _pairs_under(storage, prefix, ".json", strays, etags, span=span)
-            listed.update(_grouped(pairs, set(span.shards), strays, prefix))
+            listed.update(_grouped(pairs, set(span.shards), strays, partial(layout.sidecar_key, plan.run_id)))
             continue
         for s in span.shards:
             sidecars = layout.sidecars_prefix(plan.run_id, s)
@@ -201,13 +202,14 @@ def _listed_sidecars(
     return listed
 
 
-def _grouped(pairs: list[tuple[str, str]], shards, strays: list[str], prefix: str) -> dict[str, set[str]]:
+def _grouped(pairs: list[tuple[str, str]], shards, strays: list[str], key_of) -> dict[str, set[str]]:
+    """(shard, item id) pairs by shard; pairs of other shards go to ``strays`` as their keys (``key_of``)."""
     grouped: dict[str, set[str]] = defaultdict(set)
     for shard, item_id in pairs:
         if shard in shards:
             grouped[shard].add(item_id)
         else:
-            strays.append(f"{prefix}{shard}/{item_id}.json")
+            strays.append(key_of(shard, item_id))
     return grouped
 
 
@@ -255,3 +257,48 @@ def _pairs_under(
     """(shard, item id) for every ``<prefix><shard>/<id><suffix>`` key."""
     names = _names_under(storage, prefix, suffix, depth=2, strays=strays, etags=etags, span=span)
     return [tuple(name.split("/", 1)) for name in names]
+
+
+# A listing page holds 1000 keys. Ranges a little smaller than a page let each concurrent lister see the next
+# range's first key on its only page and stop there, so listing N keys by ranges still costs about N/900
+# requests, while their latencies overlap instead of adding up.
+_KEYS_PER_RANGE = 900
+_LIST_THREADS = 8
+
+
+def ids_under(
+    storage: Storage, prefix: str, suffix: str, ids: set[str], *, by_ranges: bool, etags: dict | None = None
+) -> set[str]:
+    """The ids of ``ids`` that have an object ``<prefix><id><suffix>`` (the done set of one shard, when ``prefix`` is
+    its sidecars' folder), from listings only. ``by_ranges``: list key ranges of about a page each concurrently
+    (large shards); ``etags`` collects each found object's etag. Other keys under the prefix are logged."""
+    expected = sorted(prefix + item_id + suffix for item_id in ids)
+    bounds = expected[_KEYS_PER_RANGE - 1 : -1 : _KEYS_PER_RANGE] if by_ranges else []
+    # Ranges (None, b0], (b0, b1], ..., (b_last, None) cover every key under the prefix, strays included.
+    ranges = list(zip([None, *bounds], [*bounds, None], strict=True))
+    if len(ranges) == 1:
+        listed = [list(storage.list(prefix))]
+    else:
+        with ThreadPoolExecutor(min(len(ranges), _LIST_THREADS), thread_name_prefix="scan") as pool:
+            listed = list(pool.map(lambda bounds: _list_range(storage, prefix, *bounds), ranges))
+    found = set()
+    for infos in listed:
+        for info in infos:
+            name = info.key[len(prefix) :]
+            item_id = name[: -len(suffix)] if name.endswith(suffix) else None
+            if item_id in ids:
+                found.add(item_id)
+                if etags is not None:
+                    etags[item_id] = info.etag
+            else:
+                log.warning("ignoring %s: not an item of this shard", storage.url(info.key))
+    return found
+
+
+def _list_range(storage: Storage, prefix: str, start_after: str | None, last: str | None) -> list:
+    infos = []
+    for info in storage.list(prefix, start_after=start_after):
+        if last is not None and info.key > last:
+            break  # the listing is lazy: no further page is requested
+        infos.append(info)
+    return infos

@@ -1,5 +1,6 @@
-"""The sidecar record: the one definition of what the worker writes to ``meta/<shard>/<id>.json`` and the index
-reads back (its fixed columns are derived from these fields, nested objects flattened with ``_``).
+"""The records the worker writes, defined once: the sidecar (``meta/<shard>/<id>.json``, which the index reads back:
+its fixed columns are derived from these fields, nested objects flattened with ``_``), the error record, the
+shard's stats and the weights' pin.
 
 A sidecar is the item's commit marker, so reading one also checks that it is what its key says it is: a copy
 of another item's sidecar under a planned id must not count that item as done.
@@ -32,6 +33,11 @@ NESTED_COLUMNS: dict[str, dict[str, pa.DataType]] = {
 _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 # The index replaces these with ``key`` and ``uri`` (the URI of the storage the index was built from).
 INDEX_RENAMED = ("video_key", "video_uri")
+
+
+def json_bytes(data: dict[str, Any]) -> bytes:
+    """How every record is stored: indented UTF-8 JSON with a final newline."""
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
 
 
 class SidecarError(ValueError):
@@ -86,7 +92,7 @@ class Sidecar:
         return data
 
     def to_json(self) -> bytes:
-        return (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode()
+        return json_bytes(self.to_dict())
 
     @classmethod
     def parse(cls, data: bytes, *, run_id: str, shard: str, item_id: str) -> dict[str, Any]:
@@ -106,6 +112,65 @@ class Sidecar:
         if found != (run_id, shard, item_id):
             raise SidecarError(f"describes {'/'.join(map(str, found))}, not {run_id}/{shard}/{item_id}")
         return record
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """``errors/<shard>/<id>.json``: an item that failed every attempt of a worker (removed once it commits)."""
+
+    id: str
+    shard: str
+    run_id: str
+    row: int
+    attempts: int
+    """Attempts of the worker that recorded it."""
+    launch_attempt: int
+    """How many times the worker's job had been launched before."""
+    error: str
+    """The last attempt's exception, ``Type: message``."""
+    host: str
+    rank: int
+    batchgen_version: str
+    created_at: str
+
+    def to_json(self) -> bytes:
+        return json_bytes(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """``stats/<shard>.json``, written last by the worker that finished a pass over the shard. A cache of the
+    counts for people and dashboards: progress is always derived from the sidecars (``core.progress``)."""
+
+    shard: str
+    run_id: str
+    total: int
+    done: int
+    failed: int
+    resumed: int
+    adopted: int
+    committed_during_pass: int
+    seconds: float
+    host: str
+    world_size: int
+    batchgen_version: str
+    finished_at: str
+
+    def to_json(self) -> bytes:
+        return json_bytes(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class ModelPin:
+    """``plan/model.json``: the weights of the run's first commit; every later commit must have the same."""
+
+    fingerprint: str
+    path: str | None
+    host: str
+    pinned_at: str
+
+    def to_json(self) -> bytes:
+        return json_bytes(dataclasses.asdict(self))
 
 
 def index_schema() -> pa.Schema:

@@ -76,7 +76,7 @@ def audit_run(storage: Storage, plan: RunPlan, *, deep: bool = False) -> Audit:
 
 def _videos(storage: Storage, plan: RunPlan, progress: RunProgress, audit: Audit) -> dict[str, int]:
     """Size of every planned item's video (one listing of the run's ``videos/``); strays go to the audit."""
-    prefix = f"{plan.run_id}/videos/"
+    prefix = layout.videos_root(plan.run_id)
     sizes: dict[str, int] = {}
     planned: dict[str, set[str]] = {}
     for info in storage.list(prefix):
