@@ -15,8 +15,9 @@ help: ## list targets
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	# torch first: a CPU build (the file on this machine's disk); xfuser or a bare 'torch' would pull CUDA.
-	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<2.15"
+	# torch first, pinned: PyPI's build (CUDA, which also runs on the CPU). Installing xfuser first would pull
+	# another torch. No other index is used: the project's machines reach PyPI only.
+	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
