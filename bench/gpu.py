@@ -630,7 +630,8 @@ class Bench:
         """The whole single-GPU generator at the longest frame count with ``offload`` and a few steps."""
         from batchgen.core.config import ParallelConfig
         from batchgen.core.item import Item
-        from batchgen.models.mochi.generator import MochiGenerator, build_random_components
+        from batchgen.models.mochi.generator import MochiGenerator
+        from batchgen.models.mochi.tiny import build_random_components
 
         frames = max(self.shape["frames"])
         steps = self.args.pipeline_steps

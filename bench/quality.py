@@ -92,7 +92,8 @@ def run(args) -> dict:
     model_dir = Path(args.model_dir) if args.model_dir else None
     defaults = GenerationConfig()
     if args.tiny:
-        from batchgen.models.mochi.tiny import TINY_TOML_NAME, write_tiny_model
+        from batchgen.models.common.tiny import TINY_TOML_NAME
+        from batchgen.models.mochi.tiny import write_tiny_model
 
         model_dir = write_tiny_model(Path(tempfile.mkdtemp(prefix="quality-")) / "tiny-mochi", seed=0)
         defaults = load_config(model_dir / TINY_TOML_NAME).generation

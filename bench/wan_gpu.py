@@ -45,7 +45,7 @@ def build_transformer(config: dict, device: torch.device, dtype: torch.dtype):
     """The DiT materialised once, in ``dtype`` on ``device``, with batchgen's seeded random fill."""
     from diffusers import WanTransformer3DModel
 
-    from batchgen.models.mochi.tiny import randomize_parameters
+    from batchgen.models.common.tiny import randomize_parameters
 
     with torch.device("meta"):
         model = WanTransformer3DModel(**config)

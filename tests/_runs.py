@@ -108,6 +108,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240)
 
 
 def tiny_run_args(tiny_model_dir: Path, *, steps: int = 2) -> list[str]:
-    from batchgen.models.mochi.tiny import TINY_TOML_NAME
+    from batchgen.models.common.tiny import TINY_TOML_NAME
 
     return ["--model-dir", str(tiny_model_dir), "--config", str(tiny_model_dir / TINY_TOML_NAME), "--steps", str(steps)]

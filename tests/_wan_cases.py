@@ -46,7 +46,7 @@ BOUNDARY_RATIO = 0.875
 def tiny_transformer(seed: int = 0):
     from diffusers import WanTransformer3DModel
 
-    from batchgen.models.mochi.tiny import randomize_parameters
+    from batchgen.models.common.tiny import randomize_parameters
 
     model = WanTransformer3DModel(**TINY_TRANSFORMER)
     randomize_parameters(model, torch.Generator().manual_seed(seed))

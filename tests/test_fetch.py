@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from batchgen.models.mochi.loading import fingerprint_model_dir
+from batchgen.models.common.weights import fingerprint_model_dir
 from batchgen.storage import open_storage
 
 

@@ -16,11 +16,11 @@ from batchgen.core.config import ParallelConfig
 from batchgen.core.errors import EXIT_BAD_INPUT, InputError
 from batchgen.core.item import Item
 from batchgen.core.video import probe_mp4
+from batchgen.models.common.weights import fingerprint_model_dir
 from batchgen.models.mochi.generator import MochiGenerator, linear_quadratic_sigmas
 from batchgen.models.mochi.loading import (
     convert_original_state_dict,
     diffusers_to_original_state_dict,
-    fingerprint_model_dir,
     load_components,
     read_transformer_config,
 )
@@ -326,7 +326,8 @@ def test_bf16_components_generate_with_fp32_kept_tensors():
 
     from batchgen.core.config import ParallelConfig
     from batchgen.core.item import Item
-    from batchgen.models.mochi.generator import MochiGenerator, build_random_components
+    from batchgen.models.mochi.generator import MochiGenerator
+    from batchgen.models.mochi.tiny import build_random_components
 
     components = build_random_components(full_size=False, dtype=torch.bfloat16, device="cpu")
     assert components.transformer.pos_frequencies.dtype == torch.float32

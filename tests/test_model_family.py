@@ -38,7 +38,7 @@ from batchgen.dataset.estimate import (
 )
 from batchgen.launch.k8s.render import LaunchSettings, resolve_degrees
 from batchgen.models import MOCHI, WAN, check_weights
-from batchgen.models.mochi.loading import fingerprint_model_dir
+from batchgen.models.common.weights import fingerprint_model_dir
 from batchgen.storage.local import LocalStorage
 from batchgen.worker.context import SingleProcess
 from batchgen.worker.loop import run_worker

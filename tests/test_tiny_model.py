@@ -10,13 +10,10 @@ from batchgen.cli import main
 from batchgen.core.config import load_config
 from batchgen.core.errors import EXIT_BAD_INPUT
 from batchgen.models import MOCHI
-from batchgen.models.mochi.loading import (
-    fingerprint_model_dir,
-    infer_original_transformer_config,
-    read_safetensors_header,
-    read_transformer_config,
-)
-from batchgen.models.mochi.tiny import TINY_TOML_NAME, TRANSFORMER_CONFIG, write_tiny_model
+from batchgen.models.common.tiny import TINY_TOML_NAME
+from batchgen.models.common.weights import fingerprint_model_dir, read_safetensors_header
+from batchgen.models.mochi.loading import infer_original_transformer_config, read_transformer_config
+from batchgen.models.mochi.tiny import TRANSFORMER_CONFIG, write_tiny_model
 
 
 def test_layout_matches_mochi_1_preview(tiny_model_dir):

@@ -353,7 +353,7 @@ def test_batch_run_on_two_experts_under_ulysses_2_commits_each_item_once(tmp_pat
     """The whole machinery on Wan: `batchgen run` (plan, torchrun-style worker pair, commit, index), then a rerun
     that finds everything done."""
     from batchgen.core.plan import load_plan
-    from batchgen.models.mochi.loading import fingerprint_model_dir
+    from batchgen.models.common.weights import fingerprint_model_dir
     from batchgen.storage import open_storage
     from tests._runs import assert_exactly_once, run_cli, tiny_run_args, write_manifest
 

@@ -19,7 +19,7 @@ from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel  # noqa: 
 
 from batchgen.core.errors import InputError  # noqa: E402
 from batchgen.models import detect_family  # noqa: E402
-from batchgen.models.mochi.tiny import randomize_parameters, write_tokenizer  # noqa: E402
+from batchgen.models.common.tiny import randomize_parameters, write_tokenizer  # noqa: E402
 from batchgen.models.wan import original as wan_original  # noqa: E402
 
 TEXT_WIDTH = 16

@@ -11,8 +11,8 @@ import torch
 
 from batchgen.core.errors import InputError
 from batchgen.models import WAN, detect_family
-from batchgen.models.mochi.loading import fingerprint_model_dir
-from batchgen.models.mochi.tiny import TINY_TOML_NAME
+from batchgen.models.common.tiny import TINY_TOML_NAME
+from batchgen.models.common.weights import fingerprint_model_dir
 from batchgen.models.wan.loading import load_wan_components, read_boundary_ratio, read_transformer_config
 from batchgen.models.wan.tiny import write_tiny_wan
 

@@ -46,7 +46,7 @@ def write_demo_manifest(path: Path) -> Path:
 
 
 def ensure_tiny_model(model_dir: Path, spec: ModelSpec = MOCHI) -> Path:
-    from batchgen.models.mochi.tiny import TINY_TOML_NAME
+    from batchgen.models.common.tiny import TINY_TOML_NAME
 
     if not (model_dir / TINY_TOML_NAME).is_file():
         log.info("writing the tiny random %s to %s", spec.title, model_dir)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if spec is MOCHI else f"-{spec.family}"
     try:
         model_dir = ensure_tiny_model(out / f"model{suffix}", spec)
-        from batchgen.models.mochi.tiny import TINY_TOML_NAME
+        from batchgen.models.common.tiny import TINY_TOML_NAME
 
         config = load_config(model_dir / TINY_TOML_NAME).with_overrides(
             {"generation": {"num_inference_steps": DEMO_STEPS}, "worker": {"shard_size": 2}}

@@ -125,7 +125,7 @@ def config_from_args(args: argparse.Namespace, *, model_dir: str | None = None) 
 
 def _pin_weights(model: dict[str, Any], model_dir: str) -> None:
     from batchgen.models import check_weights, detect_family
-    from batchgen.models.mochi.loading import fingerprint_model_dir
+    from batchgen.models.common.weights import fingerprint_model_dir
 
     if "family" not in model:
         model["family"] = detect_family(model_dir)

@@ -46,7 +46,7 @@ def _load_config(args: argparse.Namespace):
     from pathlib import Path
 
     from batchgen.cli._options import config_from_args
-    from batchgen.models.mochi.tiny import TINY_TOML_NAME
+    from batchgen.models.common.tiny import TINY_TOML_NAME
 
     tiny_defaults = Path(args.model_dir) / TINY_TOML_NAME
     if args.config is None and tiny_defaults.is_file():

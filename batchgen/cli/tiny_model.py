@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from batchgen.models import spec_for
-    from batchgen.models.mochi.tiny import TINY_TOML_NAME
+    from batchgen.models.common.tiny import TINY_TOML_NAME
 
     path = spec_for(args.family).write_tiny_model(args.directory, **tiny_options(args))
     print(f"{path}\t(generation defaults: {path / TINY_TOML_NAME})")

@@ -81,7 +81,7 @@ class ModelConfig:
     family: str = "mochi"
     """A ``batchgen.models`` family: 'mochi' or 'wan'. One run uses one family."""
     weights: str = ""
-    """The weights' fingerprint (``batchgen.models.mochi.loading.fingerprint_model_dir``, hex); '' = unknown until the
+    """The weights' fingerprint (``batchgen.models.common.weights.fingerprint_model_dir``, hex); '' = unknown until the
     first commit pins it in plan/model.json."""
 
     def __post_init__(self) -> None:

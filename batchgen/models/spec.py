@@ -210,7 +210,7 @@ def detect_family(model_dir: str | Path) -> str:
     """The family of the weights in ``model_dir`` from its files alone (no torch): ``model_index.json``'s pipeline
     class, else the transformer config's class, else the official single-file layouts (Genmo's ``dit.safetensors``;
     Wan's root ``config.json`` with ``model_type``, or its ``high_noise_model/`` and ``low_noise_model/``)."""
-    from batchgen.models.mochi.loading import read_json_object
+    from batchgen.models.common.weights import read_json_object
 
     path = Path(model_dir)
     if not path.is_dir():
@@ -247,7 +247,7 @@ def check_weights(model_dir: str | Path, *, family: str, weights: str = "", fing
     if not weights:
         return
     if fingerprint is None:
-        from batchgen.models.mochi.loading import fingerprint_model_dir
+        from batchgen.models.common.weights import fingerprint_model_dir
 
         fingerprint = fingerprint_model_dir(model_dir)
     if fingerprint != weights:

@@ -147,7 +147,7 @@ class StagedGenerator:
         max_sequence_length: int | None = None,
         **family_options: Any,
     ):
-        from batchgen.models.mochi.loading import fingerprint_model_dir, resolve_dtype
+        from batchgen.models.common.weights import fingerprint_model_dir, resolve_dtype
 
         device = pick_device(device, context)
         # With offload (or until 'auto' has decided) the weights wait in host memory.

@@ -27,11 +27,7 @@ from batchgen.models import MOCHI
 from batchgen.models.common.staged import EncodedItem, StagedGenerator, Visit, fastest_attention
 from batchgen.models.common.vae import enable_causal_framewise_decoding
 from batchgen.models.mochi.joint import gather_valid_text
-from batchgen.models.mochi.loading import (  # noqa: F401  (build_random_components: re-exported for bench/gpu.py)
-    MochiComponents,
-    build_random_components,
-    load_components,
-)
+from batchgen.models.mochi.loading import MochiComponents, load_components
 
 # Genmo's sampler (and diffusers' MochiPipeline): linear-quadratic sigma schedule with this threshold.
 THRESHOLD_NOISE = 0.025

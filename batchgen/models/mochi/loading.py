@@ -19,24 +19,34 @@ them before any weights load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from batchgen.core.errors import InputError
+from batchgen.models.common.weights import (
+    BF16_VARIANT,
+    check_safetensors_complete,
+    device_map,
+    quiet_progress_bars,
+    read_safetensors_header,
+    refuse_config_without_weights,
+    require,
+    require_dir,
+    resolve_dtype,
+    transformers_dtype_kwarg,
+    variant_for,
+    weight_files,
+)
 
 log = logging.getLogger("batchgen.generate.loading")
 
 ORIGINAL_DIT = "dit.safetensors"
 SUBFOLDERS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
-BF16_VARIANT = "bf16"
 
 # genmo/mochi-1-preview's scheduler/scheduler_config.json (Mochi runs sigmas from 1 down, hence invert_sigmas);
 # used when an original-layout directory has no scheduler/, and by the tiny model.
@@ -81,28 +91,10 @@ class MochiComponents:
 # Cheap inspection (no torch)
 
 
-def refuse_config_without_weights(path: Path) -> None:
-    """A diffusers ``transformer/`` folder with its config but no weights is named as such, not as an unknown
-    layout (an interrupted download)."""
-    if (path / "transformer" / "config.json").is_file():
-        raise InputError(
-            f"{path / 'transformer'}: config.json but no weight file (diffusion_pytorch_model*.safetensors)"
-        )
-
-
-def _require_dir(model_dir: str | Path) -> Path:
-    path = Path(model_dir)
-    if not path.exists():
-        raise InputError(f"model directory {path} does not exist")
-    if not path.is_dir():
-        raise InputError(f"model directory {path} is not a directory")
-    return path
-
-
 def detect_layout(model_dir: str | Path) -> str:
     """'diffusers' when transformer/ holds weights, 'original' when dit.safetensors exists; else InputError."""
-    path = _require_dir(model_dir)
-    if _weight_files(path / "transformer"):
+    path = require_dir(model_dir)
+    if weight_files(path / "transformer"):
         return "diffusers"
     if (path / ORIGINAL_DIT).is_file():
         return "original"
@@ -111,45 +103,6 @@ def detect_layout(model_dir: str | Path) -> str:
         f"{path}: not a Mochi model directory: expected transformer/diffusion_pytorch_model*.safetensors "
         f"(diffusers layout, with model_index.json) or {ORIGINAL_DIT} (Genmo's original layout)"
     )
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes) without reading tensor data."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise InputError(f"{path}: not a safetensors file (shorter than its header length)")
-            (length,) = struct.unpack("<Q", raw)
-            if length > 100_000_000:
-                raise InputError(f"{path}: not a safetensors file (implausible header length {length})")
-            header = json.loads(f.read(length))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read safetensors header: {e}") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def check_safetensors_complete(path: Path) -> None:
-    """InputError naming ``path`` when the file ends before its last tensor's data (an interrupted download): the
-    libraries loading it fail with errors that name neither the file nor the cause."""
-    header = read_safetensors_header(path)
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-    try:
-        needed = 8 + length + max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise InputError(f"{path}: not a safetensors file (bad tensor entry: {e})") from None
-    size = path.stat().st_size
-    if size < needed:
-        raise InputError(f"{path}: truncated safetensors file ({size} bytes, its header needs {needed})")
 
 
 def _strip_prefix(name: str) -> str:
@@ -191,7 +144,7 @@ def infer_original_transformer_config(header: dict[str, Any], source: str = ORIG
 
 def read_transformer_config(model_dir: str | Path) -> dict[str, Any]:
     """The DiT's config (num_attention_heads, patch_size, ...) from JSON or the checkpoint header; no torch."""
-    path = _require_dir(model_dir)
+    path = require_dir(model_dir)
     config_path = path / "transformer" / "config.json"
     if config_path.is_file():
         try:
@@ -204,52 +157,6 @@ def read_transformer_config(model_dir: str | Path) -> dict[str, Any]:
     if (path / ORIGINAL_DIT).is_file():
         return infer_original_transformer_config(read_safetensors_header(path / ORIGINAL_DIT), str(path / ORIGINAL_DIT))
     raise InputError(f"{path}: missing transformer/config.json (diffusers layout) and {ORIGINAL_DIT} (original layout)")
-
-
-def read_json_object(path: Path, *, required: bool = False) -> dict[str, Any]:
-    """The JSON object in ``path``: {} when the file is absent (InputError when ``required``), InputError naming
-    the file when it is not a JSON object."""
-    if not path.is_file():
-        if required:
-            raise InputError(f"{path}: missing")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
-
-
-_HEAD_BYTES = 1 << 16
-
-
-def fingerprint_model_dir(model_dir: str | Path) -> str:
-    """sha256 over every file's relative path and size, config files in full, and the first and last 64 KiB of
-    each weight file. Cheap for a 60 GB model, yet two random initialisations of one architecture differ."""
-    path = _require_dir(model_dir)
-    digest = hashlib.sha256()
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise InputError(f"model directory {path} is empty")
-    for file in files:
-        relative = file.relative_to(path).as_posix()
-        size = file.stat().st_size
-        digest.update(f"{relative}\0{size}\0".encode())
-        with open(file, "rb") as f:
-            if not file.name.endswith(WEIGHT_SUFFIXES) and size <= 4 * _HEAD_BYTES:
-                digest.update(f.read())
-                continue
-            digest.update(f.read(_HEAD_BYTES))
-            if size > 2 * _HEAD_BYTES:
-                f.seek(size - _HEAD_BYTES)
-                digest.update(f.read(_HEAD_BYTES))
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,52 +311,6 @@ def _stream_original_dit(path: Path, num_layers: int, dtype, device) -> Iterator
 # Loading
 
 
-def resolve_dtype(dtype: Any, device: Any):
-    """'auto' -> bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and the tests compare against fp32)."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in names:
-        raise InputError(f"dtype must be one of auto, bf16, fp32, got {dtype!r}")
-    return names[dtype]
-
-
-def _variant_for(folder: Path, dtype) -> str | None:
-    """Use the bf16 variant when loading in bf16 (half the bytes to read), or when it is all there is."""
-    import torch
-
-    files = _weight_files(folder)
-    variant = [p for p in files if f".{BF16_VARIANT}." in p.name]
-    plain = [p for p in files if p not in variant]
-    if variant and (dtype == torch.bfloat16 or not plain):
-        return BF16_VARIANT
-    return None
-
-
-def _require(path: Path, what: str) -> None:
-    if not path.exists():
-        raise InputError(f"{path}: missing ({what})")
-
-
-def _transformers_dtype_kwarg(dtype) -> dict[str, Any]:
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
-def _device_map(device) -> dict[str, Any]:
-    import torch
-
-    device = torch.device(device)
-    # Straight into GPU memory, tensor by tensor: no host copy of the full model per rank.
-    return {"device_map": {"": str(device)}} if device.type == "cuda" else {}
-
-
 def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any = "cpu") -> MochiComponents:
     """Load transformer, VAE, T5 encoder, tokenizer and scheduler from ``model_dir`` (either layout).
 
@@ -461,7 +322,7 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
     from transformers import T5EncoderModel, T5TokenizerFast
 
     quiet_progress_bars()
-    path = _require_dir(model_dir)
+    path = require_dir(model_dir)
     layout = detect_layout(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
@@ -470,10 +331,10 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
         ("text_encoder", "T5 encoder weights"),
         ("vae", "AutoencoderKLMochi weights"),
     ):
-        _require(path / name, what)
-    if not _weight_files(path / "text_encoder"):
+        require(path / name, what)
+    if not weight_files(path / "text_encoder"):
         raise InputError(f"{path / 'text_encoder'}: no weight file (model*.safetensors)")
-    if not _weight_files(path / "vae"):
+    if not weight_files(path / "vae"):
         hint = " (decoder.safetensors from the original release is not converted: take vae/ from genmo/mochi-1-preview)"
         raise InputError(
             f"{path / 'vae'}: no weight file (diffusion_pytorch_model*.safetensors){hint if (path / 'decoder.safetensors').exists() else ''}"
@@ -488,9 +349,9 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
             transformer = MochiTransformer3DModel.from_pretrained(
                 str(folder),
                 torch_dtype=dtype,
-                variant=_variant_for(folder, dtype),
+                variant=variant_for(folder, dtype),
                 low_cpu_mem_usage=True,
-                **_device_map(device),
+                **device_map(device),
             )
             _restore_fp32(transformer, folder)
         else:
@@ -500,14 +361,14 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
         vae = AutoencoderKLMochi.from_pretrained(
             str(path / "vae"),
             torch_dtype=dtype,
-            variant=_variant_for(path / "vae", dtype),
+            variant=variant_for(path / "vae", dtype),
             low_cpu_mem_usage=True,
-            **_device_map(device),
+            **device_map(device),
         ).to(device)
         text_encoder = T5EncoderModel.from_pretrained(
             str(path / "text_encoder"),
-            variant=_variant_for(path / "text_encoder", dtype),
-            **_transformers_dtype_kwarg(dtype),
+            variant=variant_for(path / "text_encoder", dtype),
+            **transformers_dtype_kwarg(dtype),
         )
         tokenizer = T5TokenizerFast.from_pretrained(str(path / "tokenizer"))
         if (path / "scheduler").is_dir():
@@ -524,23 +385,14 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
     return MochiComponents(transformer, vae, text_encoder, tokenizer, scheduler, layout=layout)
 
 
-def quiet_progress_bars() -> None:
-    # Per-shard "Loading weights" bars would interleave with the worker's own progress output.
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def load_original_transformer(model_dir: str | Path, *, dtype, device):
     """MochiTransformer3DModel from ``dit.safetensors`` (Genmo's layout), streamed tensor by tensor."""
     import torch
     from diffusers import MochiTransformer3DModel
 
-    path = _require_dir(model_dir)
+    path = require_dir(model_dir)
     checkpoint = path / ORIGINAL_DIT
-    _require(checkpoint, "the DiT in Genmo's original layout")
+    require(checkpoint, "the DiT in Genmo's original layout")
     config = read_transformer_config(path)
     if (path / "transformer" / "config.json").is_file():
         config = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -560,7 +412,7 @@ def _restore_fp32(transformer, folder: Path) -> None:
         param = getattr(transformer, name, None)
         if param is None or param.dtype == torch.float32:
             continue
-        for file in _weight_files(folder):
+        for file in weight_files(folder):
             if not file.name.endswith(".safetensors") or f".{BF16_VARIANT}." in file.name:
                 continue
             with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -585,57 +437,3 @@ T5_V1_1_FLAGS: dict[str, Any] = {
     "eos_token_id": 1,
     "decoder_start_token_id": 0,
 }
-# Real sizes (genmo/mochi-1-preview; T5 = google/t5-v1_1-xxl's encoder) for benchmarks with random weights.
-T5_XXL_CONFIG: dict[str, Any] = {
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    **T5_V1_1_FLAGS,
-}
-
-
-def build_random_components(
-    *, full_size: bool = True, dtype: Any = "auto", device: Any = None, seed: int = 0
-) -> MochiComponents:
-    """Mochi with random weights built in memory: the real architecture sizes (``full_size``: 10 B DiT, full VAE,
-    T5-XXL encoder) or the tiny model's. Modules are created on the meta device and materialised once, straight
-    in ``dtype`` on ``device`` (default: CUDA when available, where random fill is fast). The tokenizer is the
-    tiny model's offline one (its ids are valid for T5-XXL's vocabulary; prompts are padded to 256 anyway)."""
-    import tempfile
-
-    import torch
-    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-
-    from batchgen.models.mochi import tiny
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(dtype, device)
-    if full_size:
-        transformer_config, vae_config, t5_config = {}, {}, dict(T5_XXL_CONFIG)
-    else:
-        transformer_config, vae_config = dict(tiny.TRANSFORMER_CONFIG), dict(tiny.VAE_CONFIG)
-        t5_config = dict(tiny.T5_CONFIG, vocab_size=len(tiny.tokenizer_vocab()))
-    generator = torch.Generator(device).manual_seed(seed)
-
-    def materialise(build):
-        with torch.device("meta"):
-            module = build()
-        module.to_empty(device=device)
-        tiny.randomize_parameters(module, generator)
-        for name, param in module.named_parameters():
-            if name not in FP32_TENSORS:
-                param.data = param.data.to(dtype)
-        return module.eval().requires_grad_(False)
-
-    transformer = materialise(lambda: MochiTransformer3DModel(**transformer_config))
-    vae = materialise(lambda: AutoencoderKLMochi(**vae_config))
-    text_encoder = materialise(lambda: T5EncoderModel(T5Config(**t5_config)))
-    with tempfile.TemporaryDirectory(prefix="batchgen-tokenizer-") as scratch:
-        tiny.write_tokenizer(Path(scratch))
-        tokenizer = T5TokenizerFast.from_pretrained(scratch)
-    scheduler = FlowMatchEulerDiscreteScheduler(**MOCHI_SCHEDULER_CONFIG)
-    return MochiComponents(transformer, vae, text_encoder, tokenizer, scheduler, layout="memory")

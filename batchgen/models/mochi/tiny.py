@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-import string
 from pathlib import Path
+from typing import Any
 
-from batchgen.models.mochi.loading import T5_V1_1_FLAGS
+from batchgen.models.common.tiny import (
+    TINY_TOML_NAME,
+    fresh_directory,
+    randomize_parameters,
+    tokenizer_vocab,
+    write_tokenizer,
+)
+from batchgen.models.common.weights import resolve_dtype
+from batchgen.models.mochi.loading import FP32_TENSORS, MOCHI_SCHEDULER_CONFIG, T5_V1_1_FLAGS, MochiComponents
 
 log = logging.getLogger("batchgen.generate.tiny")
 
-TINY_TOML_NAME = "batchgen-tiny.toml"
 
 # Real mochi-1-preview values kept where they do not cost size: 12 latent channels, patch 2, 8x spatial and
 # 6x temporal VAE compression, 256 T5 tokens. The T5 width is also the DiT's text width (text_embed_dim).
@@ -74,41 +81,6 @@ fps = 30
 """
 
 
-def tokenizer_vocab() -> list[tuple[str, float]]:
-    """A small SentencePiece-style unigram vocabulary: T5's special tokens first (pad 0, eos 1, unk 2), then
-    word-initial and inner pieces for letters and digits, then some whole words, so ordinary prompts tokenize
-    into several tokens and unknown characters into <unk>."""
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    for ch in string.ascii_lowercase + string.digits + ".,!?'-":
-        pieces.append((ch, -5.0))
-        pieces.append(("\u2581" + ch, -5.5))
-    for word in (
-        "a the of and in on with at to is cat dog bird fish car tree sky sea city night day sun moon red blue "
-        "green white black close up slow motion video camera walking running flying water fire snow forest"
-    ).split():
-        pieces.append(("\u2581" + word, -3.0))
-    return pieces
-
-
-def fresh_directory(directory: str | Path) -> Path:
-    """``directory``, created if missing; InputError if it holds anything (a tiny model never overwrites)."""
-    from batchgen.core.errors import InputError
-
-    root = Path(directory)
-    if root.exists() and any(root.iterdir()):
-        raise InputError(f"{root}: directory is not empty; the tiny model needs a fresh directory")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def write_tokenizer(path: Path, *, model_max_length: int = 256) -> int:
-    from transformers import T5TokenizerFast
-
-    tokenizer = T5TokenizerFast(vocab=tokenizer_vocab(), extra_ids=0, model_max_length=model_max_length)
-    tokenizer.save_pretrained(str(path))
-    return len(tokenizer)
-
-
 def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "diffusers") -> Path:
     """Write the tiny model into ``directory`` (created; must be empty or absent) and return its path.
 
@@ -120,12 +92,8 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
     from transformers import T5Config, T5EncoderModel
 
     from batchgen.core.errors import InputError
-    from batchgen.models.mochi.loading import (
-        MOCHI_SCHEDULER_CONFIG,
-        ORIGINAL_DIT,
-        diffusers_to_original_state_dict,
-        quiet_progress_bars,
-    )
+    from batchgen.models.common.weights import quiet_progress_bars
+    from batchgen.models.mochi.loading import ORIGINAL_DIT, diffusers_to_original_state_dict
 
     if layout not in ("diffusers", "original"):
         raise InputError(f"layout must be 'diffusers' or 'original', got {layout!r}")
@@ -176,30 +144,61 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
     return root
 
 
-def randomize_parameters(module, generator) -> None:
-    """Fill every parameter from ``generator`` (on the parameters' device): fan-in scaled normals for matrices
-    and convolutions (activations stay O(1) through many layers), gains near 1 for norms, small biases, and
-    RoPE frequencies that visibly rotate neighbouring positions. Explicit values instead of each class's default
-    init: deterministic across library versions, and nothing zero-initialised (pos_frequencies, adaLN) that
-    would hide a bug in RoPE or modulation handling."""
-    import torch
-
-    with torch.no_grad():
-        for name, param in sorted(module.named_parameters()):
-            values = torch.randn(param.shape, generator=generator, dtype=torch.float32, device=param.device)
-            if name == "pos_frequencies":
-                values = values.abs() * 0.25
-            elif param.ndim > 1:
-                values = values / param[0].numel() ** 0.5
-            elif ("norm" in name and name.endswith("weight")) or name.endswith(".gamma"):
-                # .gamma: the gains of the Wan VAE's RMS norms
-                values = 1.0 + 0.1 * values
-            else:
-                values = values * 0.02
-            param.copy_(values)
-
-
 def _diffusers_version() -> str:
     import diffusers
 
     return diffusers.__version__
+
+
+# Real sizes (genmo/mochi-1-preview; T5 = google/t5-v1_1-xxl's encoder) for benchmarks with random weights.
+T5_XXL_CONFIG: dict[str, Any] = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    **T5_V1_1_FLAGS,
+}
+
+
+def build_random_components(
+    *, full_size: bool = True, dtype: Any = "auto", device: Any = None, seed: int = 0
+) -> MochiComponents:
+    """Mochi with random weights built in memory: the real architecture sizes (``full_size``: 10 B DiT, full VAE,
+    T5-XXL encoder) or the tiny model's. Modules are created on the meta device and materialised once, straight
+    in ``dtype`` on ``device`` (default: CUDA when available, where random fill is fast). The tokenizer is the
+    tiny model's offline one (its ids are valid for T5-XXL's vocabulary; prompts are padded to 256 anyway)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(dtype, device)
+    if full_size:
+        transformer_config, vae_config, t5_config = {}, {}, dict(T5_XXL_CONFIG)
+    else:
+        transformer_config, vae_config = dict(TRANSFORMER_CONFIG), dict(VAE_CONFIG)
+        t5_config = dict(T5_CONFIG, vocab_size=len(tokenizer_vocab()))
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def materialise(build):
+        with torch.device("meta"):
+            module = build()
+        module.to_empty(device=device)
+        randomize_parameters(module, generator)
+        for name, param in module.named_parameters():
+            if name not in FP32_TENSORS:
+                param.data = param.data.to(dtype)
+        return module.eval().requires_grad_(False)
+
+    transformer = materialise(lambda: MochiTransformer3DModel(**transformer_config))
+    vae = materialise(lambda: AutoencoderKLMochi(**vae_config))
+    text_encoder = materialise(lambda: T5EncoderModel(T5Config(**t5_config)))
+    with tempfile.TemporaryDirectory(prefix="batchgen-tokenizer-") as scratch:
+        write_tokenizer(Path(scratch))
+        tokenizer = T5TokenizerFast.from_pretrained(scratch)
+    scheduler = FlowMatchEulerDiscreteScheduler(**MOCHI_SCHEDULER_CONFIG)
+    return MochiComponents(transformer, vae, text_encoder, tokenizer, scheduler, layout="memory")

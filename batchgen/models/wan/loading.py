@@ -24,17 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.core.errors import InputError
-from batchgen.models.mochi.loading import (
-    _device_map,
-    _require_dir,
-    _transformers_dtype_kwarg,
-    _variant_for,
-    _weight_files,
+from batchgen.models.common.weights import (
     check_safetensors_complete,
+    device_map,
     quiet_progress_bars,
     read_json_object,
     refuse_config_without_weights,
+    require_dir,
     resolve_dtype,
+    transformers_dtype_kwarg,
+    variant_for,
+    weight_files,
 )
 
 log = logging.getLogger("batchgen.generate.wan_loading")
@@ -74,8 +74,8 @@ class WanComponents:
 
 def detect_wan_layout(model_dir: str | Path) -> str:
     """'diffusers' when transformer/ holds weights, 'official' for the official release layout; else InputError."""
-    path = _require_dir(model_dir)
-    if _weight_files(path / "transformer"):
+    path = require_dir(model_dir)
+    if weight_files(path / "transformer"):
         return "diffusers"
     if (path / "high_noise_model").is_dir() or "model_type" in read_json_object(path / "config.json"):
         return "official"
@@ -88,7 +88,7 @@ def detect_wan_layout(model_dir: str | Path) -> str:
 
 def read_transformer_config(model_dir: str | Path) -> dict[str, Any]:
     """The (first) expert's WanTransformer3DModel config: num_attention_heads, attention_head_dim, patch_size, ..."""
-    path = _require_dir(model_dir)
+    path = require_dir(model_dir)
     config_path = path / "transformer" / "config.json"
     if not config_path.is_file() and detect_wan_layout(path) == "official":
         return importlib.import_module(OFFICIAL_MODULE).read_official_transformer_config(path)
@@ -122,7 +122,7 @@ def load_wan_components(model_dir: str | Path, *, dtype: Any = "auto", device: A
     import torch
 
     quiet_progress_bars()
-    path = _require_dir(model_dir)
+    path = require_dir(model_dir)
     layout = detect_wan_layout(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
@@ -149,7 +149,7 @@ def _check_files(path: Path, experts: tuple[str, ...]) -> None:
         if not (path / name).exists():
             raise InputError(f"{path / name}: missing ({what})")
     for name in (*experts, "text_encoder", "vae"):
-        if not _weight_files(path / name):
+        if not weight_files(path / name):
             raise InputError(f"{path / name}: no weight file (*.safetensors)")
         for file in (path / name).glob("*.safetensors"):
             check_safetensors_complete(file)
@@ -165,8 +165,8 @@ def _load_diffusers(path: Path, experts: tuple[str, ...], boundary_ratio, dtype,
         folder = path / name
         # Straight into the final dtype and device, tensor by tensor; diffusers keeps the classes'
         # _keep_in_fp32_modules (Wan: RoPE, time embedder, modulation tables, norms) in fp32.
-        kwargs = {"dtype": dtype, "variant": _variant_for(folder, dtype), "low_cpu_mem_usage": True}
-        return cls.from_pretrained(str(folder), **kwargs, **_device_map(device)).to(device)
+        kwargs = {"dtype": dtype, "variant": variant_for(folder, dtype), "low_cpu_mem_usage": True}
+        return cls.from_pretrained(str(folder), **kwargs, **device_map(device)).to(device)
 
     scheduler_class = read_json_object(path / "scheduler" / "scheduler_config.json", required=True).get("_class_name")
     if not hasattr(diffusers, str(scheduler_class)):
@@ -180,8 +180,8 @@ def _load_diffusers(path: Path, experts: tuple[str, ...], boundary_ratio, dtype,
         vae=from_folder(AutoencoderKLWan, "vae", torch.float32),
         text_encoder=UMT5EncoderModel.from_pretrained(
             str(path / "text_encoder"),
-            variant=_variant_for(path / "text_encoder", dtype),
-            **_transformers_dtype_kwarg(dtype),
+            variant=variant_for(path / "text_encoder", dtype),
+            **transformers_dtype_kwarg(dtype),
         ),
         tokenizer=AutoTokenizer.from_pretrained(str(path / "tokenizer")),
         scheduler=getattr(diffusers, scheduler_class).from_pretrained(str(path / "scheduler")),

@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.core.errors import InputError
-from batchgen.models.mochi.loading import (
-    _require,
-    _require_dir,
+from batchgen.models.common.weights import (
     check_safetensors_complete,
     quiet_progress_bars,
     read_json_object,
     read_safetensors_header,
+    require,
+    require_dir,
     resolve_dtype,
 )
 
@@ -106,7 +106,7 @@ def is_official_layout(model_dir: str | Path) -> bool:
 
 def expert_folders(model_dir: str | Path) -> list[Path]:
     """The folders holding each expert's config.json and shards: the root (Wan 2.1) or high- then low-noise."""
-    path = _require_dir(model_dir)
+    path = require_dir(model_dir)
     if not (path / EXPERT_FOLDERS[0]).is_dir():
         return [path]
     folders = [path / folder for folder in EXPERT_FOLDERS]
@@ -286,7 +286,7 @@ def load_official_components(model_dir: str | Path, *, dtype: Any = "auto", devi
     import torch
 
     quiet_progress_bars()
-    path = _require_dir(model_dir)
+    path = require_dir(model_dir)
     folders = expert_folders(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
@@ -295,7 +295,7 @@ def load_official_components(model_dir: str | Path, *, dtype: Any = "auto", devi
         (VAE_CHECKPOINT, "Wan's VAE"),
         (T5_TOKENIZER, "tokenizer"),
     ):
-        _require(path / name, f"{what}, part of the official Wan release layout")
+        require(path / name, f"{what}, part of the official Wan release layout")
     experts = [load_official_transformer(folder, dtype=dtype, device=device) for folder in folders]
     components = {
         "transformer": experts[0],

@@ -7,7 +7,7 @@ training timesteps). Same classes, file names and config keys as the real weight
 
 Its default shape (9 frames, 64x64 -> 3 x 4 x 4 = 48 visual tokens) and its 4 heads allow Ulysses 1, 2 and 4 and
 ring degrees dividing 48. Deterministic given the seed: every tensor comes from one seeded generator and the
-tokenizer is built offline from a fixed vocabulary (``batchgen.models.mochi.tiny``).
+tokenizer is built offline from a fixed vocabulary (``batchgen.models.common.tiny``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from batchgen.models.mochi.tiny import TINY_TOML_NAME
+from batchgen.models.common.tiny import TINY_TOML_NAME
 from batchgen.models.wan.original import UMT5_FLAGS
 
 log = logging.getLogger("batchgen.generate.wan_tiny")
@@ -120,8 +120,8 @@ def write_tiny_wan(directory: str | Path, *, seed: int = 0, experts: int = 1) ->
     from transformers import UMT5Config, UMT5EncoderModel
 
     from batchgen.core.errors import InputError
-    from batchgen.models.mochi.loading import quiet_progress_bars
-    from batchgen.models.mochi.tiny import fresh_directory, randomize_parameters, write_tokenizer
+    from batchgen.models.common.tiny import fresh_directory, randomize_parameters, write_tokenizer
+    from batchgen.models.common.weights import quiet_progress_bars
 
     if experts not in (1, 2):
         raise InputError(f"experts must be 1 (Wan 2.1) or 2 (Wan 2.2 A14B), got {experts!r}")
