@@ -452,6 +452,7 @@ class Bench:
         Without FP8 tensor cores the emulated kernel runs (errors only; its seconds mean nothing)."""
         from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
 
+        from batchgen.models import MOCHI
         from batchgen.models.common import fp8
 
         native = fp8.fp8_supported(self.device)
@@ -470,7 +471,7 @@ class Bench:
             self.device,
             self.dtype,
         )
-        out["gate"] = fp8.numeric_gate(block, kernel, self.device).to_dict()
+        out["gate"] = fp8.numeric_gate(block, kernel, self.device, spec=MOCHI).to_dict()
         out["gate"]["multiple"] = fp8.ERROR_MULTIPLE
         return out
 
@@ -503,6 +504,7 @@ class Bench:
     def eager_vs_compiled(self, layers: int, inputs: dict) -> dict:
         from diffusers import MochiTransformer3DModel
 
+        from batchgen.models import MOCHI
         from batchgen.models.common.compile import compile_blocks, graph_count
 
         s = self.shape
@@ -524,7 +526,7 @@ class Bench:
         with torch.no_grad(), self.fastest():
             eager_times = self.timer.measure(forward, warmup=1, repeats=self.args.repeats)
             eager = forward().float()
-            compile_blocks(model)
+            compile_blocks(model, spec=MOCHI)
             graphs = graph_count()
             first = self.timer.measure(forward, warmup=0, repeats=1)[0]
             compiled_times = self.timer.measure(forward, warmup=0, repeats=self.args.repeats)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from batchgen.core.config import ParallelConfig
+from batchgen.models import MOCHI as MOCHI_SPEC
 from batchgen.models.common.cache import FirstBlockCache
 from batchgen.models.common.fp8 import Fp8Linear, emulated_kernel, enable_fp8, numeric_gate
 from batchgen.models.common.memory import GIB, MemoryNeeds, decide_offload
@@ -203,22 +204,22 @@ def _off_by_a_fifth(a, b, scale_a, scale_b, out_dtype):
 
 def test_fp8_gate_passes_a_faithful_kernel_and_rejects_a_wrong_one():
     block = _bf16_block()
-    good = numeric_gate(block, emulated_kernel, "cpu")
+    good = numeric_gate(block, emulated_kernel, "cpu", spec=MOCHI_SPEC)
     assert good.passed and good.reference_error < good.fp8_error <= good.limit
-    bad = numeric_gate(block, _off_by_a_fifth, "cpu")
+    bad = numeric_gate(block, _off_by_a_fifth, "cpu", spec=MOCHI_SPEC)
     assert not bad.passed and bad.fp8_error > bad.limit
     # The multiple is what decides: a faithful FP8 block is several times less exact than bf16.
-    assert not numeric_gate(block, emulated_kernel, "cpu", multiple=2.0).passed
+    assert not numeric_gate(block, emulated_kernel, "cpu", spec=MOCHI_SPEC, multiple=2.0).passed
 
 
 def test_fp8_enable_converts_the_linears_only_when_the_gate_passes(tiny_model_dir):
     from batchgen.models.mochi.loading import load_components
 
     transformer = load_components(tiny_model_dir, dtype=torch.bfloat16, device="cpu").transformer
-    facts = enable_fp8(transformer, "cpu", kernel=_off_by_a_fifth)
+    facts = enable_fp8(transformer, "cpu", spec=MOCHI_SPEC, kernel=_off_by_a_fifth)
     assert facts["used"] is False and facts["reason"] == "numeric gate failed"
     assert not any(isinstance(m, Fp8Linear) for m in transformer.modules())
-    facts = enable_fp8(transformer, "cpu", kernel=emulated_kernel)
+    facts = enable_fp8(transformer, "cpu", spec=MOCHI_SPEC, kernel=emulated_kernel)
     assert facts["used"] is True and facts["linear_layers"] > 0
     assert sum(isinstance(m, Fp8Linear) for m in transformer.modules()) == facts["linear_layers"]
 

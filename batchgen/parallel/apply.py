@@ -21,7 +21,6 @@ What is installed:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -31,8 +30,7 @@ import torch
 
 from batchgen.core.errors import TopologyError
 from batchgen.models import MOCHI, ParallelPlan
-from batchgen.models.mochi.joint import MochiJointAttnProcessor
-from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, USPMochiAttnProcessor, all_gather_cat
+from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, all_gather_cat
 
 log = logging.getLogger("batchgen.parallel.apply")
 
@@ -57,27 +55,6 @@ class _ParallelState:
     backend: str = "native"
     layout: SequenceLayout = field(default_factory=SequenceLayout)
     plan: ParallelPlan = MOCHI.parallel_plan
-
-
-def mochi_processors(transformer, context, state: _ParallelState, kernel: str) -> list:
-    """Mochi's joint-attention processors for every block (``MOCHI.parallel_plan.processors``)."""
-    blocks = getattr(transformer, state.plan.blocks)
-    if state.sp.size == 1:
-        return [MochiJointAttnProcessor(kernel=kernel) for _ in blocks]
-    ulysses, ring, backend = context.axes["ulysses"], context.axes["ring"], state.backend
-    if backend == "native":
-        return [USPMochiAttnProcessor(ulysses, ring, kernel=kernel, layout=state.layout) for _ in blocks]
-    if backend == "xfuser":
-        from batchgen.parallel.xfuser_backend import XFuserMochiAttnProcessor, setup_xfuser_groups
-
-        setup_xfuser_groups(ulysses, ring)
-        return [XFuserMochiAttnProcessor(ulysses, ring) for _ in blocks]
-    raise ValueError(f"unknown sequence-parallel backend {backend!r}; expected 'native' or 'xfuser'")
-
-
-def _processor_factory(plan: ParallelPlan):
-    module, _, name = plan.processors.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def parallelize_transformer(
@@ -105,7 +82,7 @@ def parallelize_transformer(
         plan=plan,
     )
     blocks = getattr(transformer, plan.blocks)
-    processors = _processor_factory(plan)(transformer, context, state, kernel)
+    processors = plan.processors(transformer, context, state, kernel)
     for block, processor in zip(blocks, processors, strict=True):
         attention = getattr(block, plan.attention)
         state.original_processors.append(attention.processor)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from batchgen.core.errors import ConfigError
+from batchgen.models.spec import ModelSpec
 
 log = logging.getLogger("batchgen.generate.fp8")
 
@@ -105,75 +106,35 @@ class GateResult:
         return asdict(self)
 
 
-def numeric_gate(block, kernel: Kernel, device, *, multiple: float = ERROR_MULTIPLE) -> GateResult:
+def numeric_gate(block, kernel: Kernel, device, *, spec: ModelSpec, multiple: float = ERROR_MULTIPLE) -> GateResult:
     """Run ``block`` (a copy of it, with the stock attention processor) in fp32, in its dtype and with FP8 linears
-    on the same seeded inputs; pass iff the FP8 error is within ``multiple`` x the model-dtype error."""
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-
-    wan = isinstance(block, WanTransformerBlock)
+    on the same seeded inputs; pass iff the FP8 error is within ``multiple`` x the model-dtype error. The inputs,
+    the stock processor and the visual output are the family's (``spec.block_code``)."""
+    code = spec.block_code()
     dtype = next(p.dtype for p in block.parameters() if p.is_floating_point())
-    inputs = _wan_gate_inputs(block, device) if wan else _gate_inputs(block, device)
+    inputs = code.gate_inputs(block, device)
     outputs = {}
     for name, run_dtype, fp8 in (("fp32", torch.float32, False), ("model", dtype, False), ("fp8", dtype, True)):
         twin = copy.deepcopy(block).to(device=device, dtype=run_dtype)
-        twin.attn1.processor = _stock_processor(wan)
+        twin.attn1.processor = code.stock_processor()
         if fp8:
             convert_linears(twin, kernel)
         with torch.no_grad():
             output = twin(**{k: _cast(v, run_dtype) for k, v in inputs.items()})
-        outputs[name] = (output if wan else output[0]).float()  # the visual stream (Mochi's blocks return two)
+        outputs[name] = code.visual_output(output).float()
     fp8_error = _relative_error(outputs["fp8"], outputs["fp32"])
     reference_error = _relative_error(outputs["model"], outputs["fp32"])
     limit = multiple * reference_error
     return GateResult(fp8_error <= limit, fp8_error, reference_error, limit)
 
 
-def _gate_inputs(block, device) -> dict:
-    generator = torch.Generator("cpu").manual_seed(GATE_SEED)
-    width = block.norm1.linear.in_features
-    text_width = block.attn1.add_k_proj.in_features
-    mask = torch.ones(1, GATE_TEXT_TOKENS, dtype=torch.bool)
-    mask[:, GATE_TEXT_TOKENS // 2 :] = False
-    return {
-        "hidden_states": torch.randn(1, GATE_TOKENS, width, generator=generator).to(device),
-        "encoder_hidden_states": torch.randn(1, GATE_TEXT_TOKENS, text_width, generator=generator).to(device),
-        "temb": torch.randn(1, width, generator=generator).to(device),
-        "encoder_attention_mask": mask.to(device),
-    }
-
-
-def _wan_gate_inputs(block, device) -> dict:
-    """A Wan block's inputs: visual tokens, embedded text (already at the model width) and the six modulation
-    vectors. No RoPE: the gate is about the linears, and RoPE is not one."""
-    generator = torch.Generator("cpu").manual_seed(GATE_SEED)
-    width = block.attn1.to_q.in_features
-    return {
-        "hidden_states": torch.randn(1, GATE_TOKENS, width, generator=generator).to(device),
-        "encoder_hidden_states": torch.randn(1, GATE_TEXT_TOKENS, width, generator=generator).to(device),
-        "temb": torch.randn(1, 6, width, generator=generator).to(device),
-        "rotary_emb": None,
-    }
-
-
-def _stock_processor(wan: bool):
-    if wan:
-        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-        return WanAttnProcessor()
-    from diffusers.models.transformers.transformer_mochi import MochiAttnProcessor2_0
-
-    return MochiAttnProcessor2_0()
-
-
-def transformer_blocks(transformer) -> nn.ModuleList:
-    """The blocks whose linears become FP8 (Mochi's or Wan's); ConfigError for another model."""
-    from diffusers import MochiTransformer3DModel, WanTransformer3DModel
-
-    if isinstance(transformer, MochiTransformer3DModel):
-        return transformer.transformer_blocks
-    if isinstance(transformer, WanTransformer3DModel):
-        return transformer.blocks
-    raise ConfigError(f"parallel.fp8 (--fp8) is available for Mochi and Wan, not {type(transformer).__name__}")
+def transformer_blocks(transformer, spec: ModelSpec) -> nn.ModuleList:
+    """The blocks whose linears become FP8 (where the family's ``ParallelPlan`` says); ConfigError when
+    ``transformer`` is not the family's transformer."""
+    blocks = getattr(transformer, spec.parallel_plan.blocks, None)
+    if blocks is None or spec.block_code is None:
+        raise ConfigError(f"parallel.fp8 (--fp8): {type(transformer).__name__} is not a {spec.title} transformer")
+    return blocks
 
 
 def _cast(value, dtype: torch.dtype):
@@ -189,16 +150,16 @@ def fp8_supported(device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
 
 
-def enable_fp8(transformer, device, *, context=None, kernel: Kernel | None = None) -> dict:
+def enable_fp8(transformer, device, *, spec: ModelSpec, context=None, kernel: Kernel | None = None) -> dict:
     """Convert the blocks' linears to FP8 if the device has FP8 tensor cores (or ``kernel`` is given) and the
     gate passes on every rank; returns the facts for the sidecar and the log."""
-    blocks = transformer_blocks(transformer)
+    blocks = transformer_blocks(transformer, spec)
     if kernel is None:
         if not fp8_supported(device):
             log.info("fp8 requested, but %s has no FP8 tensor cores (Hopper or newer): staying in bf16", device)
             return {"used": False, "reason": "no FP8 tensor cores"}
         kernel = scaled_mm_kernel
-    result = numeric_gate(blocks[0], kernel, device)
+    result = numeric_gate(blocks[0], kernel, device, spec=spec)
     passed = context.all_true(result.passed) if context is not None else result.passed
     facts = {"used": passed, "gate": result.to_dict()}
     if not passed:

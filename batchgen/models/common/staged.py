@@ -226,12 +226,14 @@ class StagedGenerator:
         if self.parallel.fp8:
             from batchgen.models.common.fp8 import enable_fp8
 
-            self.fp8_facts = [enable_fp8(expert, self.device, context=self.context) for expert in experts]
+            self.fp8_facts = [
+                enable_fp8(expert, self.device, spec=self.spec, context=self.context) for expert in experts
+            ]
         self.compiled: list = []
         if self.parallel.compile:
             from batchgen.models.common.compile import compile_blocks
 
-            self.compiled = [compile_blocks(expert) for expert in experts]
+            self.compiled = [compile_blocks(expert, spec=self.spec) for expert in experts]
         self.caches: list = []
         if self.parallel.cache_threshold > 0:
             from batchgen.models.common.cache import FirstBlockCache, group_axes
