@@ -63,7 +63,7 @@ COPY batchgen batchgen
 RUN pip install --no-deps . \
     && python -m compileall -q "$(python -c 'import batchgen, os; print(os.path.dirname(batchgen.__file__))')" \
     && batchgen --version \
-    && python -c 'import batchgen.launch.k8s.render, batchgen.launch.k8s.torchrun, batchgen.launch.k8s.fetch'
+    && python -c 'import batchgen.launch.k8s.pytorchjob, batchgen.launch.k8s.trainjob, batchgen.launch.k8s.torchrun, batchgen.launch.k8s.fetch'
 
 # Non-root at run time, by number so Kubernetes can verify runAsNonRoot (the chart and the rendered PyTorchJobs
 # run as 1000:1000). The base image may already have a user 1000; then that one is used.

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from batchgen.launch.k8s.render import LaunchSettings
+from batchgen.launch.k8s.settings import LaunchSettings
 from tests.k8s_schema import (
     SCHEMAS,
     TRAINER_PLURALS,

@@ -11,7 +11,7 @@ import pytest
 
 from batchgen.core import metrics
 from batchgen.core.layout import shard_id
-from batchgen.launch.k8s.render import render_pytorchjob
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
 from tests.k8s_manifests import all_problems, by_kind, controller_pod, env_of
 from tests.k8s_monitoring import monitoring_problems
 from tests.k8s_schema import pytorchjob_problems

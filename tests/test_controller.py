@@ -21,7 +21,8 @@ from batchgen.core.layout import shard_id
 from batchgen.core.progress import RunProgress, ShardProgress, scan_run
 from batchgen.launch.k8s import names
 from batchgen.launch.k8s.controller import RunController, cancel_run, describe_jobs, format_jobs, make_groups
-from batchgen.launch.k8s.render import LaunchSettings, render_pytorchjob
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
+from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.storage import open_storage
 from tests._runs import all_items, plan_run, tiny_run_config
 
@@ -307,7 +308,7 @@ def test_unknown_fields_are_refused_by_the_controller_and_dropped_by_a_server_le
 
 
 def test_lists_are_paged_and_an_expired_continue_token_lists_again(kube, monkeypatch):
-    from batchgen.launch.k8s import backend as backend_module
+    from batchgen.launch.k8s import client as backend_module
 
     monkeypatch.setattr(backend_module, "LIST_PAGE", 2)
     backend = kube.backend()
@@ -346,7 +347,7 @@ def test_429_waits_for_retry_after(kube):
 
 
 def test_namespace_comes_from_the_kubeconfig_context(kube, tmp_path):
-    from batchgen.launch.k8s.backend import context_namespace
+    from batchgen.launch.k8s.client import context_namespace
 
     assert context_namespace(str(kube.kubeconfig)) == "batch"
     bare = kube.emulator.write_kubeconfig(tmp_path / "bare", namespace=None)

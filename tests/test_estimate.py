@@ -194,7 +194,7 @@ def test_status_shows_rate_and_eta_per_run_and_per_job(kube, tmp_path):
     from batchgen.core.plan import make_plan as plan_manifest
     from batchgen.launch.k8s.controller import RunController
     from batchgen.launch.k8s.names import job_name
-    from batchgen.launch.k8s.render import LaunchSettings
+    from batchgen.launch.k8s.settings import LaunchSettings
 
     manifest = tmp_path / "clips.parquet"
     pq.write_table(pa.table({"prompt": [f"a fox {i}" for i in range(8)]}), manifest)

@@ -81,7 +81,7 @@ def test_torch_free_packages_do_not_import_heavy_packages(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["heavy"] == [], f"imported: {sorted({m.split('.')[0] for m in report['heavy']})}"
-    expected = {"batchgen.cli.plan", "batchgen.core.manifest", "batchgen.worker.loop", "batchgen.launch.k8s.render"}
+    expected = {"batchgen.cli.plan", "batchgen.core.manifest", "batchgen.worker.loop", "batchgen.launch.k8s.pytorchjob"}
     assert expected <= set(report["imported"]) and len(report["imported"]) > 60
     assert report["validate_code"] == 0 and "2 rows" in report["validate_out"]
     assert "validate" in report["help"] and "plan" in report["help"]

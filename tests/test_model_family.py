@@ -36,7 +36,7 @@ from batchgen.dataset.estimate import (
     profile_from_bench,
     wan_flops_from_config,
 )
-from batchgen.launch.k8s.render import LaunchSettings, resolve_degrees
+from batchgen.launch.k8s.settings import LaunchSettings, resolve_degrees
 from batchgen.models import MOCHI, WAN, check_weights
 from batchgen.models.common.weights import fingerprint_model_dir
 from batchgen.storage.local import LocalStorage

@@ -25,7 +25,8 @@ from batchgen.core.layout import shard_id
 from batchgen.core.topology import Topology, check_shapes
 from batchgen.launch.k8s import names
 from batchgen.launch.k8s.options import settings_from_args
-from batchgen.launch.k8s.render import LaunchSettings, parse_shard_indices, render_pytorchjob
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
+from batchgen.launch.k8s.settings import LaunchSettings, parse_shard_indices
 from batchgen.worker.contract import shard_selection
 from tests.k8s_manifests import load_all, submit_args
 from tests.k8s_schema import pytorchjob_problems, strict_schema

@@ -17,7 +17,7 @@ import yaml
 from batchgen.cli import build_parser
 from batchgen.cli._options import config_from_args
 from batchgen.core.config import ParallelConfig, RunConfig
-from batchgen.launch.k8s.render import LaunchSettings, resolve_parallel
+from batchgen.launch.k8s.settings import LaunchSettings, resolve_parallel
 from batchgen.worker.contract import WorkerArgs
 from tests.k8s_manifests import by_kind
 from tests.test_helm_chart import merged, objects_of, render

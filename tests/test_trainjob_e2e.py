@@ -23,7 +23,7 @@ import pytest
 from batchgen.core.plan import list_runs, load_plan
 from batchgen.core.progress import scan_run
 from batchgen.launch.k8s import names
-from batchgen.launch.k8s.render import LaunchSettings
+from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.launch.k8s.trainjob import render_trainingruntime
 from batchgen.storage import open_storage
 from tests.fake_trainer import FakeTrainer

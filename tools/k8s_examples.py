@@ -21,7 +21,9 @@ from pathlib import Path
 from batchgen.core.config import setting_argv
 from batchgen.core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
 from batchgen.core.layout import shard_id
-from batchgen.launch.k8s.render import LaunchSettings, render_pytorchjob, to_yaml
+from batchgen.launch.k8s.pod import to_yaml
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
+from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.worker.contract import shard_selection
 
 log = logging.getLogger("batchgen.k8s.examples")

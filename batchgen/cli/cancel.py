@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchgen.launch.k8s.backend import context_namespace, load_api_client, make_backend
+    from batchgen.launch.k8s.client import context_namespace, load_api_client
     from batchgen.launch.k8s.controller import cancel_run
+    from batchgen.launch.k8s.launchers import make_backend
 
     namespace = args.namespace or context_namespace(args.kubeconfig, args.context)
     backend = make_backend(args.launcher, namespace, load_api_client(args.kubeconfig, args.context))

@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from batchgen.core.errors import ConfigError
     from batchgen.launch.k8s.options import settings_from_args
-    from batchgen.launch.k8s.render import parse_shard_indices, render_pytorchjob, to_yaml
+    from batchgen.launch.k8s.pod import to_yaml
+    from batchgen.launch.k8s.pytorchjob import render_pytorchjob
+    from batchgen.launch.k8s.settings import parse_shard_indices
     from batchgen.launch.k8s.trainjob import render_trainingruntime, render_trainjob
 
     config = None

@@ -15,7 +15,7 @@ DESCRIPTION = (
 
 
 def add_launcher_argument(parser: argparse.ArgumentParser) -> None:
-    from batchgen.launch.k8s.render import LAUNCHERS
+    from batchgen.launch.k8s.settings import LAUNCHERS
 
     parser.add_argument(
         "--launcher", choices=LAUNCHERS, default="auto",
@@ -151,7 +151,8 @@ def _jobs_with_rates(args, run_id: str, times, progress, window) -> tuple[list[d
 
 
 def _jobs(args: argparse.Namespace, run_id: str) -> list[dict]:
-    from batchgen.launch.k8s.backend import load_api_client, make_backend
+    from batchgen.launch.k8s.client import load_api_client
     from batchgen.launch.k8s.controller import describe_jobs
+    from batchgen.launch.k8s.launchers import make_backend
 
     return describe_jobs(make_backend(args.launcher, args.namespace, load_api_client(args.kubeconfig)), run_id)

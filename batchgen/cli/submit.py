@@ -62,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.cli._options import config_from_args
     from batchgen.core.errors import ConfigError
     from batchgen.core.plan import make_plan
-    from batchgen.launch.k8s.backend import TrainJobBackend, context_namespace, load_api_client, make_backend
+    from batchgen.launch.k8s.client import context_namespace, load_api_client
     from batchgen.launch.k8s.controller import RunController
+    from batchgen.launch.k8s.launchers import make_backend
     from batchgen.launch.k8s.options import settings_from_args
-    from batchgen.launch.k8s.render import resolve_degrees
+    from batchgen.launch.k8s.settings import resolve_degrees
+    from batchgen.launch.k8s.trainjob import TrainJobBackend
     from batchgen.storage import open_storage
 
     log = logging.getLogger("batchgen.submit")

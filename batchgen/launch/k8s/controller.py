@@ -40,8 +40,8 @@ from batchgen.core import metrics
 from batchgen.core.errors import IncompleteRunError
 from batchgen.core.layout import shard_index
 from batchgen.launch.k8s import names
-from batchgen.launch.k8s.backend import JobBackend, JobInfo
-from batchgen.launch.k8s.render import LaunchSettings
+from batchgen.launch.k8s.client import JobBackend, JobInfo
+from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.storage.base import Storage
 
 log = logging.getLogger("batchgen.k8s.controller")

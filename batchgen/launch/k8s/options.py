@@ -14,7 +14,7 @@ from typing import Any
 
 from batchgen.core.config import ParallelConfig, flag_specs
 from batchgen.core.errors import ConfigError
-from batchgen.launch.k8s.render import LaunchSettings
+from batchgen.launch.k8s.settings import LaunchSettings
 
 # family: from the plan's config, or --family (a generation flag) when rendering a run id.
 _VALUES_ONLY = {"tolerations", "affinity", "node_selector", "image_pull_secrets", "output", "family"}

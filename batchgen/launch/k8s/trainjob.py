@@ -1,4 +1,5 @@
-"""Kubeflow Trainer v2 rendering: the namespaced TrainingRuntime a run's jobs share, and one TrainJob per job.
+"""The TrainJob kind (Kubeflow Trainer v2, trainer.kubeflow.org/v1alpha1): its API coordinates, the namespaced
+TrainingRuntime a run's jobs share, one TrainJob per job, its status mapping and its backend.
 
 Pure functions like ``render_pytorchjob``: no cluster, no storage, no torch. ``batchgen render --launcher
 trainjob``, the controller, the chart and the kustomize base all produce these objects from the same settings.
@@ -21,14 +22,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from batchgen.core.errors import ClusterError
 from batchgen.launch.k8s import names
-from batchgen.launch.k8s.render import LaunchSettings, job_identity, node_resources, pod_template, worker_command
+from batchgen.launch.k8s.client import CustomObjectBackend, JobInfo, _collection_missing, _status_body
+from batchgen.launch.k8s.pod import job_identity, node_resources, pod_template, worker_command
+from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.worker.contract import PERMANENT_EXIT_CODES
 
 GROUP, VERSION = "trainer.kubeflow.org", "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND, RUNTIME_KIND = "TrainJob", "TrainingRuntime"
-RUNTIME_PLURAL = "trainingruntimes"
+PLURAL, RUNTIME_PLURAL = "trainjobs", "trainingruntimes"
 NODE = "node"
 """The replicated job and container name the torch plugin looks for (the stock runtime's)."""
 ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
@@ -127,3 +131,81 @@ def render_trainjob(
             **_pod_patch(settings, job.pod_labels),
         },
     }
+
+
+class TrainJobInfo(JobInfo):
+    """Trainer v2 sets only Complete, Failed and Suspended (pkg/apis/trainer/v1alpha1/trainjob_types.go in
+    kubeflow/trainer); whether it runs is read from its JobSet's child jobs in status.jobsStatus."""
+
+    kind = KIND
+
+    @property
+    def state(self) -> str:
+        for condition, state in (("Complete", "Succeeded"), ("Failed", "Failed"), ("Suspended", "Suspended")):
+            if self.condition(condition):
+                # A TrainJob batchgen ended (see TrainJobBackend.end) stays suspended for good: it failed.
+                return "Failed" if state == "Suspended" and names.ENDED_ANNOTATION in self.annotations else state
+        return "Running" if self.active_pods else "Created"
+
+    @property
+    def active_pods(self) -> int:
+        return sum(int(j.get("active") or 0) for j in (self.raw.get("status") or {}).get("jobsStatus") or [])
+
+    @property
+    def failed_pods(self) -> int:
+        """Zero: a TrainJob's JobSet counts and bounds its own restarts (failurePolicy.maxRestarts)."""
+        return 0
+
+    def condition_type(self) -> str:
+        state = self.state
+        if state == "Failed" and not self.condition("Failed"):
+            return "Suspended"  # ended by batchgen
+        return {"Succeeded": "Complete"}.get(state, state)
+
+
+class TrainJobBackend(CustomObjectBackend):
+    """Kubeflow Trainer v2 TrainJobs (trainer.kubeflow.org/v1alpha1) running a namespaced TrainingRuntime."""
+
+    group, version, plural, kind = GROUP, VERSION, PLURAL, KIND
+    info_class = TrainJobInfo
+    install_hint = "install Kubeflow Trainer v2 (its trainjobs.trainer.kubeflow.org CRD), or use --launcher pytorchjob"
+    # spec.activeDeadlineSeconds exists only from Trainer v2.3 and is immutable, so a deadline cannot be set on a
+    # running TrainJob. spec.suspend can (every v2 release): the Trainer suspends the JobSet, whose pods are
+    # deleted, and the TrainJob shows Suspended (kubeflow/trainer pkg/controller/trainjob_controller.go,
+    # setSuspendedCondition). With batchgen's ended annotation that counts as Failed (TrainJobInfo.state).
+    ending_spec = {"suspend": True}
+
+    def render(
+        self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]
+    ) -> dict[str, Any]:
+        return render_trainjob(plan, shards, settings, attempt, group=group)
+
+    def rejection_hint(self, message: str) -> str:
+        if "podTemplateOverrides" in message or "runtimePatches" in message:
+            return (
+                "; set trainer_api to the cluster's Kubeflow Trainer release (v2.1 takes podTemplateOverrides, "
+                "v2.2 and later runtimePatches)"
+            )
+        return ""
+
+    def check_runtime(self, name: str) -> None:
+        """Refuse to launch, with a message that says what to install, when the TrainingRuntime the jobs reference
+        is missing (the Trainer's webhook would otherwise refuse every TrainJob's create with a 422)."""
+        from kubernetes.client.exceptions import ApiException
+
+        def attempt() -> None:
+            try:
+                self.api.get_namespaced_custom_object(
+                    self.group, self.version, self.namespace, RUNTIME_PLURAL, name,
+                    _request_timeout=self.request_timeout_s,
+                )  # fmt: skip
+            except ApiException as e:
+                if e.status == 404 and not _collection_missing(_status_body(e)):
+                    raise ClusterError(
+                        f"TrainingRuntime {name!r} not found in namespace {self.namespace!r}: install the chart or "
+                        "kustomize base (they ship it), or `batchgen render --launcher trainjob ... | kubectl apply "
+                        "-f -`; set runtime_name to use another"
+                    ) from None
+                raise
+
+        self._call("get", attempt, name=name)

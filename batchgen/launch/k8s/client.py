@@ -1,8 +1,6 @@
-"""Job submission behind a small interface, implemented for PyTorchJob (kubeflow.org/v1) and TrainJob
-(trainer.kubeflow.org/v1alpha1) over the official client's ``CustomObjectsApi``.
-
-The controller sees only ``JobBackend`` and ``JobInfo``: each launcher renders its own kind and maps that kind's
-conditions onto one set of states (Succeeded, Failed, Suspended, Restarting, Running, Created, Pending).
+"""The Kubernetes client side of job submission: ``JobBackend`` (the small interface the controller sees) and
+``CustomObjectBackend`` over the official client's ``CustomObjectsApi``; each job kind (``pytorchjob``,
+``trainjob``) adds its API coordinates, rendering and status mapping (``JobInfo``).
 
 Every Kubernetes API error is translated here, once, into what the rest of batchgen understands:
 - 409 on create: the job exists (a previous submit, or another controller, created it): read it back and adopt it;
@@ -25,7 +23,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from tenacity import RetryError, retry_if_exception, stop_after_attempt, wait_exponential
 from tenacity import Retrying as _Retrying
@@ -33,7 +31,6 @@ from tenacity import Retrying as _Retrying
 from batchgen.core import metrics
 from batchgen.core.errors import ClusterError, TransientClusterError
 from batchgen.launch.k8s import names
-from batchgen.launch.k8s.render import LAUNCHERS
 
 log = logging.getLogger("batchgen.k8s.backend")
 
@@ -44,8 +41,9 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class JobInfo:
-    """What the controller needs to know about one job, read from the cluster."""
+class JobInfo(abc.ABC):
+    """What the controller needs to know about one job, read from the cluster. Each kind's module maps its own
+    status onto one set of states (``state``: Succeeded, Failed, Suspended, Restarting, Running, Created, Pending)."""
 
     name: str
     namespace: str
@@ -55,13 +53,12 @@ class JobInfo:
     annotations: dict[str, str]
     conditions: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    kind: str = "PyTorchJob"
+    kind: ClassVar[str] = ""
 
     @classmethod
-    def from_object(cls, obj: dict[str, Any], kind: str = "PyTorchJob") -> JobInfo:
+    def from_object(cls, obj: dict[str, Any]) -> JobInfo:
         meta = obj.get("metadata") or {}
         return cls(
-            kind=kind,
             name=meta.get("name", ""),
             namespace=meta.get("namespace", ""),
             uid=meta.get("uid", ""),
@@ -96,30 +93,23 @@ class JobInfo:
         return None
 
     @property
+    @abc.abstractmethod
     def state(self) -> str:
         """Succeeded, Failed, Suspended, Restarting, Running, Created or Pending (no condition yet)."""
-        if self.kind == "TrainJob":
-            return self._trainjob_state()
-        for kind in ("Succeeded", "Failed", "Suspended", "Restarting", "Running", "Created"):
-            if self.condition(kind):
-                return kind
-        return "Pending"
-
-    def _trainjob_state(self) -> str:
-        # Trainer v2 sets only Complete, Failed and Suspended (pkg/apis/trainer/v1alpha1/trainjob_types.go in
-        # kubeflow/trainer); whether it runs is read from its JobSet's child jobs in status.jobsStatus.
-        for condition, state in (("Complete", "Succeeded"), ("Failed", "Failed"), ("Suspended", "Suspended")):
-            if self.condition(condition):
-                # A TrainJob batchgen ended (see TrainJobBackend.end) stays suspended for good: it failed.
-                return "Failed" if state == "Suspended" and names.ENDED_ANNOTATION in self.annotations else state
-        return "Running" if self.active_pods else "Created"
 
     @property
+    @abc.abstractmethod
     def active_pods(self) -> int:
-        status = self.raw.get("status") or {}
-        if self.kind == "TrainJob":
-            return sum(int(j.get("active") or 0) for j in status.get("jobsStatus") or [])
-        return sum(int(r.get("active") or 0) for r in (status.get("replicaStatuses") or {}).values())
+        """Pods of the job running now."""
+
+    @property
+    @abc.abstractmethod
+    def failed_pods(self) -> int:
+        """Pods the kind's controller currently reports failed (a retryable one is recreated right after)."""
+
+    @abc.abstractmethod
+    def condition_type(self) -> str:
+        """The kind's condition type that explains ``state`` (for ``reason``)."""
 
     @property
     def finished(self) -> bool:
@@ -131,27 +121,10 @@ class JobInfo:
         return bool((self.raw.get("metadata") or {}).get("deletionTimestamp"))
 
     def reason(self) -> str:
-        c = self.condition(self._condition_type())
+        c = self.condition(self.condition_type())
         text = f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") if c else ""
         ended = self.annotations.get(names.ENDED_ANNOTATION)
         return f"{ended} ({text})" if ended and text else ended or text
-
-    def _condition_type(self) -> str:
-        state = self.state
-        if self.kind != "TrainJob":
-            return state
-        if state == "Failed" and not self.condition("Failed"):
-            return "Suspended"  # ended by batchgen
-        return {"Succeeded": "Complete"}.get(state, state)
-
-    @property
-    def failed_pods(self) -> int:
-        """Pods the operator currently reports failed (a retryable one is deleted and recreated right after).
-        Zero for a TrainJob: its JobSet counts and bounds its own restarts (failurePolicy.maxRestarts)."""
-        if self.kind == "TrainJob":
-            return 0
-        replicas = (self.raw.get("status") or {}).get("replicaStatuses") or {}
-        return sum(int(r.get("failed") or 0) for r in replicas.values())
 
 
 @dataclass(frozen=True)
@@ -278,6 +251,8 @@ class CustomObjectBackend(JobBackend):
     """What to install when the API server does not serve the kind."""
     ending_spec: dict[str, Any]
     """The spec change (a JSON merge patch) that makes the kind's controller stop the job for good (``end``)."""
+    info_class: type[JobInfo]
+    """How the kind's status reads (its ``JobInfo``)."""
 
     @property
     def resource(self) -> str:
@@ -503,131 +478,7 @@ class CustomObjectBackend(JobBackend):
         return ""
 
     def _info(self, obj: dict[str, Any]) -> JobInfo:
-        return JobInfo.from_object(obj, self.kind)
-
-
-class PyTorchJobBackend(CustomObjectBackend):
-    """Kubeflow PyTorchJobs (kubeflow.org/v1, training-operator v1.9)."""
-
-    group, version, plural, kind = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
-    install_hint = (
-        "install the Kubeflow training operator v1.9 (its pytorchjobs.kubeflow.org CRD), or use --launcher trainjob"
-    )
-    # The v1 operator fails a job past runPolicy.activeDeadlineSeconds (measured from status.startTime),
-    # deleting its pods and keeping the job as the record (training-operator pkg/controller.v1/common/job.go,
-    # ReconcileJobs and PastActiveDeadline). A deadline of 1 s is past for any job that has restarted.
-    ending_spec = {"runPolicy": {"activeDeadlineSeconds": 1}}
-
-    def render(
-        self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]
-    ) -> dict[str, Any]:
-        from batchgen.launch.k8s.render import render_pytorchjob
-
-        return render_pytorchjob(plan, shards, settings, attempt, group=group)
-
-
-class TrainJobBackend(CustomObjectBackend):
-    """Kubeflow Trainer v2 TrainJobs (trainer.kubeflow.org/v1alpha1) running a namespaced TrainingRuntime."""
-
-    group, version, plural, kind = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
-    install_hint = "install Kubeflow Trainer v2 (its trainjobs.trainer.kubeflow.org CRD), or use --launcher pytorchjob"
-    # spec.activeDeadlineSeconds exists only from Trainer v2.3 and is immutable, so a deadline cannot be set on a
-    # running TrainJob. spec.suspend can (every v2 release): the Trainer suspends the JobSet, whose pods are
-    # deleted, and the TrainJob shows Suspended (kubeflow/trainer pkg/controller/trainjob_controller.go,
-    # setSuspendedCondition). With batchgen's ended annotation that counts as Failed (JobInfo.state).
-    ending_spec = {"suspend": True}
-
-    def render(
-        self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]
-    ) -> dict[str, Any]:
-        from batchgen.launch.k8s.trainjob import render_trainjob
-
-        return render_trainjob(plan, shards, settings, attempt, group=group)
-
-    def rejection_hint(self, message: str) -> str:
-        if "podTemplateOverrides" in message or "runtimePatches" in message:
-            return (
-                "; set trainer_api to the cluster's Kubeflow Trainer release (v2.1 takes podTemplateOverrides, "
-                "v2.2 and later runtimePatches)"
-            )
-        return ""
-
-    def check_runtime(self, name: str) -> None:
-        """Refuse to launch, with a message that says what to install, when the TrainingRuntime the jobs reference
-        is missing (the Trainer's webhook would otherwise refuse every TrainJob's create with a 422)."""
-        from kubernetes.client.exceptions import ApiException
-
-        from batchgen.launch.k8s.trainjob import RUNTIME_PLURAL
-
-        def attempt() -> None:
-            try:
-                self.api.get_namespaced_custom_object(
-                    self.group, self.version, self.namespace, RUNTIME_PLURAL, name,
-                    _request_timeout=self.request_timeout_s,
-                )  # fmt: skip
-            except ApiException as e:
-                if e.status == 404 and not _collection_missing(_status_body(e)):
-                    raise ClusterError(
-                        f"TrainingRuntime {name!r} not found in namespace {self.namespace!r}: install the chart or "
-                        "kustomize base (they ship it), or `batchgen render --launcher trainjob ... | kubectl apply "
-                        "-f -`; set runtime_name to use another"
-                    ) from None
-                raise
-
-        self._call("get", attempt, name=name)
-
-
-BACKENDS: dict[str, type[CustomObjectBackend]] = {"trainjob": TrainJobBackend, "pytorchjob": PyTorchJobBackend}
-
-
-def served_launchers(api_client: Any) -> list[str]:
-    """The launchers whose kind the API server serves, from discovery (``/apis/<group>/<version>``), which every
-    authenticated identity may read (the ``system:discovery`` ClusterRole): no Role rule is needed."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    api = client.CustomObjectsApi(api_client)
-    served = []
-    for launcher, backend in BACKENDS.items():
-        try:
-            resources = _discover(api, backend.group, backend.version)
-        except ApiException as e:
-            if e.status == 404:
-                continue
-            error = TransientClusterError if _is_retryable(e) else ClusterError
-            raise error(f"discovery of {backend.group}/{backend.version} failed: {_short(e)}") from e
-        if any(r.name == backend.plural for r in resources.resources or []):
-            served.append(launcher)
-    return served
-
-
-def _discover(api: Any, group: str, version: str, attempts: int = 5) -> Any:
-    """One discovery read, retried like every other call: a 503 or 429 while the API server is busy must not
-    decide the launcher (or end the run)."""
-    retrying = _Retrying(
-        retry=retry_if_exception(_is_retryable),
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=0.2, max=10.0),
-        reraise=True,
-        before_sleep=lambda state: _retrying_after("discover", f"{group}/{version}", state.outcome.exception()),
-    )
-    return retrying(api.get_api_resources, group, version)
-
-
-def make_backend(launcher: str, namespace: str, api_client: Any) -> CustomObjectBackend:
-    """The backend for ``launcher``; ``auto`` asks the API server and prefers TrainJob over PyTorchJob."""
-    if launcher not in LAUNCHERS:
-        raise ClusterError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
-    if launcher == "auto":
-        served = served_launchers(api_client)
-        if not served:
-            raise ClusterError(
-                "this cluster serves neither TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2) nor "
-                "PyTorchJob (kubeflow.org/v1, training operator v1.9): install one of them"
-            )
-        launcher = served[0]
-        log.info("launcher auto: using %s (served: %s)", launcher, ", ".join(served))
-    return BACKENDS[launcher](namespace, api_client)
+        return self.info_class.from_object(obj)
 
 
 class _AlreadyExists(Exception):
