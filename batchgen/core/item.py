@@ -1,9 +1,19 @@
-"""One unit of work: a manifest row with every generation parameter resolved."""
+"""One unit of work: a manifest row with every generation parameter resolved.
+
+``Item`` is the one declaration of an item's fields: the Arrow schema of shard files (``ITEM_SCHEMA``), the
+manifest columns a row may set (``MANIFEST_COLUMNS``) and the item part of a sidecar are derived from it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import pyarrow as pa
+
+ARROW_TYPES = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+"""How batchgen stores each Python field type in Arrow (shard files, the index)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,17 @@ class Item:
     def from_dict(cls, data: dict[str, Any]) -> Item:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
+
+def arrow_schema(klass: type) -> pa.Schema:
+    """The Arrow schema of a dataclass whose fields are str, int, float or bool, in field order."""
+    hints = typing.get_type_hints(klass)
+    return pa.schema([(f.name, ARROW_TYPES[hints[f.name]]) for f in fields(klass)])
+
+
+ITEM_SCHEMA = arrow_schema(Item)
+"""Shard files and ``iter_items`` use exactly this schema, whatever the manifest's input types were."""
+MANIFEST_COLUMNS = tuple(f.name for f in fields(Item) if f.name != "row")
+"""The manifest columns batchgen reads (every item field but ``row``, which is the row's position)."""
 
 EXAMPLES_PER_SHAPE = 3
 

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from batchgen.core.config import MAX_PROMPT_CHARS, GenerationConfig, check_generation, check_guidance, check_steps
 from batchgen.core.errors import ConfigError, ManifestError, NotFoundError
-from batchgen.core.item import EXAMPLES_PER_SHAPE, Item, ShapeGroup
+from batchgen.core.item import EXAMPLES_PER_SHAPE, ITEM_SCHEMA, MANIFEST_COLUMNS, Item, ShapeGroup
 from batchgen.models import FAMILIES, MOCHI, ModelSpec, uses_cfg
 
 log = logging.getLogger("batchgen.manifest")
@@ -57,17 +57,6 @@ DIGEST_VERSION = "batchgen-manifest-v1"
 _STRING_COLUMNS = ("id", "prompt", "negative_prompt")
 _INT_COLUMNS = ("seed", "num_frames", "height", "width", "num_inference_steps")
 _FLOAT_COLUMNS = ("guidance_scale",)
-KNOWN_COLUMNS = (
-    "id",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "num_frames",
-    "height",
-    "width",
-    "num_inference_steps",
-    "guidance_scale",
-)
 FAMILY_COLUMN = "model_family"
 
 
@@ -79,23 +68,6 @@ def _override_checks(spec: ModelSpec) -> dict[str, Callable[[int | float], str |
         "num_inference_steps": check_steps,
         "guidance_scale": check_guidance,
     }
-
-
-# Shard files and iter_items use exactly this schema, whatever the manifest's input types were.
-ITEM_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("num_frames", pa.int64()),
-        ("height", pa.int64()),
-        ("width", pa.int64()),
-        ("num_inference_steps", pa.int64()),
-        ("guidance_scale", pa.float64()),
-        ("row", pa.int64()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -271,14 +243,14 @@ def _check_schema(schema: pa.Schema, problems: _Problems) -> tuple[list[str], li
         problems.add("column appears more than once", column=name)
     if "prompt" not in names:
         problems.add(f"required column is missing (columns found: {names})", column="prompt")
-    present = [c for c in (*KNOWN_COLUMNS, FAMILY_COLUMN) if c in names]
+    present = [c for c in (*MANIFEST_COLUMNS, FAMILY_COLUMN) if c in names]
     for column in present:
         if column in duplicated:
             continue
         problem = _type_problem(column, schema.field(column).type)
         if problem:
             problems.add(problem, column=column)
-    known = (*KNOWN_COLUMNS, FAMILY_COLUMN)
+    known = (*MANIFEST_COLUMNS, FAMILY_COLUMN)
     warnings = [
         f"{schema_name!r} is not a manifest column and is ignored (known: {', '.join(known)})"
         for schema_name in names
@@ -294,7 +266,7 @@ def _canonical(batch: pa.RecordBatch, present: list[str]) -> dict[str, pa.Array]
     """Every known column in its canonical type; absent optional columns as all-null arrays."""
     n = batch.num_rows
     columns: dict[str, pa.Array] = {}
-    for name in KNOWN_COLUMNS:
+    for name in MANIFEST_COLUMNS:
         if name not in present:
             target = pa.string() if name in _STRING_COLUMNS else pa.float64() if name in _FLOAT_COLUMNS else pa.int64()
             columns[name] = pa.nulls(n, target)
@@ -421,7 +393,7 @@ def _string_bytes(array: pa.Array) -> bytes:
 
 def _update_digest(hashers: dict[str, hashlib._Hash], columns: dict[str, pa.Array]) -> None:
     # One hasher per column, fed across batches: the result does not depend on where batches split.
-    for name in KNOWN_COLUMNS:
+    for name in MANIFEST_COLUMNS:
         array = columns[name]
         valid = pc.is_valid(array).to_numpy(zero_copy_only=False).astype(np.uint8)
         hashers[name].update(valid.tobytes())
@@ -435,7 +407,7 @@ def _update_digest(hashers: dict[str, hashlib._Hash], columns: dict[str, pa.Arra
 
 def _final_digest(hashers: dict[str, hashlib._Hash], rows: int) -> str:
     outer = hashlib.sha256(f"{DIGEST_VERSION}\nrows={rows}\n".encode())
-    for name in KNOWN_COLUMNS:
+    for name in MANIFEST_COLUMNS:
         outer.update(f"{name}={hashers[name].hexdigest()}\n".encode())
     return outer.hexdigest()
 
@@ -529,7 +501,7 @@ class _Scan:
         if problems.total:
             return
         self.derived_ids = "id" not in present
-        hashers = {name: hashlib.sha256() for name in KNOWN_COLUMNS}
+        hashers = {name: hashlib.sha256() for name in MANIFEST_COLUMNS}
         seen: dict[str, int] = {}
         start = 0
         try:

@@ -33,8 +33,8 @@ from batchgen import __version__
 from batchgen.core import layout
 from batchgen.core.config import GenerationConfig, ModelConfig, RunConfig
 from batchgen.core.errors import AlreadyExistsError, InputError, NotFoundError, PlanConflictError, StorageError
-from batchgen.core.item import Item, ShapeGroup
-from batchgen.core.manifest import ITEM_SCHEMA, ManifestSummary, items_from_table, validate_and_resolve
+from batchgen.core.item import ITEM_SCHEMA, Item, ShapeGroup
+from batchgen.core.manifest import ManifestSummary, items_from_table, validate_and_resolve
 from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
 

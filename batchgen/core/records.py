@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchgen.core.item import Item
+from batchgen.core.item import ARROW_TYPES, Item
 
 # Nested objects with a fixed set of keys: each becomes columns ``<object>_<key>`` of these types in the index.
 NESTED_COLUMNS: dict[str, dict[str, pa.DataType]] = {
@@ -30,7 +30,6 @@ NESTED_COLUMNS: dict[str, dict[str, pa.DataType]] = {
         "flags": pa.list_(pa.string()),
     },
 }
-_ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
 # The index replaces these with ``key`` and ``uri`` (the URI of the storage the index was built from).
 INDEX_RENAMED = ("video_key", "video_uri")
 
@@ -44,6 +43,18 @@ class SidecarError(ValueError):
     """A sidecar that is not valid JSON, lacks fields or describes another item."""
 
 
+def _carries_the_item(klass: type) -> type:
+    """Refuse, when batchgen is imported, a sidecar that does not carry every ``Item`` field with the same type: the
+    sidecar keeps its own field order (the index's column order and the JSON's key order are outputs), but what an
+    item is stays declared once, in ``Item``."""
+    hints, item_hints = typing.get_type_hints(klass), typing.get_type_hints(Item)
+    missing = [name for name, kind in item_hints.items() if hints.get(name) is not kind]
+    if missing:
+        raise TypeError(f"{klass.__name__} must carry Item's fields {missing} with Item's types")
+    return klass
+
+
+@_carries_the_item
 @dataclass
 class Sidecar:
     id: str
@@ -185,5 +196,5 @@ def index_schema() -> pa.Schema:
         elif f.name == "created_at":
             columns.append((f.name, pa.timestamp("ms", tz="UTC")))
         else:
-            columns.append((f.name, _ARROW_TYPES[hints[f.name].__name__]))
+            columns.append((f.name, ARROW_TYPES[hints[f.name]]))
     return pa.schema(columns)
