@@ -62,12 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.cli._options import config_from_args
     from batchgen.core.errors import ConfigError
     from batchgen.core.plan import make_plan
-    from batchgen.launch.k8s.client import context_namespace, load_api_client
-    from batchgen.launch.k8s.controller import RunController
-    from batchgen.launch.k8s.launchers import make_backend
     from batchgen.launch.k8s.options import settings_from_args
     from batchgen.launch.k8s.settings import resolve_degrees
-    from batchgen.launch.k8s.trainjob import TrainJobBackend
     from batchgen.storage import open_storage
 
     log = logging.getLogger("batchgen.submit")
@@ -90,14 +86,21 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(estimate_for(args, storage, plan, gpus=gpus, group_size=group).lines()) + "\n")
         sys.stdout.write(f"dry run: no job created ({args.max_jobs} job(s) of {settings.world_size} GPU(s) at once)\n")
         return 0
+    return _launch(args, storage, plan, settings)
+
+
+def _launch(args: argparse.Namespace, storage, plan, settings) -> int:
+    """Run the controller against the cluster until the run is done (``--wait``) or its jobs are created."""
     from batchgen.core import layout, metrics
+    from batchgen.launch.k8s.client import context_namespace, load_api_client
+    from batchgen.launch.k8s.controller import RunController
+    from batchgen.launch.k8s.launchers import make_backend
 
     metrics.serve(metrics.CONTROLLER_REGISTRY, metrics.resolve_port(args.metrics_port))
     if not settings.namespace:
         settings = settings.replace(namespace=context_namespace(args.kubeconfig, args.context))
     backend = make_backend(settings.launcher, settings.namespace, load_api_client(args.kubeconfig, args.context))
-    if isinstance(backend, TrainJobBackend):
-        backend.check_runtime(settings.runtime_name)
+    backend.check_ready(settings)
     controller = RunController(
         backend,
         storage,

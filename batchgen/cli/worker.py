@@ -32,63 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
     import logging
 
-    from batchgen.cli._options import config_from_args
     from batchgen.core import metrics
-    from batchgen.core.logs import log_context
-    from batchgen.core.plan import load_plan, load_shard_items, parse_shard_selection
-    from batchgen.core.topology import check_items, visual_tokens
-    from batchgen.models import check_weights, uses_cfg
+    from batchgen.core.plan import load_plan, parse_shard_selection
     from batchgen.storage import open_storage
-    from batchgen.worker.context import open_context
-    from batchgen.worker.loop import StopRequest, run_worker
 
     log = logging.getLogger("batchgen.commands.worker")
     storage = open_storage(args.output)
     plan = load_plan(storage, args.run_id)
     shards = parse_shard_selection(args.shards, plan)
-    # Generation settings and shard size belong to the run; how to run it (degrees, attempts) to this worker.
-    local = config_from_args(args)
-    config = dataclasses.replace(
-        plan.config,
-        parallel=local.parallel,
-        worker=dataclasses.replace(local.worker, shard_size=plan.shard_size),
-    )
-    if args.max_attempts is None and args.config is None:
-        config = dataclasses.replace(config, worker=plan.config.worker)
-    plan = dataclasses.replace(plan, config=config)
+    plan, local = _with_local_settings(args, plan)
     port = metrics.resolve_port(args.metrics_port, local.worker.metrics_port)
     metrics.serve(metrics.WORKER_REGISTRY, port, offset=metrics.local_rank())
-
-    spec = config.spec
-    check_weights(args.model_dir, family=spec.family, weights=config.model.weights)  # before any weights load
-    num_heads = spec.num_heads(args.model_dir)
-    use_cfg = uses_cfg(config.generation.guidance_scale)
-    items = [item for shard in shards for item in load_shard_items(storage, plan.run_id, shard)]
-    token_counts = tuple(sorted({visual_tokens(i.num_frames, i.height, i.width, spec=spec) for i in items}))
-    parallel = config.parallel
-
-    stop = StopRequest()
-    with stop.handling_signals(), log_context(run_id=plan.run_id):
-        context, topology = open_context(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
-        try:
-            check_items(topology, items, num_heads=num_heads, sp_backend=parallel.sp_backend, spec=spec)
-            generator = spec.generator_class()(
-                args.model_dir,
-                context=context,
-                parallel=parallel,
-                device=args.device,
-                dtype=args.dtype,
-                max_sequence_length=config.generation.max_sequence_length,
-            )
-            try:
-                summary = run_worker(storage, plan, shards, generator, context, stop=stop)
-            finally:
-                generator.close()
-        finally:
-            context.close()
+    summary = _run_shards(args, storage, plan, shards)
     log.info(
         "worker done: %d shard(s), %d generated, %d resumed, %d adopted, %d failed%s",
         len(summary.shards),
@@ -99,3 +56,55 @@ def run(args: argparse.Namespace) -> int:
         f", stopped by signal {summary.interrupted}" if summary.interrupted else "",
     )
     return summary.exit_code
+
+
+def _with_local_settings(args: argparse.Namespace, plan):
+    """(the plan with this worker's settings, the config from this worker's flags): generation settings and shard
+    size belong to the run; how to run it (degrees, attempts) to this worker."""
+    import dataclasses
+
+    from batchgen.cli._options import config_from_args
+
+    local = config_from_args(args)
+    config = dataclasses.replace(
+        plan.config,
+        parallel=local.parallel,
+        worker=dataclasses.replace(local.worker, shard_size=plan.shard_size),
+    )
+    if args.max_attempts is None and args.config is None:
+        config = dataclasses.replace(config, worker=plan.config.worker)
+    return dataclasses.replace(plan, config=config), local
+
+
+def _run_shards(args: argparse.Namespace, storage, plan, shards: list[str]):
+    """Check the weights and the degrees against the shards' items, then run the worker loop with the family's
+    generator (the weights load here, after every check)."""
+    from batchgen.core.logs import log_context
+    from batchgen.core.plan import load_shard_items
+    from batchgen.core.topology import check_items, visual_tokens
+    from batchgen.models import check_weights, uses_cfg
+    from batchgen.worker.context import open_context
+    from batchgen.worker.loop import StopRequest, run_worker
+
+    config = plan.config
+    spec, parallel = config.spec, config.parallel
+    check_weights(args.model_dir, family=spec.family, weights=config.model.weights)  # before any weights load
+    num_heads = spec.num_heads(args.model_dir)
+    use_cfg = uses_cfg(config.generation.guidance_scale)
+    items = [item for shard in shards for item in load_shard_items(storage, plan.run_id, shard)]
+    token_counts = tuple(sorted({visual_tokens(i.num_frames, i.height, i.width, spec=spec) for i in items}))
+    stop = StopRequest()
+    with stop.handling_signals(), log_context(run_id=plan.run_id):
+        context, topology = open_context(parallel, num_heads=num_heads, use_cfg=use_cfg, token_counts=token_counts)
+        try:
+            check_items(topology, items, num_heads=num_heads, sp_backend=parallel.sp_backend, spec=spec)
+            generator = spec.generator_class()(
+                args.model_dir, context=context, parallel=parallel, device=args.device, dtype=args.dtype,
+                max_sequence_length=config.generation.max_sequence_length,
+            )  # fmt: skip
+            try:
+                return run_worker(storage, plan, shards, generator, context, stop=stop)
+            finally:
+                generator.close()
+        finally:
+            context.close()

@@ -294,16 +294,35 @@ def _rows(mask: pa.Array) -> np.ndarray:
     return np.flatnonzero(pc.fill_null(mask, False).to_numpy(zero_copy_only=False))
 
 
+_Report = Callable[[str, np.ndarray, Callable[[int], str]], None]
+"""report(column, rows, message(row)): a problem found on ``rows`` of a batch."""
+
+
 def _check_batch(
     columns: dict[str, pa.Array], present: list[str], start: int, problems: _Problems, spec: ModelSpec
 ) -> None:
-    """Row checks of one batch. Messages are ordered by row within the batch."""
+    """Row checks of one batch. Messages are ordered by row within the batch, then by the order of the checks."""
     found: list[tuple[int, int, str, Callable[[int], str]]] = []  # (row, order, column, message(row))
 
     def report(column: str, rows: np.ndarray, message: Callable[[int], str]) -> None:
         for i in rows:
             found.append((int(i), len(found), column, message))
 
+    _check_prompts(columns, report)
+    if "id" in present:
+        _check_ids(columns["id"], report)
+    if "seed" in present:
+        _check_seeds(columns, report)
+    _check_overrides(columns, present, spec, report)
+    found.sort(key=lambda f: (f[0], f[1]))
+    for i, _order, column, message in found:
+        if problems.full:
+            problems.total += 1
+            continue
+        problems.add(message(i), row=start + i, column=column)
+
+
+def _check_prompts(columns: dict[str, pa.Array], report: _Report) -> None:
     prompt = columns["prompt"]
     report("prompt", _rows(pc.is_null(prompt)), lambda i: "is null")
     stripped_len = pc.utf8_length(pc.utf8_trim_whitespace(prompt))
@@ -316,42 +335,43 @@ def _check_batch(
             lambda i, lengths=lengths: f"is {lengths[i].as_py()} characters long; at most {MAX_PROMPT_CHARS} allowed",
         )
 
-    if "id" in present:
-        ids = columns["id"]
-        report("id", _rows(pc.is_null(ids)), lambda i: "is null (leave the column out to derive ids)")
-        id_len = pc.utf8_length(ids)
-        report("id", _rows(pc.equal(id_len, 0)), lambda i: "is empty")
-        report(
-            "id",
-            _rows(pc.greater(id_len, MAX_ID_CHARS)),
-            lambda i: f"is {id_len[i].as_py()} characters long; at most {MAX_ID_CHARS} allowed",
-        )
-        nonempty = pc.greater(id_len, 0)
-        bad_chars = pc.and_(nonempty, pc.invert(pc.match_substring_regex(ids, ID_PATTERN)))
-        report("id", _rows(bad_chars), lambda i: f"{ids[i].as_py()!r} has characters outside [A-Za-z0-9._-]")
-        unsafe = pc.and_(pc.invert(bad_chars), pc.or_(pc.starts_with(ids, "."), pc.match_substring(ids, "..")))
-        report(
-            "id",
-            _rows(pc.and_(nonempty, unsafe)),
-            lambda i: f"{ids[i].as_py()!r} is unsafe as an object key (starts with '.' or contains '..')",
-        )
 
-    if "seed" in present:
-        seeds = columns["seed"]
-        if "seed:too_big" in columns:
-            raw = columns["seed:raw"]
-            report(
-                "seed", _rows(columns["seed:too_big"]), lambda i: f"must be between 0 and 2**63-1, got {raw[i].as_py()}"
-            )
-        report("seed", _rows(pc.less(seeds, 0)), lambda i: f"must be between 0 and 2**63-1, got {seeds[i].as_py()}")
+def _check_ids(ids: pa.Array, report: _Report) -> None:
+    report("id", _rows(pc.is_null(ids)), lambda i: "is null (leave the column out to derive ids)")
+    id_len = pc.utf8_length(ids)
+    report("id", _rows(pc.equal(id_len, 0)), lambda i: "is empty")
+    report(
+        "id",
+        _rows(pc.greater(id_len, MAX_ID_CHARS)),
+        lambda i: f"is {id_len[i].as_py()} characters long; at most {MAX_ID_CHARS} allowed",
+    )
+    nonempty = pc.greater(id_len, 0)
+    bad_chars = pc.and_(nonempty, pc.invert(pc.match_substring_regex(ids, ID_PATTERN)))
+    report("id", _rows(bad_chars), lambda i: f"{ids[i].as_py()!r} has characters outside [A-Za-z0-9._-]")
+    unsafe = pc.and_(pc.invert(bad_chars), pc.or_(pc.starts_with(ids, "."), pc.match_substring(ids, "..")))
+    report(
+        "id",
+        _rows(pc.and_(nonempty, unsafe)),
+        lambda i: f"{ids[i].as_py()!r} is unsafe as an object key (starts with '.' or contains '..')",
+    )
 
-    # The config's own scalar checks run once per distinct value, then map back to rows: exact same rules
-    # as the run-wide defaults, at vectorised cost (manifests repeat a handful of shapes).
+
+def _check_seeds(columns: dict[str, pa.Array], report: _Report) -> None:
+    seeds = columns["seed"]
+    if "seed:too_big" in columns:
+        raw = columns["seed:raw"]
+        report("seed", _rows(columns["seed:too_big"]), lambda i: f"must be between 0 and 2**63-1, got {raw[i].as_py()}")
+    report("seed", _rows(pc.less(seeds, 0)), lambda i: f"must be between 0 and 2**63-1, got {seeds[i].as_py()}")
+
+
+def _check_overrides(columns: dict[str, pa.Array], present: list[str], spec: ModelSpec, report: _Report) -> None:
+    """The family column, then the per-row generation overrides. The config's own scalar checks run once per
+    distinct value, then map back to rows: exact same rules as the run-wide defaults, at vectorised cost
+    (manifests repeat a handful of shapes)."""
     if FAMILY_COLUMN in present:
         families = columns[FAMILY_COLUMN]
         other = pc.and_(pc.is_valid(families), pc.not_equal(families, spec.family))
         report(FAMILY_COLUMN, _rows(other), lambda i: _family_problem(families[i].as_py(), spec))
-
     for name, check in _override_checks(spec).items():
         if name not in present:
             continue
@@ -363,13 +383,6 @@ def _check_batch(
         if bad:
             mask = pc.is_in(values, value_set=pa.array(bad, values.type))
             report(name, _rows(mask), lambda i, values=values, check=check: str(check(values[i].as_py())))
-
-    found.sort(key=lambda f: (f[0], f[1]))
-    for i, _order, column, message in found:
-        if problems.full:
-            problems.total += 1
-            continue
-        problems.add(message(i), row=start + i, column=column)
 
 
 def _family_problem(family: str, spec: ModelSpec) -> str:

@@ -416,17 +416,25 @@ def _plan_validated(
         shapes=summary.shapes,
     )
     log.info("planning %s: %d items in %d shards of %d", run_id, plan.row_count, len(plan.shards), shard_size)
+    return _store_plan(storage, plan, spill)
+
+
+def _store_plan(storage: Storage, plan: RunPlan, spill: Path) -> tuple[RunPlan, bool]:
+    """Write the shard files, then the plan (a conditional create: the commit of the plan) and register the run.
+    Returns (the stored plan, whether a concurrent planner with the same inputs had stored it first)."""
     with pa.memory_map(str(spill)) as source:
         digests = _write_shards(storage, plan, iter(pa.ipc.open_stream(source)))
     plan = dataclasses.replace(plan, shard_digests=tuple(digests))
     body = json.dumps(plan.to_dict(), indent=1, sort_keys=True).encode()
     try:
-        storage.put_bytes(layout.plan_key(run_id), body, if_absent=True, content_type="application/json")
+        storage.put_bytes(layout.plan_key(plan.run_id), body, if_absent=True, content_type="application/json")
     except AlreadyExistsError:
         # A concurrent planner with the same inputs committed first; its shards are byte-identical to ours.
-        stored = load_plan(storage, run_id)
-        if stored.fingerprint != fingerprint:
-            raise PlanConflictError(f"{storage.uri}: run {run_id} was planned concurrently from other inputs") from None
+        stored = load_plan(storage, plan.run_id)
+        if stored.fingerprint != plan.fingerprint:
+            raise PlanConflictError(
+                f"{storage.uri}: run {plan.run_id} was planned concurrently from other inputs"
+            ) from None
         _register(storage, stored)
         return stored, True
     _register(storage, plan)

@@ -324,6 +324,17 @@ class S3Storage(Storage):
             # Not the decision (completion is), but saves uploading gigabytes only to be refused.
             raise AlreadyExistsError(f"{self._where(key)} already exists")
         write_id = uuid.uuid4().hex
+        upload_id = self._create_upload(key, full_key, write_id, content_type)
+        completed = False
+        try:
+            parts = self._upload_parts(key, full_key, upload_id, source)
+            self._complete_upload(key, full_key, upload_id, parts, write_id=write_id, if_absent=if_absent)
+            completed = True
+        finally:
+            if not completed:
+                self._abort_upload(key, full_key, upload_id)
+
+    def _create_upload(self, key: str, full_key: str, write_id: str, content_type: str | None) -> str:
         create_args: dict[str, Any] = {"Bucket": self.bucket, "Key": full_key, "Metadata": {WRITE_ID_META: write_id}}
         if content_type:
             create_args["ContentType"] = content_type
@@ -343,47 +354,48 @@ class S3Storage(Storage):
                 "(an AbortIncompleteMultipartUpload lifecycle rule cleans these up)",
                 self._where(key),
             )
-        completed = False
-        try:
-            parts = []
-            with open(source, "rb") as f:
-                number = 0
-                while chunk := f.read(self.part_size):
-                    number += 1
-                    response = self._run(
-                        f"upload part {number}",
-                        key,
-                        lambda _, n=number, body=chunk: self._client.upload_part(
-                            Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=n, Body=body
-                        ),
-                    )
-                    parts.append({"PartNumber": number, "ETag": response["ETag"]})
+        return upload_id
 
-            complete_args: dict[str, Any] = {
-                "Bucket": self.bucket,
-                "Key": full_key,
-                "UploadId": upload_id,
-                "MultipartUpload": {"Parts": parts},
-            }
-            if if_absent:
-                complete_args["IfNoneMatch"] = "*"
+    def _upload_parts(self, key: str, full_key: str, upload_id: str, source: Path) -> list[dict[str, Any]]:
+        parts = []
+        with open(source, "rb") as f:
+            number = 0
+            while chunk := f.read(self.part_size):
+                number += 1
+                response = self._run(
+                    f"upload part {number}",
+                    key,
+                    lambda _, n=number, body=chunk: self._client.upload_part(
+                        Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=n, Body=body
+                    ),
+                )
+                parts.append({"PartNumber": number, "ETag": response["ETag"]})
+        return parts
 
-            def complete(attempt: int) -> None:
-                try:
-                    self._client.complete_multipart_upload(**complete_args)
-                except boto_errors.ClientError as exc:
-                    ours = attempt > 1 and self._written_by_us(full_key, key, write_id)
-                    if ours and (_is_precondition_failed(exc) or error_code(exc) == "NoSuchUpload"):
-                        return  # an earlier attempt completed; only its answer was lost
-                    if if_absent and _is_precondition_failed(exc):
-                        raise AlreadyExistsError(f"{self._where(key)} already exists") from None
-                    raise
+    def _complete_upload(
+        self, key: str, full_key: str, upload_id: str, parts: list[dict[str, Any]], *, write_id: str, if_absent: bool
+    ) -> None:
+        complete_args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": full_key,
+            "UploadId": upload_id,
+            "MultipartUpload": {"Parts": parts},
+        }
+        if if_absent:
+            complete_args["IfNoneMatch"] = "*"
 
-            self._run("complete multipart upload", key, complete)
-            completed = True
-        finally:
-            if not completed:
-                self._abort_upload(key, full_key, upload_id)
+        def complete(attempt: int) -> None:
+            try:
+                self._client.complete_multipart_upload(**complete_args)
+            except boto_errors.ClientError as exc:
+                ours = attempt > 1 and self._written_by_us(full_key, key, write_id)
+                if ours and (_is_precondition_failed(exc) or error_code(exc) == "NoSuchUpload"):
+                    return  # an earlier attempt completed; only its answer was lost
+                if if_absent and _is_precondition_failed(exc):
+                    raise AlreadyExistsError(f"{self._where(key)} already exists") from None
+                raise
+
+        self._run("complete multipart upload", key, complete)
 
     def _abort_upload(self, key: str, full_key: str, upload_id: str) -> None:
         try:

@@ -473,6 +473,9 @@ class CustomObjectBackend(JobBackend):
             log.warning("watch of %s interrupted (%s); resyncing", self.resource, _short(e))
             yield WatchEvent("RESYNC", None)
 
+    def check_ready(self, settings: Any) -> None:
+        """Refuse to launch, saying what to install, when something every job of the kind needs is missing."""
+
     def rejection_hint(self, message: str) -> str:
         """What to change when the API server refuses an object for ``message`` (empty when nothing specific)."""
         return ""

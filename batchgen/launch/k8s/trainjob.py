@@ -188,6 +188,9 @@ class TrainJobBackend(CustomObjectBackend):
             )
         return ""
 
+    def check_ready(self, settings: LaunchSettings) -> None:
+        self.check_runtime(settings.runtime_name)
+
     def check_runtime(self, name: str) -> None:
         """Refuse to launch, with a message that says what to install, when the TrainingRuntime the jobs reference
         is missing (the Trainer's webhook would otherwise refuse every TrainJob's create with a 422)."""

@@ -318,14 +318,27 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
     shard, see MochiGenerator.encode_prompts). InputError names the missing or unreadable file.
     """
     import torch
-    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
-    from transformers import T5EncoderModel, T5TokenizerFast
 
     quiet_progress_bars()
     path = require_dir(model_dir)
     layout = detect_layout(path)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
+    _check_files(path)
+    try:
+        components = _load(path, layout, dtype, device)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        raise InputError(f"{path}: cannot load the model: {e}") from e
+    for module in (components.transformer, components.vae, components.text_encoder):
+        module.eval().requires_grad_(False)
+    log.info("loaded Mochi (%s layout) from %s in %s on %s", layout, path, dtype, device)
+    return components
+
+
+def _check_files(path: Path) -> None:
+    """InputError naming the first missing folder, missing weights or truncated safetensors file."""
     for name, what in (
         ("tokenizer", "T5 tokenizer: tokenizer.json or spiece.model"),
         ("text_encoder", "T5 encoder weights"),
@@ -343,45 +356,33 @@ def load_components(model_dir: str | Path, *, dtype: Any = "auto", device: Any =
         for file in folder.glob("*.safetensors") if folder.is_dir() else ():
             check_safetensors_complete(file)
 
-    try:
-        if layout == "diffusers":
-            folder = path / "transformer"
-            transformer = MochiTransformer3DModel.from_pretrained(
-                str(folder),
-                torch_dtype=dtype,
-                variant=variant_for(folder, dtype),
-                low_cpu_mem_usage=True,
-                **device_map(device),
-            )
-            _restore_fp32(transformer, folder)
-        else:
-            transformer = load_original_transformer(path, dtype=dtype, device=device)
-        transformer.to(device)
 
-        vae = AutoencoderKLMochi.from_pretrained(
-            str(path / "vae"),
-            torch_dtype=dtype,
-            variant=variant_for(path / "vae", dtype),
-            low_cpu_mem_usage=True,
+def _load(path: Path, layout: str, dtype, device) -> MochiComponents:
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    if layout == "diffusers":
+        folder = path / "transformer"
+        transformer = MochiTransformer3DModel.from_pretrained(
+            str(folder), torch_dtype=dtype, variant=variant_for(folder, dtype), low_cpu_mem_usage=True,
             **device_map(device),
-        ).to(device)
-        text_encoder = T5EncoderModel.from_pretrained(
-            str(path / "text_encoder"),
-            variant=variant_for(path / "text_encoder", dtype),
-            **transformers_dtype_kwarg(dtype),
-        )
-        tokenizer = T5TokenizerFast.from_pretrained(str(path / "tokenizer"))
-        if (path / "scheduler").is_dir():
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path / "scheduler"))
-        else:
-            scheduler = FlowMatchEulerDiscreteScheduler(**MOCHI_SCHEDULER_CONFIG)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            raise
-        raise InputError(f"{path}: cannot load the model: {e}") from e
-    for module in (transformer, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    log.info("loaded Mochi (%s layout) from %s in %s on %s", layout, path, dtype, device)
+        )  # fmt: skip
+        _restore_fp32(transformer, folder)
+    else:
+        transformer = load_original_transformer(path, dtype=dtype, device=device)
+    transformer.to(device)
+    vae = AutoencoderKLMochi.from_pretrained(
+        str(path / "vae"), torch_dtype=dtype, variant=variant_for(path / "vae", dtype), low_cpu_mem_usage=True,
+        **device_map(device),
+    ).to(device)  # fmt: skip
+    text_encoder = T5EncoderModel.from_pretrained(
+        str(path / "text_encoder"), variant=variant_for(path / "text_encoder", dtype), **transformers_dtype_kwarg(dtype)
+    )
+    tokenizer = T5TokenizerFast.from_pretrained(str(path / "tokenizer"))
+    if (path / "scheduler").is_dir():
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path / "scheduler"))
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(**MOCHI_SCHEDULER_CONFIG)
     return MochiComponents(transformer, vae, text_encoder, tokenizer, scheduler, layout=layout)
 
 

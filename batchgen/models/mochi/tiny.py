@@ -125,7 +125,15 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
     scheduler = FlowMatchEulerDiscreteScheduler(**MOCHI_SCHEDULER_CONFIG)
     scheduler.save_pretrained(str(root / "scheduler"))
 
-    model_index = {
+    if layout == "diffusers":
+        (root / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
+    (root / TINY_TOML_NAME).write_text(TINY_TOML)
+    log.info("wrote tiny Mochi (seed %d, %s layout) to %s", seed, layout, root)
+    return root
+
+
+def _model_index() -> dict:
+    return {
         "_class_name": "MochiPipeline",
         "_diffusers_version": _diffusers_version(),
         # Genmo's own sampler encodes an empty negative prompt as zeros; batchgen always does, so the stock
@@ -137,11 +145,6 @@ def write_tiny_model(directory: str | Path, *, seed: int = 0, layout: str = "dif
         "transformer": ["diffusers", "MochiTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLMochi"],
     }
-    if layout == "diffusers":
-        (root / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
-    (root / TINY_TOML_NAME).write_text(TINY_TOML)
-    log.info("wrote tiny Mochi (seed %d, %s layout) to %s", seed, layout, root)
-    return root
 
 
 def _diffusers_version() -> str:
