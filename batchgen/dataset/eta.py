@@ -49,11 +49,12 @@ class Rate:
             return "nothing left to do"
         if self.span_s <= 0:
             return "no item committed yet; no ETA"
-        left = "done" if eta == 0 else "none (nothing committed in the window)" if eta is None else _clock(eta)
+        left = "done" if eta == 0 else "none (nothing committed in the window)" if eta is None else clock(eta)
         return f"{self.items_per_hour:.1f} items/h over the last {self.span_s / 60:.1f} min; ETA {left}"
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """``H:MM:SS`` of a duration (hours unbounded)."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 

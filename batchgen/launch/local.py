@@ -36,6 +36,7 @@ from batchgen.core.errors import (
 from batchgen.core.logs import LogStream, json_logs
 from batchgen.core.plan import RunPlan, make_plan
 from batchgen.core.progress import RunProgress, scan_run
+from batchgen.dataset.eta import clock
 from batchgen.dataset.index import finalize_run
 from batchgen.storage import open_storage
 from batchgen.storage.base import Storage
@@ -168,7 +169,7 @@ class ProgressDisplay:
         new = max(0, progress.done - self.resumed)
         rate = new / elapsed if elapsed > 0 else 0.0
         remaining = progress.pending
-        eta = _clock(remaining / rate) if rate > 0 and remaining else ("-" if remaining else "0:00:00")
+        eta = clock(remaining / rate) if rate > 0 and remaining else ("-" if remaining else "0:00:00")
         return (
             f"{self.run_id}: {progress.done}/{progress.total} done ({self.resumed} resumed, {new} new), "
             f"{progress.failed} failed, {rate:.2f} items/s, ETA {eta}"
@@ -184,11 +185,6 @@ class ProgressDisplay:
             self._last_at = now
         self._last = counts
         self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 # -- the run ------------------------------------------------------------------------------------------------
