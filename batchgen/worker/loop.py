@@ -290,7 +290,6 @@ class _WorkerLoop:
         self.generator: VideoGenerator = generator
         self.ctx: ProcessContext = context
         self.stop: threading.Event = stop
-        self.generation = plan.config.generation
         self.max_attempts = plan.config.worker.max_attempts
         self.committer = Committer(
             storage, plan, model_identity=getattr(generator, "model_identity", None), rank=context.rank,
