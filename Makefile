@@ -33,8 +33,8 @@ test-fast: $(STAMP) ## the test suite without the slow end-to-end tests (marked 
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff check and ruff format --check
-	$(BIN)/ruff check batchgen tests bench
-	$(BIN)/ruff format --check batchgen tests bench
+	$(BIN)/ruff check batchgen tests bench tools
+	$(BIN)/ruff format --check batchgen tests bench tools
 
 bench: $(STAMP) ## CPU benchmarks -> bench/results/
 	$(BIN)/python bench/pipeline.py
@@ -45,7 +45,10 @@ bench: $(STAMP) ## CPU benchmarks -> bench/results/
 jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen render`
 	$(BIN)/python -m tools.k8s_examples --write jobs
 
+chart-schema: $(STAMP) ## regenerate the chart's worker values schema from ParallelConfig (tools/chart_schema.py)
+	$(BIN)/python -m tools.chart_schema --write
+
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf out .pytest_cache
 
-.PHONY: help venv demo test test-fast lint bench jobs clean
+.PHONY: help venv demo test test-fast lint bench jobs chart-schema clean
