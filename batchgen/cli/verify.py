@@ -17,8 +17,9 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", metavar="URI", help="output root: s3://bucket/prefix or a folder")
-    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run (needed when there are several)")
+    from batchgen.cli._options import add_run_arguments
+
+    add_run_arguments(parser)
     parser.add_argument("--deep", action="store_true", help="also read every video: sha256 and frame count")
     parser.add_argument("--repair", action="store_true", help="make damaged items pending again, rebuild the index")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -27,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from batchgen.cli.status import open_run_plan
     from batchgen.core.errors import EXIT_OK, EXIT_VERIFY
+    from batchgen.core.plan import locate_run
     from batchgen.dataset.audit import audit_run, repair
 
-    storage, plan = open_run_plan(args.output, args.run_id)
+    storage, plan = locate_run(args.run, args.run_id)
     audit = audit_run(storage, plan, deep=args.deep)
     found = list(audit.problems)
     if args.repair and found:

@@ -19,8 +19,10 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from batchgen.cli._options import add_config_argument, add_parallel_arguments
 
-    parser.add_argument("--output", required=True, metavar="URI", help="output root the run was planned under")
-    parser.add_argument("--run-id", required=True, metavar="RUN", help="run id (printed by batchgen plan / run)")
+    parser.add_argument(
+        "--output", required=True, metavar="RUN_URI", help="the run's folder, or the output root it was planned under"
+    )
+    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run, when --output is a root with several")
     parser.add_argument(
         "--shards", required=True, metavar="SEL", help="'A:B' (half-open indices), '1,3,7', 'shard-000003' or 'all'"
     )
@@ -35,12 +37,10 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from batchgen.core import metrics
-    from batchgen.core.plan import load_plan, parse_shard_selection
-    from batchgen.storage import open_storage
+    from batchgen.core.plan import locate_run, parse_shard_selection
 
     log = logging.getLogger("batchgen.commands.worker")
-    storage = open_storage(args.output)
-    plan = load_plan(storage, args.run_id)
+    storage, plan = locate_run(args.output, args.run_id)
     shards = parse_shard_selection(args.shards, plan)
     plan, local = _with_local_settings(args, plan)
     port = metrics.resolve_port(args.metrics_port, local.worker.metrics_port)
