@@ -567,3 +567,33 @@ def test_speed_options_reach_the_workers_from_the_plan_or_the_launch_settings(la
 def test_bad_speed_options_in_a_values_file_are_refused_by_key(values, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         LaunchSettings.from_dict(values, source="launch.yaml")
+
+
+@pytest.mark.parametrize("launcher", ["pytorchjob", "trainjob"])
+def test_offload_reaches_the_workers_from_the_plan_or_the_launch_settings(launcher, tmp_path, capsys):
+    """Issue 19 item 3: a plan's ``[parallel] offload = "model"`` reaches the workers' command; a launch setting
+    overrides it; with neither, the workers get ParallelConfig's default, auto."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["a fox"]}), manifest)
+    config = tmp_path / "run.toml"
+    config.write_text('[parallel]\noffload = "model"\n')
+
+    def offload_of(output: str, *flags: str) -> str:
+        render = ["render", "--manifest", str(manifest), "--output", str(tmp_path / output), "--shards", "all"]
+        assert main([*render, "--gpus-per-node", "1", "--model-pvc", "w", "--launcher", launcher, *flags]) == 0
+        (job,) = [o for o in yaml.safe_load_all(capsys.readouterr().out) if o["kind"] != "TrainingRuntime"]
+        if launcher == "trainjob":
+            return _worker_flags(job["spec"]["trainer"]["command"]).offload
+        master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+        return _worker_flags(master["command"]).offload
+
+    assert offload_of("planned", "--config", str(config)) == "model"
+    assert offload_of("planned", "--config", str(config), "--offload", "none") == "none"
+    values = tmp_path / "launch.yaml"
+    values.write_text('offload: ""\n')  # the shipped chart's and kustomize base's value: the plan's
+    assert offload_of("planned", "--config", str(config), "--values", str(values)) == "model"
+    assert offload_of("default") == "auto"
+    assert LaunchSettings().offload == "" and RunConfig().parallel.offload == "auto"

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.core.plan import SeveralRunsError, locate_run
     from batchgen.core.progress import scan_run
     from batchgen.dataset import eta
+    from batchgen.dataset.index import FLAGGED_HINT, flagged_videos
 
     if not args.rate_window > 0:
         raise InputError(f"--rate-window must be positive, got {args.rate_window}")
@@ -61,13 +62,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     run_id = plan.run_id
     progress = scan_run(storage, plan)
+    flagged = flagged_videos(storage, plan, progress)
     success = storage.exists(layout.success_key(run_id))
     times = eta.commit_times(storage, run_id)
     window = {"window_s": 60 * args.rate_window}
     rate = eta.run_rate(times, progress, **window)
     jobs, job_rates = _jobs_with_rates(args, run_id, times, progress, window) if args.namespace else (None, {})
     if args.json:
-        data = {**progress.to_dict(), "output": storage.uri, "success_marker": success, "rate": rate.to_dict()}
+        data = {**progress.to_dict(), "flagged": flagged, "output": storage.uri, "success_marker": success}
+        data["rate"] = rate.to_dict()
         if args.shards:
             data["unfinished_shards"] = [
                 {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "stats": s.stats_written}
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         f"items     {progress.done}/{progress.total} done ({percent:.1f}%), {progress.failed} failed, "
         f"{progress.pending} pending"
     )
+    print(f"flagged   {flagged} of {progress.done} videos ({FLAGGED_HINT})")
     print(f"rate      {rate.describe()}")
     print(f"shards    {len(progress.finished_shards)}/{len(progress.shards)} finished")
     print(f"state     {state}" + (" (_SUCCESS.json present)" if success else ""))

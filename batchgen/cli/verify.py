@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _as_dict(audit, found, storage) -> dict:
     def problems(items):
-        return [{"uri": storage.url(p.key), "problem": p.what} for p in items]
+        return [{"uri": p.where(storage), "problem": p.what} for p in items]
 
     return {
         "run_id": audit.run_id,
@@ -61,7 +61,7 @@ def _as_dict(audit, found, storage) -> dict:
 def _print(audit, found, storage, *, repaired: bool) -> None:
     print(f"run       {audit.run_id}: {audit.done}/{audit.total} done")
     for problem in found:
-        print(f"  {storage.url(problem.key)}: {problem.what}")
+        print(f"  {problem.where(storage)}: {problem.what}")
     if repaired and found:
         fixed = len(found) - len(audit.problems)
         print(f"repaired  {fixed} problem(s): damaged items are pending again; run the same batch again to regenerate")

@@ -34,6 +34,7 @@ from batchgen.core import layout
 from batchgen.core.config import GenerationConfig, ModelConfig, RunConfig
 from batchgen.core.errors import AlreadyExistsError, InputError, NotFoundError, PlanConflictError, StorageError
 from batchgen.core.item import ITEM_SCHEMA, Item, ShapeGroup
+from batchgen.core.logs import log_context
 from batchgen.core.manifest import ManifestSummary, items_from_table, validate_and_resolve
 from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
@@ -430,6 +431,10 @@ def plan_manifest(
         return _plan_validated(manifest_path, summary, spill, config, storage, run_name=run_name, new_run=new_run)
 
 
+def _run_id(slug: str, fingerprint: str) -> str:
+    return f"{slug}-{fingerprint[:12]}"
+
+
 def _plan_validated(
     manifest_path: str | Path,
     summary: ManifestSummary,
@@ -441,10 +446,25 @@ def _plan_validated(
     new_run: bool,
 ) -> tuple[RunPlan, bool]:
     slug = slugify(run_name if run_name else Path(manifest_path).stem)
-    shard_size = config.worker.shard_size
-    fingerprint = plan_fingerprint(summary.digest, summary.rows, config.generation, shard_size, config.model)
-    run_id = f"{slug}-{fingerprint[:12]}"
+    fingerprint = plan_fingerprint(
+        summary.digest, summary.rows, config.generation, config.worker.shard_size, config.model
+    )
+    with log_context(run_id=_run_id(slug, fingerprint)):
+        return _reuse_or_write(manifest_path, summary, spill, config, storage, slug, fingerprint, new_run=new_run)
 
+
+def _reuse_or_write(
+    manifest_path: str | Path,
+    summary: ManifestSummary,
+    spill: Path,
+    config: RunConfig,
+    storage: Storage,
+    slug: str,
+    fingerprint: str,
+    *,
+    new_run: bool,
+) -> tuple[RunPlan, bool]:
+    run_id, shard_size = _run_id(slug, fingerprint), config.worker.shard_size
     stored = _load_if_present(storage, run_id)
     if stored is not None:
         if stored.fingerprint != fingerprint:
