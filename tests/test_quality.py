@@ -128,11 +128,10 @@ def test_flags_are_recorded_in_sidecar_and_index(generator, tmp_path, tiny_confi
 
 def test_flagged_videos_are_counted_by_status_and_run(generator, tmp_path, tiny_config, capsys):
     """Issue 19 item 6: the count comes from the shards' parts, the sidecars of a shard without one, or the index."""
+    from batchgen.cli import main
+    from batchgen.core.progress import scan_run
     from batchgen.dataset.index import flagged_videos
     from batchgen.launch.local import RunOutcome
-    from batchgen.core.progress import scan_run
-
-    from batchgen.cli import main
 
     storage = LocalStorage(tmp_path / "out")
     plan = plan_run(storage, tmp_path, 3, tiny_run_config(tiny_config, shard_size=2))
