@@ -1,5 +1,5 @@
 # batchgen image for both roles on Kubernetes: the controller (`batchgen submit --wait`, the chart's Job) and the
-# workers (`python -m batchgen.k8s.launch ... batchgen worker`, the PyTorchJobs).
+# workers (`python -m batchgen.launch.k8s.torchrun ... batchgen worker`, the PyTorchJobs).
 #
 #   docker build -t ghcr.io/batchgen/batchgen:0.1.0 .
 #   docker build --build-arg FLASH_ATTN=require -t ghcr.io/batchgen/batchgen:0.1.0-fa .   # fail without flash-attn
@@ -63,7 +63,7 @@ COPY batchgen batchgen
 RUN pip install --no-deps . \
     && python -m compileall -q "$(python -c 'import batchgen, os; print(os.path.dirname(batchgen.__file__))')" \
     && batchgen --version \
-    && python -c 'import batchgen.k8s.render, batchgen.k8s.launch, batchgen.k8s.fetch'
+    && python -c 'import batchgen.launch.k8s.pytorchjob, batchgen.launch.k8s.trainjob, batchgen.launch.k8s.torchrun, batchgen.launch.k8s.fetch'
 
 # Non-root at run time, by number so Kubernetes can verify runAsNonRoot (the chart and the rendered PyTorchJobs
 # run as 1000:1000). The base image may already have a user 1000; then that one is used.
@@ -75,6 +75,6 @@ USER 1000:1000
 WORKDIR /tmp
 
 # The chart's controller passes only arguments (`submit ...`); the PyTorchJobs override the command with
-# `python -m batchgen.k8s.launch`.
+# `python -m batchgen.launch.k8s.torchrun`.
 ENTRYPOINT ["batchgen"]
 CMD ["--help"]

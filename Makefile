@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create the virtual environment and install batchgen with dev extras
 
 demo: $(STAMP) ## demo batch run: tiny model (FAMILY=mochi or wan), 6 prompts, local folder output (run twice to resume)
-	$(BIN)/python -m batchgen.demo --out $(DEMO_OUT) --family $(FAMILY)
+	$(BIN)/python -m tools.demo --out $(DEMO_OUT) --family $(FAMILY)
 
 test: $(STAMP) ## run the test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -33,8 +33,8 @@ test-fast: $(STAMP) ## the test suite without the slow end-to-end tests (marked 
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff check and ruff format --check
-	$(BIN)/ruff check batchgen tests bench
-	$(BIN)/ruff format --check batchgen tests bench
+	$(BIN)/ruff check batchgen tests bench tools
+	$(BIN)/ruff format --check batchgen tests bench tools
 
 bench: $(STAMP) ## CPU benchmarks -> bench/results/
 	$(BIN)/python bench/pipeline.py
@@ -50,7 +50,10 @@ perf-tables: $(STAMP) ## regenerate README.md's performance tables from the file
 	$(BIN)/python bench/perf_tables.py --write
 
 jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen render`
-	$(BIN)/python -m batchgen.k8s.examples --write jobs
+	$(BIN)/python -m tools.k8s_examples --write jobs
+
+chart-schema: $(STAMP) ## regenerate the chart's worker values schema from ParallelConfig (tools/chart_schema.py)
+	$(BIN)/python -m tools.chart_schema --write
 
 # A real control plane built from Go modules (tools/kube/; README "A real control plane"). Needs Go 1.26.
 KUBE_DIR ?= $(HOME)/.cache/batchgen/kube-up
@@ -70,4 +73,4 @@ test-kube: $(STAMP) kube-bin ## the tests against the real control plane (tests/
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf out .pytest_cache
 
-.PHONY: help venv demo test test-fast lint bench device-wheels perf-tables jobs clean kube-bin kube-up kube-down test-kube
+.PHONY: help venv demo test test-fast lint bench device-wheels perf-tables jobs chart-schema clean kube-bin kube-up kube-down test-kube

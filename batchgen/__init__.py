@@ -1,3 +1,3 @@
-"""batchgen: offline batch video generation with Mochi 1 and Unified Sequence Parallelism."""
+"""batchgen: offline batch video generation (Mochi, Wan) with Unified Sequence Parallelism."""
 
 __version__ = "0.1.0"

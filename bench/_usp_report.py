@@ -18,7 +18,7 @@ def parallel_transformer(transformer, degrees: dict[str, int], num_heads: int, *
     one process."""
     if not degrees:
         return transformer, None
-    from batchgen.config import ParallelConfig
+    from batchgen.core.config import ParallelConfig
     from batchgen.parallel.apply import parallelize_transformer
     from batchgen.parallel.runtime import TorchContext
 

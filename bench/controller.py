@@ -36,12 +36,13 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from batchgen import layout  # noqa: E402
-from batchgen.config import RunConfig  # noqa: E402
-from batchgen.k8s.backend import PyTorchJobBackend, load_api_client  # noqa: E402
-from batchgen.k8s.controller import RunController  # noqa: E402
-from batchgen.k8s.render import LaunchSettings  # noqa: E402
-from batchgen.plan import make_plan  # noqa: E402
+from batchgen.core import layout  # noqa: E402
+from batchgen.core.config import RunConfig  # noqa: E402
+from batchgen.core.plan import make_plan  # noqa: E402
+from batchgen.launch.k8s.client import load_api_client  # noqa: E402
+from batchgen.launch.k8s.controller import RunController  # noqa: E402
+from batchgen.launch.k8s.pytorchjob import PyTorchJobBackend  # noqa: E402
+from batchgen.launch.k8s.settings import LaunchSettings  # noqa: E402
 from batchgen.storage import open_storage  # noqa: E402
 from tests.k8s_emulator import KubeEmulator  # noqa: E402
 

@@ -25,13 +25,13 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from batchgen import layout  # noqa: E402
-from batchgen.config import RunConfig  # noqa: E402
+from batchgen.core import layout  # noqa: E402
+from batchgen.core.config import RunConfig  # noqa: E402
+from batchgen.core.plan import make_plan  # noqa: E402
+from batchgen.core.video import encode_mp4  # noqa: E402
 from batchgen.dataset import open_run  # noqa: E402
-from batchgen.gallery import DEFAULT_PAGE_SIZE, contact_sheet, thumb_key, write_gallery  # noqa: E402
-from batchgen.plan import make_plan  # noqa: E402
+from batchgen.dataset.gallery import DEFAULT_PAGE_SIZE, contact_sheet, thumb_key, write_gallery  # noqa: E402
 from batchgen.storage import LocalStorage  # noqa: E402
-from batchgen.video import encode_mp4  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "gallery-cpu.json"
 VISIBLE_THUMBNAILS_LOADED = """[...document.images]

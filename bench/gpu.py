@@ -415,7 +415,7 @@ class Bench:
         batched call with a key-padding mask; both against an fp32 reference, on the valid query rows."""
         import torch.nn.functional as F
 
-        from batchgen.generate.common import fastest_attention as _fastest_attention
+        from batchgen.models.common.staged import fastest_attention as _fastest_attention
 
         heads, dim, n, text = self.shape["heads"], self.shape["head_dim"], self.longest_tokens(), 256
         valid = (0, 64)  # [uncond, cond]: an empty negative prompt has no valid text token
@@ -448,11 +448,12 @@ class Bench:
 
     def fp8_linear(self) -> dict:
         """bf16 against FP8 (torch._scaled_mm, row-wise scales) for the blocks' big visual GEMMs at the longest
-        shape, each against fp32; then the numeric gate (batchgen.generate.fp8) on one block of the real width.
+        shape, each against fp32; then the numeric gate (batchgen.models.common.fp8) on one block of the real width.
         Without FP8 tensor cores the emulated kernel runs (errors only; its seconds mean nothing)."""
         from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
 
-        from batchgen.generate import fp8
+        from batchgen.models import MOCHI
+        from batchgen.models.common import fp8
 
         native = fp8.fp8_supported(self.device)
         kernel = fp8.scaled_mm_kernel if native else fp8.emulated_kernel
@@ -470,12 +471,12 @@ class Bench:
             self.device,
             self.dtype,
         )
-        out["gate"] = fp8.numeric_gate(block, kernel, self.device).to_dict()
+        out["gate"] = fp8.numeric_gate(block, kernel, self.device, spec=MOCHI).to_dict()
         out["gate"]["multiple"] = fp8.ERROR_MULTIPLE
         return out
 
     def fp8_gemm(self, tokens: int, k_in: int, k_out: int, kernel, gen: torch.Generator) -> dict:
-        from batchgen.generate import fp8
+        from batchgen.models.common import fp8
 
         x = torch.randn(tokens, k_in, generator=gen).to(self.device, self.dtype)
         linear = torch.nn.Linear(k_in, k_out, bias=False).to(self.device, self.dtype)
@@ -491,7 +492,7 @@ class Bench:
         return row
 
     def compiled_forward(self) -> dict:
-        """8- and 48-block forwards at the longest shape, eager against ``--compile`` (batchgen.generate.compile):
+        """8- and 48-block forwards at the longest shape, eager against ``--compile`` (batchgen.models.common.compile):
         the first compiled call (compilation included), steady-state seconds, and the difference to eager."""
         frames = max(self.shape["frames"])
         inputs = self.dit_inputs(frames)
@@ -503,7 +504,8 @@ class Bench:
     def eager_vs_compiled(self, layers: int, inputs: dict) -> dict:
         from diffusers import MochiTransformer3DModel
 
-        from batchgen.generate.compile import compile_blocks, graph_count
+        from batchgen.models import MOCHI
+        from batchgen.models.common.compile import compile_blocks, graph_count
 
         s = self.shape
         model = build_random(
@@ -524,7 +526,7 @@ class Bench:
         with torch.no_grad(), self.fastest():
             eager_times = self.timer.measure(forward, warmup=1, repeats=self.args.repeats)
             eager = forward().float()
-            compile_blocks(model)
+            compile_blocks(model, spec=MOCHI)
             graphs = graph_count()
             first = self.timer.measure(forward, warmup=0, repeats=1)[0]
             compiled_times = self.timer.measure(forward, warmup=0, repeats=self.args.repeats)
@@ -542,7 +544,7 @@ class Bench:
         }
 
     def fastest(self):
-        from batchgen.generate.common import fastest_attention as _fastest_attention
+        from batchgen.models.common.staged import fastest_attention as _fastest_attention
 
         return _fastest_attention(self.device)
 
@@ -561,7 +563,7 @@ class Bench:
             )
         else:
             vae = build_random(AutoencoderKLMochi, self.device, self.dtype)
-        from batchgen.generate.vae import enable_causal_framewise_decoding
+        from batchgen.models.common.vae import enable_causal_framewise_decoding
 
         enable_causal_framewise_decoding(vae, tiling=True)
         frames = max(self.shape["frames"])
@@ -628,9 +630,10 @@ class Bench:
 
     def pipeline(self, offload: str = "model") -> dict:
         """The whole single-GPU generator at the longest frame count with ``offload`` and a few steps."""
-        from batchgen.config import ParallelConfig
-        from batchgen.generate.pipeline import MochiGenerator, build_random_components
-        from batchgen.item import Item
+        from batchgen.core.config import ParallelConfig
+        from batchgen.core.item import Item
+        from batchgen.models.mochi.generator import MochiGenerator
+        from batchgen.models.mochi.tiny import build_random_components
 
         frames = max(self.shape["frames"])
         steps = self.args.pipeline_steps

@@ -179,7 +179,7 @@ class DeviceBench(Bench):
 
     def cfg_inputs(self, frames: int) -> dict:
         """The generator's CFG batch for one forward: [negative, prompt] latents and text, valid tokens first."""
-        from batchgen.parallel.joint import gather_valid_text
+        from batchgen.models.mochi.joint import gather_valid_text
 
         inputs = self.dit_inputs(frames, text_tokens=256, valid_text=max(CFG_VALID_TEXT))
         text = inputs["encoder_hidden_states"].expand(2, -1, -1)
@@ -195,7 +195,7 @@ class DeviceBench(Bench):
 
     def attention_forward(self) -> dict:
         from batchgen.parallel.apply import attention_facts, parallelize_transformer, unparallelize_transformer
-        from batchgen.parallel.context import SingleProcess
+        from batchgen.worker.context import SingleProcess
 
         model = self.transformer()
         out: dict = {"layers": self.shape["layers"], "runs": []}

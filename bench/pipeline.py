@@ -9,7 +9,7 @@
 3. Resume scan of a shard with 10,000 committed items on that S3 server: seconds and S3 requests.
    Targets: < 2 s, < 20 requests.
 4. Index build of 100,000 committed items on that S3 server (shards of 64, each with the part its worker wrote at
-   shard end): ``batchgen.index.finalize`` in a child process, so seconds, S3 requests and peak RSS are its own;
+   shard end): ``batchgen.dataset.index.finalize`` in a child process, so seconds, S3 requests and peak RSS are its own;
    projected to 1,000,000 items from the per-item time and the per-row memory above the child's baseline.
    Goals: <= 2 requests per shard, < 1 GiB at 1,000,000 rows. ``--only index`` runs just this one and keeps the
    other figures of the results file.
@@ -40,16 +40,16 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from batchgen import layout  # noqa: E402
-from batchgen.config import RunConfig  # noqa: E402
-from batchgen.generate.api import GeneratedVideo  # noqa: E402
-from batchgen.index import write_part  # noqa: E402
-from batchgen.parallel.context import SingleProcess  # noqa: E402
-from batchgen.plan import load_shard_items, make_plan  # noqa: E402
-from batchgen.records import Sidecar  # noqa: E402
+from batchgen.core import layout  # noqa: E402
+from batchgen.core.config import RunConfig  # noqa: E402
+from batchgen.core.plan import load_shard_items, make_plan  # noqa: E402
+from batchgen.core.records import Sidecar  # noqa: E402
+from batchgen.core.video import encode_mp4  # noqa: E402
+from batchgen.dataset.index import write_part  # noqa: E402
+from batchgen.models.api import GeneratedVideo  # noqa: E402
 from batchgen.storage import open_storage  # noqa: E402
-from batchgen.video import encode_mp4  # noqa: E402
-from batchgen.worker import run_worker, scan_shard  # noqa: E402
+from batchgen.worker.context import SingleProcess  # noqa: E402
+from batchgen.worker.loop import run_worker, scan_shard  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "pipeline-cpu.json"
 TARGETS = {"plan_seconds": 20.0, "plan_peak_rss_gib": 1.5, "items_per_second": 40.0, "scan_seconds": 2.0,
@@ -57,8 +57,8 @@ TARGETS = {"plan_seconds": 20.0, "plan_peak_rss_gib": 1.5, "items_per_second": 4
 
 INDEX_CHILD = """
 import json, resource, sys, time
-from batchgen.index import finalize
-from batchgen.plan import load_plan
+from batchgen.dataset.index import finalize
+from batchgen.core.plan import load_plan
 from batchgen.storage import open_storage
 storage = open_storage(sys.argv[1])
 plan = load_plan(storage, sys.argv[2])
@@ -75,8 +75,8 @@ print(json.dumps({"seconds": seconds, "requests": storage.request_count - before
 
 PLAN_CHILD = """
 import json, resource, sys, time
-from batchgen.config import RunConfig
-from batchgen.plan import make_plan
+from batchgen.core.config import RunConfig
+from batchgen.core.plan import make_plan
 from batchgen.storage import open_storage
 manifest, out = sys.argv[1], sys.argv[2]
 start = time.perf_counter()

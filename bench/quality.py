@@ -69,7 +69,7 @@ def compare_seed(generator, item, threshold: float) -> dict:
 
 
 def make_item(seed: int, args, defaults) -> object:
-    from batchgen.item import Item
+    from batchgen.core.item import Item
 
     return Item(
         id=f"quality-{seed}",
@@ -86,13 +86,14 @@ def make_item(seed: int, args, defaults) -> object:
 
 
 def run(args) -> dict:
-    from batchgen.config import GenerationConfig, ParallelConfig, load_config
-    from batchgen.generate.pipeline import MochiGenerator
+    from batchgen.core.config import GenerationConfig, ParallelConfig, load_config
+    from batchgen.models.mochi.generator import MochiGenerator
 
     model_dir = Path(args.model_dir) if args.model_dir else None
     defaults = GenerationConfig()
     if args.tiny:
-        from batchgen.generate.tiny import TINY_TOML_NAME, write_tiny_model
+        from batchgen.models.common.tiny import TINY_TOML_NAME
+        from batchgen.models.mochi.tiny import write_tiny_model
 
         model_dir = write_tiny_model(Path(tempfile.mkdtemp(prefix="quality-")) / "tiny-mochi", seed=0)
         defaults = load_config(model_dir / TINY_TOML_NAME).generation

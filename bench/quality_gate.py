@@ -23,10 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from batchgen.config import QualityConfig  # noqa: E402
-from batchgen.gallery import contact_sheet  # noqa: E402
-from batchgen.quality import gate  # noqa: E402
-from batchgen.video import encode_mp4  # noqa: E402
+from batchgen.core.config import QualityConfig  # noqa: E402
+from batchgen.core.quality import gate  # noqa: E402
+from batchgen.core.video import encode_mp4  # noqa: E402
+from batchgen.dataset.gallery import contact_sheet  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "quality-cpu.json"
 

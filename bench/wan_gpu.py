@@ -4,9 +4,9 @@
     python bench/wan_gpu.py --tiny --out /tmp/x   # CPU smoke test with a small Wan (what the tests run)
 
 Downloads nothing: ``WanTransformer3DModel`` is built on the meta device at the size of Wan-AI/Wan2.1-T2V-14B
-(``batchgen.estimate.WAN_14B_CONFIG``; Wan 2.2 A14B's experts have the same shape) and filled with random weights
+(``batchgen.dataset.estimate.WAN_14B_CONFIG``; Wan 2.2 A14B's experts have the same shape) and filled with random weights
 on the GPU. The text is 512 random UMT5-width tokens, as WanPipeline zero-pads every prompt to 512. Seconds are
-medians of timed repeats after one warm-up, per SDPA kernel; FLOPs come from ``batchgen.estimate``'s Wan model
+medians of timed repeats after one warm-up, per SDPA kernel; FLOPs come from ``batchgen.dataset.estimate``'s Wan model
 (per visual token the self- and cross-attention projections and the FFN, plus self- and cross-attention scores),
 and MFU is quoted against the datasheet bf16 peak and a matmul rate measured in the same run. The results file is
 rewritten after every shape, so a run cut short by the device lease keeps what finished.
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu import DATASHEET_BF16_TFLOPS, Timer, peak_memory_gib, reset_peak, sdpa_kernels  # noqa: E402
 
-from batchgen.estimate import WAN_14B_CONFIG, wan_flops_from_config  # noqa: E402
+from batchgen.dataset.estimate import WAN_14B_CONFIG, wan_flops_from_config  # noqa: E402
 from batchgen.models import WAN  # noqa: E402
 
 FULL = {"config": WAN_14B_CONFIG, "frames": 81, "shapes": [(480, 832), (720, 1280)]}
@@ -45,7 +45,7 @@ def build_transformer(config: dict, device: torch.device, dtype: torch.dtype):
     """The DiT materialised once, in ``dtype`` on ``device``, with batchgen's seeded random fill."""
     from diffusers import WanTransformer3DModel
 
-    from batchgen.generate.tiny import randomize_parameters
+    from batchgen.models.common.tiny import randomize_parameters
 
     with torch.device("meta"):
         model = WanTransformer3DModel(**config)

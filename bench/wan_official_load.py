@@ -60,7 +60,7 @@ def write_model(folder: Path, layers: int) -> int:
     import torch
     from diffusers import WanTransformer3DModel
 
-    from batchgen.generate import wan_original
+    from batchgen.models.wan import original as wan_original
 
     with torch.device("meta"):
         transformer = WanTransformer3DModel(**WAN_1_3B, num_layers=layers)
@@ -80,7 +80,7 @@ def load(folder: Path, way: str) -> dict:
     import safetensors.torch  # noqa: F401
     import torch
 
-    from batchgen.generate import wan_original
+    from batchgen.models.wan import original as wan_original
 
     before = rss_anon()
     peak = [before]
@@ -113,7 +113,7 @@ def load_whole_state_dict(folder: Path):
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
 
-    from batchgen.generate import wan_original
+    from batchgen.models.wan import original as wan_original
 
     state = {}
     for shard in wan_original.weight_shards(folder):
@@ -140,7 +140,7 @@ def main() -> None:
         return
     import torch
 
-    from batchgen.generate import wan_original
+    from batchgen.models.wan import original as wan_original
 
     with tempfile.TemporaryDirectory(prefix="batchgen-wan-load-") as scratch:
         folder = Path(scratch)

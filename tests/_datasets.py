@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchgen.config import RunConfig
-from batchgen.index import finalize_run
-from batchgen.parallel.context import SingleProcess
-from batchgen.plan import RunPlan, make_plan
+from batchgen.core.config import RunConfig
+from batchgen.core.plan import RunPlan, make_plan
+from batchgen.dataset.index import finalize_run
 from batchgen.storage.base import Storage
-from batchgen.worker import run_worker
+from batchgen.worker.context import SingleProcess
+from batchgen.worker.loop import run_worker
 from tests._runs import PROMPTS, tiny_run_config
 
 RUN_ITEMS = 5
@@ -43,7 +43,7 @@ class BlackFrames:
 
 
 def finished_run(storage: Storage, folder: Path, tiny_config: RunConfig, model_dir: Path) -> RunPlan:
-    from batchgen.generate.pipeline import MochiGenerator
+    from batchgen.models.mochi.generator import MochiGenerator
 
     manifest = folder / "clips.parquet"
     ids = [f"clip.{i}" for i in range(RUN_ITEMS)]

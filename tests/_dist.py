@@ -35,7 +35,7 @@ def _mp_context():
 def rank_context(degrees: dict[str, int], num_heads: int, backend: str = "native"):
     """On a rank started by ``run_world``: the ``TorchContext`` of ``degrees`` (ulysses, ring, cfg; 1 where
     absent). ``backend`` "xfuser-shim" runs the xfuser backend on the CPU shim of xfuser's attention."""
-    from batchgen.config import ParallelConfig
+    from batchgen.core.config import ParallelConfig
     from batchgen.parallel.runtime import TorchContext
 
     if backend == "xfuser-shim":

@@ -13,11 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchgen import layout
-from batchgen.config import RunConfig
-from batchgen.plan import RunPlan, load_shard_items, make_plan
+from batchgen.core import layout
+from batchgen.core.config import RunConfig
+from batchgen.core.plan import RunPlan, load_shard_items, make_plan
+from batchgen.core.video import probe_mp4
 from batchgen.storage.base import Storage
-from batchgen.video import probe_mp4
 
 PROMPTS = [
     "a red fox running through fresh snow",
@@ -108,6 +108,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240)
 
 
 def tiny_run_args(tiny_model_dir: Path, *, steps: int = 2) -> list[str]:
-    from batchgen.generate.tiny import TINY_TOML_NAME
+    from batchgen.models.common.tiny import TINY_TOML_NAME
 
     return ["--model-dir", str(tiny_model_dir), "--config", str(tiny_model_dir / TINY_TOML_NAME), "--steps", str(steps)]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from batchgen.item import Item
+from batchgen.core.item import Item
 
 SHAPE = {"num_frames": 13, "height": 64, "width": 64}  # 48 visual tokens: splits over ulysses 2
 
@@ -31,8 +31,8 @@ def denoise_case(
     """One rank: TorchContext from torchrun's environment, the real generator, one item's final latents."""
     if inductor_dir:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_dir
-    from batchgen.config import ParallelConfig
-    from batchgen.generate.pipeline import MochiGenerator
+    from batchgen.core.config import ParallelConfig
+    from batchgen.models.mochi.generator import MochiGenerator
     from batchgen.parallel.runtime import TorchContext
     from tests._dist import INIT_TIMEOUT_S
 
@@ -52,8 +52,8 @@ def denoise_case(
 def single_process_latents(
     model_dir: str, parallel: dict[str, Any], steps: int, shape: dict | None = None
 ) -> tuple[torch.Tensor, Any]:
-    from batchgen.config import ParallelConfig
-    from batchgen.generate.pipeline import MochiGenerator
+    from batchgen.core.config import ParallelConfig
+    from batchgen.models.mochi.generator import MochiGenerator
 
     generator = MochiGenerator(model_dir, parallel=ParallelConfig(**parallel), device="cpu")
     latents = generator.denoise(tiny_item(steps, **(shape or {})))

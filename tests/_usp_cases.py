@@ -149,7 +149,7 @@ def parallel_case(
 
 def context_case(fail_rank: int | None = None) -> dict[str, Any]:
     """ProcessContext semantics over a real process group."""
-    from batchgen.config import ParallelConfig
+    from batchgen.core.config import ParallelConfig
     from batchgen.parallel.runtime import TorchContext
     from tests._dist import INIT_TIMEOUT_S
 

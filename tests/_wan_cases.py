@@ -46,7 +46,7 @@ BOUNDARY_RATIO = 0.875
 def tiny_transformer(seed: int = 0):
     from diffusers import WanTransformer3DModel
 
-    from batchgen.generate.tiny import randomize_parameters
+    from batchgen.models.common.tiny import randomize_parameters
 
     model = WanTransformer3DModel(**TINY_TRANSFORMER)
     randomize_parameters(model, torch.Generator().manual_seed(seed))
@@ -163,8 +163,8 @@ def cached_denoise(item_seed: int, threshold: float, context=None) -> dict[str, 
     """A two-expert WanPipeline run over ODD_VIDEO (padded under sequence parallelism) with a first-block cache on
     each expert, guidance 1 (one transformer call per step, so consecutive calls are consecutive steps). With a
     ``context`` the experts are parallelized and the caches agree over its sp and cfg groups."""
-    from batchgen.generate.cache import FirstBlockCache, group_axes
     from batchgen.models import WAN
+    from batchgen.models.common.cache import FirstBlockCache, group_axes
     from batchgen.parallel.apply import parallelize_transformer
 
     experts = [tiny_transformer(0), tiny_transformer(1)]

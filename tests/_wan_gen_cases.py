@@ -18,7 +18,7 @@ ITEM = {
 
 
 def item_for(seed: int, **overrides):
-    from batchgen.item import Item
+    from batchgen.core.item import Item
 
     return Item(id=f"item-{seed}", seed=seed, **{**ITEM, **overrides})
 
@@ -37,8 +37,8 @@ def reference(model_dir: str, seed: int, overrides: dict | None = None) -> dict[
 
 def generator_case(model_dir: str, degrees: dict[str, int], overrides: dict | None = None) -> dict[str, Any]:
     """On every rank: WanGenerator under the layout, on this data-parallel group's item."""
-    from batchgen.generate.wan import WanGenerator
-    from batchgen.generate.wan_loading import read_transformer_config
+    from batchgen.models.wan.generator import WanGenerator
+    from batchgen.models.wan.loading import read_transformer_config
     from tests._dist import rank_context
 
     context = rank_context(degrees, read_transformer_config(model_dir)["num_attention_heads"])

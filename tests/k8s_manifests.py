@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from batchgen.k8s.render import LaunchSettings
+from batchgen.launch.k8s.settings import LaunchSettings
 from tests.k8s_schema import (
     SCHEMAS,
     TRAINER_PLURALS,
@@ -203,7 +203,7 @@ def submit_args(objects: list[dict[str, Any]], tmp_path: Path, namespace: str) -
 
 def controller_launch_settings(objects: list[dict[str, Any]], tmp_path: Path, namespace: str) -> LaunchSettings:
     """The launch settings `batchgen submit` in the controller pod would create PyTorchJobs with."""
-    from batchgen.k8s.options import settings_from_args
+    from batchgen.launch.k8s.options import settings_from_args
 
     args = submit_args(objects, tmp_path, namespace)
     return settings_from_args(args, output=args.output)

@@ -10,9 +10,9 @@ import re
 import helm_python as helm
 import pytest
 
-from batchgen import metrics
-from batchgen.k8s.render import render_pytorchjob
-from batchgen.layout import shard_id
+from batchgen.core import metrics
+from batchgen.core.layout import shard_id
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
 from tests.k8s_manifests import all_problems, by_kind, controller_pod, env_of
 from tests.k8s_monitoring import monitoring_problems
 from tests.k8s_schema import pytorchjob_problems

@@ -49,7 +49,7 @@ import pytest
 import yaml
 
 from batchgen.cli import _command_modules, _merge_global_options, build_parser, main
-from batchgen.errors import (
+from batchgen.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
@@ -57,7 +57,7 @@ from batchgen.errors import (
     EXIT_STORAGE,
     EXIT_TRANSIENT,
 )
-from batchgen.logs import LOG_FORMAT_ENV
+from batchgen.core.logs import LOG_FORMAT_ENV
 from tests._runs import SMALL_SHAPE, write_manifest
 from tests.fixtures.faultproxy import FaultProxy
 
@@ -151,7 +151,7 @@ MATRIX: dict[str, dict[str, object]] = {
             "folder": NA("a local manifest is read straight from the file system: unreadable is invalid input"),
             "s3": Case(lambda w: [], EXIT_STORAGE),
         },
-        "interrupt": Case(lambda w: [], EXIT_INTERRUPTED, interrupt_at=("batchgen.manifest:validate_manifest",)),
+        "interrupt": Case(lambda w: [], EXIT_INTERRUPTED, interrupt_at=("batchgen.core.manifest:validate_manifest",)),
     },
     "plan": {
         "success": Case(lambda w: ["plan", w.manifest, "--output", w.output, *small(w)], EXIT_OK),
@@ -224,7 +224,7 @@ MATRIX: dict[str, dict[str, object]] = {
             "invalid": Case(lambda w: [*generate_line(w), "--num-frames=8"], EXIT_BAD_INPUT),
             "permanent": NA("no storage: an --out that cannot be written is refused before generating"),
             "transient": FOLDER_NO_TRANSIENT,
-            "interrupt": Case(lambda w: [], EXIT_INTERRUPTED, interrupt_at=("batchgen.parallel.context:open_context",)),
+            "interrupt": Case(lambda w: [], EXIT_INTERRUPTED, interrupt_at=("batchgen.worker.context:open_context",)),
         }.items()
     },
     "tiny-model": {
@@ -236,7 +236,7 @@ MATRIX: dict[str, dict[str, object]] = {
             "permanent": NA("no storage: writes a local folder"),
             "transient": FOLDER_NO_TRANSIENT,
             "interrupt": Case(
-                lambda w: [], EXIT_INTERRUPTED, interrupt_at=("batchgen.generate.tiny:write_tiny_model",)
+                lambda w: [], EXIT_INTERRUPTED, interrupt_at=("batchgen.models.mochi.tiny:write_tiny_model",)
             ),
         }.items()
     },
@@ -328,6 +328,8 @@ def invoke(argv: list[str], env: dict[str, str], interrupt_at: tuple[str, ...] |
             mp.setenv(name, value)
         if interrupt_at is not None:
             _interrupting(mp, interrupt_at)
+        # Ctrl-C as a terminal delivers it: a suite started in the background inherits SIGINT ignored.
+        sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 try:
@@ -335,6 +337,7 @@ def invoke(argv: list[str], env: dict[str, str], interrupt_at: tuple[str, ...] |
                 except SystemExit as e:  # argparse's usage errors
                     code = e.code
         finally:
+            signal.signal(signal.SIGINT, sigint)
             root.handlers[:] = handlers
             root.setLevel(level)
     return Result(int(code or 0), out.getvalue(), err.getvalue(), argv)
@@ -344,8 +347,19 @@ def start(argv: list[str], env: dict[str, str], **streams) -> subprocess.Popen:
     """A real ``batchgen ARGV`` process running this checkout."""
     environment = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
-        [sys.executable, "-m", "batchgen", *argv], stdin=subprocess.DEVNULL, text=True, env=environment, **streams
+        [sys.executable, "-m", "batchgen", *argv],
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=environment,
+        preexec_fn=_default_sigint,
+        **streams,
     )
+
+
+def _default_sigint() -> None:
+    """A suite started in the background hands its children SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler: the interrupt cells need SIGINT as a terminal delivers it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt_subprocess(argv: list[str], env: dict[str, str]) -> Result:

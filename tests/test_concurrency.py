@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from batchgen.plan import make_plan
+from batchgen.core.plan import make_plan
 from batchgen.storage import open_storage
 from tests._runs import assert_exactly_once, tiny_run_config, write_manifest
 from tests.fixtures.faultproxy import FaultProxy

@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen.cli import main
-from batchgen.commands._options import (
+from batchgen.cli._options import (
     add_generation_arguments,
     add_parallel_arguments,
     add_shard_size_argument,
     config_from_args,
 )
-from batchgen.config import RunConfig
-from batchgen.errors import EXIT_BAD_INPUT, ConfigError
+from batchgen.core.config import RunConfig
+from batchgen.core.errors import EXIT_BAD_INPUT, ConfigError
 
 
 @pytest.fixture

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from batchgen import layout
-from batchgen.errors import ClusterError, IncompleteRunError, TransientClusterError
-from batchgen.k8s import names
-from batchgen.k8s.controller import RunController, cancel_run, describe_jobs, format_jobs, make_groups
-from batchgen.k8s.render import LaunchSettings, render_pytorchjob
-from batchgen.layout import shard_id
-from batchgen.progress import RunProgress, ShardProgress, scan_run
+from batchgen.core import layout
+from batchgen.core.errors import ClusterError, IncompleteRunError, TransientClusterError
+from batchgen.core.layout import shard_id
+from batchgen.core.progress import RunProgress, ShardProgress, scan_run
+from batchgen.launch.k8s import names
+from batchgen.launch.k8s.controller import RunController, cancel_run, describe_jobs, format_jobs, make_groups
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
+from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.storage import open_storage
 from tests._runs import all_items, plan_run, tiny_run_config
 
@@ -311,7 +312,7 @@ def test_unknown_fields_are_refused_by_the_controller_and_dropped_by_a_server_le
 
 
 def test_lists_are_paged_and_an_expired_continue_token_lists_again(kube, monkeypatch):
-    from batchgen.k8s import backend as backend_module
+    from batchgen.launch.k8s import client as backend_module
 
     monkeypatch.setattr(backend_module, "LIST_PAGE", 2)
     backend = kube.backend()
@@ -350,7 +351,7 @@ def test_429_waits_for_retry_after(kube):
 
 
 def test_namespace_comes_from_the_kubeconfig_context(kube, tmp_path):
-    from batchgen.k8s.backend import context_namespace
+    from batchgen.launch.k8s.client import context_namespace
 
     assert context_namespace(str(kube.kubeconfig)) == "batch"
     bare = kube.emulator.write_kubeconfig(tmp_path / "bare", namespace=None)
@@ -380,7 +381,7 @@ def test_jobs_of_done_groups_are_deleted_once(kube):
 def s3_run(s3_uri, tmp_path, tiny_config, monkeypatch):
     """Ten shards of one item on S3, listed two keys a page so that a listing's cost shows how many keys it read."""
     monkeypatch.setattr("batchgen.storage.s3.LIST_PAGE_SIZE", 2)
-    monkeypatch.setattr("batchgen.progress.LIST_PAGE", 2)
+    monkeypatch.setattr("batchgen.core.progress.LIST_PAGE", 2)
     storage = open_storage(s3_uri)
     plan = plan_run(storage, tmp_path, 10, tiny_run_config(tiny_config, shard_size=1))
     return storage, plan, {shard: item_id for item_id, (shard, _) in all_items(storage, plan).items()}

@@ -9,8 +9,8 @@ import signal
 
 import pytest
 
-from batchgen import layout
-from batchgen.plan import load_plan
+from batchgen.core import layout
+from batchgen.core.plan import load_plan
 from batchgen.storage import open_storage
 from tests._runs import SMALL_SHAPE, assert_exactly_once, keys_under, run_cli, tiny_run_args, write_manifest
 from tests.fixtures.faultproxy import FaultProxy

@@ -18,7 +18,7 @@ import pytest
 import tomllib
 from packaging.requirements import Requirement
 
-from batchgen.errors import EXIT_BAD_INPUT
+from batchgen.core.errors import EXIT_BAD_INPUT
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

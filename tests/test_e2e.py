@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen import layout
-from batchgen.plan import load_plan
+from batchgen.core import layout
+from batchgen.core.plan import load_plan
 from batchgen.storage import open_storage
 from tests._runs import assert_exactly_once, keys_under, run_cli, tiny_run_args, write_manifest
 

@@ -1,4 +1,4 @@
-"""Cost estimates (batchgen.estimate) and rate/ETA (batchgen.eta): figures traced to their sources."""
+"""Cost estimates (batchgen.dataset.estimate) and rate/ETA (batchgen.dataset.eta): figures traced to their sources."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from batchgen import layout
-from batchgen.config import RunConfig
-from batchgen.errors import InputError
-from batchgen.estimate import H200, choose_profile, dit_flops, estimate_plan, own_timings, profile_from_bench
-from batchgen.eta import commit_times, recent_rate, run_rate
-from batchgen.item import ShapeGroup
-from batchgen.plan import RunPlan
-from batchgen.progress import RunProgress, ShardProgress
+from batchgen.core import layout
+from batchgen.core.config import RunConfig
+from batchgen.core.errors import InputError
+from batchgen.core.item import ShapeGroup
+from batchgen.core.plan import RunPlan
+from batchgen.core.progress import RunProgress, ShardProgress
+from batchgen.dataset.estimate import H200, choose_profile, dit_flops, estimate_plan, own_timings, profile_from_bench
+from batchgen.dataset.eta import commit_times, recent_rate, run_rate
 from batchgen.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,11 +190,11 @@ def test_status_shows_rate_and_eta_per_run_and_per_job(kube, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batchgen.k8s.controller import RunController
-    from batchgen.k8s.names import job_name
-    from batchgen.k8s.render import LaunchSettings
-    from batchgen.plan import load_shard_items
-    from batchgen.plan import make_plan as plan_manifest
+    from batchgen.core.plan import load_shard_items
+    from batchgen.core.plan import make_plan as plan_manifest
+    from batchgen.launch.k8s.controller import RunController
+    from batchgen.launch.k8s.names import job_name
+    from batchgen.launch.k8s.settings import LaunchSettings
 
     manifest = tmp_path / "clips.parquet"
     pq.write_table(pa.table({"prompt": [f"a fox {i}" for i in range(8)]}), manifest)

@@ -11,9 +11,9 @@ import tarfile
 import pytest
 
 from batchgen.cli import main
+from batchgen.core.errors import EXIT_CONFLICT, InputError, NotFoundError, StorageError
 from batchgen.dataset import open_run, sample_position
-from batchgen.errors import EXIT_CONFLICT, InputError, NotFoundError, StorageError
-from batchgen.export import MANIFEST_KEY, ExportOptions, export_webdataset, split_shards
+from batchgen.dataset.export import MANIFEST_KEY, ExportOptions, export_webdataset, split_shards
 from batchgen.storage import LocalStorage, open_storage
 from tests._datasets import BLACK_ITEM, RUN_ITEMS, finished_run
 

@@ -11,7 +11,8 @@ from datetime import datetime
 import pytest
 from kubernetes import client
 
-from batchgen.k8s.render import LaunchSettings, render_pytorchjob
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
+from batchgen.launch.k8s.settings import LaunchSettings
 from tests.fake_operator import GROUP, PLURAL, VERSION, FakeOperator
 
 RUN = "demo-0123456789ab"

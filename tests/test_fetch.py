@@ -1,9 +1,9 @@
-"""The weights init container (`python -m batchgen.k8s.fetch SRC DEST`) against a real S3 endpoint."""
+"""The weights init container (`python -m batchgen.launch.k8s.fetch SRC DEST`) against a real S3 endpoint."""
 
 import subprocess
 import sys
 
-from batchgen.generate.loading import fingerprint_model_dir
+from batchgen.models.common.weights import fingerprint_model_dir
 from batchgen.storage import open_storage
 
 
@@ -17,7 +17,7 @@ def _upload_tree(local_dir, uri):
 
 def _run_fetch(src, dest):
     return subprocess.run(
-        [sys.executable, "-m", "batchgen.k8s.fetch", src, str(dest)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "batchgen.launch.k8s.fetch", src, str(dest)], capture_output=True, text=True, timeout=120
     )
 
 

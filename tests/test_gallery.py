@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from batchgen.cli import main
+from batchgen.core.video import encode_mp4
 from batchgen.dataset import open_run
-from batchgen.gallery import contact_sheet, write_gallery
+from batchgen.dataset.gallery import contact_sheet, write_gallery
 from batchgen.storage import LocalStorage, open_storage
-from batchgen.video import encode_mp4
 from tests._datasets import BLACK_ITEM, RUN_ITEMS, finished_run
 from tests.fixtures.ci import required_tool
 

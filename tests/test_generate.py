@@ -12,20 +12,20 @@ import pytest
 import torch
 
 from batchgen.cli import main
-from batchgen.config import ParallelConfig
-from batchgen.errors import EXIT_BAD_INPUT, InputError
-from batchgen.generate.loading import (
+from batchgen.core.config import ParallelConfig
+from batchgen.core.errors import EXIT_BAD_INPUT, InputError
+from batchgen.core.item import Item
+from batchgen.core.video import probe_mp4
+from batchgen.models.common.weights import fingerprint_model_dir
+from batchgen.models.mochi.generator import MochiGenerator, linear_quadratic_sigmas
+from batchgen.models.mochi.loading import (
     convert_original_state_dict,
     diffusers_to_original_state_dict,
-    fingerprint_model_dir,
     load_components,
     read_transformer_config,
 )
-from batchgen.generate.pipeline import MochiGenerator, linear_quadratic_sigmas
-from batchgen.generate.tiny import write_tiny_model
-from batchgen.item import Item
-from batchgen.parallel.context import SingleProcess
-from batchgen.video import probe_mp4
+from batchgen.models.mochi.tiny import write_tiny_model
+from batchgen.worker.context import SingleProcess
 from tests._stock import stock_output, stock_pipeline
 
 TOLERANCE = 1e-4
@@ -324,9 +324,10 @@ def test_bf16_components_generate_with_fp32_kept_tensors():
     fp32 compute dtype into the DiT's inputs (caught on an H200 as 'mat1 and mat2 must have the same dtype')."""
     import torch
 
-    from batchgen.config import ParallelConfig
-    from batchgen.generate.pipeline import MochiGenerator, build_random_components
-    from batchgen.item import Item
+    from batchgen.core.config import ParallelConfig
+    from batchgen.core.item import Item
+    from batchgen.models.mochi.generator import MochiGenerator
+    from batchgen.models.mochi.tiny import build_random_components
 
     components = build_random_components(full_size=False, dtype=torch.bfloat16, device="cpu")
     assert components.transformer.pos_frequencies.dtype == torch.float32

@@ -17,10 +17,12 @@ import helm_python as helm
 import pytest
 import yaml
 
-from batchgen.config import load_config
-from batchgen.k8s.render import KUEUE_QUEUE_LABEL, LaunchSettings, render_pytorchjob
-from batchgen.k8s.trainjob import render_trainingruntime, render_trainjob
-from batchgen.layout import shard_id
+from batchgen.core.config import load_config
+from batchgen.core.layout import shard_id
+from batchgen.launch.k8s.pod import KUEUE_QUEUE_LABEL
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
+from batchgen.launch.k8s.settings import LaunchSettings
+from batchgen.launch.k8s.trainjob import render_trainingruntime, render_trainjob
 from tests.k8s_manifests import (
     all_problems,
     by_kind,
@@ -267,7 +269,7 @@ def test_launch_settings_follow_the_values(chart, tmp_path):
     assert settings.output == "s3://videos-out/runs"
     assert settings.namespace == NAMESPACE  # from --namespace $(POD_NAMESPACE), not the ConfigMap
     assert (settings.nodes, settings.gpus_per_node) == (2, 8)
-    assert (settings.ulysses_degree, settings.ring_degree, settings.cfg_degree) == (8, 2, 0)
+    assert (settings.parallel.ulysses_degree, settings.parallel.ring_degree, settings.parallel.cfg_degree) == (8, 2, 0)
     assert settings.service_account == "gen-batchgen-worker"
     assert settings.queue_name == "gpu-h100"
     assert settings.s3_secret == "s3-credentials"
@@ -383,7 +385,7 @@ def test_run_config_is_valid_toml_for_batchgen(chart, tmp_path):
 
 
 def test_permanent_exit_codes_fail_the_controller_job_at_once(chart):
-    from batchgen.errors import EXIT_CODES
+    from batchgen.core.errors import EXIT_CODES
 
     (job,) = by_kind(objects_of(render(chart, merged())), "Job")
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
@@ -562,8 +564,13 @@ def test_wan_chart_values_reach_config_and_launch_settings(chart, tmp_path):
 def test_speed_option_values_reach_the_workers_command(chart, tmp_path):
     speed = {"workers": {"compile": True, "fp8": True, "cacheThreshold": 0.1, "attention": "per-prompt"}}
     settings = launch_settings(objects_of(render(chart, merged(speed))), tmp_path)
-    assert (settings.compile, settings.fp8, settings.cache_threshold) == (True, True, 0.1)
+    assert (settings.parallel.compile, settings.parallel.fp8, settings.parallel.cache_threshold) == (True, True, 0.1)
     command = render_trainjob("june-batch-0123456789ab", [shard_id(0)], settings)["spec"]["trainer"]["command"]
     assert command[-6:] == ["--cache-threshold", "0.1", "--attention", "per-prompt", "--compile", "--fp8"]
     defaults = launch_settings(objects_of(render(chart, merged({}))), tmp_path)
-    assert (defaults.compile, defaults.fp8, defaults.cache_threshold, defaults.attention) == (False, False, 0.0, "")
+    assert (
+        defaults.parallel.compile,
+        defaults.parallel.fp8,
+        defaults.parallel.cache_threshold,
+        defaults.parallel.attention,
+    ) == (False, False, 0.0, "auto")

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen import layout
 from batchgen.cli import main
-from batchgen.errors import StorageError
-from batchgen.index import BASE_SCHEMA, build_index, finalize_run
-from batchgen.plan import load_shard_items
-from batchgen.progress import scan_run
+from batchgen.core import layout
+from batchgen.core.errors import StorageError
+from batchgen.core.plan import load_shard_items
+from batchgen.core.progress import scan_run
+from batchgen.dataset.index import BASE_SCHEMA, build_index, finalize_run
 from batchgen.storage import open_storage
 from tests._runs import plan_run, tiny_run_config
 

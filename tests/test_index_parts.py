@@ -7,12 +7,12 @@ import duckdb
 import pandas as pd
 import pytest
 
-from batchgen import layout
-from batchgen.index import finalize
-from batchgen.parallel.context import SingleProcess
-from batchgen.plan import load_shard_items
+from batchgen.core import layout
+from batchgen.core.plan import load_shard_items
+from batchgen.dataset.index import finalize
 from batchgen.storage import open_storage
-from batchgen.worker import run_worker
+from batchgen.worker.context import SingleProcess
+from batchgen.worker.loop import run_worker
 from tests._runs import keys_under, plan_run, tiny_run_config
 from tests.test_trust import NeverGenerates, index_rows, put_orphans
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from batchgen.cli import main as batchgen_main
-from batchgen.k8s import examples
-from batchgen.k8s.render import CONTAINER_NAME, LaunchSettings
+from batchgen.launch.k8s.pytorchjob import CONTAINER_NAME
+from batchgen.launch.k8s.settings import LaunchSettings
 from tests.k8s_manifests import all_problems, load_all, pod_security_problems, secret_env_problems
 from tests.k8s_schema import webhook_problems
+from tools import k8s_examples as examples
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 BY_FILE = {example.filename: example for example in examples.EXAMPLES}

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from batchgen.models.mochi.joint import MochiJointAttnProcessor, gather_valid_text
 from batchgen.parallel import attention
 from batchgen.parallel.choice import AttentionChooser, candidates, timed_candidates
-from batchgen.parallel.joint import MochiJointAttnProcessor, gather_valid_text
 from batchgen.parallel.usp import Axis, USPMochiAttnProcessor
 from tests import _usp_cases as cases
 from tests._dist import run_world

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from batchgen import layout
-from batchgen.k8s import names
-from batchgen.plan import list_runs
+from batchgen.core import layout
+from batchgen.core.plan import list_runs
+from batchgen.launch.k8s import names
 from batchgen.storage import open_storage
 from tests.fake_operator import FakeOperator
 from tests.k8s_manifests import CONTROLLER_VERBS
@@ -199,7 +199,7 @@ def _always_fails(job: dict) -> None:
             pod["containers"][0]["command"] = ["python", "-c", "import sys; sys.exit(143)"]
         if shard == "2":
             fetch = pod["initContainers"][0]["command"]
-            fetch[fetch.index("batchgen.k8s.fetch") + 1] += "-missing"
+            fetch[fetch.index("batchgen.launch.k8s.fetch") + 1] += "-missing"
 
 
 def test_retries_end_for_pods_that_always_exit_143_and_for_a_weights_fetch_that_always_fails(

@@ -13,10 +13,12 @@ import helm_python as helm
 import pytest
 import yaml
 
-from batchgen.config import RunConfig, load_config
-from batchgen.k8s.render import KUEUE_QUEUE_LABEL, LaunchSettings, render_pytorchjob
-from batchgen.k8s.trainjob import render_trainingruntime, render_trainjob
-from batchgen.layout import shard_id
+from batchgen.core.config import RunConfig, load_config
+from batchgen.core.layout import shard_id
+from batchgen.launch.k8s.pod import KUEUE_QUEUE_LABEL
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
+from batchgen.launch.k8s.settings import LaunchSettings
+from batchgen.launch.k8s.trainjob import render_trainingruntime, render_trainjob
 from tests.fixtures.ci import required_tool
 from tests.k8s_manifests import (
     all_problems,

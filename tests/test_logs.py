@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from batchgen.errors import ConfigError
-from batchgen.logs import LOG_FORMAT_ENV, log_context, make_handler, resolve_format
+from batchgen.core.errors import ConfigError
+from batchgen.core.logs import LOG_FORMAT_ENV, log_context, make_handler, resolve_format
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 

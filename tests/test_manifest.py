@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchgen.cli import main
-from batchgen.config import MAX_PROMPT_CHARS, GenerationConfig
-from batchgen.errors import EXIT_BAD_INPUT, ManifestError
-from batchgen.manifest import (
+from batchgen.core.config import MAX_PROMPT_CHARS, GenerationConfig
+from batchgen.core.errors import EXIT_BAD_INPUT, ManifestError
+from batchgen.core.manifest import (
     derive_id,
     derive_seed,
     iter_items,
@@ -216,7 +216,7 @@ def test_derived_ids_stable_across_processes(tmp_path):
         {"prompt": ["a cat", "a dog", "a cat"], "seed": [None, None, 3], "guidance_scale": [None, 6.0, None]},
     )
     script = (
-        "import sys, json; from batchgen.manifest import iter_items; from batchgen.config import GenerationConfig;"
+        "import sys, json; from batchgen.core.manifest import iter_items; from batchgen.core.config import GenerationConfig;"
         "print(json.dumps([[i.id, i.seed] for i in iter_items(sys.argv[1], GenerationConfig())]))"
     )
     runs = [

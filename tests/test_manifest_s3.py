@@ -3,8 +3,8 @@
 import pandas as pd
 
 from batchgen.cli import main
-from batchgen.config import RunConfig
-from batchgen.plan import make_plan
+from batchgen.core.config import RunConfig
+from batchgen.core.plan import make_plan
 from batchgen.storage import open_storage
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from batchgen import metrics
-from batchgen.errors import ConfigError
-from batchgen.k8s.backend import JobInfo
-from batchgen.k8s.controller import Group, GroupState, Reconciled
-from batchgen.k8s.names import ATTEMPT_LABEL
+from batchgen.core import metrics
+from batchgen.core.errors import ConfigError
+from batchgen.launch.k8s.controller import Group, GroupState, Reconciled
+from batchgen.launch.k8s.names import ATTEMPT_LABEL
+from batchgen.launch.k8s.pytorchjob import PyTorchJobInfo
 from tests._dist import free_port_block
 from tests._runs import SMALL_SHAPE, tiny_run_args, write_manifest
 from tests._scrape import scrape, value
@@ -45,9 +45,9 @@ def test_a_taken_port_is_a_clear_error():
         metrics.serve(metrics.CONTROLLER_REGISTRY, port, addr="127.0.0.1")
 
 
-def job(name: str, attempt: int, condition: str | None) -> JobInfo:
+def job(name: str, attempt: int, condition: str | None) -> PyTorchJobInfo:
     conditions = [{"type": condition, "status": "True"}] if condition else []
-    return JobInfo(name, "ns", "uid", "1", {ATTEMPT_LABEL: str(attempt)}, {}, conditions)
+    return PyTorchJobInfo(name, "ns", "uid", "1", {ATTEMPT_LABEL: str(attempt)}, {}, conditions)
 
 
 def test_controller_gauges_over_http():

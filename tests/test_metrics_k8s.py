@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen import metrics
+from batchgen.core import metrics
 from tests._dist import free_port_block
 from tests._scrape import scrape, value
 from tests.test_k8s_e2e import ROOT, cluster, submit_command  # noqa: F401 (cluster is a fixture)

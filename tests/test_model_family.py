@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from batchgen import layout
 from batchgen.cli import main
-from batchgen.commands._options import add_generation_arguments, add_shard_size_argument, config_from_args
-from batchgen.config import GenerationConfig, ModelConfig, RunConfig
-from batchgen.errors import (
+from batchgen.cli._options import add_generation_arguments, add_shard_size_argument, config_from_args
+from batchgen.core import layout
+from batchgen.core.config import GenerationConfig, ModelConfig, RunConfig
+from batchgen.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_CONFLICT,
     ConfigError,
@@ -26,7 +26,9 @@ from batchgen.errors import (
     ModelMismatchError,
     TopologyError,
 )
-from batchgen.estimate import (
+from batchgen.core.manifest import iter_items, manifest_family, validate_manifest
+from batchgen.core.plan import describe_changes, load_shard_items, make_plan, plan_fingerprint
+from batchgen.dataset.estimate import (
     WAN_14B_CONFIG,
     WAN_14B_FLOPS,
     dit_flops,
@@ -34,14 +36,12 @@ from batchgen.estimate import (
     profile_from_bench,
     wan_flops_from_config,
 )
-from batchgen.generate.loading import fingerprint_model_dir
-from batchgen.k8s.render import LaunchSettings, resolve_degrees
-from batchgen.manifest import iter_items, manifest_family, validate_manifest
+from batchgen.launch.k8s.settings import LaunchSettings, resolve_degrees
 from batchgen.models import MOCHI, WAN, check_weights
-from batchgen.parallel.context import SingleProcess
-from batchgen.plan import describe_changes, load_shard_items, make_plan, plan_fingerprint
+from batchgen.models.common.weights import fingerprint_model_dir
 from batchgen.storage.local import LocalStorage
-from batchgen.worker import run_worker
+from batchgen.worker.context import SingleProcess
+from batchgen.worker.loop import run_worker
 from tests._runs import plan_run, tiny_run_config
 from tests.test_trust import NeverGenerates, put_orphans
 
@@ -291,23 +291,23 @@ def test_render_a_wan_plan(tmp_path, capsys):
 def test_degrees_checked_against_the_family_heads(tmp_path):
     m = write(tmp_path / "m.parquet", prompt=["a"])
     plan = make_plan(m, RunConfig.from_dict({"model": {"family": "wan"}}), LocalStorage(tmp_path / "o"))
-    assert resolve_degrees(LaunchSettings(family="wan", ulysses_degree=8, cfg_degree=1), plan).ulysses == 8
+    assert resolve_degrees(LaunchSettings(family="wan").replace(ulysses_degree=8, cfg_degree=1), plan).ulysses == 8
     with pytest.raises(TopologyError, match="does not divide the model's 12 attention heads"):
-        resolve_degrees(LaunchSettings(family="wan", num_heads=12, ulysses_degree=8, cfg_degree=1), plan)
+        resolve_degrees(LaunchSettings(family="wan", num_heads=12).replace(ulysses_degree=8, cfg_degree=1), plan)
 
 
 # -- tiny-model -----------------------------------------------------------------------------------------------
 
 
 def test_tiny_model_wan_reaches_the_family_writer(tmp_path, monkeypatch, capsys):
-    # Plumbing only: the tiny Wan writer itself (batchgen.generate.wan_tiny) is tested with it.
+    # Plumbing only: the tiny Wan writer itself (batchgen.models.wan.tiny) is tested with it.
     calls = []
 
     def write_tiny_wan(directory, *, seed=0, experts=1):
         calls.append((str(directory), seed, experts))
         return Path(directory)
 
-    monkeypatch.setitem(sys.modules, "batchgen.generate.wan_tiny", types.SimpleNamespace(write_tiny_wan=write_tiny_wan))
+    monkeypatch.setitem(sys.modules, "batchgen.models.wan.tiny", types.SimpleNamespace(write_tiny_wan=write_tiny_wan))
     target = tmp_path / "wan"
     assert main(["tiny-model", str(target), "--family", "wan", "--experts", "2", "--seed", "5"]) == 0
     assert calls == [(str(target), 5, 2)]
@@ -373,7 +373,7 @@ def test_defaults_that_do_not_fit_the_family_are_refused_before_resolving(tmp_pa
 
 def test_tiny_wan_directory_pins_wan_and_is_refused_by_a_mochi_run(tmp_path, capsys):
     # The real tiny Wan layout, detected from its files.
-    from batchgen.generate.wan_tiny import write_tiny_wan
+    from batchgen.models.wan.tiny import write_tiny_wan
 
     wan = write_tiny_wan(tmp_path / "wan", seed=0, experts=2)
     m = write(tmp_path / "m.parquet", prompt=["a"])

@@ -10,12 +10,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen import layout
 from batchgen.cli import main
-from batchgen.config import GenerationConfig, ParallelConfig, RunConfig, WorkerConfig
-from batchgen.errors import EXIT_CONFLICT, InputError, ManifestError, NotFoundError, PlanConflictError, StorageError
-from batchgen.manifest import iter_item_batches, iter_items, validate_manifest
-from batchgen.plan import (
+from batchgen.core import layout
+from batchgen.core.config import GenerationConfig, ParallelConfig, RunConfig, WorkerConfig
+from batchgen.core.errors import (
+    EXIT_CONFLICT,
+    InputError,
+    ManifestError,
+    NotFoundError,
+    PlanConflictError,
+    StorageError,
+)
+from batchgen.core.manifest import iter_item_batches, iter_items, validate_manifest
+from batchgen.core.plan import (
     RunPlan,
     list_runs,
     load_plan,
@@ -110,10 +117,10 @@ def test_replan_reuses_stored_plan_without_rewriting(tmp_path):
 
 
 def test_plan_counts_items_per_shape_after_overrides(tmp_path, monkeypatch):
-    import batchgen.manifest
+    import batchgen.core.manifest
 
     # Small batches, so counts and examples must carry across batch boundaries.
-    monkeypatch.setattr(batchgen.manifest, "BATCH_ROWS", 4)
+    monkeypatch.setattr(batchgen.core.manifest, "BATCH_ROWS", 4)
     frames = [None, 7, None, 7, None, 7, 7, None, None, 7, 7]
     widths = [None, None, None, None, 96, None, None, None, None, None, None]
     m = manifest(tmp_path / "m.parquet", n=11, id=[f"c{i}" for i in range(11)], num_frames=frames, width=widths)

@@ -11,15 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen import layout
-from batchgen.config import QualityConfig
-from batchgen.errors import EXIT_INCOMPLETE, EXIT_OK
-from batchgen.index import build_index
-from batchgen.parallel.context import SingleProcess
-from batchgen.quality import NonFiniteError, QualityRejected, gate, measure, measure_mp4
+from batchgen.core import layout
+from batchgen.core.config import QualityConfig
+from batchgen.core.errors import EXIT_INCOMPLETE, EXIT_OK
+from batchgen.core.quality import NonFiniteError, QualityRejected, gate, measure, measure_mp4
+from batchgen.core.video import encode_mp4
+from batchgen.dataset.index import build_index
 from batchgen.storage import LocalStorage
-from batchgen.video import encode_mp4
-from batchgen.worker import run_worker, scan_shard
+from batchgen.worker.context import SingleProcess
+from batchgen.worker.loop import run_worker, scan_shard
 from tests._runs import assert_exactly_once, keys_under, plan_run, tiny_run_config
 
 SHAPE = (7, 32, 32, 3)
@@ -77,7 +77,7 @@ def test_gate_and_encoded_measurements():
 
 @pytest.fixture(scope="module")
 def generator(tiny_model_dir):
-    from batchgen.generate.pipeline import MochiGenerator
+    from batchgen.models.mochi.generator import MochiGenerator
 
     real = MochiGenerator(tiny_model_dir, device="cpu")
     yield real
@@ -129,9 +129,9 @@ def test_flags_are_recorded_in_sidecar_and_index(generator, tmp_path, tiny_confi
 def test_flagged_videos_are_counted_by_status_and_run(generator, tmp_path, tiny_config, capsys):
     """Issue 19 item 6: the count comes from the shards' parts, the sidecars of a shard without one, or the index."""
     from batchgen.cli import main
-    from batchgen.index import flagged_videos
-    from batchgen.localrun import RunOutcome
-    from batchgen.progress import scan_run
+    from batchgen.core.progress import scan_run
+    from batchgen.dataset.index import flagged_videos
+    from batchgen.launch.local import RunOutcome
 
     storage = LocalStorage(tmp_path / "out")
     plan = plan_run(storage, tmp_path, 3, tiny_run_config(tiny_config, shard_size=2))
@@ -185,7 +185,7 @@ def nan_model_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_nan_weights_fail_the_item_and_commit_nothing(nan_model_dir, tmp_path, tiny_config):
-    from batchgen.generate.pipeline import MochiGenerator
+    from batchgen.models.mochi.generator import MochiGenerator
 
     storage = LocalStorage(tmp_path / "out")
     plan = plan_run(storage, tmp_path, 1, tiny_run_config(tiny_config, shard_size=1, max_attempts=2))

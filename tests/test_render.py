@@ -17,19 +17,21 @@ import tomllib
 import yaml
 
 from batchgen.cli import build_parser, main
-from batchgen.commands._options import config_from_args
-from batchgen.config import RunConfig, load_config
-from batchgen.errors import ConfigError, TopologyError
-from batchgen.item import ShapeGroup
-from batchgen.k8s import examples, names
-from batchgen.k8s.options import settings_from_args
-from batchgen.k8s.render import LaunchSettings, parse_shard_indices, render_pytorchjob
-from batchgen.launch_contract import shard_selection
-from batchgen.layout import shard_id
-from batchgen.parallel.topology import Topology, check_shapes
+from batchgen.cli._options import config_from_args
+from batchgen.core.config import RunConfig, load_config
+from batchgen.core.errors import ConfigError, TopologyError
+from batchgen.core.item import ShapeGroup
+from batchgen.core.layout import shard_id
+from batchgen.core.topology import Topology, check_shapes
+from batchgen.launch.k8s import names
+from batchgen.launch.k8s.options import settings_from_args
+from batchgen.launch.k8s.pytorchjob import render_pytorchjob
+from batchgen.launch.k8s.settings import LaunchSettings, parse_shard_indices
+from batchgen.worker.contract import shard_selection
 from tests.k8s_manifests import load_all, submit_args
 from tests.k8s_schema import pytorchjob_problems, strict_schema
 from tests.test_kustomize import kustomize
+from tools import k8s_examples as examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +99,7 @@ def test_shapes_validate_against_crd_and_webhook(case_id, changes, expected):
 
     container = specs["Master"]["template"]["spec"]["containers"][0]
     command = container["command"]
-    assert command[:3] == ["python", "-m", "batchgen.k8s.launch"]
+    assert command[:3] == ["python", "-m", "batchgen.launch.k8s.torchrun"]
     assert command[command.index("-m", 3) : command.index("-m", 3) + 3] == ["-m", "batchgen", "worker"]
     assert _flag(command, "--shards") == "4:8"
     assert _flag(command, "--run-id") == RUN
@@ -431,9 +433,10 @@ def test_launcher_exits_with_the_workers_code(child, expected, tmp_path):
     env = {
         "PATH": os.environ["PATH"], "PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
         "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),  # this checkout's batchgen, not only the installed one
     }  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "batchgen.k8s.launch", "--max-restarts=0", "--no-python", sys.executable, "-c", child],
+        [sys.executable, "-m", "batchgen.launch.k8s.torchrun", "--max-restarts=0", "--no-python", sys.executable, "-c", child],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == expected, done.stderr[-2000:]
@@ -547,7 +550,7 @@ def test_speed_options_reach_the_workers_from_the_plan_or_the_launch_settings(la
     values.write_text("compile: true\ncache_threshold: 0.2\nattention: auto\n")
     from_values = worker_of("--values", str(values))
     assert (from_values.cache_threshold, from_values.compile, from_values.fp8) == (0.2, True, None)
-    assert from_values.attention is None  # auto, the worker's default, is left off its command line
+    assert from_values.attention == "per-prompt"  # auto, the default, leaves the plan's (as 0 degrees do)
 
 
 @pytest.mark.parametrize(
@@ -558,7 +561,7 @@ def test_speed_options_reach_the_workers_from_the_plan_or_the_launch_settings(la
         ({"cache_threshold": "0.1"}, "cache_threshold must be a number, got '0.1'"),
         ({"cache_threshold": True}, "cache_threshold must be a number, got True"),
         ({"cache_threshold": 1.5}, "cache_threshold must be between 0 and 1, got 1.5"),
-        ({"attention": "fast"}, "attention must be empty (the plan's) or one of"),
+        ({"attention": "fast"}, "attention must be 'auto', 'joint' or 'per-prompt', got 'fast'"),
     ],
 )
 def test_bad_speed_options_in_a_values_file_are_refused_by_key(values, message):
@@ -590,7 +593,7 @@ def test_offload_reaches_the_workers_from_the_plan_or_the_launch_settings(launch
     assert offload_of("planned", "--config", str(config)) == "model"
     assert offload_of("planned", "--config", str(config), "--offload", "none") == "none"
     values = tmp_path / "launch.yaml"
-    values.write_text('offload: ""\n')  # the shipped chart's and kustomize base's value: the plan's
+    values.write_text("offload: auto\n")  # the shipped chart's and kustomize base's value, the default: the plan's
     assert offload_of("planned", "--config", str(config), "--values", str(values)) == "model"
-    assert offload_of("default") == "auto"
-    assert LaunchSettings().offload == "" and RunConfig().parallel.offload == "auto"
+    assert offload_of("default") is None  # ParallelConfig's default, auto: left off the command line
+    assert LaunchSettings().parallel.offload == RunConfig().parallel.offload == "auto"

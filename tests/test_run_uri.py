@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.errors import EXIT_BAD_INPUT, EXIT_OK
+from batchgen.core.errors import EXIT_BAD_INPUT, EXIT_OK
 from tests._runs import SMALL_SHAPE, run_cli, tiny_run_args, write_manifest
 
 SHAPE_ARGS = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL_SHAPE.items()]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchgen.config import ParallelConfig
-from batchgen.generate.cache import FirstBlockCache
-from batchgen.generate.fp8 import Fp8Linear, emulated_kernel, enable_fp8, numeric_gate
-from batchgen.generate.memory import GIB, MemoryNeeds, decide_offload
-from batchgen.generate.pipeline import MochiGenerator
+from batchgen.core.config import ParallelConfig
+from batchgen.models import MOCHI as MOCHI_SPEC
+from batchgen.models.common.cache import FirstBlockCache
+from batchgen.models.common.fp8 import Fp8Linear, emulated_kernel, enable_fp8, numeric_gate
+from batchgen.models.common.memory import GIB, MemoryNeeds, decide_offload
+from batchgen.models.mochi.generator import MochiGenerator
 from tests import _speedup_cases as cases
 from tests._dist import run_world
 
@@ -163,7 +164,7 @@ def inductor_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_and_compile_once_per_shape(tiny_model_dir, inductor_dir):
-    from batchgen.generate.compile import graph_count
+    from batchgen.models.common.compile import graph_count
 
     item = cases.tiny_item(COMPILE_STEPS, **HALF_SHAPE)
     eager = MochiGenerator(tiny_model_dir, device="cpu").denoise(item)
@@ -216,22 +217,22 @@ def _off_by_a_fifth(a, b, scale_a, scale_b, out_dtype):
 
 def test_fp8_gate_passes_a_faithful_kernel_and_rejects_a_wrong_one():
     block = _bf16_block()
-    good = numeric_gate(block, emulated_kernel, "cpu")
+    good = numeric_gate(block, emulated_kernel, "cpu", spec=MOCHI_SPEC)
     assert good.passed and good.reference_error < good.fp8_error <= good.limit
-    bad = numeric_gate(block, _off_by_a_fifth, "cpu")
+    bad = numeric_gate(block, _off_by_a_fifth, "cpu", spec=MOCHI_SPEC)
     assert not bad.passed and bad.fp8_error > bad.limit
     # The multiple is what decides: a faithful FP8 block is several times less exact than bf16.
-    assert not numeric_gate(block, emulated_kernel, "cpu", multiple=2.0).passed
+    assert not numeric_gate(block, emulated_kernel, "cpu", spec=MOCHI_SPEC, multiple=2.0).passed
 
 
 def test_fp8_enable_converts_the_linears_only_when_the_gate_passes(tiny_model_dir):
-    from batchgen.generate.loading import load_components
+    from batchgen.models.mochi.loading import load_components
 
     transformer = load_components(tiny_model_dir, dtype=torch.bfloat16, device="cpu").transformer
-    facts = enable_fp8(transformer, "cpu", kernel=_off_by_a_fifth)
+    facts = enable_fp8(transformer, "cpu", spec=MOCHI_SPEC, kernel=_off_by_a_fifth)
     assert facts["used"] is False and facts["reason"] == "numeric gate failed"
     assert not any(isinstance(m, Fp8Linear) for m in transformer.modules())
-    facts = enable_fp8(transformer, "cpu", kernel=emulated_kernel)
+    facts = enable_fp8(transformer, "cpu", spec=MOCHI_SPEC, kernel=emulated_kernel)
     assert facts["used"] is True and facts["linear_layers"] > 0
     assert sum(isinstance(m, Fp8Linear) for m in transformer.modules()) == facts["linear_layers"]
 
@@ -249,9 +250,9 @@ def test_fp8_is_off_by_default_and_refused_without_fp8_hardware(tiny_model_dir):
 def test_config_keys_and_flags(tmp_path):
     import argparse
 
-    from batchgen.commands._options import add_config_argument, add_parallel_arguments, config_from_args
-    from batchgen.config import load_config
-    from batchgen.errors import ConfigError
+    from batchgen.cli._options import add_config_argument, add_parallel_arguments, config_from_args
+    from batchgen.core.config import load_config
+    from batchgen.core.errors import ConfigError
 
     parser = argparse.ArgumentParser()
     add_config_argument(parser)
@@ -266,7 +267,7 @@ def test_config_keys_and_flags(tmp_path):
     with pytest.raises(ConfigError, match="parallel.cache_threshold must be between 0 and 1"):
         ParallelConfig(cache_threshold=1.5)
     assert config_from_args(parser.parse_args(["--attention", "per-prompt"])).parallel.attention == "per-prompt"
-    with pytest.raises(ConfigError, match="parallel.attention must be one of 'auto', 'joint', 'per-prompt', got 'x'"):
+    with pytest.raises(ConfigError, match="parallel.attention must be 'auto', 'joint' or 'per-prompt', got 'x'"):
         config_from_args(parser.parse_args(["--attention", "x"]))
     with pytest.raises(ConfigError, match="parallel.attention 'joint' needs a key mask"):
         ParallelConfig(attention="joint", sp_backend="xfuser")
@@ -284,10 +285,10 @@ def test_local_workers_get_the_speed_settings(parallel):
     import argparse
     import types
 
-    from batchgen.commands import worker
-    from batchgen.commands._options import config_from_args
-    from batchgen.config import RunConfig
-    from batchgen.localrun import worker_command
+    from batchgen.cli import worker
+    from batchgen.cli._options import config_from_args
+    from batchgen.core.config import RunConfig
+    from batchgen.launch.local import worker_command
 
     plan = types.SimpleNamespace(run_id="demo-0123456789ab")
     command = worker_command(plan, "file:///out", ["shard-000000"], "/models/tiny", RunConfig(parallel=parallel))

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from batchgen.errors import AlreadyExistsError, ChangedError, InputError, NotFoundError, StorageError
+from batchgen.core.errors import AlreadyExistsError, ChangedError, InputError, NotFoundError, StorageError
 from batchgen.storage import LocalStorage, open_storage
 from batchgen.storage.local import TEMP_PREFIX
 from batchgen.storage.s3 import S3Storage, make_client

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from batchgen.errors import (
+from batchgen.core.errors import (
     EXIT_STORAGE,
     EXIT_TRANSIENT,
     AlreadyExistsError,

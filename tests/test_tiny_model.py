@@ -7,16 +7,13 @@ import json
 import pytest
 
 from batchgen.cli import main
-from batchgen.config import load_config
-from batchgen.errors import EXIT_BAD_INPUT
-from batchgen.generate.loading import (
-    fingerprint_model_dir,
-    infer_original_transformer_config,
-    read_safetensors_header,
-    read_transformer_config,
-)
-from batchgen.generate.tiny import TINY_TOML_NAME, TRANSFORMER_CONFIG, write_tiny_model
+from batchgen.core.config import load_config
+from batchgen.core.errors import EXIT_BAD_INPUT
 from batchgen.models import MOCHI
+from batchgen.models.common.tiny import TINY_TOML_NAME
+from batchgen.models.common.weights import fingerprint_model_dir, read_safetensors_header
+from batchgen.models.mochi.loading import infer_original_transformer_config, read_transformer_config
+from batchgen.models.mochi.tiny import TRANSFORMER_CONFIG, write_tiny_model
 
 
 def test_layout_matches_mochi_1_preview(tiny_model_dir):
@@ -117,7 +114,7 @@ def test_cli_writes_model_and_refuses_non_empty_dir(tmp_path, capsys):
 
 
 def test_write_rejects_unknown_layout(tmp_path):
-    from batchgen.errors import InputError
+    from batchgen.core.errors import InputError
 
     with pytest.raises(InputError, match="layout"):
         write_tiny_model(tmp_path / "x", layout="gguf")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from batchgen.errors import EXIT_PARALLEL, TopologyError
-from batchgen.parallel.topology import Topology, check_items, choose_topology, visual_tokens, working_layouts
+from batchgen.core.errors import EXIT_PARALLEL, TopologyError
+from batchgen.core.topology import Topology, check_items, choose_topology, visual_tokens, working_layouts
 
 
 @dataclass
@@ -141,8 +141,8 @@ def test_heads_error_lists_layouts_that_fit_the_world():
 
 
 def test_check_shapes_reports_counted_items_like_check_items():
-    from batchgen.item import ShapeGroup
-    from batchgen.parallel.topology import check_shapes
+    from batchgen.core.item import ShapeGroup
+    from batchgen.core.topology import check_shapes
 
     groups = [ShapeGroup(49, 480, 848, items=1000, examples=("a", "b", "c")), ShapeGroup(163, 480, 848, 5, ("d",))]
     xfuser_8 = Topology(8, dp=1, cfg=1, ulysses=8, ring=1)
@@ -166,6 +166,6 @@ def test_check_items_passes_fitting_items():
 
 
 def test_topology_module_does_not_import_torch():
-    code = "import sys, batchgen.parallel.topology; print('torch' in sys.modules)"
+    code = "import sys, batchgen.core.topology; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -10,12 +10,19 @@ import sys
 import pytest
 import yaml
 
-from batchgen.errors import ClusterError, TransientClusterError
-from batchgen.k8s import names
-from batchgen.k8s.backend import JobInfo, PyTorchJobBackend, TrainJobBackend, make_backend
-from batchgen.k8s.render import KUEUE_QUEUE_LABEL, render_pytorchjob
-from batchgen.k8s.trainjob import DEFAULT_DEADLINE_S, render_trainingruntime, render_trainjob
-from batchgen.layout import shard_id
+from batchgen.core.errors import ClusterError, TransientClusterError
+from batchgen.core.layout import shard_id
+from batchgen.launch.k8s import names
+from batchgen.launch.k8s.launchers import make_backend
+from batchgen.launch.k8s.pod import KUEUE_QUEUE_LABEL
+from batchgen.launch.k8s.pytorchjob import PyTorchJobBackend, render_pytorchjob
+from batchgen.launch.k8s.trainjob import (
+    DEFAULT_DEADLINE_S,
+    TrainJobBackend,
+    TrainJobInfo,
+    render_trainingruntime,
+    render_trainjob,
+)
 from tests.k8s_schema import TRAINER_VERSIONS, trainer_problems
 from tests.test_render import BASE, RUN, SHAPES
 
@@ -129,7 +136,7 @@ def test_runtime_pods_are_hardened_for_restricted_pod_security():
 
 def _info(conditions=(), jobs_status=()):
     obj = {"metadata": {"name": "j"}, "status": {"conditions": list(conditions), "jobsStatus": list(jobs_status)}}
-    return JobInfo.from_object(obj, "TrainJob")
+    return TrainJobInfo.from_object(obj)
 
 
 @pytest.mark.parametrize(
@@ -212,7 +219,7 @@ def test_ending_a_trainjob_suspends_it_and_then_it_counts_as_failed(kube):
 
 
 def _api(kube):
-    from batchgen.k8s.backend import load_api_client
+    from batchgen.launch.k8s.client import load_api_client
 
     return load_api_client(str(kube.kubeconfig))
 
@@ -232,7 +239,7 @@ def test_render_command_prints_runtime_and_trainjobs(tmp_path):
 
 
 def test_a_trainer_v2_3_api_server_takes_runtime_patches_and_refuses_pod_template_overrides(tmp_path):
-    from batchgen.k8s.backend import load_api_client
+    from batchgen.launch.k8s.client import load_api_client
     from tests.k8s_emulator import KubeEmulator
 
     emulator = KubeEmulator(trainer_version="v2.3.0").start()

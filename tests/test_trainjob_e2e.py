@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen.k8s import names
-from batchgen.k8s.render import LaunchSettings
-from batchgen.k8s.trainjob import render_trainingruntime
-from batchgen.plan import list_runs, load_plan
-from batchgen.progress import scan_run
+from batchgen.core.plan import list_runs, load_plan
+from batchgen.core.progress import scan_run
+from batchgen.launch.k8s import names
+from batchgen.launch.k8s.settings import LaunchSettings
+from batchgen.launch.k8s.trainjob import render_trainingruntime
 from batchgen.storage import open_storage
 from tests.fake_trainer import FakeTrainer
 from tests.k8s_manifests import TRAINJOB_VERBS
@@ -59,7 +59,7 @@ def _faults(job, container):
         return SIGNALLED
     if _shard_first(job) == "1" and container["name"] == "fetch-model":
         source, dest = container["command"][-2:]
-        return [sys.executable, "-m", "batchgen.k8s.fetch", source.rstrip("/") + "-missing", dest]
+        return [sys.executable, "-m", "batchgen.launch.k8s.fetch", source.rstrip("/") + "-missing", dest]
     return None
 
 

@@ -20,17 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen import layout
 from batchgen.cli import main
-from batchgen.errors import AlreadyExistsError, ChangedError, ModelMismatchError, TransientStorageError
-from batchgen.index import finalize_run
-from batchgen.localrun import ProgressDisplay, _supervise
-from batchgen.parallel.context import SingleProcess
-from batchgen.plan import load_shard_items
-from batchgen.progress import RunProgress, scan_run
+from batchgen.core import layout
+from batchgen.core.errors import AlreadyExistsError, ChangedError, ModelMismatchError, TransientStorageError
+from batchgen.core.plan import load_shard_items
+from batchgen.core.progress import RunProgress, scan_run
+from batchgen.core.video import encode_mp4
+from batchgen.dataset.index import finalize_run
+from batchgen.launch.local import ProgressDisplay, _supervise
 from batchgen.storage import open_storage
-from batchgen.video import encode_mp4
-from batchgen.worker import run_worker
+from batchgen.worker.context import SingleProcess
+from batchgen.worker.loop import run_worker
 from tests._runs import keys_under, plan_run, tiny_run_config, write_manifest
 from tests.fixtures.faultproxy import FaultProxy
 from tests.test_index import commit_all, sidecar
@@ -231,9 +231,9 @@ time.sleep(120)
 
 SUPERVISOR = """
 import io, json, sys
-from batchgen.localrun import ProgressDisplay, _supervise
-from batchgen.parallel.context import SingleProcess
-from batchgen.progress import RunProgress
+from batchgen.launch.local import ProgressDisplay, _supervise
+from batchgen.worker.context import SingleProcess
+from batchgen.core.progress import RunProgress
 commands = [[sys.executable, "-c", sys.argv[1], path] for path in sys.argv[2:]]
 codes, signum = _supervise(commands, lambda: RunProgress("r"), ProgressDisplay(io.StringIO(), "r", 0), 0.05)
 print(json.dumps({"codes": codes, "signal": signum}))

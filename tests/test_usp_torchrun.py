@@ -64,7 +64,7 @@ def test_generate_latents_under_torchrun_ulysses2_match_single_process(tiny_mode
 
 FAILING_SCRIPT = """
 import sys
-from batchgen.config import ParallelConfig
+from batchgen.core.config import ParallelConfig
 from batchgen.parallel.runtime import TorchContext
 
 # A collective timeout far past the test's own: only torchrun stopping rank 0 can end the job in time.

@@ -18,7 +18,7 @@ def test_missing_xfuser_gives_install_hint():
     # A fresh interpreter: xfuser is not installed here (nor importable on CPU), so this is the real failure path.
     code = (
         "from batchgen.parallel.xfuser_backend import load_xfuser\n"
-        "from batchgen.errors import InputError\n"
+        "from batchgen.core.errors import InputError\n"
         "try:\n    load_xfuser()\nexcept InputError as e:\n    print(e.exit_code, e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -37,6 +37,6 @@ def test_xfuser_backend_through_shim_matches_single_process(degrees):
 
 def test_xfuser_backend_refuses_a_sequence_it_would_have_to_pad():
     # xDiT's attention takes no mask, so padded keys would shift its softmax: refused, naming the native backend
-    # (the pre-load check in batchgen.parallel.topology normally stops this before any weights load).
+    # (the pre-load check in batchgen.core.topology normally stops this before any weights load).
     with pytest.raises(AssertionError, match="175 visual tokens do not divide by ulysses x ring = 2 and the xfuser"):
         run_world(2, cases.parallel_case, {"ulysses": 2}, "xfuser-shim", "auto", cases.ODD_SHAPE)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from batchgen.generate.vae import enable_causal_framewise_decoding
+from batchgen.models.common.vae import enable_causal_framewise_decoding
 
 
 def _tiny_vae():

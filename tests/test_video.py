@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchgen.video import encode_mp4, frames_from_mp4, probe_mp4
+from batchgen.core.video import encode_mp4, frames_from_mp4, probe_mp4
 
 
 def smooth_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:

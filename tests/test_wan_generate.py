@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from batchgen.config import ParallelConfig
-from batchgen.errors import EXIT_BAD_INPUT, InputError
-from batchgen.generate.wan import WanGenerator
-from batchgen.generate.wan_loading import load_wan_components
-from batchgen.item import Item
-from batchgen.parallel.context import SingleProcess
-from batchgen.quality import NonFiniteError
+from batchgen.core.config import ParallelConfig
+from batchgen.core.errors import EXIT_BAD_INPUT, InputError
+from batchgen.core.item import Item
+from batchgen.core.quality import NonFiniteError
+from batchgen.models.wan.generator import WanGenerator
+from batchgen.models.wan.loading import load_wan_components
+from batchgen.worker.context import SingleProcess
 from tests._stock import stock_output, stock_pipeline
 
 TOLERANCE = 1e-4
@@ -278,8 +278,8 @@ def test_bf16_variant_files_are_used_for_bf16(tmp_path, tiny_wan_dir):
 
 
 def test_official_release_layout_loads_through_the_same_seam(tmp_path, tiny_wan2_dir):
-    from batchgen.generate import wan_original
-    from batchgen.generate.wan_loading import detect_wan_layout, read_transformer_config
+    from batchgen.models.wan import original as wan_original
+    from batchgen.models.wan.loading import detect_wan_layout, read_transformer_config
 
     source = load_wan_components(tiny_wan2_dir, dtype="fp32", device="cpu")
     fields = {f.name: getattr(source, f.name) for f in dataclasses.fields(source)}
@@ -352,8 +352,8 @@ def test_offload_estimate_counts_both_experts(tiny_wan2_dir):
 def test_batch_run_on_two_experts_under_ulysses_2_commits_each_item_once(tmp_path, tiny_wan2_dir):
     """The whole machinery on Wan: `batchgen run` (plan, torchrun-style worker pair, commit, index), then a rerun
     that finds everything done."""
-    from batchgen.generate.loading import fingerprint_model_dir
-    from batchgen.plan import load_plan
+    from batchgen.core.plan import load_plan
+    from batchgen.models.common.weights import fingerprint_model_dir
     from batchgen.storage import open_storage
     from tests._runs import assert_exactly_once, run_cli, tiny_run_args, write_manifest
 

@@ -1,4 +1,4 @@
-"""Wan's official release layout (batchgen.generate.wan_original): tiny diffusers modules written in the official
+"""Wan's official release layout (batchgen.models.wan.original): tiny diffusers modules written in the official
 layout, loaded back and compared tensor by tensor and output by output; the UMT5 mapping against Wan's own T5
 arithmetic; unhappy paths name the file."""
 
@@ -17,10 +17,10 @@ torch = pytest.importorskip("torch")
 from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel  # noqa: E402
 
-from batchgen.errors import InputError  # noqa: E402
-from batchgen.generate import wan_original  # noqa: E402
-from batchgen.generate.tiny import randomize_parameters, write_tokenizer  # noqa: E402
+from batchgen.core.errors import InputError  # noqa: E402
 from batchgen.models import detect_family  # noqa: E402
+from batchgen.models.common.tiny import randomize_parameters, write_tokenizer  # noqa: E402
+from batchgen.models.wan import original as wan_original  # noqa: E402
 
 TEXT_WIDTH = 16
 TRANSFORMER = {
@@ -157,7 +157,7 @@ def test_config_and_detection_without_torch(wan21, wan22):
     _, root22, _ = wan22
     script = (
         "import json, sys\n"
-        "from batchgen.generate.wan_original import is_official_layout, read_official_transformer_config\n"
+        "from batchgen.models.wan.original import is_official_layout, read_official_transformer_config\n"
         f"print(json.dumps([is_official_layout({str(root)!r}), is_official_layout({str(root22)!r}),\n"
         f"    read_official_transformer_config({str(root)!r}), read_official_transformer_config({str(root22)!r}),\n"
         "    'torch' in sys.modules]))\n"

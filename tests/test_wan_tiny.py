@@ -9,12 +9,12 @@ import pytest
 import tomllib
 import torch
 
-from batchgen.errors import InputError
-from batchgen.generate.loading import fingerprint_model_dir
-from batchgen.generate.tiny import TINY_TOML_NAME
-from batchgen.generate.wan_loading import load_wan_components, read_boundary_ratio, read_transformer_config
-from batchgen.generate.wan_tiny import write_tiny_wan
+from batchgen.core.errors import InputError
 from batchgen.models import WAN, detect_family
+from batchgen.models.common.tiny import TINY_TOML_NAME
+from batchgen.models.common.weights import fingerprint_model_dir
+from batchgen.models.wan.loading import load_wan_components, read_boundary_ratio, read_transformer_config
+from batchgen.models.wan.tiny import write_tiny_wan
 
 FILES = (
     "scheduler/scheduler_config.json",
@@ -145,7 +145,7 @@ def test_refuses_a_non_empty_directory_and_odd_expert_counts(tmp_path):
 
 
 def test_the_wan_spec_points_at_this_code(tmp_path, tiny_wan2_dir):
-    from batchgen.generate.wan import WanGenerator
+    from batchgen.models.wan.generator import WanGenerator
 
     assert WAN.generator_class() is WanGenerator
     assert WAN.num_heads(tiny_wan2_dir) == 4

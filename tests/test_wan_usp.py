@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from batchgen.models import WAN
 from tests import _wan_cases as cases
 from tests._dist import run_world
 
@@ -75,9 +76,8 @@ def test_xfuser_backend_through_shim_matches_single_process():
 def test_stock_processors_come_back_and_cross_attention_is_untouched():
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    from batchgen.models import WAN
     from batchgen.parallel.apply import parallelize_transformer, unparallelize_transformer
-    from batchgen.parallel.context import SingleProcess
+    from batchgen.worker.context import SingleProcess
 
     model = cases.tiny_transformer()
     before = [(block.attn1.processor, block.attn2.processor) for block in model.blocks]
@@ -123,14 +123,14 @@ def test_cached_wan_under_ulysses2_with_padding_decides_like_one_process():
 
 @pytest.mark.slow
 def test_compiled_wan_blocks_match_eager_and_compile_once_per_shape(tmp_path, monkeypatch):
-    from batchgen.generate.compile import compile_blocks, graph_count
+    from batchgen.models.common.compile import compile_blocks, graph_count
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = cases.tiny_transformer()
     inputs = cases.forward_inputs(3, cases.ODD_LATENT)
     with torch.no_grad():
         eager = model(**inputs, return_dict=False)[0]
-        compile_blocks(model)
+        compile_blocks(model, spec=WAN)
         compiled = model(**inputs, return_dict=False)[0]
         graphs = graph_count()
         again = model(**inputs, return_dict=False)[0]
@@ -142,15 +142,15 @@ def test_compiled_wan_blocks_match_eager_and_compile_once_per_shape(tmp_path, mo
 def test_compile_refuses_another_model_with_a_config_error():
     from diffusers import AutoencoderKLWan
 
-    from batchgen.errors import ConfigError
-    from batchgen.generate.compile import compile_blocks
+    from batchgen.core.errors import ConfigError
+    from batchgen.models.common.compile import compile_blocks
 
-    with pytest.raises(ConfigError, match=r"parallel.compile \(--compile\) is available for Mochi and Wan, not Auto"):
-        compile_blocks(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1], num_res_blocks=1))
+    with pytest.raises(ConfigError, match=r"parallel.compile \(--compile\): AutoencoderKLWan is not a Wan"):
+        compile_blocks(AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1], num_res_blocks=1), spec=WAN)
 
 
 def test_fp8_gate_on_a_wan_block_converts_only_a_faithful_kernel():
-    from batchgen.generate.fp8 import Fp8Linear, emulated_kernel, enable_fp8
+    from batchgen.models.common.fp8 import Fp8Linear, emulated_kernel, enable_fp8
 
     def off_by_a_fifth(a, b, scale_a, scale_b, out_dtype):
         return ((a.float() * scale_a) @ (b.float() * scale_b) * 1.2).to(out_dtype)
@@ -159,9 +159,9 @@ def test_fp8_gate_on_a_wan_block_converts_only_a_faithful_kernel():
     inputs = {k: v.to(torch.bfloat16) for k, v in cases.forward_inputs(3, cases.LATENT).items()}
     with torch.no_grad():
         bf16 = model(**inputs, return_dict=False)[0].float()
-    facts = enable_fp8(model, "cpu", kernel=off_by_a_fifth)
+    facts = enable_fp8(model, "cpu", spec=WAN, kernel=off_by_a_fifth)
     assert facts["used"] is False and not any(isinstance(m, Fp8Linear) for m in model.modules())
-    facts = enable_fp8(model, "cpu", kernel=emulated_kernel)
+    facts = enable_fp8(model, "cpu", spec=WAN, kernel=emulated_kernel)
     # Both blocks' attn1 and attn2 q/k/v/out and the two FFN linears.
     assert facts["used"] is True and facts["linear_layers"] == 2 * (4 + 4 + 2)
     assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == facts["linear_layers"]

@@ -18,14 +18,14 @@ import traceback
 import numpy as np
 import pytest
 
-from batchgen import layout
-from batchgen.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_TERMINATED
-from batchgen.parallel.context import SingleProcess
-from batchgen.plan import load_plan
-from batchgen.progress import scan_run
+from batchgen.core import layout
+from batchgen.core.errors import EXIT_INCOMPLETE, EXIT_OK, EXIT_TERMINATED
+from batchgen.core.plan import load_plan
+from batchgen.core.progress import scan_run
+from batchgen.core.video import encode_mp4
 from batchgen.storage import LocalStorage, open_storage
-from batchgen.video import encode_mp4
-from batchgen.worker import StopRequest, run_worker, scan_shard
+from batchgen.worker.context import SingleProcess
+from batchgen.worker.loop import StopRequest, run_worker, scan_shard
 from tests._runs import assert_exactly_once, keys_under, plan_run, tiny_run_config
 
 SIDECAR_FIELDS = {
@@ -37,7 +37,7 @@ SIDECAR_FIELDS = {
 
 @pytest.fixture(scope="module")
 def generator(tiny_model_dir):
-    from batchgen.generate.pipeline import MochiGenerator
+    from batchgen.models.mochi.generator import MochiGenerator
 
     real = MochiGenerator(tiny_model_dir, device="cpu")
     yield real
@@ -274,9 +274,9 @@ def _rank_main(rank, world, port, model_dir, root, run_id, degrees, script, resu
 
         import torch.distributed as dist
 
-        from batchgen.generate.pipeline import MochiGenerator
+        from batchgen.core.topology import Topology
+        from batchgen.models.mochi.generator import MochiGenerator
         from batchgen.parallel.runtime import TorchContext
-        from batchgen.parallel.topology import Topology
 
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
@@ -333,7 +333,7 @@ RANK_CASES = [
 
 @pytest.mark.parametrize("case,degrees,script,done,errors,results", RANK_CASES, ids=[c[0][:9] for c in RANK_CASES])
 def test_ranks_agree(case, degrees, script, done, errors, results, tiny_model_dir, tmp_path, tiny_config):
-    from batchgen.localrun import free_port
+    from batchgen.launch.local import free_port
 
     storage = local(tmp_path)
     plan = plan_run(storage, tmp_path, 3, tiny_run_config(tiny_config, shard_size=3, max_attempts=2))

@@ -1,4 +1,6 @@
-"""One object per model family: its shape rules, defaults, where its code lives and how to parallelise it.
+"""``ModelSpec``: one object per model family with its shape rules, defaults, its code and how to parallelise it.
+Each family package defines its spec (``batchgen.models.mochi.MOCHI``, ``batchgen.models.wan.WAN``) with
+callables that import the family's code only when called; ``batchgen.models`` lists the families.
 
 Validation, planning, topology, rendering and the worker all take a family's facts from its ``ModelSpec`` (as
 torchtitan's ``ModelSpec`` carries a model's facts and its ``parallelize_*`` function). Nothing here imports torch:
@@ -13,13 +15,10 @@ and the official Wan configs (wan/configs/*.py in Wan-Video/Wan2.1 and Wan2.2: 4
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from batchgen.errors import ConfigError, InputError, ModelMismatchError
 
 MAX_SIDE = 2048
 
@@ -45,8 +44,9 @@ class ParallelPlan:
     """The token dimension of each RoPE output tensor (Mochi [N, H, D/2]: 0; Wan [1, N, 1, D]: 1)."""
     output: str
     """The projection after the blocks whose output is all-gathered over the sequence-parallel group."""
-    processors: str
-    """``module:function`` building the attention processors: f(transformer, context, state, kernel) -> list."""
+    processors: Callable[..., list]
+    """Builds the attention processors: f(transformer, context, state, kernel) -> one per block (the family's
+    ``parallel.py``, imported when called)."""
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,24 @@ class ModelSpec:
     """Attention heads of the family's flagship size, for commands that cannot read the weights' config."""
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     """GenerationConfig values that differ by family (shape, steps, guidance, fps, token limit)."""
-    generator: str = ""
-    """``module:Class`` implementing ``batchgen.generate.api.VideoGenerator`` (imported only by workers)."""
-    config_reader: str = ""
-    """``module:function(model_dir) -> dict``: the transformer's config without torch."""
-    tiny_writer: str = ""
-    """``module:function(directory, seed=0, **options) -> Path``: a tiny random model in the real layout."""
+    generator: Callable[[], type] | None = None
+    """The class implementing ``batchgen.models.api.VideoGenerator`` (imported when called: only workers do)."""
+    config_reader: Callable[[str | Path], dict[str, Any]] | None = None
+    """f(model_dir) -> dict: the transformer's config without torch."""
+    tiny_writer: Callable[..., Path] | None = None
+    """f(directory, seed=0, **options) -> Path: a tiny random model in the real layout."""
+    block_code: Callable[[], Any] | None = None
+    """The family's block module for ``--compile`` and ``--fp8`` (``models/<family>/blocks.py``, imported when
+    called): ``compiled_forward`` (a block's forward with its elementwise regions compiled, attention eager),
+    ``gate_inputs(block, device)``, ``stock_processor()`` and ``visual_output(block_output)`` for the FP8 gate."""
     pipeline_classes: tuple[str, ...] = ()
     """diffusers pipeline class names in ``model_index.json`` that mean this family."""
+    transformer_prefix: str = ""
+    """The start of the diffusers transformer class name in ``transformer/config.json`` ("Mochi", "Wan")."""
+    official_layout: Callable[[Path], bool] = lambda path: False
+    """Whether a directory holds the family's original release layout (no diffusers files), from its files alone."""
+    official_layout_hint: str = ""
+    """That layout's telltale file, for the message when no family is recognised."""
     parallel_plan: ParallelPlan | None = None
 
     # -- shape rules ------------------------------------------------------------------------------------------
@@ -113,145 +123,13 @@ class ModelSpec:
     # -- code -------------------------------------------------------------------------------------------------
 
     def read_transformer_config(self, model_dir: str | Path) -> dict[str, Any]:
-        return _resolve(self.config_reader)(model_dir)
+        return self.config_reader(model_dir)
 
     def num_heads(self, model_dir: str | Path) -> int:
         return int(self.read_transformer_config(model_dir)["num_attention_heads"])
 
     def generator_class(self) -> Any:
-        return _resolve(self.generator)
+        return self.generator()
 
     def write_tiny_model(self, directory: str | Path, **options: Any) -> Path:
-        return _resolve(self.tiny_writer)(directory, **options)
-
-
-def _resolve(path: str) -> Callable[..., Any]:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-MOCHI = ModelSpec(
-    family="mochi",
-    title="Mochi 1",
-    frame_step=6,
-    vae_spatial=8,
-    patch=(1, 2, 2),
-    text_length=256,
-    max_frames=511,
-    default_heads=24,
-    generation_defaults={
-        "num_frames": 163,
-        "height": 480,
-        "width": 848,
-        "num_inference_steps": 64,
-        "guidance_scale": 4.5,
-        "fps": 30,
-        "max_sequence_length": 256,
-    },
-    generator="batchgen.generate.pipeline:MochiGenerator",
-    config_reader="batchgen.generate.loading:read_transformer_config",
-    tiny_writer="batchgen.generate.tiny:write_tiny_model",
-    pipeline_classes=("MochiPipeline",),
-    parallel_plan=ParallelPlan(
-        blocks="transformer_blocks",
-        attention="attn1",
-        rope="rope",
-        rope_token_dim=0,
-        output="proj_out",
-        processors="batchgen.parallel.apply:mochi_processors",
-    ),
-)
-
-WAN = ModelSpec(
-    family="wan",
-    title="Wan 2.1/2.2",
-    frame_step=4,
-    vae_spatial=8,
-    patch=(1, 2, 2),
-    text_length=512,
-    # WanRotaryPosEmbed holds rope_max_seq_len = 1024 positions per axis; 4 x 1023 + 1 frames use them all.
-    max_frames=4093,
-    default_heads=40,
-    generation_defaults={
-        "num_frames": 81,
-        "height": 480,
-        "width": 832,
-        "num_inference_steps": 50,
-        "guidance_scale": 5.0,
-        "fps": 16,
-        "max_sequence_length": 512,
-    },
-    generator="batchgen.generate.wan:WanGenerator",
-    config_reader="batchgen.generate.wan_loading:read_transformer_config",
-    tiny_writer="batchgen.generate.wan_tiny:write_tiny_wan",
-    pipeline_classes=("WanPipeline",),
-    parallel_plan=ParallelPlan(
-        blocks="blocks",
-        attention="attn1",
-        rope="rope",
-        rope_token_dim=1,
-        output="proj_out",
-        processors="batchgen.parallel.wan:wan_processors",
-    ),
-)
-
-FAMILIES: dict[str, ModelSpec] = {spec.family: spec for spec in (MOCHI, WAN)}
-
-
-def spec_for(family: str) -> ModelSpec:
-    """The spec of ``family``; ConfigError listing the known families otherwise."""
-    try:
-        return FAMILIES[family]
-    except (KeyError, TypeError):
-        raise ConfigError(f"model family must be one of {', '.join(sorted(FAMILIES))}, got {family!r}") from None
-
-
-def detect_family(model_dir: str | Path) -> str:
-    """The family of the weights in ``model_dir`` from its files alone (no torch): ``model_index.json``'s pipeline
-    class, else the transformer config's class, else the official single-file layouts (Genmo's ``dit.safetensors``;
-    Wan's root ``config.json`` with ``model_type``, or its ``high_noise_model/`` and ``low_noise_model/``)."""
-    from batchgen.generate.loading import read_json_object
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise InputError(f"model directory {path} does not exist or is not a directory")
-    index = read_json_object(path / "model_index.json")
-    for spec in FAMILIES.values():
-        if index.get("_class_name") in spec.pipeline_classes:
-            return spec.family
-    transformer_class = read_json_object(path / "transformer" / "config.json").get("_class_name", "")
-    if transformer_class.startswith("Mochi"):
-        return "mochi"
-    if transformer_class.startswith("Wan"):
-        return "wan"
-    if (path / "dit.safetensors").is_file():
-        return "mochi"
-    if "model_type" in read_json_object(path / "config.json") or (path / "high_noise_model").is_dir():
-        return "wan"
-    raise InputError(
-        f"{path}: cannot tell the model family: no model_index.json naming "
-        f"{' or '.join(c for s in FAMILIES.values() for c in s.pipeline_classes)}, no transformer/config.json, "
-        "no dit.safetensors (Mochi's original layout) and no Wan config.json"
-    )
-
-
-def check_weights(model_dir: str | Path, *, family: str, weights: str = "", fingerprint: str | None = None) -> None:
-    """Refuse (ModelMismatchError, exit 4) weights in ``model_dir`` of another family than ``family`` or, when
-    ``weights`` is known, with another fingerprint: before any weights load, naming both sides."""
-    found = detect_family(model_dir)
-    if found != family:
-        raise ModelMismatchError(
-            f"{model_dir} holds a {spec_for(found).title} model (family {found!r}), but the run uses family "
-            f"{family!r}; one run never mixes two models (use weights of that family, or plan another run)"
-        )
-    if not weights:
-        return
-    if fingerprint is None:
-        from batchgen.generate.loading import fingerprint_model_dir
-
-        fingerprint = fingerprint_model_dir(model_dir)
-    if fingerprint != weights:
-        raise ModelMismatchError(
-            f"{model_dir} has weights fingerprint {fingerprint}, but the run was planned with weights {weights}; "
-            "one run never mixes two models (use those weights, or plan another run)"
-        )
+        return self.tiny_writer(directory, **options)

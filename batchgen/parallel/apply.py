@@ -21,7 +21,6 @@ What is installed:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -29,11 +28,10 @@ from typing import Any
 
 import torch
 
-from batchgen.errors import TopologyError
+from batchgen.core.errors import TopologyError
 from batchgen.models import MOCHI, ParallelPlan
 from batchgen.parallel.choice import AttentionChooser, Timer
-from batchgen.parallel.joint import MochiJointAttnProcessor
-from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, USPMochiAttnProcessor, all_gather_cat
+from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, all_gather_cat
 
 log = logging.getLogger("batchgen.parallel.apply")
 
@@ -63,35 +61,6 @@ class _ParallelState:
     timer: Timer | None = None
     """What measures the candidates under 'auto'; None: CUDA events on CUDA, no measuring elsewhere."""
     chooser: AttentionChooser | None = None
-
-
-def mochi_processors(transformer, context, state: _ParallelState, kernel: str) -> list:
-    """Mochi's joint-attention processors for every block (``MOCHI.parallel_plan.processors``)."""
-    blocks = getattr(transformer, state.plan.blocks)
-    backend = state.backend if state.sp.size > 1 else "native"
-    if backend == "native":
-        # One chooser for every block: the ranks of one forward (sp and cfg) decide together, once per shape.
-        state.chooser = AttentionChooser(state.attention, kernel=kernel, axes=(state.sp, state.cfg), timer=state.timer)
-    if state.sp.size == 1:
-        return [MochiJointAttnProcessor(chooser=state.chooser) for _ in blocks]
-    ulysses, ring = context.axes["ulysses"], context.axes["ring"]
-    if backend == "native":
-        return [
-            USPMochiAttnProcessor(ulysses, ring, kernel=kernel, layout=state.layout, chooser=state.chooser)
-            for _ in blocks
-        ]
-    if backend == "xfuser":
-        # xDiT's attention takes no key mask: its CFG pair always runs per prompt (ParallelConfig refuses 'joint').
-        from batchgen.parallel.xfuser_backend import XFuserMochiAttnProcessor, setup_xfuser_groups
-
-        setup_xfuser_groups(ulysses, ring)
-        return [XFuserMochiAttnProcessor(ulysses, ring) for _ in blocks]
-    raise ValueError(f"unknown sequence-parallel backend {backend!r}; expected 'native' or 'xfuser'")
-
-
-def _processor_factory(plan: ParallelPlan):
-    module, _, name = plan.processors.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def parallelize_transformer(
@@ -129,7 +98,7 @@ def parallelize_transformer(
         timer=timer,
     )
     blocks = getattr(transformer, plan.blocks)
-    processors = _processor_factory(plan)(transformer, context, state, kernel)
+    processors = plan.processors(transformer, context, state, kernel)
     for block, processor in zip(blocks, processors, strict=True):
         attention = getattr(block, plan.attention)
         state.original_processors.append(attention.processor)

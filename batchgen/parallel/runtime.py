@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from batchgen.config import ParallelConfig
-from batchgen.errors import InputError
-from batchgen.parallel.topology import Topology, topology_for
+from batchgen.core.config import ParallelConfig
+from batchgen.core.errors import InputError
+from batchgen.core.topology import Topology, topology_for
 from batchgen.parallel.usp import Axis
 
 log = logging.getLogger("batchgen.parallel.runtime")

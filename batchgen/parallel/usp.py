@@ -17,7 +17,7 @@ replicated text stream. One attention layer:
 5. Reverse all-to-all for the visual output. Padded text positions get a zero attention output, as in diffusers.
 
 ``ring_attention`` is the same ring without text, for self-attention that has none (Wan's; see
-``batchgen.parallel.wan``).
+``batchgen.models.wan.parallel``).
 
 Any visual length runs on any degree: ``batchgen.parallel.apply`` pads the sequence to a multiple of
 ulysses x ring and drops the padding after the blocks; here padded keys are cut from their ring chunk
@@ -288,7 +288,7 @@ class USPMochiAttnProcessor:
 
     Same call signature; ``hidden_states`` and ``image_rotary_emb`` are this rank's slice (of the padded sequence
     described by ``layout``), the text stream is the full replicated one with its mask ([B, L], valid tokens
-    anywhere; ``batchgen.parallel.joint.gather_valid_text`` puts them first). Returns (this slice's visual
+    anywhere; ``batchgen.models.mochi.joint.gather_valid_text`` puts them first). Returns (this slice's visual
     output, the full text output with padded text rows 0). The whole CFG batch goes through each kernel call
     together; nothing here waits on the host (no ``nonzero``, no ``.item()``).
     """

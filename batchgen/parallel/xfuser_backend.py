@@ -1,4 +1,4 @@
-"""``--sp-backend xfuser``: Mochi's joint attention (and Wan's self-attention, ``batchgen.parallel.wan``) through
+"""``--sp-backend xfuser``: Mochi's joint attention (and Wan's self-attention, ``batchgen.models.wan.parallel``) through
 xDiT's ``xFuserLongContextAttention``.
 
 This is how mochi-xdit runs Mochi: each rank's visual slice is the query/key/value, the replicated valid text
@@ -8,7 +8,7 @@ all-to-all and the ring attention (flash-attn kernels, CUDA only). Tensors are [
 
 xDiT's attention takes no mask, so this backend can neither batch prompts of different lengths into one call (one
 call and one ``nonzero`` per sample and block, as diffusers) nor pad the visual sequence: ulysses x ring must
-divide every item's visual token count, and ``batchgen.parallel.topology.check_shapes`` says so before the
+divide every item's visual token count, and ``batchgen.core.topology.check_shapes`` says so before the
 weights load. The native backend has neither limit.
 
 xfuser needs CUDA and flash-attn, imports ``triton`` unconditionally, and with PyPI's yunchang 0.6.4 fails with
@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from batchgen.errors import InputError
+from batchgen.core.errors import InputError
 from batchgen.parallel.usp import Axis, project_out, project_qkv
 
 log = logging.getLogger("batchgen.parallel.xfuser_backend")

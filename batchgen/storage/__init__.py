@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
-from batchgen.errors import InputError
+from batchgen.core.errors import InputError
 from batchgen.storage.base import ObjectInfo, Storage
 from batchgen.storage.local import LocalStorage
 

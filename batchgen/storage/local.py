@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from batchgen.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError
+from batchgen.core.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError
 from batchgen.storage.base import ObjectInfo, Storage
 
 log = logging.getLogger("batchgen.storage.local")

@@ -17,7 +17,7 @@ import urllib3.exceptions
 from botocore import exceptions as boto_errors
 from botocore.parsers import ResponseParserError
 
-from batchgen.errors import ConfigError
+from batchgen.core.errors import ConfigError
 
 TRANSIENT_CODES = frozenset(
     {

@@ -27,7 +27,7 @@ from botocore import exceptions as boto_errors
 from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 
-from batchgen.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError, TransientStorageError
+from batchgen.core.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError, TransientStorageError
 from batchgen.storage.base import ObjectInfo, Storage
 from batchgen.storage.local import TEMP_PREFIX, validate_key
 from batchgen.storage.retry import (

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from batchgen.errors import EXIT_CLUSTER, EXIT_TERMINATED
+from batchgen.core.errors import EXIT_CLUSTER, EXIT_TERMINATED
 from tests.k8s_manifests import by_kind, controller_pod, load_all
 from tests.realk8s.conftest import ROOT, skip_module_unless_available
 from tests.realk8s.test_server_side import CHART, helm

@@ -1,1 +1,0 @@
-"""One module per subcommand; see batchgen/cli.py for the contract."""

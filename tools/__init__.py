@@ -1,0 +1,1 @@
+"""Developer tools (not part of the installed package): the demo run and the example PyTorchJobs in jobs/."""
