@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchgen import __version__
 from batchgen.core import layout, metrics, quality
+from batchgen.core.content import content_key
 from batchgen.core.errors import (
     AlreadyExistsError,
     ModelMismatchError,
@@ -283,6 +284,7 @@ class Committer:
     def _sidecar(self, shard, item, data, info, *, attempt, adopted, timings) -> Sidecar:
         config = self.plan.config
         video_key = layout.video_key(self.plan.run_id, shard, item.id)
+        fingerprint = self.model.get("fingerprint") or ""
         return Sidecar.for_item(
             item,
             shard=shard,
@@ -309,4 +311,5 @@ class Committer:
             parallel={"world_size": self.world_size, "dp_size": self.dp_size},
             created_at=now(),
             adopted=adopted,
+            content_key=content_key(item, config.generation, config.model.family, fingerprint),
         )
