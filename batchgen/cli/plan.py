@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
                     "shards": len(plan.shards),
                     "shard_size": plan.shard_size,
                     "fingerprint": plan.fingerprint,
+                    "reused_items": plan.reuse.reused if plan.reuse is not None else 0,
+                    "reuse_note": plan.reuse.note if plan.reuse is not None else "",
                     "plan": where,
                     "estimate": estimate.to_dict(),
                 }
@@ -71,5 +73,7 @@ def run(args: argparse.Namespace) -> int:
         state = "reused the stored plan" if reused else "planned"
         print(f"{state}: run {plan.run_id}, {plan.row_count} items in {len(plan.shards)} shards of {plan.shard_size}")
         print(f"plan: {where}")
+        if plan.reuse is not None:
+            print(f"reuse: {plan.reuse.describe(plan.row_count)}")
         print("\n".join(estimate.lines()))
     return 0

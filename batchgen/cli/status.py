@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     jobs, job_rates = _jobs_with_rates(args, run_id, times, progress, window) if args.namespace else (None, {})
     if args.json:
         data = {**progress.to_dict(), "output": storage.uri, "success_marker": success, "rate": rate.to_dict()}
+        if plan.reuse is not None:
+            data["reused"] = plan.reuse.reused
         if args.shards:
             data["unfinished_shards"] = [
                 {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "stats": s.stats_written}
@@ -118,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         f"items     {progress.done}/{progress.total} done ({percent:.1f}%), {progress.failed} failed, "
         f"{progress.pending} pending"
     )
+    if plan.reuse is not None:
+        print(f"reuse     {plan.reuse.describe(plan.row_count)}")
     print(f"rate      {rate.describe()}")
     print(f"shards    {len(progress.finished_shards)}/{len(progress.shards)} finished")
     print(f"state     {state}" + (" (_SUCCESS.json present)" if success else ""))
