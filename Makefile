@@ -42,6 +42,13 @@ bench: $(STAMP) ## CPU benchmarks -> bench/results/
 	$(BIN)/python bench/quality_gate.py
 	$(BIN)/python bench/gallery.py
 
+device-wheels: $(STAMP) ## wheels a lent GPU machine lacks (it has no network) -> .device/wheels, for bench/gpu_device.sh
+	$(BIN)/pip download -q --no-deps --only-binary=:all: -d .device/wheels \
+		"diffusers==$$($(BIN)/python -c 'import diffusers; print(diffusers.__version__)')" importlib_metadata zipp
+
+perf-tables: $(STAMP) ## regenerate README.md's performance tables from the files in bench/results/
+	$(BIN)/python bench/perf_tables.py --write
+
 jobs: $(STAMP) ## regenerate the example PyTorchJobs in jobs/ with `batchgen render`
 	$(BIN)/python -m tools.k8s_examples --write jobs
 
@@ -51,4 +58,4 @@ chart-schema: $(STAMP) ## regenerate the chart's worker values schema from Paral
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf out .pytest_cache
 
-.PHONY: help venv demo test test-fast lint bench jobs chart-schema clean
+.PHONY: help venv demo test test-fast lint bench device-wheels perf-tables jobs chart-schema clean

@@ -169,3 +169,29 @@ def context_case(fail_rank: int | None = None) -> dict[str, Any]:
         "all_ok": all_ok,
         "one_failed": one_failed,
     }
+
+
+def rank_preferring_timer(rank: int):
+    """A made-up timer on which rank 0 finds 'per-prompt/cpu_flash' fastest and every other rank
+    'joint/cpu_flash': each candidate still runs once (it must work); only its time is invented."""
+    preferred = "per-prompt/cpu_flash" if rank == 0 else "joint/cpu_flash"
+
+    def timer(name: str, call) -> float:
+        call()
+        return 0.001 if name == preferred else 0.002 + 0.0001 * len(name)
+
+    return timer
+
+
+def choice_case(degrees: dict[str, int], shape: dict) -> dict[str, Any]:
+    """On every rank: 'auto' attention measured with ``rank_preferring_timer``; the decision each rank ends with
+    (``attention_facts``) and the forward."""
+    from batchgen.parallel.apply import attention_facts, parallelize_transformer
+    from tests._dist import rank_context
+
+    context = rank_context(degrees, TINY_TRANSFORMER["num_attention_heads"])
+    timer = rank_preferring_timer(context.rank)
+    transformer = parallelize_transformer(tiny_transformer(), context, attention="auto", timer=timer)
+    with torch.no_grad():
+        forward = transformer(**forward_inputs(11, shape), return_dict=False)[0]
+    return {"rank": context.rank, "facts": attention_facts(transformer), "forward": forward}

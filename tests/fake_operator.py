@@ -70,7 +70,12 @@ class JobRun:
     started: float = field(default_factory=time.monotonic)
     start_time: str = field(default_factory=now)
     conditions: list[dict[str, Any]] = field(default_factory=list)
-    finished: bool = False
+    completion_time: str | None = None
+    """When the job ended (RFC 3339, as status.completionTime); None while it runs."""
+
+    @property
+    def finished(self) -> bool:
+        return self.completion_time is not None
 
 
 class FakeOperator(LocalPodController):
@@ -186,7 +191,7 @@ class FakeOperator(LocalPodController):
             "startTime": run.start_time,
         }
         if run.finished:
-            status["completionTime"] = now
+            status["completionTime"] = run.completion_time
         try:
             self.api.patch_namespaced_custom_object_status(
                 GROUP, VERSION, self.namespace, PLURAL, run.name, {"status": status}
@@ -231,7 +236,7 @@ class FakeOperator(LocalPodController):
         return deadline is not None and time.monotonic() - run.started >= int(deadline)
 
     def _end(self, run: JobRun, kind: str, reason: str, message: str) -> None:
-        run.finished = True
+        run.completion_time = now()
         for pod in run.pods:  # cleanPodPolicy: Running (and DeletePodsAndServices on failure)
             self._kill(pod)
         self._set_condition(run, kind, reason, message)

@@ -360,8 +360,7 @@ class KubeEmulator:
         if kind.kind == "TrainJob":
             problems += self._trainer_webhook(ns, pruned)
         if problems:
-            message = f'{kind.kind}.{kind.group} "{name}" is invalid: ' + "; ".join(problems)
-            return 422, _status(422, "Invalid", message, name, kind), []
+            return _invalid(kind, name, problems)
         if (kind.plural, ns, name) in self._objects:
             return 409, _status(409, "AlreadyExists", f'{kind.resource} "{name}" already exists', name, kind), []
         obj = pruned
@@ -398,6 +397,10 @@ class KubeEmulator:
         warnings: list[str] = []
         if sub == "status":
             patched = merge_patch(obj, {"status": patch.get("status")}) if "status" in patch else obj
+            # The API server validates a status update against the CRD's status schema as any other write.
+            problems = [p for p in kind.problems(patched) if p.startswith("status")]
+            if problems:
+                return _invalid(kind, name, problems)
         else:
             patched = merge_patch(obj, {k: v for k, v in patch.items() if k != "status"})
             patched, warnings = self._prune(kind, patched, validation, name)
@@ -405,8 +408,7 @@ class KubeEmulator:
                 return *patched, []
             problems = kind.problems({k: v for k, v in patched.items() if k != "status"})
             if problems:
-                message = f'{kind.kind}.{kind.group} "{name}" is invalid: ' + "; ".join(problems)
-                return 422, _status(422, "Invalid", message, name, kind), []
+                return _invalid(kind, name, problems)
         patched["metadata"]["uid"] = obj["metadata"]["uid"]
         self._objects[(kind.plural, ns, name)] = patched
         self._bump("MODIFIED", kind, patched)
@@ -682,6 +684,11 @@ class KubeEmulator:
                 self._route("PUT")
 
         return Handler
+
+
+def _invalid(kind: Kind, name: str, problems: list[str]) -> tuple[int, dict[str, Any], list[str]]:
+    message = f'{kind.kind}.{kind.group} "{name}" is invalid: ' + "; ".join(problems)
+    return 422, _status(422, "Invalid", message, name, kind), []
 
 
 def _status(code: int, reason: str, message: str, name: str | None = None, kind: Kind | None = None) -> dict[str, Any]:

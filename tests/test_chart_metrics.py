@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import helm_python as helm
 import pytest
 
 from batchgen.core import metrics
@@ -90,9 +91,16 @@ def test_port_zero_turns_metrics_off(chart, tmp_path):  # noqa: F811
     assert not [o for o in objects if o["kind"] in ("Service", "ServiceMonitor", "PodMonitor")]
 
 
-@pytest.mark.parametrize("bad", [{"metrics": {"port": -1}}, {"logFormat": "xml"}, {"metrics": {"interval": "1x"}}])
-def test_values_schema_refuses_bad_metrics_values(chart, bad):  # noqa: F811
-    with pytest.raises(Exception, match="metrics|logFormat|port|interval"):
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"metrics": {"port": -1}}, "at '/metrics/port': minimum: got -1, want 0"),
+        ({"logFormat": "xml"}, "at '/logFormat': value must be one of 'json', 'text'"),
+        ({"metrics": {"interval": "1x"}}, "at '/metrics/interval': '1x' does not match pattern"),
+    ],
+)
+def test_values_schema_refuses_bad_metrics_values(chart, bad, message):  # noqa: F811
+    with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
         chart.validate_schema(merged(bad))
 
 

@@ -5,15 +5,20 @@ entrypoint, no secrets in the image or its build context."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tomllib
 from packaging.requirements import Requirement
+
+from batchgen.core.errors import EXIT_BAD_INPUT
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -157,3 +162,30 @@ def test_flash_attn_wheel_name_matches_the_release_naming(tmp_path):
         f"-cp{sys.version_info.major}{sys.version_info.minor}-linux_x86_64.whl"
     )
     assert arg_default("FLASH_ATTN") in ("auto", "require", "skip")
+
+
+def test_the_installed_console_script_is_the_entrypoint_and_keeps_exit_codes(tmp_path):
+    """The image runs the `batchgen` console script (pip's wrapper around batchgen.cli:main), not `python -m`:
+    run that very script, as installed next to this interpreter, and see its output and exit codes."""
+    (entrypoint,) = [json.loads(rest) for keyword, rest in INSTRUCTIONS if keyword == "ENTRYPOINT"]
+    script = Path(sys.executable).with_name(entrypoint[0])
+    assert script.is_file(), f"{script} is not installed: `pip install -e .` writes it from [project.scripts]"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's code, whatever the install points at
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=120)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "exit codes" in shown.stdout, shown.stderr
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog"], "id": ["cat", "dog"]}), manifest)
+    valid = run("validate", str(manifest))
+    assert valid.returncode == 0, valid.stderr
+    assert "2 rows" in valid.stdout
+    missing = run("status", (tmp_path / "nothing").as_uri())
+    assert missing.returncode == EXIT_BAD_INPUT, missing.stderr
+    assert (
+        missing.stderr.strip()
+        .splitlines()[-1]
+        .endswith("it holds no run, nor does the folder above it (plan one with `batchgen run` or `batchgen plan`)")
+    )

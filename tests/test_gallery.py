@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 
 import av
 import numpy as np
@@ -17,8 +16,7 @@ from batchgen.dataset import open_run
 from batchgen.dataset.gallery import contact_sheet, write_gallery
 from batchgen.storage import LocalStorage, open_storage
 from tests._datasets import BLACK_ITEM, RUN_ITEMS, finished_run
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from tests.fixtures.ci import required_tool
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,7 @@ def _decode_jpeg(jpeg: bytes) -> np.ndarray:
 def test_gallery_in_headless_chromium(run_dir, tmp_path, capsys):
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM, "the gallery test needs Debian's chromium: apt-get install -y chromium (.ci/run does)"
+    chromium = required_tool("chromium", "chromium-browser")
     out = tmp_path / "gallery"
     assert main(["gallery", str(run_dir), "--out", str(out), "--page-size", "2"]) == 0
     assert f"{RUN_ITEMS} videos (1 flagged) on 3 page(s), {RUN_ITEMS} new thumbnail(s)" in capsys.readouterr().out
@@ -55,7 +53,7 @@ def test_gallery_in_headless_chromium(run_dir, tmp_path, capsys):
     ids = open_run(str(run_dir)).index().column("id").to_pylist()
     problems: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page()
         page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
         page.on("pageerror", lambda error: problems.append(str(error)))

@@ -562,10 +562,15 @@ def test_wan_chart_values_reach_config_and_launch_settings(chart, tmp_path):
 
 
 def test_speed_option_values_reach_the_workers_command(chart, tmp_path):
-    speed = {"workers": {"compile": True, "fp8": True, "cacheThreshold": 0.1}}
+    speed = {"workers": {"compile": True, "fp8": True, "cacheThreshold": 0.1, "attention": "per-prompt"}}
     settings = launch_settings(objects_of(render(chart, merged(speed))), tmp_path)
     assert (settings.parallel.compile, settings.parallel.fp8, settings.parallel.cache_threshold) == (True, True, 0.1)
     command = render_trainjob("june-batch-0123456789ab", [shard_id(0)], settings)["spec"]["trainer"]["command"]
-    assert command[-4:] == ["--cache-threshold", "0.1", "--compile", "--fp8"]
+    assert command[-6:] == ["--cache-threshold", "0.1", "--attention", "per-prompt", "--compile", "--fp8"]
     defaults = launch_settings(objects_of(render(chart, merged({}))), tmp_path)
-    assert (defaults.parallel.compile, defaults.parallel.fp8, defaults.parallel.cache_threshold) == (False, False, 0.0)
+    assert (
+        defaults.parallel.compile,
+        defaults.parallel.fp8,
+        defaults.parallel.cache_threshold,
+        defaults.parallel.attention,
+    ) == (False, False, 0.0, "auto")

@@ -5,7 +5,6 @@ controller would read render PyTorchJobs a cluster accepts."""
 from __future__ import annotations
 
 import copy
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from batchgen.launch.k8s.pod import KUEUE_QUEUE_LABEL
 from batchgen.launch.k8s.pytorchjob import render_pytorchjob
 from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.launch.k8s.trainjob import render_trainingruntime, render_trainjob
+from tests.fixtures.ci import required_tool
 from tests.k8s_manifests import (
     all_problems,
     by_kind,
@@ -37,13 +37,11 @@ from tests.k8s_schema import pytorchjob_problems, trainer_problems
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "k8s" / "base"
 OVERLAY = ROOT / "k8s" / "overlays" / "example"
-KUBECTL = shutil.which("kubectl")
-
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
-    result = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    kubectl = required_tool("kubectl")
+    result = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return load_all(result.stdout)
 

@@ -14,7 +14,6 @@ import ast
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,7 +41,7 @@ torch.distributed context, inside a function."""
 
 
 SCRIPT = r"""
-import contextlib, importlib, importlib.util, io, json, pkgutil, sys
+import contextlib, importlib, io, json, pkgutil, sys
 
 packages, modules = json.loads(sys.argv[1])
 for package in packages:
@@ -87,14 +86,27 @@ def test_torch_free_packages_do_not_import_heavy_packages(tmp_path):
     assert "validate" in report["help"] and "plan" in report["help"]
 
 
-def test_help_starts_quickly():
-    # Generous sanity bound only: the machine is shared; real start-up timing belongs in the benchmark.
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "batchgen", "--help"], cwd=ROOT, capture_output=True, timeout=60)
-    elapsed = time.perf_counter() - start
+HELP_SCRIPT = r"""
+import contextlib, io, json, sys
+from batchgen.cli import main
+
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0, e.code
+packages = {m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - {"__main__"}
+print(json.dumps({"help": out.getvalue(), "packages": sorted(p for p in packages if not p.startswith("_"))}))
+"""
+
+
+def test_help_imports_no_third_party_package_but_the_metrics_client():
+    """`batchgen --help` starts fast because it loads nothing heavy: counted by what it imports, not timed."""
+    result = subprocess.run([sys.executable, "-c", HELP_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert b"exit codes" in result.stdout
-    assert elapsed < 5.0, f"batchgen --help took {elapsed:.1f} s"
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "exit codes" in report["help"]
+    assert report["packages"] == ["batchgen", "prometheus_client"], report["packages"]
 
 
 def _package_of(module: str) -> str:

@@ -372,9 +372,10 @@ def test_defaults_that_do_not_fit_the_family_are_refused_before_resolving(tmp_pa
 
 
 def test_tiny_wan_directory_pins_wan_and_is_refused_by_a_mochi_run(tmp_path, capsys):
-    # Runs once batchgen.models.wan.tiny (branch wgen) is merged: the real tiny Wan layout, detected from its files.
-    wan_tiny = pytest.importorskip("batchgen.models.wan.tiny")
-    wan = wan_tiny.write_tiny_wan(tmp_path / "wan", seed=0, experts=2)
+    # The real tiny Wan layout, detected from its files.
+    from batchgen.models.wan.tiny import write_tiny_wan
+
+    wan = write_tiny_wan(tmp_path / "wan", seed=0, experts=2)
     m = write(tmp_path / "m.parquet", prompt=["a"])
     out = str(tmp_path / "o")
     plan = ["plan", str(m), "--output", out, "--json", "--model-dir", str(wan), *WAN_SMALL]

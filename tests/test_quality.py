@@ -126,6 +126,37 @@ def test_flags_are_recorded_in_sidecar_and_index(generator, tmp_path, tiny_confi
     assert table.column("quality_motion_mean").to_pylist()[0] == sidecars["item-0"]["quality"]["motion_mean"]
 
 
+def test_flagged_videos_are_counted_by_status_and_run(generator, tmp_path, tiny_config, capsys):
+    """Issue 19 item 6: the count comes from the shards' parts, the sidecars of a shard without one, or the index."""
+    from batchgen.cli import main
+    from batchgen.core.progress import scan_run
+    from batchgen.dataset.index import flagged_videos
+    from batchgen.launch.local import RunOutcome
+
+    storage = LocalStorage(tmp_path / "out")
+    plan = plan_run(storage, tmp_path, 3, tiny_run_config(tiny_config, shard_size=2))
+    run_worker(storage, plan, plan.shards, Frames(generator, REPLACE), SingleProcess())
+    progress = scan_run(storage, plan)
+    assert flagged_videos(storage, plan, progress) == 2  # from the parts the worker wrote
+    for info in storage.list(layout.index_parts_prefix(plan.run_id)):
+        if plan.shards[0] in info.key:
+            storage.delete(info.key)  # item-1 (black) is in the first shard: now read from its sidecars
+    assert flagged_videos(storage, plan, progress) == 2
+    build_index(storage, plan)
+    for key in keys_under(storage, layout.index_parts_prefix(plan.run_id)):
+        storage.put_bytes(key, b"not parquet")  # the index is current: it is read, not the parts
+    assert flagged_videos(storage, plan, scan_run(storage, plan)) == 2
+
+    assert main(["status", storage.uri]) == EXIT_OK
+    assert "flagged   2 of 3 videos (black or frozen frames" in capsys.readouterr().out
+    assert main(["status", storage.uri, "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["flagged"] == 2
+    outcome = RunOutcome(plan, storage.uri, 3, 3, 0, 0, 3, 1.0, True, 3, flagged=2)
+    assert "flagged   2 of 3 videos (black or frozen frames; the index's quality_flags says which)" in (
+        outcome.summary_lines(storage)
+    )
+
+
 def test_on_flag_fail_records_the_reason_and_writes_no_video(generator, tmp_path, tiny_config):
     storage = LocalStorage(tmp_path / "out")
     config = tiny_run_config(tiny_config, shard_size=3, max_attempts=1).with_overrides({"quality": {"on_flag": "fail"}})

@@ -527,7 +527,7 @@ def test_speed_options_reach_the_workers_from_the_plan_or_the_launch_settings(la
     manifest = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"id": ["a"], "prompt": ["a fox"]}), manifest)
     config = tmp_path / "run.toml"
-    config.write_text("[parallel]\ncache_threshold = 0.05\n")
+    config.write_text('[parallel]\ncache_threshold = 0.05\nattention = "per-prompt"\n')
     render = ["render", "--manifest", str(manifest), "--output", str(tmp_path / "out"), "--shards", "all"]
     render += ["--config", str(config), "--gpus-per-node", "1", "--model-pvc", "w", "--launcher", launcher]
 
@@ -543,12 +543,14 @@ def test_speed_options_reach_the_workers_from_the_plan_or_the_launch_settings(la
 
     from_plan = worker_of()
     assert (from_plan.cache_threshold, from_plan.compile, from_plan.fp8) == (0.05, None, None)
-    given = worker_of("--compile", "--fp8", "--cache-threshold", "0.1")
-    assert (given.cache_threshold, given.compile, given.fp8) == (0.1, True, True)
+    assert from_plan.attention == "per-prompt"
+    given = worker_of("--compile", "--fp8", "--cache-threshold", "0.1", "--attention", "joint")
+    assert (given.cache_threshold, given.compile, given.fp8, given.attention) == (0.1, True, True, "joint")
     values = tmp_path / "launch.yaml"
-    values.write_text("compile: true\ncache_threshold: 0.2\n")
+    values.write_text("compile: true\ncache_threshold: 0.2\nattention: auto\n")
     from_values = worker_of("--values", str(values))
     assert (from_values.cache_threshold, from_values.compile, from_values.fp8) == (0.2, True, None)
+    assert from_values.attention == "per-prompt"  # auto, the default, leaves the plan's (as 0 degrees do)
 
 
 @pytest.mark.parametrize(
@@ -559,8 +561,39 @@ def test_speed_options_reach_the_workers_from_the_plan_or_the_launch_settings(la
         ({"cache_threshold": "0.1"}, "cache_threshold must be a number, got '0.1'"),
         ({"cache_threshold": True}, "cache_threshold must be a number, got True"),
         ({"cache_threshold": 1.5}, "cache_threshold must be between 0 and 1, got 1.5"),
+        ({"attention": "fast"}, "attention must be 'auto', 'joint' or 'per-prompt', got 'fast'"),
     ],
 )
 def test_bad_speed_options_in_a_values_file_are_refused_by_key(values, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         LaunchSettings.from_dict(values, source="launch.yaml")
+
+
+@pytest.mark.parametrize("launcher", ["pytorchjob", "trainjob"])
+def test_offload_reaches_the_workers_from_the_plan_or_the_launch_settings(launcher, tmp_path, capsys):
+    """Issue 19 item 3: a plan's ``[parallel] offload = "model"`` reaches the workers' command; a launch setting
+    overrides it; with neither, the workers get ParallelConfig's default, auto."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["a fox"]}), manifest)
+    config = tmp_path / "run.toml"
+    config.write_text('[parallel]\noffload = "model"\n')
+
+    def offload_of(output: str, *flags: str) -> str:
+        render = ["render", "--manifest", str(manifest), "--output", str(tmp_path / output), "--shards", "all"]
+        assert main([*render, "--gpus-per-node", "1", "--model-pvc", "w", "--launcher", launcher, *flags]) == 0
+        (job,) = [o for o in yaml.safe_load_all(capsys.readouterr().out) if o["kind"] != "TrainingRuntime"]
+        if launcher == "trainjob":
+            return _worker_flags(job["spec"]["trainer"]["command"]).offload
+        master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+        return _worker_flags(master["command"]).offload
+
+    assert offload_of("planned", "--config", str(config)) == "model"
+    assert offload_of("planned", "--config", str(config), "--offload", "none") == "none"
+    values = tmp_path / "launch.yaml"
+    values.write_text('offload: ""\n')  # the shipped chart's and kustomize base's value: the plan's
+    assert offload_of("planned", "--config", str(config), "--values", str(values)) == "model"
+    assert offload_of("default") == "auto"
+    assert LaunchSettings().offload == "" and RunConfig().parallel.offload == "auto"

@@ -79,6 +79,19 @@ def test_auto_is_the_default_and_recorded(tiny_model_dir):
     assert facts["offload"] == "auto" and facts["offloaded"] is False and facts["compile"] is False
 
 
+def test_attention_choice_lands_in_the_sidecar_and_per_prompt_equals_joint(tiny_model_dir):
+    # The generator carries [parallel] attention to its processors; each item's sidecar says what ran.
+    item = cases.tiny_item(CACHE_STEPS)
+    joint = MochiGenerator(tiny_model_dir, device="cpu", parallel=ParallelConfig(attention="joint"))
+    per_prompt = MochiGenerator(tiny_model_dir, device="cpu", parallel=ParallelConfig(attention="per-prompt"))
+    torch.testing.assert_close(per_prompt.denoise(item), joint.denoise(item), atol=1e-5, rtol=1e-5)
+    facts = per_prompt.generate(item).extra["parallel"]["attention"]
+    assert (facts["setting"], facts["path"], facts["measured"]) == ("per-prompt", "per-prompt", False)
+    assert facts["kernel"] in ("cpu_flash", "math")
+    auto = MochiGenerator(tiny_model_dir, device="cpu").generate(item).extra["parallel"]["attention"]
+    assert (auto["setting"], auto["path"], auto["measured"]) == ("auto", "joint", False)  # no timer on CPU
+
+
 # -- first-block cache -------------------------------------------------------------------------------------------
 
 
@@ -253,9 +266,21 @@ def test_config_keys_and_flags(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="parallel.cache_threshold must be between 0 and 1"):
         ParallelConfig(cache_threshold=1.5)
+    assert config_from_args(parser.parse_args(["--attention", "per-prompt"])).parallel.attention == "per-prompt"
+    with pytest.raises(ConfigError, match="parallel.attention must be 'auto', 'joint' or 'per-prompt', got 'x'"):
+        config_from_args(parser.parse_args(["--attention", "x"]))
+    with pytest.raises(ConfigError, match="parallel.attention 'joint' needs a key mask"):
+        ParallelConfig(attention="joint", sp_backend="xfuser")
 
 
-@pytest.mark.parametrize("parallel", [ParallelConfig(), ParallelConfig(compile=True, cache_threshold=0.05, fp8=True)])
+@pytest.mark.parametrize(
+    "parallel",
+    [
+        ParallelConfig(),
+        ParallelConfig(compile=True, cache_threshold=0.05, fp8=True),
+        ParallelConfig(attention="per-prompt"),
+    ],
+)
 def test_local_workers_get_the_speed_settings(parallel):
     import argparse
     import types

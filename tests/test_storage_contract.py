@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from batchgen.core.errors import AlreadyExistsError, InputError, NotFoundError, StorageError
+from batchgen.core.errors import AlreadyExistsError, ChangedError, InputError, NotFoundError, StorageError
 from batchgen.storage import LocalStorage, open_storage
 from batchgen.storage.local import TEMP_PREFIX
 from batchgen.storage.s3 import S3Storage, make_client
@@ -229,6 +231,48 @@ def test_local_leftover_temp_files_are_invisible(tmp_path):
     assert storage.head("run/meta/s/b.json") is None
     storage.put_bytes("run/meta/s/b.json", b"whole", if_absent=True)
     assert storage.get_bytes("run/meta/s/b.json") == b"whole"
+
+
+def test_local_conditional_replace_removes_its_lock_and_a_killed_holders(tmp_path):
+    """Issue 19 item 4: the lock beside an object replaced with ``if_match`` goes with its holder; one left by a
+    holder killed with SIGKILL is listed as a leftover until the next conditional writer takes and removes it."""
+    storage = LocalStorage(tmp_path)
+    etag = storage.put_bytes("run/index/index.parquet", b"one", if_absent=True)
+    etag = storage.put_bytes("run/index/index.parquet", b"two", if_match=etag)
+    assert os.listdir(tmp_path / "run/index") == ["index.parquet"]
+
+    lock = tmp_path / "run/index" / f"{TEMP_PREFIX}lock-index.parquet"
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, sys; from pathlib import Path; from batchgen.storage.local import _exclusive\n"
+         "with _exclusive(Path(sys.argv[1])): os.kill(os.getpid(), 9)", str(lock)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -9 and lock.exists()
+    assert storage.leftovers("run/") == [f"run/index/{lock.name}"]
+    storage.put_bytes("run/index/index.parquet", b"three", if_match=etag)
+    assert not lock.exists() and storage.leftovers("run/") == []
+
+
+def test_local_conditional_replace_admits_one_writer_per_version(tmp_path):
+    """Removing the lock file on release keeps replacements exclusive: of all writers that read one version, one
+    replaces it; the others see ChangedError."""
+    storage = LocalStorage(tmp_path)
+    storage.put_bytes("run/index/index.parquet", b"0", if_absent=True)
+    winners: list[str] = []
+
+    def writer(index: int) -> None:
+        for round_ in range(30):
+            base = storage.head("run/index/index.parquet").etag
+            try:
+                storage.put_bytes("run/index/index.parquet", f"{index}-{round_}".encode(), if_match=base)
+                winners.append(base)
+            except ChangedError:
+                pass
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(writer, range(8)))
+    assert winners and len(winners) == len(set(winners))  # never two winners on one version
+    assert os.listdir(tmp_path / "run/index") == ["index.parquet"]
 
 
 def test_s3_lists_past_one_page(s3_bucket):

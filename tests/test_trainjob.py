@@ -206,10 +206,13 @@ def test_ending_a_trainjob_suspends_it_and_then_it_counts_as_failed(kube):
     assert ended.raw["spec"]["suspend"] is True
     assert ended.annotations[names.ENDED_ANNOTATION] == "batchgen stopped the job: too many restarts"
     assert not ended.finished  # pods still there until the Trainer has suspended the JobSet
-    suspended = {"type": "Suspended", "status": "True", "reason": "Suspended", "message": "TrainJob is suspended"}
+    suspended = {"type": "Suspended", "status": "True", "reason": "Suspended", "message": "TrainJob is suspended",
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
     with kube.emulator._lock:  # the Trainer's status update (kubeflow/trainer trainjob_controller.go)
         kind = kube.emulator.kinds[("trainer.kubeflow.org", "v1alpha1", "trainjobs")]
-        kube.emulator._patch(kind, kube.namespace, job.name, {"status": {"conditions": [suspended]}}, "status", "Warn")
+        patch = {"status": {"conditions": [suspended]}}
+        code, body, _ = kube.emulator._patch(kind, kube.namespace, job.name, patch, "status", "Warn")
+    assert code == 200, body
     failed = backend.get(job.name)
     assert (failed.state, failed.finished) == ("Failed", True)
     assert failed.reason() == "batchgen stopped the job: too many restarts (Suspended: TrainJob is suspended)"

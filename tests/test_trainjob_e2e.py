@@ -39,9 +39,12 @@ MAX_ATTEMPTS = 2
 SIGNALLED = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]
 
 
-def _wait_for(condition, timeout_s: float) -> None:
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+    """Poll until ``condition()``; fail naming ``what`` if it is still false after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.2)
 
 
@@ -112,6 +115,7 @@ def test_trainjobs_run_and_failures_end_within_bounds(
                 and any(name.endswith("-2-2-a1") for name in trainer.deleted)
             ),
             timeout_s=60,
+            what="every trainer run to finish and the healthy job of shard 2 (attempt 1) to be deleted",
         )
     finally:
         trainer.stop()

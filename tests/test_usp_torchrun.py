@@ -4,9 +4,9 @@ quickly with the rank named, and a topology that cannot fit fails before any wei
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -67,7 +67,8 @@ import sys
 from batchgen.core.config import ParallelConfig
 from batchgen.parallel.runtime import TorchContext
 
-context = TorchContext.from_env(ParallelConfig(ulysses_degree=2), num_heads=4, timeout_s=60)
+# A collective timeout far past the test's own: only torchrun stopping rank 0 can end the job in time.
+context = TorchContext.from_env(ParallelConfig(ulysses_degree=2), num_heads=4, timeout_s=900)
 if context.rank == 1:
     sys.exit("rank 1 gives up")
 context.all_true(True)  # rank 0 waits in a collective for a peer that will never come
@@ -78,12 +79,11 @@ print("unreachable")
 def test_failing_rank_ends_the_job_quickly_and_is_named(tmp_path):
     script = tmp_path / "fail_one_rank.py"
     script.write_text(FAILING_SCRIPT)
-    started = time.monotonic()
-    result = _torchrun(2, str(script), timeout=120)
-    elapsed = time.monotonic() - started
+    result = _torchrun(2, str(script), timeout=300)  # a hang ends in TimeoutExpired: rank 0 would wait 900 s
     assert result.returncode != 0
-    assert elapsed < 50, f"took {elapsed:.0f}s: the surviving rank hung instead of being stopped"
     output = result.stdout + result.stderr
+    # torch.distributed.elastic's agent stops the surviving rank (multiprocessing/api.py, "closing signal").
+    assert re.search(r"Sending process \d+ closing signal SIGTERM", output), output[-3000:]
     assert "rank 1 gives up" in output
     assert "rank      : 1" in output or "rank: 1" in output, output[-3000:]
     assert "unreachable" not in output

@@ -93,19 +93,19 @@ def test_encode_rejects_bad_input(frames, fps, crf, message):
 
 
 @pytest.mark.parametrize(
-    "data",
+    ("data", "message"),
     [
-        b"",
-        b"not a video at all",
-        b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64,
+        (b"", r"^not a video: empty data$"),
+        (b"not a video at all", r"^not a decodable video: .*Invalid data found when processing input"),
+        (b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64, r"^not a decodable video: .*Invalid data found"),
     ],
 )
-def test_probe_rejects_undecodable_data(data):
-    with pytest.raises(ValueError):
+def test_probe_rejects_undecodable_data(data, message):
+    with pytest.raises(ValueError, match=message):
         probe_mp4(data)
 
 
 def test_probe_rejects_truncated_video():
     data = encode_mp4(smooth_frames(13, 64, 64), fps=30, crf=18)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^not a video: no decodable frames$"):
         probe_mp4(data[: len(data) // 3])

@@ -44,17 +44,41 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"batchgen {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, default=None, help=f"text (default) or json lines (env {LOG_FORMAT_ENV})"
-    )
+    _add_global_options(parser, GLOBAL)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _command_modules():
         p = sub.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
         module.add_arguments(p)
+        # Also after the subcommand, as kubectl, aws and gcloud accept them: stored apart, then merged.
+        _add_global_options(p.add_argument_group("global options (also accepted before the command)"), SUBCOMMAND)
         p.set_defaults(_run=module.run)
     return parser
+
+
+GLOBAL = ""
+SUBCOMMAND = "sub_"
+"""Prefixes of the destinations of the global options given before / after the subcommand."""
+
+
+def _add_global_options(parser, prefix: str) -> None:
+    parser.add_argument(
+        "-v", "--verbose", dest=f"{prefix}verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    parser.add_argument("-q", "--quiet", dest=f"{prefix}quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument(
+        "--log-format",
+        dest=f"{prefix}log_format",
+        choices=LOG_FORMATS,
+        default=None,
+        help=f"text (default) or json lines (env {LOG_FORMAT_ENV})",
+    )
+
+
+def _merge_global_options(args: argparse.Namespace) -> None:
+    """One value per global option, whichever side of the subcommand gave it (after wins for --log-format)."""
+    args.verbose += getattr(args, f"{SUBCOMMAND}verbose", 0)
+    args.quiet = args.quiet or getattr(args, f"{SUBCOMMAND}quiet", False)
+    args.log_format = getattr(args, f"{SUBCOMMAND}log_format", None) or args.log_format
 
 
 def configure_logging(verbose: int, quiet: bool, log_format: str = "text") -> None:
@@ -74,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    _merge_global_options(args)
     try:
         log_format = resolve_format(args.log_format)
     except BatchgenError as e:
@@ -87,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return e.exit_code
     except KeyboardInterrupt:
-        log.error("interrupted")
+        log.error("interrupted: nothing half-written is left; run the same command again to finish")
         return EXIT_INTERRUPTED
     except Exception:
         log.exception("unexpected error")

@@ -65,6 +65,16 @@ def _add(parser: argparse.ArgumentParser, table, title: str) -> None:
         )
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """RUN_URI and --run-id: how every command that reads a run names it (resolved by ``plan.locate_run``)."""
+    parser.add_argument(
+        "run",
+        metavar="RUN_URI",
+        help="the run's folder (<output>/<run-id>, as run and submit print it) or its output root",
+    )
+    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run, when RUN_URI is a root with several")
+
+
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", default=None, help="TOML config file; flags override it")
 

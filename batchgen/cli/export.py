@@ -29,8 +29,9 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN_URI", help="the run's folder (<output>/<run-id>) or its output root")
-    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run, when RUN_URI is an output root")
+    from batchgen.cli._options import add_run_arguments
+
+    add_run_arguments(parser)
     parser.add_argument("--format", choices=["webdataset"], default="webdataset", help="output format")
     parser.add_argument("--out", required=True, metavar="URI", help="where the tars go: s3://bucket/prefix or a folder")
     parser.add_argument("--unflagged", action="store_true", help="only videos without quality flags")

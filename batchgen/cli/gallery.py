@@ -15,8 +15,9 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN_URI", help="the run's folder (<output>/<run-id>) or its output root")
-    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run, when RUN_URI is an output root")
+    from batchgen.cli._options import add_run_arguments
+
+    add_run_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="where the gallery goes: a folder or s3://...")
     parser.add_argument("--sample", type=int, default=None, metavar="N", help="show N sampled videos (default all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --sample draw")

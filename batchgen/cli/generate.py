@@ -18,7 +18,8 @@ DESCRIPTION = (
     "and write it to --out as an H.264 MP4. Generation defaults come from --config, else from "
     "DIR/batchgen-tiny.toml when the model directory is a tiny model, else the family's (Mochi 480x848, 163 frames, "
     "64 steps; Wan 480x832, 81 frames, 50 steps); flags override them. "
-    "Run it under torchrun with --ulysses-degree/--ring-degree/--cfg-degree to split one video across processes."
+    "Run it under torchrun with --ulysses-degree/--ring-degree/--cfg-degree to split one video across processes. "
+    "Exit 5 when the sample diverges (NaN or infinite values): nothing is written."
 )
 ORDER = 80
 
@@ -86,8 +87,9 @@ def _write_atomically(path, data: bytes) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from batchgen.core.errors import InputError
+    from batchgen.core.errors import IncompleteRunError, InputError
     from batchgen.core.item import Item
+    from batchgen.core.quality import NonFiniteError
     from batchgen.core.topology import check_items, visual_tokens
     from batchgen.models import uses_cfg
     from batchgen.worker.context import open_context
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         if context.dp_rank == 0:
             _generate(args, item, config, context, out_path, latents_path, log)
         context.barrier()
+    except NonFiniteError as e:  # the item failed, as a run records it: a message and exit 5, not a traceback
+        raise IncompleteRunError(f"{out_path}: not written: {e}") from None
     finally:
         context.close()
     return 0

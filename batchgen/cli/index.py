@@ -16,17 +16,18 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", metavar="URI", help="output root: s3://bucket/prefix or a folder")
-    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run (needed when there are several)")
+    from batchgen.cli._options import add_run_arguments
+
+    add_run_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchgen.cli.status import open_run_plan
     from batchgen.core import layout
     from batchgen.core.errors import EXIT_INCOMPLETE
+    from batchgen.core.plan import locate_run
     from batchgen.dataset.index import finalize
 
-    storage, plan = open_run_plan(args.output, args.run_id)
+    storage, plan = locate_run(args.run, args.run_id)
     run_id = plan.run_id
     result = finalize(storage, plan)
     print(f"{storage.url(layout.index_key(run_id))}: {result.rows} rows")

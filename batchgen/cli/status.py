@@ -10,7 +10,8 @@ ORDER = 70
 DESCRIPTION = (
     "Count done, failed and pending items of a run from the plan's item ids and listings of its meta/ and errors/ "
     "objects (files that are not a planned item's sidecar are ignored with a warning). "
-    "Without --run-id: the output's only run, or the list of runs when there are several."
+    "RUN_URI is the run's folder, or an output root with --run-id (or holding one run); given a root with several "
+    "runs and no --run-id, status lists them."
 )
 
 
@@ -24,8 +25,9 @@ def add_launcher_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", metavar="URI", help="output root: s3://bucket/prefix or a folder")
-    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run (needed when there are several)")
+    from batchgen.cli._options import add_run_arguments
+
+    add_run_arguments(parser)
     parser.add_argument("--shards", action="store_true", help="also list every shard that is not finished")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--namespace", default=None, help="also show the run's jobs in this namespace")
@@ -36,65 +38,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_run_id(storage, run_id: str | None) -> str | None:
-    """The run to show: the given one, or the only run. None when there are several (the caller lists them)."""
-    from batchgen.core.errors import NotFoundError
-    from batchgen.core.plan import list_runs
-
-    if run_id:
-        return run_id
-    runs = list_runs(storage)
-    if not runs:
-        raise NotFoundError(f"no planned run under {storage.uri}")
-    return runs[0] if len(runs) == 1 else None
-
-
-def open_run_plan(output: str, run_id: str | None):
-    """(storage, plan) of the run ``run_id``, or of the only run under ``output``; InputError naming the runs
-    when there are several."""
-    from batchgen.core.errors import InputError
-    from batchgen.core.plan import list_runs, load_plan
-    from batchgen.storage import open_storage
-
-    storage = open_storage(output)
-    chosen = resolve_run_id(storage, run_id)
-    if chosen is None:
-        raise InputError(f"several runs under {storage.uri}; pick one with --run-id: {', '.join(list_runs(storage))}")
-    return storage, load_plan(storage, chosen)
-
-
 def run(args: argparse.Namespace) -> int:
     import json
 
     from batchgen.core import layout
     from batchgen.core.errors import InputError
-    from batchgen.core.plan import list_runs, load_plan
+    from batchgen.core.plan import SeveralRunsError, locate_run
     from batchgen.core.progress import scan_run
     from batchgen.dataset import eta
-    from batchgen.storage import open_storage
+    from batchgen.dataset.index import FLAGGED_HINT, flagged_videos
 
-    storage = open_storage(args.output)
-    run_id = resolve_run_id(storage, args.run_id)
-    if run_id is None:
-        runs = list_runs(storage)
-        if args.json:
-            print(json.dumps({"runs": runs}))
-        else:
-            print(f"{len(runs)} runs under {storage.uri}; pick one with --run-id:")
-            for name in runs:
-                print(f"  {name}")
-        return 0
     if not args.rate_window > 0:
         raise InputError(f"--rate-window must be positive, got {args.rate_window}")
-    plan = load_plan(storage, run_id)
+    try:
+        storage, plan = locate_run(args.run, args.run_id)
+    except SeveralRunsError as several:
+        if args.json:
+            print(json.dumps({"runs": several.runs}))
+        else:
+            print(f"{len(several.runs)} runs under {several.root}; name one by its folder or --run-id:")
+            for name in several.runs:
+                print(f"  {several.root}/{name}")
+        return 0
+    run_id = plan.run_id
     progress = scan_run(storage, plan)
+    flagged = flagged_videos(storage, plan, progress)
     success = storage.exists(layout.success_key(run_id))
     times = eta.commit_times(storage, run_id)
     window = {"window_s": 60 * args.rate_window}
     rate = eta.run_rate(times, progress, **window)
     jobs, job_rates = _jobs_with_rates(args, run_id, times, progress, window) if args.namespace else (None, {})
     if args.json:
-        data = {**progress.to_dict(), "output": storage.uri, "success_marker": success, "rate": rate.to_dict()}
+        data = {**progress.to_dict(), "flagged": flagged, "output": storage.uri, "success_marker": success}
+        data["rate"] = rate.to_dict()
         if plan.reuse is not None:
             data["reused"] = plan.reuse.reused
         if args.shards:
@@ -120,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         f"items     {progress.done}/{progress.total} done ({percent:.1f}%), {progress.failed} failed, "
         f"{progress.pending} pending"
     )
+    print(f"flagged   {flagged} of {progress.done} videos ({FLAGGED_HINT})")
     if plan.reuse is not None:
         print(f"reuse     {plan.reuse.describe(plan.row_count)}")
     print(f"rate      {rate.describe()}")

@@ -17,8 +17,9 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", metavar="URI", help="output root: s3://bucket/prefix or a folder")
-    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run (needed when there are several)")
+    from batchgen.cli._options import add_run_arguments
+
+    add_run_arguments(parser)
     parser.add_argument("--deep", action="store_true", help="also read every video: sha256 and frame count")
     parser.add_argument("--repair", action="store_true", help="make damaged items pending again, rebuild the index")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -27,11 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from batchgen.cli.status import open_run_plan
     from batchgen.core.errors import EXIT_OK, EXIT_VERIFY
+    from batchgen.core.plan import locate_run
     from batchgen.dataset.audit import audit_run, repair
 
-    storage, plan = open_run_plan(args.output, args.run_id)
+    storage, plan = locate_run(args.run, args.run_id)
     audit = audit_run(storage, plan, deep=args.deep)
     found = list(audit.problems)
     if args.repair and found:
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _as_dict(audit, found, storage) -> dict:
     def problems(items):
-        return [{"uri": storage.url(p.key), "problem": p.what} for p in items]
+        return [{"uri": p.where(storage), "problem": p.what} for p in items]
 
     return {
         "run_id": audit.run_id,
@@ -60,7 +61,7 @@ def _as_dict(audit, found, storage) -> dict:
 def _print(audit, found, storage, *, repaired: bool) -> None:
     print(f"run       {audit.run_id}: {audit.done}/{audit.total} done")
     for problem in found:
-        print(f"  {storage.url(problem.key)}: {problem.what}")
+        print(f"  {problem.where(storage)}: {problem.what}")
     if repaired and found:
         fixed = len(found) - len(audit.problems)
         print(f"repaired  {fixed} problem(s): damaged items are pending again; run the same batch again to regenerate")

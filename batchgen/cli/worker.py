@@ -19,8 +19,10 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from batchgen.cli._options import add_config_argument, add_parallel_arguments
 
-    parser.add_argument("--output", required=True, metavar="URI", help="output root the run was planned under")
-    parser.add_argument("--run-id", required=True, metavar="RUN", help="run id (printed by batchgen plan / run)")
+    parser.add_argument(
+        "--output", required=True, metavar="RUN_URI", help="the run's folder, or the output root it was planned under"
+    )
+    parser.add_argument("--run-id", default=None, metavar="RUN", help="which run, when --output is a root with several")
     parser.add_argument(
         "--shards", required=True, metavar="SEL", help="'A:B' (half-open indices), '1,3,7', 'shard-000003' or 'all'"
     )
@@ -32,30 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     from batchgen.core import metrics
-    from batchgen.core.plan import load_plan, parse_shard_selection
-    from batchgen.storage import open_storage
+    from batchgen.core.plan import locate_run, parse_shard_selection
 
-    log = logging.getLogger("batchgen.commands.worker")
-    storage = open_storage(args.output)
-    plan = load_plan(storage, args.run_id)
+    storage, plan = locate_run(args.output, args.run_id)
     shards = parse_shard_selection(args.shards, plan)
     plan, local = _with_local_settings(args, plan)
     port = metrics.resolve_port(args.metrics_port, local.worker.metrics_port)
     metrics.serve(metrics.WORKER_REGISTRY, port, offset=metrics.local_rank())
-    summary = _run_shards(args, storage, plan, shards)
-    log.info(
-        "worker done: %d shard(s), %d generated, %d resumed, %d adopted, %d failed%s",
-        len(summary.shards),
-        summary.generated,
-        summary.resumed,
-        summary.adopted,
-        summary.failed,
-        f", stopped by signal {summary.interrupted}" if summary.interrupted else "",
-    )
-    return summary.exit_code
+    return _run_shards(args, storage, plan, shards).exit_code
 
 
 def _with_local_settings(args: argparse.Namespace, plan):
@@ -78,7 +65,9 @@ def _with_local_settings(args: argparse.Namespace, plan):
 
 def _run_shards(args: argparse.Namespace, storage, plan, shards: list[str]):
     """Check the weights and the degrees against the shards' items, then run the worker loop with the family's
-    generator (the weights load here, after every check)."""
+    generator (the weights load here, after every check); the summary is logged with the run id."""
+    import logging
+
     from batchgen.core.logs import log_context
     from batchgen.core.plan import load_shard_items
     from batchgen.core.topology import check_items, visual_tokens
@@ -86,6 +75,7 @@ def _run_shards(args: argparse.Namespace, storage, plan, shards: list[str]):
     from batchgen.worker.context import open_context
     from batchgen.worker.loop import StopRequest, run_worker
 
+    log = logging.getLogger("batchgen.commands.worker")
     config = plan.config
     spec, parallel = config.spec, config.parallel
     check_weights(args.model_dir, family=spec.family, weights=config.model.weights)  # before any weights load
@@ -103,8 +93,18 @@ def _run_shards(args: argparse.Namespace, storage, plan, shards: list[str]):
                 max_sequence_length=config.generation.max_sequence_length,
             )  # fmt: skip
             try:
-                return run_worker(storage, plan, shards, generator, context, stop=stop)
+                summary = run_worker(storage, plan, shards, generator, context, stop=stop)
             finally:
                 generator.close()
         finally:
             context.close()
+        log.info(
+            "worker done: %d shard(s), %d generated, %d resumed, %d adopted, %d failed%s",
+            len(summary.shards),
+            summary.generated,
+            summary.resumed,
+            summary.adopted,
+            summary.failed,
+            f", stopped by signal {summary.interrupted}" if summary.interrupted else "",
+        )
+    return summary

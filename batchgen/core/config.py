@@ -109,6 +109,10 @@ def setting(
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "maximum": maximum})
 
 
+ATTENTION_CHOICES = ("auto", "joint", "per-prompt")
+"""``[parallel] attention``: how each block's attention treats the CFG batch (``ParallelConfig.attention``)."""
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """How one worker process group splits the work. World size = data x cfg x ulysses x ring.
@@ -136,11 +140,23 @@ class ParallelConfig:
         "below this (e.g. 0.05); 0 = off; changes the output, recorded in each sidecar", minimum=0.0, maximum=1.0,
     )  # fmt: skip
     fp8: bool = setting(False, "FP8 linear layers (Hopper only), used only where the numeric gate passes")
+    attention: str = setting(
+        "auto", "how each block attends over the CFG batch: joint (one masked call for the batch), per-prompt (one "
+        "unmasked call per prompt, cut to its valid text tokens: FlashAttention stays eligible) or auto (on CUDA the "
+        "faster of the two and of the kernels under each, measured at the first use of each shape; on CPU joint)",
+        choices=ATTENTION_CHOICES,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         problems = setting_problems(self)
         if problems:
             raise ConfigError(f"parallel.{problems[0]}")
+        if self.attention == "joint" and self.sp_backend == "xfuser":
+            # xDiT's attention takes no key mask, so it cannot batch prompts of different lengths into one call.
+            raise ConfigError(
+                "parallel.attention 'joint' needs a key mask, which the xfuser backend's attention "
+                "does not take; use 'auto' or 'per-prompt', or sp_backend 'native'"
+            )
 
 
 def _one_of(choices: tuple[Any, ...]) -> str:

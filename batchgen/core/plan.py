@@ -34,6 +34,7 @@ from batchgen.core import layout
 from batchgen.core.config import GenerationConfig, ModelConfig, RunConfig
 from batchgen.core.errors import AlreadyExistsError, InputError, NotFoundError, PlanConflictError, StorageError
 from batchgen.core.item import ITEM_SCHEMA, Item, ShapeGroup
+from batchgen.core.logs import log_context
 from batchgen.core.manifest import ManifestSummary, items_from_table, tally_shapes, validate_and_resolve
 from batchgen.core.reuse import ReusePlan, copy_mask, plan_sources, write_reuse_files
 from batchgen.storage.base import Storage
@@ -209,6 +210,68 @@ def list_runs(storage: Storage) -> list[str]:
     return sorted(layout.item_id_from_key(info.key) for info in storage.list(prefix) if info.key.endswith(".json"))
 
 
+def locate_run(uri: str, run_id: str | None = None) -> tuple[Storage, RunPlan]:
+    """(storage of the output root, plan) of the run ``uri`` names: the run's own folder (``<output>/<run-id>``,
+    the folder ``batchgen run`` prints), or the output root with ``run_id``, or the root alone when it holds
+    exactly one run. Every command that names a run resolves it here.
+
+    A URI that names no run is invalid input (InputError, exit 2) whose message lists the runs the root holds;
+    an output root holding several runs without ``run_id`` raises SeveralRunsError (status lists them)."""
+    from batchgen.storage import open_storage
+
+    storage = open_storage(uri)
+    runs = list_runs(storage)
+    if run_id is None and len(runs) > 1:
+        raise SeveralRunsError(storage.uri, runs)
+    chosen = run_id or (runs[0] if runs else None)
+    plan = _load_if_present(storage, chosen) if chosen else None
+    if plan is not None:
+        return storage, plan
+    # Only a URI holding no run of its own is read as a run's folder: a root is never asked about its parent,
+    # which a prefix-scoped bucket policy may not let us list.
+    parent_uri = _parent_uri(uri)
+    parent = open_storage(parent_uri) if parent_uri else None
+    folder_run = uri.rstrip("/").rpartition("/")[2]
+    if parent is not None and not runs and run_id in (None, folder_run):
+        plan = _load_if_present(parent, folder_run)
+        if plan is not None:
+            return parent, plan
+    what = f"no run {run_id!r} under {storage.uri}" if run_id else f"no run at {storage.uri}"
+    raise InputError(f"{what}: {_runs_held(runs, parent)}")
+
+
+class SeveralRunsError(InputError):
+    """An output root holding several runs was named without saying which one."""
+
+    def __init__(self, root: str, runs: list[str]):
+        self.root = root
+        self.runs = runs
+        super().__init__(
+            f"{root} holds {len(runs)} runs: {', '.join(runs)}; name one by its folder ({root}/<run-id>) "
+            "or add --run-id"
+        )
+
+
+def _parent_uri(uri: str) -> str | None:
+    """The folder above ``uri``, or None at a bucket, a filesystem root or a bare name."""
+    head = uri.rstrip("/").rpartition("/")[0]
+    return head if head and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:/*", head) else None
+
+
+def _runs_held(runs: list[str], parent: Storage | None) -> str:
+    """Which runs the output root holds: this folder's, else (a mistyped run folder) its parent's."""
+    if runs:
+        return f"it holds runs {', '.join(runs)}"
+    try:
+        parent_runs = list_runs(parent) if parent is not None else None
+    except StorageError:  # a folder above the output that these credentials may not list: say what we know
+        parent_runs = None
+    if parent_runs:
+        return f"{parent.uri} holds runs {', '.join(parent_runs)} (name one as {parent.uri}/<run-id>)"
+    above = ", nor does the folder above it" if parent_runs == [] else ""
+    return f"it holds no run{above} (plan one with `batchgen run` or `batchgen plan`)"
+
+
 def _runs_named(storage: Storage, slug: str) -> list[str]:
     return [layout.item_id_from_key(i.key) for i in storage.list(layout.run_registry_prefix(slug))]
 
@@ -378,6 +441,10 @@ def plan_manifest(
         return _plan_validated(manifest_path, summary, spill, config, storage, run_name=run_name, new_run=new_run)
 
 
+def _run_id(slug: str, fingerprint: str) -> str:
+    return f"{slug}-{fingerprint[:12]}"
+
+
 def _plan_validated(
     manifest_path: str | Path,
     summary: ManifestSummary,
@@ -389,10 +456,25 @@ def _plan_validated(
     new_run: bool,
 ) -> tuple[RunPlan, bool]:
     slug = slugify(run_name if run_name else Path(manifest_path).stem)
-    shard_size = config.worker.shard_size
-    fingerprint = plan_fingerprint(summary.digest, summary.rows, config.generation, shard_size, config.model)
-    run_id = f"{slug}-{fingerprint[:12]}"
+    fingerprint = plan_fingerprint(
+        summary.digest, summary.rows, config.generation, config.worker.shard_size, config.model
+    )
+    with log_context(run_id=_run_id(slug, fingerprint)):
+        return _reuse_or_write(manifest_path, summary, spill, config, storage, slug, fingerprint, new_run=new_run)
 
+
+def _reuse_or_write(
+    manifest_path: str | Path,
+    summary: ManifestSummary,
+    spill: Path,
+    config: RunConfig,
+    storage: Storage,
+    slug: str,
+    fingerprint: str,
+    *,
+    new_run: bool,
+) -> tuple[RunPlan, bool]:
+    run_id, shard_size = _run_id(slug, fingerprint), config.worker.shard_size
     stored = _load_if_present(storage, run_id)
     if stored is not None:
         if stored.fingerprint != fingerprint:

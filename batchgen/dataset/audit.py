@@ -5,7 +5,8 @@
 - sidecars are valid and describe the item their key names;
 - no sidecar, error record or video is stray (not an object of a planned item);
 - the index holds exactly the done items (same ids, sha256 and sizes), and ``_SUCCESS.json`` is present exactly
-  when the run is complete, naming the current index.
+  when the run is complete, naming the current index;
+- no temporary or lock file of an interrupted write is left in the run's folder (``Storage.leftovers``).
 
 ``repair`` turns each damaged item back into a pending one (its video is deleted first, then its sidecar, so a
 crash in between leaves a sidecar without a video, which the next verify finds again, never a damaged orphan the
@@ -43,6 +44,11 @@ class Problem:
     what: str
     item: tuple[str, str] | None = None
     """(shard, item id) when the item is damaged and ``repair`` makes it pending again."""
+    uri: str | None = None
+    """Where ``key`` is no object (a leftover file): its full URI."""
+
+    def where(self, storage: Storage) -> str:
+        return self.uri or storage.url(self.key)
 
 
 @dataclass
@@ -71,7 +77,12 @@ def audit_run(storage: Storage, plan: RunPlan, *, deep: bool = False) -> Audit:
         if record is not None:
             sidecars[pair[1]] = record
     audit.problems += _check_index(storage, plan, progress, sidecars)
+    leftovers = storage.leftovers(layout.run_prefix(plan.run_id))
+    audit.problems += [Problem(name, LEFTOVER, uri=f"{storage.uri}/{name}") for name in leftovers]
     return audit
+
+
+LEFTOVER = "left by an interrupted write, not part of the dataset: delete it once no batchgen command writes here"
 
 
 def _videos(storage: Storage, plan: RunPlan, progress: RunProgress, audit: Audit) -> dict[str, int]:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from batchgen import __version__
 from batchgen.core import layout
 from batchgen.core.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError, TransientStorageError
+from batchgen.core.logs import log_context
 from batchgen.core.plan import RunPlan
 from batchgen.core.progress import RunProgress, scan_run
 from batchgen.core.records import INDEX_RENAMED, Sidecar, SidecarError, index_schema
@@ -153,16 +154,21 @@ def _current_parts(storage: Storage, plan: RunPlan, progress: RunProgress) -> tu
     ``index/parts/``; a shard's part is built only when none carries the digest of its current sidecars."""
     prefix = layout.index_parts_prefix(plan.run_id)
     existing = {info.key for info in storage.list(prefix)}
-    wanted = {
-        s.shard: layout.index_part_key(plan.run_id, s.shard, part_digest(s.etags))
-        for s in progress.shards.values()
-        if s.done_ids
-    }
+    wanted = _wanted_parts(plan, progress)
     missing = [shard for shard, key in wanted.items() if key not in existing]
     with ThreadPoolExecutor(max_workers=PART_THREADS, thread_name_prefix="index-part") as pool:
         list(pool.map(lambda shard: write_part(storage, plan.run_id, shard, progress.shards[shard].etags), missing))
     current = [wanted[shard] for shard in plan.shards if shard in wanted]
     return current, sorted(existing - set(current)), len(missing)
+
+
+def _wanted_parts(plan: RunPlan, progress: RunProgress) -> dict[str, str]:
+    """shard -> the key of its current part, for every shard with done items."""
+    return {
+        s.shard: layout.index_part_key(plan.run_id, s.shard, part_digest(s.etags))
+        for s in progress.shards.values()
+        if s.done_ids
+    }
 
 
 def _assemble(storage: Storage, part_keys: list[str], folder: Path) -> tuple[Path, int]:
@@ -241,6 +247,11 @@ def finalize(storage: Storage, plan: RunPlan) -> Finalized:
     4. if the index has changed since our put, a newer finaliser may have set the marker before we did: start over.
        Otherwise our index is the newest, and any later finaliser sets the marker after us.
     """
+    with log_context(run_id=plan.run_id):
+        return _finalize_rounds(storage, plan)
+
+
+def _finalize_rounds(storage: Storage, plan: RunPlan) -> Finalized:
     key = layout.index_key(plan.run_id)
     for _ in range(FINALIZE_ROUNDS):
         before = storage.head(key)
@@ -280,6 +291,43 @@ def finalize(storage: Storage, plan: RunPlan) -> Finalized:
 def _part_name(part_key: str) -> str:
     """'<run>/index/parts/<shard>-<digest>.parquet' -> '<shard>-<digest>', the name its content part shares."""
     return part_key.rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+FLAGS_COLUMN = "quality_flags"
+"""The quality gate's flags of each video (``Sidecar.quality["flags"]`` flattened): empty unless flagged."""
+FLAGGED_HINT = f"black or frozen frames; the index's {FLAGS_COLUMN} says which"
+"""What ``run`` and ``status`` say after the flagged count."""
+
+
+def flagged_videos(storage: Storage, plan: RunPlan, progress: RunProgress) -> int:
+    """Committed videos the quality gate flagged (black or frozen), from the run index when it is current (one
+    read), else from each shard's current part (one read per shard with done items), else from the sidecars of a
+    shard that has no current part yet (one a worker is still on)."""
+    listed = {info.key for info in storage.list(layout.index_parts_prefix(plan.run_id))}
+    shards = [s for s in progress.shards.values() if s.done_ids]
+    wanted = _wanted_parts(plan, progress)
+    index_key = layout.index_key(plan.run_id)
+    current = [wanted[s] for s in plan.shards if s in wanted]
+    if set(current) <= listed and _unchanged(storage, plan, progress, storage.head(index_key), current) is not None:
+        return _flagged_in(storage, index_key)
+
+    def count(shard) -> int:
+        if wanted[shard.shard] in listed:
+            try:
+                return _flagged_in(storage, wanted[shard.shard])
+            except NotFoundError:  # replaced since the listing: its sidecars say the same
+                pass
+        return sum(1 for row in shard_rows(storage, plan.run_id, shard.shard, shard.done_ids) if row.get(FLAGS_COLUMN))
+
+    with ThreadPoolExecutor(max_workers=PART_THREADS, thread_name_prefix="index-flags") as pool:
+        return sum(pool.map(count, shards))
+
+
+def _flagged_in(storage: Storage, key: str) -> int:
+    table = pq.read_table(pa.BufferReader(storage.get_bytes(key)))
+    if FLAGS_COLUMN not in table.column_names:  # written before the quality gate existed
+        return 0
+    return sum(1 for flags in table.column(FLAGS_COLUMN).to_pylist() if flags)
 
 
 def _parts_digest(parts: list[str]) -> str:

@@ -22,28 +22,16 @@ import pyarrow.parquet as pq
 
 from batchgen.core import layout
 from batchgen.core.errors import InputError, NotFoundError, StorageError
-from batchgen.core.plan import RunPlan, list_runs, load_plan
-from batchgen.storage import open_storage
+from batchgen.core.plan import RunPlan, locate_run
 from batchgen.storage.base import Storage
 
 READ_THREADS = 8  # video gets are latency-bound; a few in flight keep a consumer busy
 
 
 def open_run(uri: str, run_id: str | None = None) -> Run:
-    """A run from its own folder (``<output>/<run-id>``) or from the output root (``run_id``, or the only run)."""
-    head, _, last = uri.rstrip("/").rpartition("/")
-    if run_id is None and head and not head.endswith(":/"):
-        parent = open_storage(head)
-        if parent.exists(layout.plan_key(last)):
-            return Run(parent, load_plan(parent, last))
-    storage = open_storage(uri)
-    if run_id is None:
-        runs = list_runs(storage)
-        if len(runs) != 1:
-            found = f"runs {', '.join(runs)}" if runs else "no run"
-            raise InputError(f"{storage.uri} holds {found}: give the run's folder or its run id")
-        run_id = runs[0]
-    return Run(storage, load_plan(storage, run_id))
+    """A run from its own folder (``<output>/<run-id>``) or from the output root (``run_id``, or the only run);
+    see ``plan.locate_run``."""
+    return Run(*locate_run(uri, run_id))
 
 
 @dataclass(frozen=True)

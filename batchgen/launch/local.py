@@ -34,11 +34,11 @@ from batchgen.core.errors import (
     InputError,
     NotFoundError,
 )
-from batchgen.core.logs import LogStream, json_logs
+from batchgen.core.logs import LogStream, json_logs, log_context
 from batchgen.core.plan import RunPlan, make_plan
 from batchgen.core.progress import RunProgress, scan_run
 from batchgen.dataset.eta import clock
-from batchgen.dataset.index import finalize_run
+from batchgen.dataset.index import FLAGGED_HINT, finalize_run, flagged_videos
 from batchgen.storage import open_storage
 from batchgen.storage.base import Storage
 from batchgen.worker.contract import TORCHRUN, WorkerArgs, exit_code_of
@@ -65,6 +65,8 @@ class RunOutcome:
     seconds: float
     complete: bool
     index_rows: int | None
+    flagged: int | None = None
+    """Committed videos the quality gate flagged (black or frozen frames); None when the index could not be built."""
     worker_exit_codes: list[int] = field(default_factory=list)
     interrupted: int | None = None
 
@@ -86,6 +88,8 @@ class RunOutcome:
             f"{self.resumed} resumed), {self.failed} failed, {self.total - self.done - self.failed} pending",
             f"time      {self.seconds:.1f} s ({rate:.2f} items/s)",
         ]
+        if self.flagged is not None:
+            lines.append(f"flagged   {self.flagged} of {self.done} videos ({FLAGGED_HINT})")
         if self.index_rows is not None:
             lines.append(f"index     {storage.url(layout.index_key(self.plan.run_id))} ({self.index_rows} rows)")
         if self.complete:
@@ -94,7 +98,9 @@ class RunOutcome:
             reason = "interrupted" if self.interrupted is not None else "incomplete"
             lines.append(f"status    {reason}: run the same command again to retry what is left")
         if self.failed:
-            lines.append(f"errors    {storage.url(f'{self.plan.run_id}/errors/')} (one JSON per failed item)")
+            # A folder, not an object: url() takes keys only.
+            errors = storage.url(self.plan.run_id) + "/errors/"
+            lines.append(f"errors    {errors} (one JSON per failed item)")
         return lines
 
 
@@ -233,39 +239,35 @@ def run_local(
     started = time.monotonic()
     storage = open_storage(output)
     plan = make_plan(manifest, config, storage, run_name=run_name, new_run=new_run)
-    topology = check_parallel(plan, config, model_dir, nproc_per_worker)
+    with log_context(run_id=plan.run_id):
+        return _run_planned(
+            plan, storage, model_dir, config, (workers, nproc_per_worker), poll_s, verbose, stream, started
+        )
 
+
+def _run_planned(
+    plan: RunPlan,
+    storage: Storage,
+    model_dir: str | Path,
+    config: RunConfig,
+    shape: tuple[int, int],
+    poll_s: float,
+    verbose: int,
+    stream: TextIO,
+    started: float,
+) -> RunOutcome:
+    """The rest of ``run_local`` once the run is planned: its pending shards, the index, the outcome. ``shape``:
+    (workers, processes per worker)."""
+    topology = check_parallel(plan, config, model_dir, shape[1])
     before = scan_run(storage, plan)
     reused_before = _index_counts(storage, plan)[1] if before.done else 0
-    pending = before.unfinished_shards
-    resumed = before.done
     codes: list[int] = []
     interrupted: int | None = None
-    if not pending:
+    if not before.unfinished_shards:
         log.info("nothing to generate: all %d items of %s are already done", plan.row_count, plan.run_id)
     else:
-        groups = split_shards(pending, workers)
-        log.info(
-            "%s: %d of %d items done; %d shard(s) to process with %d worker(s) of %d process(es) (%s)",
-            plan.run_id,
-            resumed,
-            plan.row_count,
-            len(pending),
-            len(groups),
-            nproc_per_worker,
-            topology.describe(),
-        )
-        degrees = (topology.ulysses, topology.ring, topology.cfg)
-        # Worker i serves on base + i * nproc, its ranks on that + LOCAL_RANK: no two processes share a port.
-        base_port = config.worker.metrics_port
-        commands = [
-            worker_command(
-                plan, storage.uri, group, model_dir, config, nproc=nproc_per_worker, degrees=degrees, verbose=verbose,
-                metrics_port=base_port + index * nproc_per_worker if base_port else 0,
-            )
-            for index, group in enumerate(groups)
-        ]  # fmt: skip
-        display = ProgressDisplay(stream, plan.run_id, resumed)
+        display = ProgressDisplay(stream, plan.run_id, before.done)
+        commands = _worker_commands(plan, storage, model_dir, config, topology, before, shape, verbose)
         codes, interrupted = _supervise(commands, lambda: scan_run(storage, plan), display, poll_s)
 
     index_rows: int | None = None
@@ -284,15 +286,44 @@ def run_local(
         total=after.total,
         done=after.done,
         failed=after.failed,
-        resumed=resumed,
-        generated=max(0, after.done - resumed - (reused - reused_before)),
+        resumed=before.done,
+        generated=max(0, after.done - before.done - (reused - reused_before)),
         reused=max(0, reused - reused_before),
         seconds=time.monotonic() - started,
         complete=complete,
         index_rows=index_rows,
+        flagged=flagged_videos(storage, plan, after) if index_rows is not None else None,
         worker_exit_codes=codes,
         interrupted=interrupted,
     )
+
+
+def _worker_commands(
+    plan, storage, model_dir, config, topology, before: RunProgress, shape, verbose
+) -> list[list[str]]:
+    """One command per worker, each given a disjoint group of the unfinished shards."""
+    workers, nproc_per_worker = shape
+    groups = split_shards(before.unfinished_shards, workers)
+    log.info(
+        "%s: %d of %d items done; %d shard(s) to process with %d worker(s) of %d process(es) (%s)",
+        plan.run_id,
+        before.done,
+        plan.row_count,
+        len(before.unfinished_shards),
+        len(groups),
+        nproc_per_worker,
+        topology.describe(),
+    )
+    degrees = (topology.ulysses, topology.ring, topology.cfg)
+    # Worker i serves on base + i * nproc, its ranks on that + LOCAL_RANK: no two processes share a port.
+    base_port = config.worker.metrics_port
+    return [
+        worker_command(
+            plan, storage.uri, group, model_dir, config, nproc=nproc_per_worker, degrees=degrees, verbose=verbose,
+            metrics_port=base_port + index * nproc_per_worker if base_port else 0,
+        )
+        for index, group in enumerate(groups)
+    ]  # fmt: skip
 
 
 def _index_counts(storage: Storage, plan: RunPlan) -> tuple[int, int]:

@@ -30,6 +30,7 @@ import torch
 
 from batchgen.core.errors import TopologyError
 from batchgen.models import MOCHI, ParallelPlan
+from batchgen.parallel.choice import AttentionChooser, Timer
 from batchgen.parallel.usp import COMM_STATS, Axis, SequenceLayout, all_gather_cat
 
 log = logging.getLogger("batchgen.parallel.apply")
@@ -55,14 +56,27 @@ class _ParallelState:
     backend: str = "native"
     layout: SequenceLayout = field(default_factory=SequenceLayout)
     plan: ParallelPlan = MOCHI.parallel_plan
+    attention: str = "auto"
+    """``[parallel] attention`` (Mochi's joint attention: ``batchgen.parallel.choice``)."""
+    timer: Timer | None = None
+    """What measures the candidates under 'auto'; None: CUDA events on CUDA, no measuring elsewhere."""
+    chooser: AttentionChooser | None = None
 
 
 def parallelize_transformer(
-    transformer, context, *, plan: ParallelPlan = MOCHI.parallel_plan, backend: str | None = None, kernel: str = "auto"
+    transformer,
+    context,
+    *,
+    plan: ParallelPlan = MOCHI.parallel_plan,
+    backend: str | None = None,
+    kernel: str = "auto",
+    attention: str = "auto",
+    timer: Timer | None = None,
 ):
     """Install CFG / sequence parallelism on ``transformer`` (in place) and return it.
 
-    ``plan`` is the family's ``ParallelPlan`` (Mochi's by default). ``context`` is a ``TorchContext``, or any
+    ``plan`` is the family's ``ParallelPlan`` (Mochi's by default). ``attention``: ``[parallel] attention``, the
+    path of Mochi's joint attention ('auto' measures with ``timer``, by default CUDA events on CUDA). ``context`` is a ``TorchContext``, or any
     context without a ``topology`` (``SingleProcess``): one process. ``backend`` defaults to the context's parallel
     config ('native' when it has none). Every rank of a data-parallel group must call the returned model with the
     same full CFG batch; each returns the full noise prediction.
@@ -80,6 +94,8 @@ def parallelize_transformer(
         sp=axes["sp"],
         backend=backend or getattr(context, "sp_backend", None) or "native",
         plan=plan,
+        attention=attention,
+        timer=timer,
     )
     blocks = getattr(transformer, plan.blocks)
     processors = plan.processors(transformer, context, state, kernel)
@@ -123,6 +139,15 @@ def installed_plan(transformer) -> ParallelPlan | None:
     """The ``ParallelPlan`` ``parallelize_transformer`` installed on ``transformer``, or None."""
     state: _ParallelState | None = getattr(transformer, _STATE_ATTR, None)
     return state.plan if state is not None else None
+
+
+def attention_facts(transformer) -> dict[str, Any] | None:
+    """The sidecar's ``parallel.attention``: the setting, and the path, kernel and candidate timings of the latest
+    forward (``AttentionChooser.facts``); None where no choice is made (Wan, the xfuser backend)."""
+    state: _ParallelState | None = getattr(transformer, _STATE_ATTR, None)
+    if state is None or state.chooser is None:
+        return None
+    return state.chooser.facts()
 
 
 def valid_local_tokens(transformer) -> int | None:

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from batchgen.parallel.attention import attention_with_lse, merge_partial
+from batchgen.parallel.choice import AttentionChooser
 
 
 class CommStats:
@@ -206,33 +207,43 @@ def ring_joint_attention(
     *,
     layout: SequenceLayout | None = None,
     kernel: str = "auto",
+    chooser: AttentionChooser | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Joint attention of this rank's visual chunk q, k, v [B, H_local, C, D] and the batch's text tokens, over the
     whole ring, one kernel call per ring step for the whole batch. Returns (visual out [B, H_local, C, D], text out
-    [B, H_local, L, D]; rows of padded text tokens are 0).
+    [B, H_local, L, D]; rows of padded text tokens are 0). The two calls under the text mask take ``chooser``'s
+    path (joint or per prompt; without a chooser 'auto' on ``kernel``).
 
     Padded visual tokens sit at the end of the sequence; a chunk's keys are cut to its real tokens (a chunk of
     padding alone is skipped), so no padded key enters any softmax and fast kernels need no mask for the
     visual keys. Text keys join once, on the step where the rank holds its own chunk, under the key mask."""
-    key_mask_visual = text.mask.new_ones(q.shape[0], q.shape[2])
+    chooser = chooser or AttentionChooser(kernel=kernel)
+    layout = layout or SequenceLayout()
+    # The same on every rank (a rank's real key count is not: the last chunks may hold padding).
+    site = ("ring", layout.tokens, layout.padded)
+
+    def own_step(keys: torch.Tensor, values: torch.Tensor):
+        # The batch's text joins once per query, under the key mask (each prompt's own valid tokens).
+        joint_k, joint_v = torch.cat([keys, text.k], dim=2), torch.cat([values, text.v], dim=2)
+        return chooser.attend(q, joint_k, joint_v, text.mask, leading=keys.shape[2], site=site)
+
+    own = None
+    if not chooser.decided(q, text.mask, site):
+        # The first forward of a shape measures and agrees (a collective) before any ring transfer is in flight.
+        own_valid = layout.valid_keys(ring.rank, k.shape[2])
+        own = own_step(k[:, :, :own_valid], v[:, :, :own_valid])
     vis_out = vis_lse = None
     text_parts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * ring.size
-    for block, keys, values in _ring_blocks(k, v, ring, layout or SequenceLayout()):
+    for block, keys, values in _ring_blocks(k, v, ring, layout):
         valid = keys.shape[2]
         if block == ring.rank:
-            # The batch's text joins once per query, under the key mask (each prompt's own valid tokens).
-            key_mask = torch.cat([key_mask_visual[:, :valid], text.mask], dim=1)
-            out, lse = attention_with_lse(
-                q, torch.cat([keys, text.k], dim=2), torch.cat([values, text.v], dim=2), key_mask=key_mask,
-                kernel=kernel,
-            )  # fmt: skip
-            vis_out, vis_lse = merge_partial(vis_out, vis_lse, out, lse)
+            vis_out, vis_lse = merge_partial(vis_out, vis_lse, *(own if own is not None else own_step(keys, values)))
         elif valid:
             vis_out, vis_lse = merge_partial(vis_out, vis_lse, *attention_with_lse(q, keys, values, kernel=kernel))
         if valid:
             text_parts[block] = attention_with_lse(text.q, keys, values, kernel=kernel)
     # Fixed merge order (text, chunk 0, chunk 1, ...): every ring rank computes bit-identical text outputs.
-    text_out, text_lse = attention_with_lse(text.q, text.k, text.v, key_mask=text.mask, kernel=kernel)
+    text_out, text_lse = chooser.attend(text.q, text.k, text.v, text.mask, leading=0, site=("text",), record=False)
     text_out = text_out.float()
     for part in text_parts:
         if part is not None:
@@ -282,11 +293,20 @@ class USPMochiAttnProcessor:
     together; nothing here waits on the host (no ``nonzero``, no ``.item()``).
     """
 
-    def __init__(self, ulysses: Axis, ring: Axis, *, kernel: str = "auto", layout: SequenceLayout | None = None):
+    def __init__(
+        self,
+        ulysses: Axis,
+        ring: Axis,
+        *,
+        kernel: str = "auto",
+        layout: SequenceLayout | None = None,
+        chooser: AttentionChooser | None = None,
+    ):
         self.ulysses = ulysses
         self.ring = ring
         self.kernel = kernel
         self.layout = layout
+        self.chooser = chooser or AttentionChooser(kernel=kernel)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
         query, key, value, enc_query, enc_key, enc_value = project_qkv(
@@ -304,7 +324,9 @@ class USPMochiAttnProcessor:
             *(t[:, :, head_slice].transpose(1, 2) for t in (enc_query, enc_key, enc_value)),
             mask=attention_mask.bool(),
         )
-        vis_out, text_out = ring_joint_attention(q, k, v, text, self.ring, layout=self.layout, kernel=self.kernel)
+        vis_out, text_out = ring_joint_attention(
+            q, k, v, text, self.ring, layout=self.layout, kernel=self.kernel, chooser=self.chooser
+        )
 
         vis_out = ulysses_gather_heads(vis_out.transpose(1, 2), self.ulysses)  # [B, S_local, H, D]
         text_full = all_gather_cat(text_out.transpose(1, 2), self.ulysses, dim=2, kind="text_gather")  # [B, L, H, D]

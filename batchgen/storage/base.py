@@ -86,6 +86,11 @@ class Storage(abc.ABC):
     def url(self, key: str) -> str:
         """Full URI of a key (s3://bucket/prefix/key or file:///abs/path)."""
 
+    def leftovers(self, prefix: str) -> list[str]:
+        """Files under ``prefix`` that an interrupted writer left and listings skip (the file backend's temporary
+        and lock files). None on S3, where an interrupted put leaves no object."""
+        return []
+
     @property
     def request_count(self) -> int:
         """Requests sent so far (for benchmarks); backends without a meaningful count return 0."""

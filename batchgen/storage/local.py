@@ -4,7 +4,9 @@ Writes go to a hidden temporary file in the target's folder and are then publish
 never see a partial object: ``os.replace`` for plain puts, ``os.link`` for ``if_absent`` puts (link fails
 with EEXIST if the name exists, which makes it a true conditional create even between processes and hosts
 sharing a POSIX file system). ``if_match`` puts compare the object's change token and replace it while holding
-an ``flock`` on a hidden lock file beside it, so two conditional writers cannot both win.
+an ``flock`` on a hidden lock file beside it, so two conditional writers cannot both win. The lock file is removed
+on release; one whose holder was killed stays until the next conditional writer of that object takes and removes
+it. ``leftovers`` lists what interrupted writers left (``batchgen verify`` reports them).
 
 The etag is a change token, ``<inode>-<mtime ns>-<size>``: publishing by rename or link keeps the temporary
 file's inode and mtime, so the token of what was written is known before it becomes visible.
@@ -19,6 +21,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from batchgen.core.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError
@@ -89,8 +92,7 @@ class LocalStorage(Storage):
             temp.unlink(missing_ok=True)
 
     def _replace_if_match(self, temp: Path, final: Path, key: str, if_match: str) -> None:
-        with open(final.parent / f"{TEMP_PREFIX}lock-{final.name}", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        with _exclusive(final.parent / f"{TEMP_PREFIX}lock-{final.name}"):
             current = _token(final)
             if current != if_match:
                 raise ChangedError(f"{self._where(key)} changed (etag {current}, expected {if_match})")
@@ -249,6 +251,65 @@ class LocalStorage(Storage):
 
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
+
+    def leftovers(self, prefix: str) -> list[str]:
+        """Temporary and lock files under ``prefix`` (paths relative to the root), but for the locks held now."""
+        start = self.root / prefix.rpartition("/")[0]
+        found = []
+        for path in sorted(start.rglob(f"{TEMP_PREFIX}*")) if start.is_dir() else ():
+            name = path.relative_to(self.root).as_posix()
+            if name.startswith(prefix) and path.is_file() and not _held(path):
+                found.append(name)
+        return found
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``, creating it, and remove it on release.
+
+    Removing a lock file is safe only because a waiter checks, once it holds the lock, that ``path`` still names
+    the file it locked: a waiter woken on a removed file starts over instead of racing a writer who locked the
+    new one.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _names(path, fd):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock, after the name is gone
+
+
+def _names(path: Path, fd: int) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process holds an ``flock`` on ``path`` (a lock in use, not a leftover)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -30,8 +30,18 @@ TRANSIENT_CODES = frozenset(
         "RequestTimeoutException",
         "InternalError",
         "ServiceUnavailable",
-        "ConditionalRequestConflict",  # 409: a concurrent conditional write is in flight
-        "OperationAborted",  # 409: a conflicting operation on the same resource is in progress
+        # 409s of a write racing another operation on the same key. AWS's API reference (PutObject, If-None-Match):
+        # "If a conflicting operation occurs during the upload S3 returns a 409 ConditionalRequestConflict
+        # response. On a 409 failure you should retry the upload."; with If-Match: "...fetch the object's ETag and
+        # retry the upload" (our retry keeps the ETag we read: a changed object then answers 412, ChangedError, and
+        # the caller reads it again). A conditional CompleteMultipartUpload must start a new upload instead
+        # (s3.py, _needs_new_upload). OperationAborted, 409 in the S3 API reference's error list (ErrorResponses),
+        # as real S3 words it: "A conflicting conditional operation is currently in progress against this
+        # resource. Please try again." https://docs.aws.amazon.com/AmazonS3/latest/API/API_PutObject.html,
+        # .../API_CompleteMultipartUpload.html, .../ErrorResponses.html (the same words are in every AWS SDK's
+        # generated docs, e.g. the Kotlin SDK's PutObjectRequest.ifNoneMatch).
+        "ConditionalRequestConflict",
+        "OperationAborted",
     }
 )
 

@@ -48,6 +48,7 @@ DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
 LIST_PAGE_SIZE = 1000
+DEFAULT_READ_TIMEOUT_S = 60.0  # per socket read, not per request: a slow but live body never trips it
 CHECK_BUCKET = "check bucket"
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
@@ -87,7 +88,7 @@ def make_client():
     config = Config(
         retries={"mode": "standard", "total_max_attempts": 1},
         connect_timeout=10,
-        read_timeout=60,
+        read_timeout=env_number("BATCHGEN_S3_READ_TIMEOUT_S", DEFAULT_READ_TIMEOUT_S, minimum=0.001),
         max_pool_connections=32,
     )
     aws_environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
@@ -110,6 +111,22 @@ def _etag(response: dict) -> str | None:
 
 def _is_precondition_failed(exc: boto_errors.ClientError) -> bool:
     return error_code(exc) == "PreconditionFailed" or http_status(exc) == 412
+
+
+def _needs_new_upload(exc: boto_errors.ClientError) -> bool:
+    """A conditional CompleteMultipartUpload that met a conflicting operation cannot be completed again: AWS's
+    API reference (CompleteMultipartUpload, If-None-Match) says "If a conflicting operation occurs during the
+    upload S3 returns a 409 ConditionalRequestConflict response. On a 409 failure you should re-initiate the
+    multipart upload with CreateMultipartUpload and re-upload each part." OperationAborted ("A conflicting
+    conditional operation is currently in progress against this resource. Please try again.") is retried as it
+    is, with the same upload id; a 409 whose body was lost is treated as the
+    conflict, since a new upload is right in either case."""
+    code = error_code(exc)
+    return code == "ConditionalRequestConflict" or (code != "OperationAborted" and http_status(exc) == 409)
+
+
+class _UploadConflict(Exception):
+    """Raised through the retry loop (not transient) to make ``_put_multipart`` start a new upload."""
 
 
 class S3Storage(Storage):
@@ -319,22 +336,27 @@ class S3Storage(Storage):
             self._put_multipart(key, source, if_absent=if_absent, content_type=content_type)
 
     def _put_multipart(self, key: str, source: Path, *, if_absent: bool, content_type: str | None) -> None:
-        full_key = self._full_key(key)
         if if_absent and self.head(key) is not None:
             # Not the decision (completion is), but saves uploading gigabytes only to be refused.
             raise AlreadyExistsError(f"{self._where(key)} already exists")
-        write_id = uuid.uuid4().hex
-        upload_id = self._create_upload(key, full_key, write_id, content_type)
-        completed = False
-        try:
-            parts = self._upload_parts(key, full_key, upload_id, source)
-            self._complete_upload(key, full_key, upload_id, parts, write_id=write_id, if_absent=if_absent)
-            completed = True
-        finally:
-            if not completed:
-                self._abort_upload(key, full_key, upload_id)
+        for upload in range(1, self._retry.max_attempts + 1):
+            try:
+                self._upload_parts_and_complete(key, source, if_absent=if_absent, content_type=content_type)
+                return
+            except _UploadConflict as conflict:
+                log.info(
+                    "S3 complete multipart upload %s: %s, uploading again (upload %d of %d)",
+                    self._where(key), conflict, upload, self._retry.max_attempts,
+                )  # fmt: skip
+        raise TransientStorageError(
+            f"S3 complete multipart upload {self._where(key)}: ConditionalRequestConflict persisted after "
+            f"{self._retry.max_attempts} upload(s)"
+        )
 
-    def _create_upload(self, key: str, full_key: str, write_id: str, content_type: str | None) -> str:
+    def _upload_parts_and_complete(self, key: str, source: Path, *, if_absent: bool, content_type: str | None) -> None:
+        """One multipart upload, start to completion; aborted unless it completes."""
+        full_key = self._full_key(key)
+        write_id = uuid.uuid4().hex
         create_args: dict[str, Any] = {"Bucket": self.bucket, "Key": full_key, "Metadata": {WRITE_ID_META: write_id}}
         if content_type:
             create_args["ContentType"] = content_type
@@ -354,9 +376,16 @@ class S3Storage(Storage):
                 "(an AbortIncompleteMultipartUpload lifecycle rule cleans these up)",
                 self._where(key),
             )
-        return upload_id
+        completed = False
+        try:
+            parts = self._upload_parts(key, full_key, source, upload_id)
+            self._complete(key, full_key, upload_id, parts, write_id, if_absent=if_absent)
+            completed = True
+        finally:
+            if not completed:
+                self._abort_upload(key, full_key, upload_id)
 
-    def _upload_parts(self, key: str, full_key: str, upload_id: str, source: Path) -> list[dict[str, Any]]:
+    def _upload_parts(self, key: str, full_key: str, source: Path, upload_id: str) -> list[dict]:
         parts = []
         with open(source, "rb") as f:
             number = 0
@@ -372,8 +401,8 @@ class S3Storage(Storage):
                 parts.append({"PartNumber": number, "ETag": response["ETag"]})
         return parts
 
-    def _complete_upload(
-        self, key: str, full_key: str, upload_id: str, parts: list[dict[str, Any]], *, write_id: str, if_absent: bool
+    def _complete(
+        self, key: str, full_key: str, upload_id: str, parts: list[dict], write_id: str, *, if_absent: bool
     ) -> None:
         complete_args: dict[str, Any] = {
             "Bucket": self.bucket,
@@ -393,6 +422,8 @@ class S3Storage(Storage):
                     return  # an earlier attempt completed; only its answer was lost
                 if if_absent and _is_precondition_failed(exc):
                     raise AlreadyExistsError(f"{self._where(key)} already exists") from None
+                if _needs_new_upload(exc):
+                    raise _UploadConflict(error_code(exc)) from None
                 raise
 
         self._run("complete multipart upload", key, complete)

@@ -213,7 +213,8 @@ class StagedGenerator:
         from batchgen.parallel.apply import parallelize_transformer
 
         # Also on one process: the processors run the CFG batch as one attention call per block.
-        self.transformers = [parallelize_transformer(t, self.context, plan=self.spec.parallel_plan) for t in experts]
+        plan, attention = self.spec.parallel_plan, parallel.attention
+        self.transformers = [parallelize_transformer(t, self.context, plan=plan, attention=attention) for t in experts]
         self._install_speedups(experts)
 
     def _setup_family(self, components: Any) -> None:
@@ -290,7 +291,13 @@ class StagedGenerator:
             torch.cuda.empty_cache()
 
     def parallel_facts(self) -> dict[str, Any]:
-        return parallel_facts(self.context, self.parallel, self.offload)
+        from batchgen.parallel.apply import attention_facts
+
+        facts = parallel_facts(self.context, self.parallel, self.offload)
+        attention = attention_facts(self.transformers[0]) if getattr(self, "transformers", None) else None
+        if attention is not None:
+            facts["attention"] = attention
+        return facts
 
     # ------------------------------------------------------------------------------------------------------------
     # Stages

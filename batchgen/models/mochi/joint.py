@@ -8,17 +8,17 @@ runs one call over [visual ; text] for the whole batch with a key-padding mask, 
 padding is never attended to. The output equals diffusers' (its compacted valid rows are our first rows, and its
 zero rows our masked ones) to kernel rounding.
 
-Kernel: ``batchgen.parallel.attention`` picks the best kernel that takes a mask and passes the masked probe on
-the device (cuDNN first on CUDA, then the memory-efficient kernel; FlashAttention-2 takes no mask). Per-sample
-calls would keep FlashAttention-2 eligible but cost a sync and a launch per sample and block; cuDNN, faster than
-flash on H200 (bench/results/gpu-nvidia-h200.json), takes the mask as a bias.
+Path and kernel: ``batchgen.parallel.choice``. The masked call cannot use FlashAttention (cuDNN takes the mask
+as a bias, else the memory-efficient kernel); per-prompt unmasked calls keep it eligible at a launch per prompt.
+With ``[parallel] attention = "auto"`` the faster of the two, under the faster kernel, is measured on CUDA at the
+first use of each shape; on CPU the joint call is used.
 """
 
 from __future__ import annotations
 
 import torch
 
-from batchgen.parallel.attention import attention_with_lse
+from batchgen.parallel.choice import AttentionChooser
 from batchgen.parallel.usp import project_out, project_qkv
 
 
@@ -39,11 +39,12 @@ def gather_valid_text(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.T
 
 
 class MochiJointAttnProcessor:
-    """Drop-in for diffusers' ``MochiAttnProcessor2_0`` (same signature and outputs): one attention call for the
-    whole batch per block, no host syncs."""
+    """Drop-in for diffusers' ``MochiAttnProcessor2_0`` (same signature and outputs). On the joint path one
+    attention call for the whole batch per block, no host syncs; ``chooser`` (shared by every block) picks the
+    path; without one, 'auto' on ``kernel``."""
 
-    def __init__(self, *, kernel: str = "auto"):
-        self.kernel = kernel
+    def __init__(self, *, kernel: str = "auto", chooser: AttentionChooser | None = None):
+        self.chooser = chooser or AttentionChooser(kernel=kernel)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
         query, key, value, enc_query, enc_key, enc_value = project_qkv(
@@ -54,8 +55,7 @@ class MochiJointAttnProcessor:
         q, k, v = (
             torch.cat(pair, dim=1).transpose(1, 2) for pair in ((query, enc_query), (key, enc_key), (value, enc_value))
         )
-        key_mask = torch.cat([text_mask.new_ones(text_mask.shape[0], visual), text_mask], dim=1)
-        out, _ = attention_with_lse(q, k, v, key_mask=key_mask, kernel=self.kernel)
+        out, _ = self.chooser.attend(q, k, v, text_mask, leading=visual)
         out = out.transpose(1, 2)  # [B, S + L, H, D]
         text_out = out[:, visual:] * text_mask[:, :, None, None]
         return project_out(attn, out[:, :visual].flatten(2, 3), text_out.flatten(2, 3))

@@ -5,18 +5,27 @@ one call (``batchgen.models.mochi.joint``)."""
 from __future__ import annotations
 
 from batchgen.models.mochi.joint import MochiJointAttnProcessor
+from batchgen.parallel.choice import AttentionChooser
 from batchgen.parallel.usp import USPMochiAttnProcessor
 
 
 def mochi_processors(transformer, context, state, kernel: str) -> list:
     """Mochi's joint-attention processors for every block."""
     blocks = getattr(transformer, state.plan.blocks)
-    if state.sp.size == 1:
-        return [MochiJointAttnProcessor(kernel=kernel) for _ in blocks]
-    ulysses, ring, backend = context.axes["ulysses"], context.axes["ring"], state.backend
+    backend = state.backend if state.sp.size > 1 else "native"
     if backend == "native":
-        return [USPMochiAttnProcessor(ulysses, ring, kernel=kernel, layout=state.layout) for _ in blocks]
+        # One chooser for every block: the ranks of one forward (sp and cfg) decide together, once per shape.
+        state.chooser = AttentionChooser(state.attention, kernel=kernel, axes=(state.sp, state.cfg), timer=state.timer)
+    if state.sp.size == 1:
+        return [MochiJointAttnProcessor(chooser=state.chooser) for _ in blocks]
+    ulysses, ring = context.axes["ulysses"], context.axes["ring"]
+    if backend == "native":
+        return [
+            USPMochiAttnProcessor(ulysses, ring, kernel=kernel, layout=state.layout, chooser=state.chooser)
+            for _ in blocks
+        ]
     if backend == "xfuser":
+        # xDiT's attention takes no key mask: its CFG pair always runs per prompt (ParallelConfig refuses 'joint').
         from batchgen.parallel.xfuser_backend import XFuserMochiAttnProcessor, setup_xfuser_groups
 
         setup_xfuser_groups(ulysses, ring)
