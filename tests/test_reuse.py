@@ -113,3 +113,26 @@ def test_growing_run_generates_only_what_is_new(backend, request, tmp_path, tiny
     assert verify.returncode == 0, verify.stdout + verify.stderr
     status = run_cli("status", uri, "--run-id", second_id)
     assert status.returncode == 0 and "4 reused" in status.stdout, status.stdout
+
+
+@pytest.mark.slow
+def test_duplicate_rows_are_generated_once_and_validate_names_them(tmp_path, tiny_model_dir):
+    rows = [("a", "a red fox in snow", 1), ("b", "waves on a shore", 2), ("a-again", "a red fox in snow", 1),
+            ("c", "a paper boat", 3), ("a-third", "a red fox in snow", 1)]  # fmt: skip
+    manifest = write_rows(tmp_path / "dupes.parquet", rows)
+    validate = run_cli("validate", manifest, "--json")
+    assert validate.returncode == 0, validate.stderr
+    assert json.loads(validate.stdout)["warnings"] == [
+        "row(s) 2, 4 have the same content as row 0 (prompt, seed and settings): generated once, copied for the others"
+    ]
+    out = str(tmp_path / "out")
+    result = run_cli("run", manifest, "--output", out, *tiny_run_args(tiny_model_dir), "--shard-size", "2")
+    assert result.returncode == 0, result.stderr
+    assert "5 done (3 generated now, 2 reused, 0 resumed)" in result.stdout, result.stdout
+    storage = open_storage(out)
+    plan = load_plan(storage, run_id_of(result.stdout))
+    assert (plan.reuse.copies, plan.reuse.duplicates) == (0, 2)
+    sidecars = assert_exactly_once(storage, plan)
+    for copy in ("a-again", "a-third"):
+        assert sidecars[copy]["reused_from"] == {"run_id": plan.run_id, "key": sidecars["a"]["video_key"]}
+        assert sidecars[copy]["sha256"] == sidecars["a"]["sha256"]

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchgen.core import layout
-from batchgen.core.config import RunConfig
+from batchgen.core.config import GenerationConfig, RunConfig
 from batchgen.core.content import content_keys
 from batchgen.core.errors import NotFoundError
 from batchgen.core.item import ShapeGroup
@@ -228,6 +228,32 @@ def plan_sources(
         elif first[key] != row:
             sources[row] = Source(run_id, layout.shard_id(first[key] // shard_size), ids[first[key]])
     return sources, ids, note
+
+
+def duplicate_rows(
+    batches: Iterator[pa.RecordBatch], generation: GenerationConfig, family: str
+) -> dict[int, list[int]]:
+    """Rows whose content an earlier row has, by that first row (0-based). The weights are left out of the keys
+    compared: two rows of one manifest are made with the same weights, whichever they are."""
+    first: dict[str, int] = {}
+    duplicates: dict[int, list[int]] = {}
+    row = 0
+    for batch in batches:
+        for key in content_keys(batch, generation, family, ""):
+            if key in first:
+                duplicates.setdefault(first[key], []).append(row)
+            else:
+                first[key] = row
+            row += 1
+    return duplicates
+
+
+def duplicate_warnings(duplicates: dict[int, list[int]]) -> list[str]:
+    return [
+        f"row(s) {', '.join(map(str, rows))} have the same content as row {row} (prompt, seed and settings): "
+        "generated once, copied for the others"
+        for row, rows in sorted(duplicates.items())
+    ]
 
 
 def write_reuse_files(
