@@ -30,7 +30,7 @@ def other_value(f) -> Any:
     """A valid value of field ``f`` that is not its default."""
     choices = f.metadata["choices"]
     if choices:
-        return next(c for c in choices if c != f.default)
+        return next(c for c in reversed(choices) if c != f.default)  # the last: xfuser with per-prompt attention
     return {"bool": True, "float": 0.25, "int": 2}[str(f.type)]
 
 

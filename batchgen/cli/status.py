@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Any
 
 NAME = "status"
 HELP = "show a run's progress from storage alone"
@@ -39,27 +41,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from batchgen.core import layout
     from batchgen.core.errors import InputError
     from batchgen.core.plan import SeveralRunsError, locate_run
-    from batchgen.core.progress import scan_run
-    from batchgen.dataset import eta
-    from batchgen.dataset.index import FLAGGED_HINT, flagged_videos
 
     if not args.rate_window > 0:
         raise InputError(f"--rate-window must be positive, got {args.rate_window}")
     try:
         storage, plan = locate_run(args.run, args.run_id)
     except SeveralRunsError as several:
-        if args.json:
-            print(json.dumps({"runs": several.runs}))
-        else:
-            print(f"{len(several.runs)} runs under {several.root}; name one by its folder or --run-id:")
-            for name in several.runs:
-                print(f"  {several.root}/{name}")
+        _print_runs(several, as_json=args.json)
         return 0
+    status = _status(args, storage, plan)
+    if args.json:
+        _print_json(args, status)
+    else:
+        _print_text(args, status)
+    return 0
+
+
+@dataclass
+class _Status:
+    """What ``batchgen status`` shows about one run, read from storage (and the cluster, with --namespace)."""
+
+    storage: Any
+    run_id: str
+    progress: Any
+    flagged: int
+    success: bool
+    rate: Any
+    jobs: list[dict] | None
+    job_rates: dict[str, Any]
+    reuse: Any = None
+    """The plan's ``ReusePlan`` (None for plans that predate reuse)."""
+
+
+def _status(args: argparse.Namespace, storage, plan) -> _Status:
+    from batchgen.core import layout
+    from batchgen.core.progress import scan_run
+    from batchgen.dataset import eta
+    from batchgen.dataset.index import flagged_videos
+
     run_id = plan.run_id
     progress = scan_run(storage, plan)
     flagged = flagged_videos(storage, plan, progress)
@@ -68,20 +89,43 @@ def run(args: argparse.Namespace) -> int:
     window = {"window_s": 60 * args.rate_window}
     rate = eta.run_rate(times, progress, **window)
     jobs, job_rates = _jobs_with_rates(args, run_id, times, progress, window) if args.namespace else (None, {})
-    if args.json:
-        data = {**progress.to_dict(), "flagged": flagged, "output": storage.uri, "success_marker": success}
-        data["rate"] = rate.to_dict()
-        if plan.reuse is not None:
-            data["reused"] = plan.reuse.reused
-        if args.shards:
-            data["unfinished_shards"] = [
-                {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "stats": s.stats_written}
-                for s in (progress.shards[name] for name in progress.unfinished_shards)
-            ]
-        if jobs is not None:
-            data["jobs"] = jobs
-        print(json.dumps(data, indent=2))
-        return 0
+    return _Status(storage, run_id, progress, flagged, success, rate, jobs, job_rates, plan.reuse)
+
+
+def _print_runs(several, *, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps({"runs": several.runs}))
+        return
+    print(f"{len(several.runs)} runs under {several.root}; name one by its folder or --run-id:")
+    for name in several.runs:
+        print(f"  {several.root}/{name}")
+
+
+def _print_json(args: argparse.Namespace, status: _Status) -> None:
+    import json
+
+    progress = status.progress
+    data = {**progress.to_dict(), "flagged": status.flagged, "output": status.storage.uri}
+    data["success_marker"] = status.success
+    data["rate"] = status.rate.to_dict()
+    if status.reuse is not None:
+        data["reused"] = status.reuse.reused
+    if args.shards:
+        data["unfinished_shards"] = [
+            {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "stats": s.stats_written}
+            for s in (progress.shards[name] for name in progress.unfinished_shards)
+        ]
+    if status.jobs is not None:
+        data["jobs"] = status.jobs
+    print(json.dumps(data, indent=2))
+
+
+def _print_text(args: argparse.Namespace, status: _Status) -> None:
+    from batchgen.dataset.index import FLAGGED_HINT
+
+    progress = status.progress
     percent = 100.0 * progress.done / progress.total if progress.total else 100.0
     state = (
         "complete"
@@ -90,18 +134,18 @@ def run(args: argparse.Namespace) -> int:
         if progress.failed and not progress.pending
         else ("in progress" if progress.done or progress.failed else "not started")
     )
-    print(f"run       {run_id}")
-    print(f"output    {storage.uri}")
+    print(f"run       {status.run_id}")
+    print(f"output    {status.storage.uri}")
     print(
         f"items     {progress.done}/{progress.total} done ({percent:.1f}%), {progress.failed} failed, "
         f"{progress.pending} pending"
     )
-    print(f"flagged   {flagged} of {progress.done} videos ({FLAGGED_HINT})")
-    if plan.reuse is not None:
-        print(f"reuse     {plan.reuse.describe(plan.row_count)}")
-    print(f"rate      {rate.describe()}")
+    print(f"flagged   {status.flagged} of {progress.done} videos ({FLAGGED_HINT})")
+    if status.reuse is not None:
+        print(f"reuse     {status.reuse.describe(progress.total)}")
+    print(f"rate      {status.rate.describe()}")
     print(f"shards    {len(progress.finished_shards)}/{len(progress.shards)} finished")
-    print(f"state     {state}" + (" (_SUCCESS.json present)" if success else ""))
+    print(f"state     {state}" + (" (_SUCCESS.json present)" if status.success else ""))
     if args.shards:
         for name in progress.unfinished_shards:
             s = progress.shards[name]
@@ -112,10 +156,9 @@ def run(args: argparse.Namespace) -> int:
         from batchgen.launch.k8s.controller import format_jobs
 
         print(f"jobs in namespace {args.namespace}:")
-        print(format_jobs(jobs))
-        for name, job_rate in job_rates.items():
+        print(format_jobs(status.jobs))
+        for name, job_rate in status.job_rates.items():
             print(f"  {name}: {job_rate.describe()}")
-    return 0
 
 
 def _jobs_with_rates(args, run_id: str, times, progress, window) -> tuple[list[dict], dict]:
