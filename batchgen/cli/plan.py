@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from batchgen.cli._estimate import add_estimate_arguments, estimate_for
+from batchgen.cli._estimate import add_estimate_arguments, estimate_for, reuse_lines
 from batchgen.cli._options import (
     add_generation_arguments,
     add_shard_size_argument,
@@ -73,7 +73,5 @@ def run(args: argparse.Namespace) -> int:
         state = "reused the stored plan" if reused else "planned"
         print(f"{state}: run {plan.run_id}, {plan.row_count} items in {len(plan.shards)} shards of {plan.shard_size}")
         print(f"plan: {where}")
-        if plan.reuse is not None:
-            print(f"reuse: {plan.reuse.describe(plan.row_count)}")
-        print("\n".join(estimate.lines()))
+        print("\n".join([*reuse_lines(plan), *estimate.lines()]))
     return 0

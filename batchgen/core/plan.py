@@ -416,7 +416,10 @@ def _conflict(
         f"To continue {previous.run_id}, plan again with its manifest and generation settings "
         f"(stored in {storage.url(layout.plan_key(previous.run_id))})."
     )
-    lines.append(f"To start a separate run, pass --new-run (plans {run_id!r}) or choose another --run-name.")
+    lines.append(
+        f"To start a separate run, pass --new-run (plans {run_id!r}) or choose another --run-name: videos already "
+        "committed under this output with the same content and weights are copied into it, not generated again."
+    )
     return PlanConflictError("\n".join(lines))
 
 
