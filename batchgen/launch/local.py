@@ -60,8 +60,6 @@ class RunOutcome:
     """Items already done before this invocation started."""
     generated: int
     """Items generated during this invocation."""
-    reused: int
-    """Items committed during this invocation as copies of committed videos (``worker.reuse``)."""
     seconds: float
     complete: bool
     index_rows: int | None
@@ -69,6 +67,8 @@ class RunOutcome:
     """Committed videos the quality gate flagged (black or frozen frames); None when the index could not be built."""
     worker_exit_codes: list[int] = field(default_factory=list)
     interrupted: int | None = None
+    reused: int = 0
+    """Items committed during this invocation as copies of committed videos (``worker.reuse``)."""
 
     @property
     def exit_code(self) -> int:
