@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,9 +18,13 @@ from batchgen.core import layout
 from batchgen.core.config import GenerationConfig
 from batchgen.core.content import content_key
 from batchgen.core.item import Item
-from batchgen.core.plan import load_plan
+from batchgen.core.plan import load_plan, load_shard_items, make_plan
+from batchgen.dataset.index import finalize_run
+from batchgen.models.api import GeneratedVideo
 from batchgen.storage import open_storage
-from tests._runs import assert_exactly_once, keys_under, run_cli, tiny_run_args
+from batchgen.worker.context import SingleProcess
+from batchgen.worker.loop import run_worker
+from tests._runs import assert_exactly_once, keys_under, run_cli, tiny_run_args, tiny_run_config
 from tests.test_e2e import run_id_of
 
 FIRST = [("fox", "a red fox running through fresh snow", 1), ("waves", "waves breaking on a rocky shore", 2),
@@ -136,3 +141,55 @@ def test_duplicate_rows_are_generated_once_and_validate_names_them(tmp_path, tin
     for copy in ("a-again", "a-third"):
         assert sidecars[copy]["reused_from"] == {"run_id": plan.run_id, "key": sidecars["a"]["video_key"]}
         assert sidecars[copy]["sha256"] == sidecars["a"]["sha256"]
+
+
+class RandomFrames:
+    """A stand-in generator with known weights: noise frames (the quality gate passes them), counting its calls."""
+
+    def __init__(self, fingerprint: str):
+        self.model_identity = {"path": f"/models/{fingerprint}", "fingerprint": fingerprint}
+        self.generated: list[str] = []
+
+    def prepare(self, items):
+        pass
+
+    def generate(self, item):
+        self.generated.append(item.id)
+        rng = np.random.default_rng(item.seed)
+        return GeneratedVideo(rng.integers(0, 255, (item.num_frames, item.height, item.width, 3), dtype=np.uint8))
+
+    def close(self):
+        pass
+
+
+def test_a_copy_interrupted_before_its_sidecar_is_committed_once_by_the_next_scan(storage, tmp_path, tiny_config):
+    weights = "ab" * 16
+    config = tiny_run_config(tiny_config, shard_size=2).with_overrides({"model": {"weights": weights}})
+    first = make_plan(write_rows(tmp_path / "first.parquet", FIRST), config, storage)
+    assert run_worker(storage, first, first.shards, RandomFrames(weights), SingleProcess()).exit_code == 0
+    assert finalize_run(storage, first)
+    before = _snapshot(storage, first.run_id)
+
+    grown = make_plan(write_rows(tmp_path / "grown.parquet", GROWN), config, storage)
+    assert (grown.reuse.copies, grown.reuse.duplicates) == (4, 0)
+    # A worker died between the copy and its sidecar: the copy is an orphan video of the new run.
+    by_id = {i.id: (s, i) for s in grown.shards for i in load_shard_items(storage, grown.run_id, s)}
+    first_items = {i.id: s for s in first.shards for i in load_shard_items(storage, first.run_id, s)}
+    storage.copy(
+        layout.video_key(first.run_id, first_items["boat"], "boat"),
+        layout.video_key(grown.run_id, by_id["boat"][0], "boat"),
+    )
+
+    generator = RandomFrames(weights)
+    summary = run_worker(storage, grown, grown.shards, generator, SingleProcess())
+    assert (summary.exit_code, summary.reused, summary.adopted) == (0, 4, 0)
+    assert sorted(generator.generated) == ["bird", "city", "fox-2"]
+    sidecars = assert_exactly_once(storage, grown)
+    assert sidecars["boat"]["reused_from"] == {
+        "run_id": first.run_id,
+        "key": layout.video_key(first.run_id, first_items["boat"], "boat"),
+    }
+    assert _snapshot(storage, first.run_id) == before
+    # A second pass finds everything committed: nothing is copied or generated again.
+    again = RandomFrames(weights)
+    assert run_worker(storage, grown, grown.shards, again, SingleProcess()).reused == 0 and again.generated == []
