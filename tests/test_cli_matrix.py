@@ -12,7 +12,9 @@ How each situation is made:
   tiny model (its ``tiny-model`` cell writes it), and the same model with NaN weights, so that every item fails;
 - invalid input: the cell's bad manifest, option or argument;
 - permanent storage error: on S3 a fault proxy answering 403 AccessDenied to every request; on a folder a path
-  through a regular file (ENOTDIR, what a mistyped path gives);
+  through a regular file (ENOTDIR) for the commands that write, and for those that only read a run (status,
+  index, verify) a copy of a run whose plan was deleted (a damaged output: a path that names no run is invalid
+  input, exit 2);
 - transient storage error outlasting the retries: a fault proxy answering 503 SlowDown to every request, with two
   attempts and no backoff (the file backend has no transient errors: an OSError is permanent);
 - interrupt: SIGINT raised at the command's first storage request, or at its first step where it has no storage;
@@ -318,7 +320,10 @@ def invoke(argv: list[str], env: dict[str, str], interrupt_at: tuple[str, ...] |
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(LOG_FORMAT_ENV, raising=False)  # main() sets it for its workers
+        # main() sets it for its workers: setenv first so that undoing restores its absence too (a bare delenv of
+        # an absent variable records nothing, and the value main() set would leak into later tests).
+        mp.setenv(LOG_FORMAT_ENV, "")
+        mp.delenv(LOG_FORMAT_ENV)
         for name, value in env.items():
             mp.setenv(name, value)
         if interrupt_at is not None:
@@ -432,6 +437,16 @@ class World:
             save_file(tensors, weights, metadata={"format": "pt"})
         return folder
 
+    def damaged_run(self) -> str:
+        """A folder copy of the successful run whose plan was deleted: its registry marker still names it."""
+        copy = self.root / "folder" / "run-damaged"
+        if not copy.exists():
+            self.result("run", "folder", "success")
+            shutil.copytree(self.root / "folder" / "run-success", copy)
+            (plan,) = copy.glob("*/plan/run.json")
+            plan.unlink()
+        return copy.as_uri()
+
     def runs_root(self, backend: str) -> str:
         uri = self.uri(backend, "two-runs")
         if backend not in self._two_runs:
@@ -469,9 +484,10 @@ class World:
         if situation == "failed":
             where = replace(where, model=self.nan_model)
         if broken:
-            # export and gallery read the run and write elsewhere: the write is what fails.
+            # export and gallery read the run and write elsewhere: the write is what fails. A path through a file
+            # names no run (invalid input), so the commands that only read a run read a damaged copy of it.
             through_a_file = (self.root / "a-file" / "output").as_uri()
-            run_root = where.run_root if command in ("export", "gallery") else through_a_file
+            run_root = where.run_root if command in ("export", "gallery") else self.damaged_run()
             where = replace(where, output=through_a_file, run_root=run_root, destination=through_a_file)
         where.local.mkdir(parents=True, exist_ok=True)
         return where

@@ -593,7 +593,7 @@ def test_offload_reaches_the_workers_from_the_plan_or_the_launch_settings(launch
     assert offload_of("planned", "--config", str(config)) == "model"
     assert offload_of("planned", "--config", str(config), "--offload", "none") == "none"
     values = tmp_path / "launch.yaml"
-    values.write_text('offload: ""\n')  # the shipped chart's and kustomize base's value: the plan's
+    values.write_text("offload: auto\n")  # the shipped chart's and kustomize base's value, the default: the plan's
     assert offload_of("planned", "--config", str(config), "--values", str(values)) == "model"
-    assert offload_of("default") == "auto"
-    assert LaunchSettings().offload == "" and RunConfig().parallel.offload == "auto"
+    assert offload_of("default") is None  # ParallelConfig's default, auto: left off the command line
+    assert LaunchSettings().parallel.offload == RunConfig().parallel.offload == "auto"

@@ -227,6 +227,8 @@ def locate_run(uri: str, run_id: str | None = None) -> tuple[Storage, RunPlan]:
     plan = _load_if_present(storage, chosen) if chosen else None
     if plan is not None:
         return storage, plan
+    if chosen in runs:
+        raise _damaged(storage, chosen)
     # Only a URI holding no run of its own is read as a run's folder: a root is never asked about its parent,
     # which a prefix-scoped bucket policy may not let us list.
     parent_uri = _parent_uri(uri)
@@ -236,6 +238,8 @@ def locate_run(uri: str, run_id: str | None = None) -> tuple[Storage, RunPlan]:
         plan = _load_if_present(parent, folder_run)
         if plan is not None:
             return parent, plan
+        if folder_run in (_listable_runs(parent) or []):
+            raise _damaged(parent, folder_run)
     what = f"no run {run_id!r} under {storage.uri}" if run_id else f"no run at {storage.uri}"
     raise InputError(f"{what}: {_runs_held(runs, parent)}")
 
@@ -258,14 +262,27 @@ def _parent_uri(uri: str) -> str | None:
     return head if head and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:/*", head) else None
 
 
+def _damaged(storage: Storage, run_id: str) -> StorageError:
+    """A registered run whose plan is gone: the output was damaged, which no other URI would mend."""
+    return StorageError(
+        f"run {run_id!r} is registered under {storage.uri} ({layout.run_registry_prefix()}) but its plan "
+        f"{storage.url(layout.plan_key(run_id))} is missing or unreadable: the output is damaged"
+    )
+
+
+def _listable_runs(folder: Storage | None) -> list[str] | None:
+    """The runs under ``folder``; None where these credentials may not list it (a prefix-scoped policy)."""
+    try:
+        return list_runs(folder) if folder is not None else None
+    except StorageError:
+        return None
+
+
 def _runs_held(runs: list[str], parent: Storage | None) -> str:
     """Which runs the output root holds: this folder's, else (a mistyped run folder) its parent's."""
     if runs:
         return f"it holds runs {', '.join(runs)}"
-    try:
-        parent_runs = list_runs(parent) if parent is not None else None
-    except StorageError:  # a folder above the output that these credentials may not list: say what we know
-        parent_runs = None
+    parent_runs = _listable_runs(parent)
     if parent_runs:
         return f"{parent.uri} holds runs {', '.join(parent_runs)} (name one as {parent.uri}/<run-id>)"
     above = ", nor does the folder above it" if parent_runs == [] else ""
