@@ -81,12 +81,16 @@ class Committed:
 
 
 class Follower:
-    """Iterating yields ``Committed`` items until the run is complete; ``cursor`` is the position after the last."""
+    """Iterating yields ``Committed`` items until the run is complete (with ``once``: after one poll);
+    ``cursor`` is the position after the last item, ``complete`` whether ``_SUCCESS.json`` was seen."""
 
-    def __init__(self, storage: Storage, plan: RunPlan, *, poll: float, start_after: str | None, sleep: Callable):
+    def __init__(
+        self, storage: Storage, plan: RunPlan, *, poll: float, start_after: str | None, once: bool, sleep: Callable
+    ):
         if poll <= 0:
             raise InputError(f"poll must be positive, got {poll}")
-        self.storage, self.plan, self.poll = storage, plan, poll
+        self.storage, self.plan, self.poll, self.once = storage, plan, poll, once
+        self.complete = False
         self._cursor = Cursor.parse(start_after)
         self._items: dict[str, dict[str, Item]] = {}
         self._sleep = sleep
@@ -99,7 +103,8 @@ class Follower:
         while True:
             complete = self.storage.exists(layout.success_key(self.plan.run_id))
             yield from self._new_items()
-            if complete:
+            self.complete = complete
+            if complete or self.once:
                 return
             self._sleep(self.poll)
 
@@ -133,6 +138,12 @@ def _time(info: ObjectInfo) -> float:
 
 
 def follow(
-    storage: Storage, plan: RunPlan, *, poll: float = 30, start_after: str | None = None, sleep: Callable = time.sleep
+    storage: Storage,
+    plan: RunPlan,
+    *,
+    poll: float = 30,
+    start_after: str | None = None,
+    once: bool = False,
+    sleep: Callable = time.sleep,
 ) -> Follower:
-    return Follower(storage, plan, poll=poll, start_after=start_after, sleep=sleep)
+    return Follower(storage, plan, poll=poll, start_after=start_after, once=once, sleep=sleep)

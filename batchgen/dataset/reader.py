@@ -111,10 +111,10 @@ class Run:
         for row in (self.index() if table is None else table).to_pylist():
             yield Video(row, self.storage)
 
-    def follow(self, poll: float = 30, start_after: str | None = None) -> Follower:
-        """The run's committed items as they appear, each once, in commit order, until it is complete; resume
-        with the ``cursor`` of the last item handled (``batchgen.dataset.follow``)."""
-        return follow(self.storage, self.plan, poll=poll, start_after=start_after)
+    def follow(self, poll: float = 30, start_after: str | None = None, *, once: bool = False) -> Follower:
+        """The run's committed items as they appear, each once, in commit order, until it is complete (``once``:
+        those committed now); resume with the ``cursor`` of the last item handled (``batchgen.dataset.follow``)."""
+        return follow(self.storage, self.plan, poll=poll, start_after=start_after, once=once)
 
     def read_videos(self, table: pa.Table | None = None, threads: int = READ_THREADS) -> Iterator[tuple[Video, bytes]]:
         """``(video, bytes)`` in order, with up to ``threads`` reads in flight (memory: that many videos)."""
