@@ -188,6 +188,13 @@ MATRIX: dict[str, dict[str, object]] = {
         **storage_errors(),
         "interrupt": Case(lambda w: [], EXIT_INTERRUPTED),
     },
+    "tail": {
+        "success": Case(lambda w: ["tail", w.run_root, "--poll", "0.1"], EXIT_OK),
+        "failed": Case(lambda w: ["tail", w.run_root, "--once"], EXIT_OK),  # never complete: --once stops it
+        "invalid": Case(lambda w: ["tail", w.run_root, "--start-after", "not-a-cursor"], EXIT_BAD_INPUT),
+        **storage_errors(),
+        "interrupt": Case(lambda w: [], EXIT_INTERRUPTED),
+    },
     "export": {
         "success": Case(lambda w: ["export", w.run_root, "--out", w.destination], EXIT_OK),
         "failed": Case(lambda w: ["export", w.run_root, "--out", w.destination], EXIT_OK),

@@ -66,7 +66,7 @@ def test_run_then_rerun_generates_nothing(backend, workers, request, tmp_path, t
     first = run_cli(*args, "--workers", str(workers))
     assert first.returncode == 0, first.stderr
     run_id = run_id_of(first.stdout)
-    assert f"{ITEMS} done ({ITEMS} generated now, 0 resumed), 0 failed" in first.stdout
+    assert f"{ITEMS} done ({ITEMS} generated now, 0 reused, 0 resumed), 0 failed" in first.stdout
     assert "done" in first.stderr and "items/s" in first.stderr and "ETA" in first.stderr  # the progress display
     storage = open_storage(uri)
     check_complete_run(storage, run_id, tmp_path, expected_frames=13)
@@ -75,7 +75,7 @@ def test_run_then_rerun_generates_nothing(backend, workers, request, tmp_path, t
     second = run_cli(*args, "--workers", str(workers))
     assert second.returncode == 0, second.stderr
     assert "Nothing to generate" in second.stdout
-    assert f"{ITEMS} done (0 generated now, {ITEMS} resumed)" in second.stdout
+    assert f"{ITEMS} done (0 generated now, 0 reused, {ITEMS} resumed)" in second.stdout
     assert snapshot(storage, run_id) == before
 
     status = run_cli("status", uri)

@@ -6,9 +6,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
+import yaml
 
 from batchgen.cli import main
 from batchgen.core.errors import EXIT_CONFLICT, InputError, NotFoundError, StorageError
@@ -156,3 +160,39 @@ def test_export_arguments_are_checked(flags, tmp_path, capsys):
         main(["export", str(tmp_path), "--out", str(tmp_path / "wds"), *flags])
     assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err
     assert not (tmp_path / "wds").exists()
+
+
+LOAD_OFFLINE = """
+import hashlib, json, sys
+from datasets import Video, load_dataset
+ds = load_dataset(sys.argv[1])
+ds = {name: split.cast_column("mp4", Video(decode=False)) for name, split in ds.items()}
+print(json.dumps({name: [[r["json"]["id"], hashlib.sha256(r["mp4"]["bytes"]).hexdigest(), r["txt"]] for r in split]
+                  for name, split in ds.items()}))
+"""
+
+
+def test_export_writes_a_dataset_card_that_load_dataset_reads_offline(run_dir, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--out", str(out), "--max-count", "2"]) == 0, capsys.readouterr().err
+    card = (out / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    manifest = json.loads((out / MANIFEST_KEY).read_text())
+    tars = [shard["key"] for shard in manifest["shards"]]
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": tars}]}]
+    assert meta["task_categories"] == ["text-to-video"]
+    run = open_run(str(run_dir))
+    for fact in (run.plan.manifest_digest, run.plan.config.model.family, f"samples: {RUN_ITEMS} in 3 tar(s)",
+                 "1 of 5 samples carry a quality flag", "| num_inference_steps |"):  # fmt: skip
+        assert fact in body, fact
+    assert next(iter(run.index().column("model_fingerprint").to_pylist())) in body
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    loaded = subprocess.run([sys.executable, "-c", LOAD_OFFLINE, str(out)], capture_output=True, text=True, env=env)
+    assert loaded.returncode == 0, loaded.stderr
+    index = {row["id"]: row for row in run.index().to_pylist()}
+    rows = json.loads(loaded.stdout)["train"]
+    assert sorted(r[0] for r in rows) == sorted(index)
+    for item_id, sha, prompt in rows:
+        assert (sha, prompt) == (index[item_id]["sha256"], index[item_id]["prompt"])

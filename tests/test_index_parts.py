@@ -46,8 +46,9 @@ def test_worker_writes_parts_and_finalising_only_reads_them(s3_uri, tmp_path, ti
     requests = storage.request_count - before
     assert (result.complete, result.rows, result.written) == (True, 5, True)
     assert parts(storage, plan) == written  # no part rebuilt: the workers' are current
-    # head index, 3 listings (stats, errors, meta), parts listing, 3 part gets, index put, marker put, head index
-    assert requests == 11, requests
+    # head index, 3 listings (stats, errors, meta), parts listing, 3 part gets, the run's content map put, index
+    # put, marker put, head index
+    assert requests == 12, requests
     assert [r["row"] for r in index_rows(storage, plan)] == [0, 1, 2, 3, 4]
 
 

@@ -373,3 +373,16 @@ def test_open_storage_relative_path_is_resolved(tmp_path, monkeypatch):
 def test_open_storage_rejects_bad_uris(uri, message):
     with pytest.raises(InputError, match=message):
         open_storage(uri)
+
+
+def test_copy_creates_once_and_leaves_the_source(storage):
+    storage.put_bytes("run1/videos/a.mp4", b"video bytes")
+    storage.copy("run1/videos/a.mp4", "run2/videos/b.mp4")
+    assert storage.get_bytes("run2/videos/b.mp4") == b"video bytes"
+    with pytest.raises(AlreadyExistsError, match="run2/videos/b.mp4"):
+        storage.copy("run1/videos/a.mp4", "run2/videos/b.mp4")
+    with pytest.raises(NotFoundError, match="run1/videos/missing.mp4"):
+        storage.copy("run1/videos/missing.mp4", "run2/videos/c.mp4")
+    assert not storage.exists("run2/videos/c.mp4")
+    storage.delete("run2/videos/b.mp4")  # removing the copy never touches the source
+    assert storage.get_bytes("run1/videos/a.mp4") == b"video bytes"

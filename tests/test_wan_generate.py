@@ -362,7 +362,7 @@ def test_batch_run_on_two_experts_under_ulysses_2_commits_each_item_once(tmp_pat
     args = ["run", str(manifest), "--output", str(out), *tiny_run_args(tiny_wan2_dir), "--shard-size", "2"]
     first = run_cli(*args, "--nproc-per-worker", "2", "--ulysses-degree", "2")
     assert first.returncode == 0, first.stderr[-4000:]
-    assert "4 done (4 generated now, 0 resumed), 0 failed" in first.stdout
+    assert "4 done (4 generated now, 0 reused, 0 resumed), 0 failed" in first.stdout
     storage = open_storage(str(out))
     run_id = re.search(r"^run\s+(\S+)$", first.stdout, re.M).group(1)
     sidecars = assert_exactly_once(storage, load_plan(storage, run_id))
@@ -372,4 +372,4 @@ def test_batch_run_on_two_experts_under_ulysses_2_commits_each_item_once(tmp_pat
     assert {(s["parallel"]["world_size"], s["parallel"]["ulysses"]) for s in sidecars.values()} == {(2, 2)}
     second = run_cli(*args, "--nproc-per-worker", "2", "--ulysses-degree", "2")
     assert second.returncode == 0 and "Nothing to generate" in second.stdout, second.stderr[-4000:]
-    assert "4 done (0 generated now, 4 resumed)" in second.stdout
+    assert "4 done (0 generated now, 0 reused, 4 resumed)" in second.stdout

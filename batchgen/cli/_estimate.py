@@ -34,3 +34,8 @@ def estimate_for(args: argparse.Namespace, storage, plan, *, gpus: int, group_si
     profile = choose_profile(args.gpu_tflops, args.calibration)
     own = own_timings(storage, plan.run_id, spec=spec, flops=flops)
     return estimate_plan(plan, gpus=gpus, group_size=group_size, profile=profile, own=own, flops=flops)
+
+
+def reuse_lines(plan) -> list[str]:
+    """What the plan copies instead of generating (the estimate above counts only the rest)."""
+    return [f"reuse: {plan.reuse.describe(plan.row_count)}"] if plan.reuse is not None else []

@@ -9,7 +9,8 @@ HELP = "write a run's videos as WebDataset tar shards (mp4 + json + txt per samp
 ORDER = 76
 DESCRIPTION = (
     "Select committed videos from the run's index (optionally only unflagged ones, a sampled fraction) and write "
-    "them as shard-NNNNNN.tar files plus manifest.json under --out. Rerunning resumes: existing tars are checked "
+    "them as shard-NNNNNN.tar files plus manifest.json and README.md (a Hugging Face dataset card: "
+    "datasets.load_dataset(OUT) loads the folder) under --out. Rerunning resumes: existing tars are checked "
     "and kept, and a finished export (manifest present) writes nothing. Exit 4 if --out holds another export."
 )
 

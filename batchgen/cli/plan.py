@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from batchgen.cli._estimate import add_estimate_arguments, estimate_for
+from batchgen.cli._estimate import add_estimate_arguments, estimate_for, reuse_lines
 from batchgen.cli._options import (
     add_generation_arguments,
     add_shard_size_argument,
@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
                     "shards": len(plan.shards),
                     "shard_size": plan.shard_size,
                     "fingerprint": plan.fingerprint,
+                    "reused_items": plan.reuse.reused if plan.reuse is not None else 0,
+                    "reuse_note": plan.reuse.note if plan.reuse is not None else "",
                     "plan": where,
                     "estimate": estimate.to_dict(),
                 }
@@ -71,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
         state = "reused the stored plan" if reused else "planned"
         print(f"{state}: run {plan.run_id}, {plan.row_count} items in {len(plan.shards)} shards of {plan.shard_size}")
         print(f"plan: {where}")
-        print("\n".join(estimate.lines()))
+        print("\n".join([*reuse_lines(plan), *estimate.lines()]))
     return 0

@@ -71,6 +71,8 @@ class _Status:
     rate: Any
     jobs: list[dict] | None
     job_rates: dict[str, Any]
+    reuse: Any = None
+    """The plan's ``ReusePlan`` (None for plans that predate reuse)."""
 
 
 def _status(args: argparse.Namespace, storage, plan) -> _Status:
@@ -87,7 +89,7 @@ def _status(args: argparse.Namespace, storage, plan) -> _Status:
     window = {"window_s": 60 * args.rate_window}
     rate = eta.run_rate(times, progress, **window)
     jobs, job_rates = _jobs_with_rates(args, run_id, times, progress, window) if args.namespace else (None, {})
-    return _Status(storage, run_id, progress, flagged, success, rate, jobs, job_rates)
+    return _Status(storage, run_id, progress, flagged, success, rate, jobs, job_rates, plan.reuse)
 
 
 def _print_runs(several, *, as_json: bool) -> None:
@@ -108,6 +110,8 @@ def _print_json(args: argparse.Namespace, status: _Status) -> None:
     data = {**progress.to_dict(), "flagged": status.flagged, "output": status.storage.uri}
     data["success_marker"] = status.success
     data["rate"] = status.rate.to_dict()
+    if status.reuse is not None:
+        data["reused"] = status.reuse.reused
     if args.shards:
         data["unfinished_shards"] = [
             {"shard": s.shard, "total": s.total, "done": s.done, "failed": s.failed, "stats": s.stats_written}
@@ -137,6 +141,8 @@ def _print_text(args: argparse.Namespace, status: _Status) -> None:
         f"{progress.pending} pending"
     )
     print(f"flagged   {status.flagged} of {progress.done} videos ({FLAGGED_HINT})")
+    if status.reuse is not None:
+        print(f"reuse     {status.reuse.describe(progress.total)}")
     print(f"rate      {status.rate.describe()}")
     print(f"shards    {len(progress.finished_shards)}/{len(progress.shards)} finished")
     print(f"state     {state}" + (" (_SUCCESS.json present)" if status.success else ""))

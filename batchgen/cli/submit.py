@@ -79,11 +79,12 @@ def run(args: argparse.Namespace) -> int:
         "run %s: %d items in %d shards; pods: %s", plan.run_id, plan.row_count, len(plan.shards), topology.describe()
     )
     if args.dry_run:
-        from batchgen.cli._estimate import estimate_for
+        from batchgen.cli._estimate import estimate_for, reuse_lines
 
         gpus = args.max_jobs * settings.world_size
         group = topology.cfg * topology.ulysses * topology.ring
-        sys.stdout.write("\n".join(estimate_for(args, storage, plan, gpus=gpus, group_size=group).lines()) + "\n")
+        estimate = estimate_for(args, storage, plan, gpus=gpus, group_size=group)
+        sys.stdout.write("\n".join([*reuse_lines(plan), *estimate.lines()]) + "\n")
         sys.stdout.write(f"dry run: no job created ({args.max_jobs} job(s) of {settings.world_size} GPU(s) at once)\n")
         return 0
     return _launch(args, storage, plan, settings)

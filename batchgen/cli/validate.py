@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from batchgen.cli._options import add_generation_arguments, config_from_args
 
@@ -14,6 +15,8 @@ DESCRIPTION = (
     "the row (0-based) and the column; nothing is written."
 )
 ORDER = 10
+
+log = logging.getLogger("batchgen.validate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchgen.core.manifest import validate_manifest
+    from batchgen.core.manifest import iter_item_batches, validate_manifest
+    from batchgen.core.reuse import duplicate_rows, duplicate_warnings
 
     config = config_from_args(args)
     summary = validate_manifest(args.manifest, config.generation, spec=config.spec, max_errors=args.max_errors)
+    batches = iter_item_batches(args.manifest, config.generation, spec=config.spec, expected_digest=summary.digest)
+    for warning in duplicate_warnings(duplicate_rows(batches, config.generation, config.model.family)):
+        log.warning("%s: %s", summary.path, warning)
+        summary.warnings.append(warning)
     if args.json:
         print(
             json.dumps(

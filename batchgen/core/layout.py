@@ -6,6 +6,7 @@ Keys are relative to the output root (a bucket prefix or a folder)::
     <run>/plan/run.json              run description: config, fingerprints, shard count (written once)
     <run>/plan/shards/<shard>.parquet the shard's items, parameters resolved
     <run>/plan/model.json            the weights' fingerprint, pinned by the first commit
+    <run>/plan/reuse/<shard>.parquet the shard's items to copy from committed videos instead of generating
     <run>/videos/<shard>/<id>.mp4    the video (written first)
     <run>/meta/<shard>/<id>.json     the sidecar: the item's commit marker (written after the video)
     <run>/errors/<shard>/<id>.json   last failure of an item that is not done (cleared by a later success)
@@ -14,6 +15,8 @@ Keys are relative to the output root (a bucket prefix or a folder)::
     <run>/index/parts/<shard>-<digest>.parquet  a shard's index rows; <digest> names the sidecars they came from
     <run>/_SUCCESS.json              run-level success marker: every item done, index built
     _runs/<name>/<run>.json          registry marker of a planned run (written after its run.json)
+    _content/<run>/<shard>-<digest>.parquet  the output's content map: content key -> committed item, per index part
+    _content/<run>.parquet           a run's content map parts merged when its index is built
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def model_pin_key(run_id: str) -> str:
 
 def shard_plan_key(run_id: str, shard: str) -> str:
     return f"{run_id}/plan/shards/{shard}.parquet"
+
+
+def reuse_plan_key(run_id: str, shard: str) -> str:
+    return f"{run_id}/plan/reuse/{shard}.parquet"
 
 
 def video_key(run_id: str, shard: str, item_id: str) -> str:
@@ -119,3 +126,16 @@ def run_registry_prefix(slug: str = "") -> str:
 
 def run_registry_key(slug: str, run_id: str) -> str:
     return f"_runs/{slug}/{run_id}.json"
+
+
+def content_root() -> str:
+    """``_content/``: the output's content map, listed once to find every committed item's content key."""
+    return "_content/"
+
+
+def content_part_key(run_id: str, shard: str, digest: str) -> str:
+    return f"_content/{run_id}/{shard}-{digest}.parquet"
+
+
+def content_run_key(run_id: str) -> str:
+    return f"_content/{run_id}.parquet"

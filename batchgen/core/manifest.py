@@ -30,7 +30,7 @@ import logging
 import re
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,11 +542,23 @@ class _Scan:
     def summary(self) -> ManifestSummary:
         if self.problems.total:
             raise self.problems.error()
-        shapes = tuple(
-            ShapeGroup(frames, height, width, count, tuple(examples), forwards)
-            for (frames, height, width), (count, examples, forwards) in sorted(self.shapes.items())
-        )
+        shapes = _shape_groups(self.shapes)
         return ManifestSummary(self.path, self.rows, self.digest, list(self.warnings), self.derived_ids, shapes)
+
+
+def _shape_groups(tally: dict[tuple[int, int, int], tuple[int, list[str], int]]) -> tuple[ShapeGroup, ...]:
+    return tuple(
+        ShapeGroup(frames, height, width, count, tuple(examples), forwards)
+        for (frames, height, width), (count, examples, forwards) in sorted(tally.items())
+    )
+
+
+def tally_shapes(batches: Iterable[pa.RecordBatch]) -> tuple[ShapeGroup, ...]:
+    """The shape tally of resolved item batches (``ITEM_SCHEMA``)."""
+    tally: dict[tuple[int, int, int], tuple[int, list[str], int]] = {}
+    for batch in batches:
+        _tally_shapes(tally, batch)
+    return _shape_groups(tally)
 
 
 _SHAPE_COLUMNS = ("num_frames", "height", "width")

@@ -35,7 +35,8 @@ from batchgen.core.config import GenerationConfig, ModelConfig, RunConfig
 from batchgen.core.errors import AlreadyExistsError, InputError, NotFoundError, PlanConflictError, StorageError
 from batchgen.core.item import ITEM_SCHEMA, Item, ShapeGroup
 from batchgen.core.logs import log_context
-from batchgen.core.manifest import ManifestSummary, items_from_table, validate_and_resolve
+from batchgen.core.manifest import ManifestSummary, items_from_table, tally_shapes, validate_and_resolve
+from batchgen.core.reuse import ReusePlan, copy_mask, plan_sources, write_reuse_files
 from batchgen.storage.base import Storage
 from batchgen.storage.local import LocalStorage
 
@@ -67,6 +68,13 @@ class RunPlan:
     shard_digests: tuple[str, ...] = ()
     """Per shard, ``ids_digest`` of its item ids: a listing of ``meta/<shard>/`` whose names have this digest holds
     exactly the shard's sidecars, so progress needs no read of the shard file (empty for plans that predate it)."""
+    reuse: ReusePlan | None = None
+    """The items copied from committed videos instead of generated (None for plans that predate reuse)."""
+
+    @property
+    def generate_shapes(self) -> tuple[ShapeGroup, ...]:
+        """The shape tally of the items left to generate."""
+        return self.reuse.generate_shapes if self.reuse is not None else self.shapes
 
     def items_in_shard(self, shard: str) -> int:
         index = layout.shard_index(shard)
@@ -91,6 +99,7 @@ class RunPlan:
             "created_at": self.created_at,
             "shapes": [group.to_dict() for group in self.shapes],
             "shard_digests": list(self.shard_digests),
+            **({"reuse": self.reuse.to_dict()} if self.reuse is not None else {}),
         }
 
     @classmethod
@@ -116,6 +125,7 @@ class RunPlan:
             created_at=data["created_at"],
             shapes=tuple(ShapeGroup.from_dict(group) for group in data.get("shapes", ())),
             shard_digests=tuple(data.get("shard_digests", ())),
+            reuse=ReusePlan.from_dict(data["reuse"]) if "reuse" in data else None,
         )
 
     def shard_digest(self, shard: str) -> str | None:
@@ -423,7 +433,10 @@ def _conflict(
         f"To continue {previous.run_id}, plan again with its manifest and generation settings "
         f"(stored in {storage.url(layout.plan_key(previous.run_id))})."
     )
-    lines.append(f"To start a separate run, pass --new-run (plans {run_id!r}) or choose another --run-name.")
+    lines.append(
+        f"To start a separate run, pass --new-run (plans {run_id!r}) or choose another --run-name: videos already "
+        "committed under this output with the same content and weights are copied into it, not generated again."
+    )
     return PlanConflictError("\n".join(lines))
 
 
@@ -523,7 +536,7 @@ def _store_plan(storage: Storage, plan: RunPlan, spill: Path) -> tuple[RunPlan, 
     Returns (the stored plan, whether a concurrent planner with the same inputs had stored it first)."""
     with pa.memory_map(str(spill)) as source:
         digests = _write_shards(storage, plan, iter(pa.ipc.open_stream(source)))
-    plan = dataclasses.replace(plan, shard_digests=tuple(digests))
+    plan = dataclasses.replace(plan, shard_digests=tuple(digests), reuse=_plan_reuse(storage, plan, spill))
     body = json.dumps(plan.to_dict(), indent=1, sort_keys=True).encode()
     try:
         storage.put_bytes(layout.plan_key(plan.run_id), body, if_absent=True, content_type="application/json")
@@ -538,6 +551,28 @@ def _store_plan(storage: Storage, plan: RunPlan, spill: Path) -> tuple[RunPlan, 
         return stored, True
     _register(storage, plan)
     return plan, False
+
+
+def _plan_reuse(storage: Storage, plan: RunPlan, spill: Path) -> ReusePlan:
+    """Find the items to copy and write their ``plan/reuse/`` files (before ``run.json``, like the shards)."""
+    with pa.memory_map(str(spill)) as source:
+        sources, ids, note = plan_sources(storage, plan.run_id, plan.config, iter(pa.ipc.open_stream(source)))
+    shards = write_reuse_files(storage, plan.run_id, plan.shard_size, ids, sources)
+    mask = copy_mask(plan.row_count, sources)
+
+    def to_generate() -> Iterator[pa.RecordBatch]:
+        start = 0
+        with pa.memory_map(str(spill)) as source:
+            for batch in pa.ipc.open_stream(source):
+                yield batch.filter(pa.array(~mask[start : start + batch.num_rows]))
+                start += batch.num_rows
+
+    copies = sum(s.run_id != plan.run_id for s in sources.values())
+    if copies or len(sources) > copies:
+        log.info(
+            "%s: %d item(s) copied from earlier runs, %d duplicate row(s)", plan.run_id, copies, len(sources) - copies
+        )
+    return ReusePlan(copies, len(sources) - copies, tuple(shards), note, tally_shapes(to_generate()))
 
 
 def make_plan(

@@ -29,6 +29,8 @@ NESTED_COLUMNS: dict[str, dict[str, pa.DataType]] = {
         **{name: pa.float64() for name in ("luma_mean", "luma_min", "luma_max", "black_frame_fraction", "motion_mean")},
         "flags": pa.list_(pa.string()),
     },
+    # Where a reused video was copied from (``batchgen.dataset.reuse``); null for generated ones.
+    "reused_from": {"run_id": pa.string(), "key": pa.string()},
 }
 # The index replaces these with ``key`` and ``uri`` (the URI of the storage the index was built from).
 INDEX_RENAMED = ("video_key", "video_uri")
@@ -91,6 +93,10 @@ class Sidecar:
     """Generator-specific fields; written only when not empty."""
     quality: dict[str, Any] = field(default_factory=dict)
     """batchgen.core.quality's measurements and flags of the stored video."""
+    content_key: str = ""
+    """``batchgen.core.content.content_key`` of the item with the weights that made it ('' in older sidecars)."""
+    reused_from: dict[str, Any] = field(default_factory=dict)
+    """``{'run_id', 'key'}`` of the committed video this one is a copy of; written only when not empty."""
 
     @classmethod
     def for_item(cls, item: Item, **fields: Any) -> Sidecar:
@@ -98,8 +104,9 @@ class Sidecar:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if not data["extra"]:
-            del data["extra"]
+        for optional in ("extra", "reused_from"):
+            if not data[optional]:
+                del data[optional]
         return data
 
     def to_json(self) -> bytes:
@@ -115,7 +122,7 @@ class Sidecar:
             raise SidecarError(f"not JSON ({e})") from None
         if not isinstance(record, dict):
             raise SidecarError("not a JSON object")
-        optional = {"extra", "quality"}  # absent from sidecars of older versions too
+        optional = {"extra", "quality", "content_key", "reused_from"}  # absent from older sidecars too
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in record and f.name not in optional]
         if missing:
             raise SidecarError(f"missing field(s) {', '.join(missing)}")

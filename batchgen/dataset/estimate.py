@@ -335,11 +335,11 @@ def estimate_plan(
     the plan's model family (``flops`` default: its ``flop_model`` without weights)."""
     if group_size < 1 or gpus < group_size:
         raise InputError(f"estimate needs at least one group: {gpus} GPU(s), {group_size} per group")
-    if not plan.shapes:
+    if not plan.shapes:  # the tally of every item; generate_shapes (what is costed) may be empty when all are reused
         raise InputError(f"the plan of {plan.run_id} has no shape tally (planned by an older batchgen): plan again")
     generation = plan.config.generation
     per_item = generation.num_inference_steps * (2 if uses_cfg(generation.guidance_scale) else 1)
-    counted = all(g.forwards for g in plan.shapes)
+    counted = all(g.forwards for g in plan.generate_shapes)
     if counted:
         source = "per row: steps, x 2 with guidance"
     else:
@@ -348,7 +348,7 @@ def estimate_plan(
     flops = flops or flop_model(spec)
     shapes = [
         _shape_estimate(g, g.forwards if counted else g.items * per_item, profile, own, spec, flops)
-        for g in plan.shapes
+        for g in plan.generate_shapes
     ]
     for s in shapes:
         s.item_wall_s = s.forwards / s.items * s.forward_s / group_size + s.decode_s + s.text_encode_s

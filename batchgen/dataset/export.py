@@ -1,4 +1,5 @@
-"""``batchgen export --format webdataset``: a run's committed videos as WebDataset tar shards plus a manifest.
+"""``batchgen export --format webdataset``: a run's committed videos as WebDataset tar shards plus a manifest and a
+Hugging Face dataset card (``README.md``, ``batchgen.dataset.card``), so ``datasets.load_dataset(EXPORT_DIR)`` loads it.
 
 Each sample is three tar members sharing a key: ``<key>.mp4`` (the stored video, byte for byte), ``<key>.json``
 (its index row: every sidecar field, flattened) and ``<key>.txt`` (the prompt). The key is the item id with
@@ -31,6 +32,7 @@ import pyarrow as pa
 
 from batchgen import __version__
 from batchgen.core.errors import AlreadyExistsError, InputError, NotFoundError, PlanConflictError
+from batchgen.dataset.card import CARD_KEY, dataset_card
 from batchgen.dataset.reader import Run
 from batchgen.storage.base import Storage
 
@@ -86,17 +88,25 @@ def export_webdataset(run: Run, out: Storage, options: ExportOptions) -> dict[st
     existing = _read_manifest(out)
     if existing is not None:
         _require_same(out, existing, selection)
+        if not out.exists(CARD_KEY):  # an export finished before cards existed
+            _write_card(run, out, table, existing)
         log.info("%s already holds this export: nothing to write", out.url(MANIFEST_KEY))
         return existing
     slices = split_shards(table, options.max_count, options.max_bytes)
     shards = [_export_shard(run, out, index, rows) for index, rows in enumerate(slices)]
     manifest = {**selection, "shards": shards, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    _write_card(run, out, table, manifest)  # before the manifest: a complete export has its card
     try:
         out.put_bytes(MANIFEST_KEY, _json(manifest), if_absent=True, content_type="application/json")
     except AlreadyExistsError:  # a concurrent export of the same selection finished first
         manifest = _read_manifest(out)
         _require_same(out, manifest, selection)
     return manifest
+
+
+def _write_card(run: Run, out: Storage, table: pa.Table, manifest: dict[str, Any]) -> None:
+    # The card holds no time: a rerun or a concurrent export writes the same bytes.
+    out.put_bytes(CARD_KEY, dataset_card(run, table, manifest).encode(), content_type="text/markdown")
 
 
 def _selection(run: Run, table: pa.Table, options: ExportOptions) -> dict[str, Any]:

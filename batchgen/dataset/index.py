@@ -39,6 +39,7 @@ from batchgen.core.logs import log_context
 from batchgen.core.plan import RunPlan
 from batchgen.core.progress import RunProgress, scan_run
 from batchgen.core.records import INDEX_RENAMED, Sidecar, SidecarError, index_schema
+from batchgen.core.reuse import write_content_part, write_content_run
 from batchgen.storage.base import Storage
 
 log = logging.getLogger("batchgen.index")
@@ -140,8 +141,10 @@ def write_part(
     storage: Storage, run_id: str, shard: str, etags: dict[str, str | None], known: dict[str, dict] | None = None
 ) -> str:
     """Write ``index/parts/<shard>-<digest>.parquet`` from the sidecars listed with ``etags``; returns its key."""
-    key = layout.index_part_key(run_id, shard, part_digest(etags))
+    digest = part_digest(etags)
+    key = layout.index_part_key(run_id, shard, digest)
     table = index_table(shard_rows(storage, run_id, shard, etags, known))
+    write_content_part(storage, run_id, shard, digest, table)  # first: a listed index part implies its content part
     storage.put_bytes(key, _parquet_bytes(table), content_type="application/vnd.apache.parquet")
     return key
 
@@ -261,6 +264,7 @@ def _finalize_rounds(storage: Storage, plan: RunPlan) -> Finalized:
         with tempfile.TemporaryDirectory(prefix="batchgen-index-") as scratch:
             path, rows = _assemble(storage, parts, Path(scratch))
             data = path.read_bytes()
+            write_content_run(storage, plan.run_id, str(path), [_part_name(key) for key in parts])
         try:
             etag = storage.put_bytes(
                 key,
@@ -282,6 +286,11 @@ def _finalize_rounds(storage: Storage, plan: RunPlan) -> Finalized:
             log.info("index of %s: %d rows -> %s", plan.run_id, rows, storage.url(key))
             return Finalized(complete, rows, progress)
     raise TransientStorageError(f"{storage.url(key)} kept changing under concurrent writers; run batchgen index again")
+
+
+def _part_name(part_key: str) -> str:
+    """'<run>/index/parts/<shard>-<digest>.parquet' -> '<shard>-<digest>', the name its content part shares."""
+    return part_key.rsplit("/", 1)[-1].removesuffix(".parquet")
 
 
 FLAGS_COLUMN = "quality_flags"

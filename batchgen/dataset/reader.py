@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from batchgen.core import layout
 from batchgen.core.errors import InputError, NotFoundError, StorageError
 from batchgen.core.plan import RunPlan, locate_run
+from batchgen.dataset.follow import Follower, follow
 from batchgen.storage.base import Storage
 
 READ_THREADS = 8  # video gets are latency-bound; a few in flight keep a consumer busy
@@ -109,6 +110,11 @@ class Run:
         """The videos of ``table`` (default: the whole index) in its order."""
         for row in (self.index() if table is None else table).to_pylist():
             yield Video(row, self.storage)
+
+    def follow(self, poll: float = 30, start_after: str | None = None, *, once: bool = False) -> Follower:
+        """The run's committed items as they appear, each once, in commit order, until it is complete (``once``:
+        those committed now); resume with the ``cursor`` of the last item handled (``batchgen.dataset.follow``)."""
+        return follow(self.storage, self.plan, poll=poll, start_after=start_after, once=once)
 
     def read_videos(self, table: pa.Table | None = None, threads: int = READ_THREADS) -> Iterator[tuple[Video, bytes]]:
         """``(video, bytes)`` in order, with up to ``threads`` reads in flight (memory: that many videos)."""

@@ -32,6 +32,7 @@ from batchgen.core.errors import (
     EXIT_TERMINATED,
     BatchgenError,
     InputError,
+    NotFoundError,
 )
 from batchgen.core.logs import LogStream, json_logs, log_context
 from batchgen.core.plan import RunPlan, make_plan
@@ -58,7 +59,7 @@ class RunOutcome:
     resumed: int
     """Items already done before this invocation started."""
     generated: int
-    """Items committed during this invocation."""
+    """Items generated during this invocation."""
     seconds: float
     complete: bool
     index_rows: int | None
@@ -66,6 +67,8 @@ class RunOutcome:
     """Committed videos the quality gate flagged (black or frozen frames); None when the index could not be built."""
     worker_exit_codes: list[int] = field(default_factory=list)
     interrupted: int | None = None
+    reused: int = 0
+    """Items committed during this invocation as copies of committed videos (``worker.reuse``)."""
 
     @property
     def exit_code(self) -> int:
@@ -81,7 +84,7 @@ class RunOutcome:
         lines = [
             f"run       {self.plan.run_id}",
             f"output    {self.storage_uri}",
-            f"items     {self.total} total: {self.done} done ({self.generated} generated now, "
+            f"items     {self.total} total: {self.done} done ({self.generated} generated now, {self.reused} reused, "
             f"{self.resumed} resumed), {self.failed} failed, {self.total - self.done - self.failed} pending",
             f"time      {self.seconds:.1f} s ({rate:.2f} items/s)",
         ]
@@ -257,6 +260,7 @@ def _run_planned(
     (workers, processes per worker)."""
     topology = check_parallel(plan, config, model_dir, shape[1])
     before = scan_run(storage, plan)
+    reused_before = _index_counts(storage, plan)[1] if before.done else 0
     codes: list[int] = []
     interrupted: int | None = None
     if not before.unfinished_shards:
@@ -267,10 +271,10 @@ def _run_planned(
         codes, interrupted = _supervise(commands, lambda: scan_run(storage, plan), display, poll_s)
 
     index_rows: int | None = None
-    complete = False
+    reused, complete = 0, False
     try:
         complete = finalize_run(storage, plan)
-        index_rows = _index_rows(storage, plan)
+        index_rows, reused = _index_counts(storage, plan)
     except BatchgenError:
         if not codes or all(c in (EXIT_OK, EXIT_INCOMPLETE) for c in codes):
             raise
@@ -283,7 +287,8 @@ def _run_planned(
         done=after.done,
         failed=after.failed,
         resumed=before.done,
-        generated=max(0, after.done - before.done),
+        generated=max(0, after.done - before.done - (reused - reused_before)),
+        reused=max(0, reused - reused_before),
         seconds=time.monotonic() - started,
         complete=complete,
         index_rows=index_rows,
@@ -321,12 +326,20 @@ def _worker_commands(
     ]  # fmt: skip
 
 
-def _index_rows(storage: Storage, plan: RunPlan) -> int:
+def _index_counts(storage: Storage, plan: RunPlan) -> tuple[int, int]:
+    """(rows, rows that are copies of committed videos) of the run's index; (0, 0) when it has none yet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = storage.get_bytes(layout.index_key(plan.run_id))
-    return pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+    try:
+        data = storage.get_bytes(layout.index_key(plan.run_id))
+    except NotFoundError:
+        return 0, 0
+    index = pq.ParquetFile(pa.BufferReader(data))
+    if "reused_from_run_id" not in index.schema_arrow.names:  # built before reuse existed
+        return index.metadata.num_rows, 0
+    column = index.read(columns=["reused_from_run_id"]).column(0)
+    return len(column), len(column) - column.null_count
 
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>

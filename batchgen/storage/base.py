@@ -77,6 +77,12 @@ class Storage(abc.ABC):
         """Delete an object; deleting a missing object is not an error."""
 
     @abc.abstractmethod
+    def copy(self, source: str, key: str) -> None:
+        """Create ``key`` as a copy of the object ``source`` without moving its bytes through this process (S3
+        CopyObject, a hard link on a file system). AlreadyExistsError if ``key`` exists, NotFoundError if ``source``
+        does not; ``source`` is never changed."""
+
+    @abc.abstractmethod
     def url(self, key: str) -> str:
         """Full URI of a key (s3://bucket/prefix/key or file:///abs/path)."""
 

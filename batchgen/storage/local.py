@@ -226,6 +226,21 @@ class LocalStorage(Storage):
 
     # -- other --------------------------------------------------------------------------------------------
 
+    def copy(self, source: str, key: str) -> None:
+        # A hard link: no bytes move and the source's file is never opened for writing (every put publishes a new
+        # file by link or rename), so the earlier run's object stays as it was.
+        source_path, final = self._path(source), self._path(key)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source_path, final)
+            _fsync_dir(final.parent)
+        except FileExistsError:
+            raise AlreadyExistsError(f"{self._where(key)} already exists") from None
+        except FileNotFoundError:
+            raise NotFoundError(f"{self._where(source)} does not exist") from None
+        except OSError as e:
+            raise StorageError(f"cannot link {self._where(source)} to {self._where(key)}: {e.strerror or e}") from e
+
     def delete(self, key: str) -> None:
         try:
             self._path(key).unlink()

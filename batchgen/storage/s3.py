@@ -504,6 +504,33 @@ class S3Storage(Storage):
 
     # -- other --------------------------------------------------------------------------------------------
 
+    def copy(self, source: str, key: str) -> None:
+        args = {
+            "Bucket": self.bucket,
+            "Key": self._full_key(key),
+            "CopySource": {"Bucket": self.bucket, "Key": self._full_key(source)},
+            "IfNoneMatch": "*",
+        }
+
+        # IfNoneMatch closes the race on S3 (botocore's CopyObject model carries it); moto ignores it on copies,
+        # so a HEAD first gives the same answer wherever there is no race.
+        if self.head(key) is not None:
+            raise AlreadyExistsError(f"{self._where(key)} already exists")
+
+        def attempt(_: int) -> None:
+            # A 412 after a retried attempt may be that attempt's own copy: callers treat AlreadyExistsError as
+            # "an object is there" and check it (batchgen.dataset.reuse), as after a crash.
+            try:
+                self._client.copy_object(**args)
+            except boto_errors.ClientError as exc:
+                if error_code(exc) in _NOT_FOUND_CODES:
+                    raise NotFoundError(f"{self._where(source)} does not exist") from None
+                if _is_precondition_failed(exc):
+                    raise AlreadyExistsError(f"{self._where(key)} already exists") from None
+                raise
+
+        self._run("copy", key, attempt)
+
     def delete(self, key: str) -> None:
         full_key = self._full_key(key)
 

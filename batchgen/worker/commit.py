@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchgen import __version__
 from batchgen.core import layout, metrics, quality
+from batchgen.core.content import content_key
 from batchgen.core.errors import (
     AlreadyExistsError,
     ModelMismatchError,
@@ -125,7 +126,7 @@ class Committer:
         sidecar.quality = quality.measure_mp4(data, config.quality) if adopted else measured
         if not adopted:
             sidecar.timings["upload"] = time.perf_counter() - t1
-        self._put_sidecar(shard, item, sidecar, clear_error)
+        self.put_sidecar(shard, item, sidecar, clear_error)
         metrics.item_committed(sidecar.timings)
 
     def adopt(self, shard: str, item: Item, *, clear_error: bool) -> bool:
@@ -146,7 +147,7 @@ class Committer:
             return False
         sidecar = self._sidecar(shard, item, data, info, attempt=0, adopted=True, timings={})
         sidecar.quality = quality.measure_mp4(data, self.plan.config.quality)
-        self._put_sidecar(shard, item, sidecar, clear_error)
+        self.put_sidecar(shard, item, sidecar, clear_error)
         log.info("%s/%s: adopted orphan video %s", shard, item.id, self.storage.url(key))
         return True
 
@@ -231,6 +232,11 @@ class Committer:
             )
         self.model_pinned = True
 
+    def content_key(self, item: Item) -> str:
+        """The item's content key with the weights this worker generates with."""
+        generation, family = self.plan.config.generation, self.plan.config.model.family
+        return content_key(item, generation, family, self.model.get("fingerprint") or "")
+
     # -- objects -----------------------------------------------------------------------------------------
 
     def _put_video(self, key: str, data: bytes) -> bool:
@@ -270,7 +276,7 @@ class Committer:
             log.warning("%s: two reads disagree or differ from the stored size; reading again", self.storage.url(key))
         raise TransientStorageError(f"{self.storage.url(key)}: could not read the same bytes twice; not adopting it")
 
-    def _put_sidecar(self, shard: str, item: Item, sidecar: Sidecar, clear_error: bool) -> None:
+    def put_sidecar(self, shard: str, item: Item, sidecar: Sidecar, clear_error: bool) -> None:
         key = layout.sidecar_key(self.plan.run_id, shard, item.id)
         try:
             self.storage.put_bytes(key, sidecar.to_json(), if_absent=True, content_type="application/json")
@@ -309,4 +315,5 @@ class Committer:
             parallel={"world_size": self.world_size, "dp_size": self.dp_size},
             created_at=now(),
             adopted=adopted,
+            content_key=self.content_key(item),
         )

@@ -51,11 +51,13 @@ from batchgen.core.item import Item
 from batchgen.core.logs import log_context
 from batchgen.core.plan import RunPlan, load_shard_items
 from batchgen.core.progress import ids_under
+from batchgen.core.reuse import Source, load_shard_sources
 from batchgen.models.api import VideoGenerator
 from batchgen.storage.base import Storage
 from batchgen.worker.commit import Committer, describe
 from batchgen.worker.context import ProcessContext
 from batchgen.worker.faults import fault
+from batchgen.worker.reuse import commit_copy
 
 log = logging.getLogger("batchgen.worker")
 
@@ -96,6 +98,8 @@ class ShardResult:
     """Items already done when the shard was scanned."""
     adopted: int = 0
     """Orphan videos adopted by this worker."""
+    reused: int = 0
+    """Items this worker committed as copies of committed videos (``worker.reuse``)."""
     generated: int = 0
     """Items this worker's group(s) generated and committed (or found committed by a concurrent worker)."""
     failed: int = 0
@@ -125,6 +129,10 @@ class WorkerSummary:
     @property
     def adopted(self) -> int:
         return self._sum("adopted")
+
+    @property
+    def reused(self) -> int:
+        return self._sum("reused")
 
     @property
     def failed(self) -> int:
@@ -228,14 +236,19 @@ class ShardScan:
     stats_exists: bool
     adopted: set[str] = field(default_factory=set)
     """Orphans rank 0 adopted before broadcasting (also in ``done``)."""
+    sources: dict[str, Source] = field(default_factory=dict)
+    """Items the plan copies from committed videos (``plan/reuse/<shard>.parquet``), by id."""
+    copied: set[str] = field(default_factory=set)
+    """Items rank 0 committed as copies (also in ``done``)."""
 
     @property
     def pending(self) -> list[Item]:
         return [item for item in self.items if item.id not in self.done]
 
 
-def scan_shard(storage: Storage, run_id: str, shard: str) -> ShardScan:
-    """The shard's items and which are done, from listings (never a request per item)."""
+def scan_shard(storage: Storage, run_id: str, shard: str, *, reuse: bool = False) -> ShardScan:
+    """The shard's items and which are done, from listings (never a request per item); with ``reuse``, also the
+    items to copy."""
     items = load_shard_items(storage, run_id, shard)
     ids = {item.id for item in items}
     done = ids_under(storage, layout.sidecars_prefix(run_id, shard), ".json", ids, by_ranges=True)
@@ -245,7 +258,8 @@ def scan_shard(storage: Storage, run_id: str, shard: str) -> ShardScan:
     if done != ids:
         orphans = ids_under(storage, layout.videos_prefix(run_id, shard), ".mp4", ids, by_ranges=True) - done
     stats_exists = storage.head(layout.stats_key(run_id, shard)) is not None if done == ids else False
-    return ShardScan(shard, items, done, errored, orphans, stats_exists)
+    sources = load_shard_sources(storage, run_id, shard) if reuse and done != ids else {}
+    return ShardScan(shard, items, done, errored, orphans, stats_exists, sources=sources)
 
 
 # -- the loop -----------------------------------------------------------------------------------------------
@@ -331,26 +345,43 @@ class _WorkerLoop:
         started = time.monotonic()
         scan = self._scan(shard)
         result = ShardResult(
-            shard, total=len(scan.items), resumed=len(scan.done) - len(scan.adopted), adopted=len(scan.adopted)
-        )
+            shard, total=len(scan.items), resumed=len(scan.done) - len(scan.adopted) - len(scan.copied),
+            adopted=len(scan.adopted), reused=len(scan.copied),
+        )  # fmt: skip
         metrics.shard_scanned(self.plan.run_id, shard, result.resumed, result.adopted)
         pending = scan.pending
-        mine = pending[self.ctx.dp_rank :: self.ctx.dp_size]
-        rounds = -(-len(pending) // self.ctx.dp_size)
+        # Copies whose source is not committed yet (a duplicate row of an item generated in this pass) wait for it.
+        waiting = {item.id for item in pending if item.id in scan.sources}
         log.info(
-            "%s: %d items, %d already done, %d adopted, %d to generate",
-            shard,
-            len(scan.items),
-            result.resumed,
-            result.adopted,
-            len(pending),
-        )
-        if pending:
+            "%s: %d items, %d already done, %d adopted, %d copied, %d to generate, %d to copy once generated",
+            shard, len(scan.items), result.resumed, result.adopted, result.reused, len(pending) - len(waiting),
+            len(waiting),
+        )  # fmt: skip
+        finished = self._generate(shard, [i for i in pending if i.id not in waiting], scan, result)
+        if finished and waiting:
+            copied = self._copy(scan, waiting)
+            result.reused += len(copied)
+            finished = self._generate(shard, [i for i in pending if i.id in waiting - copied], scan, result)
+        if not finished or not self._all_true(not self.stop.is_set(), f"finishing {shard}"):
+            result.seconds = time.monotonic() - started
+            return result
+        if self.ctx.rank == 0 and (pending or scan.adopted or scan.copied or not scan.stats_exists):
+            fault("during_stats", shard)
+            self.committer.finish_shard(
+                scan, resumed=result.resumed, adopted=result.adopted, seconds=time.monotonic() - started
+            )
+        result.seconds = time.monotonic() - started
+        result.finished = True
+        return result
+
+    def _generate(self, shard: str, items: list[Item], scan: ShardScan, result: ShardResult) -> bool:
+        """Generate ``items`` in rounds over the data-parallel groups; False when told to stop first."""
+        mine = items[self.ctx.dp_rank :: self.ctx.dp_size]
+        if items:
             self._prepare(mine, shard)
-        for index in range(rounds):
+        for index in range(-(-len(items) // self.ctx.dp_size)):
             if not self.keep_going():
-                result.seconds = time.monotonic() - started
-                return result
+                return False
             item = mine[index] if index < len(mine) else None
             if item is not None:
                 metrics.item_started(self.plan.run_id, shard, item.id)
@@ -360,17 +391,7 @@ class _WorkerLoop:
                 result.generated += 1
             elif outcome == "failed":
                 result.failed += 1
-        if not self._all_true(not self.stop.is_set(), f"finishing {shard}"):
-            result.seconds = time.monotonic() - started
-            return result
-        if self.ctx.rank == 0 and (pending or scan.adopted or not scan.stats_exists):
-            fault("during_stats", shard)
-            self.committer.finish_shard(
-                scan, resumed=result.resumed, adopted=result.adopted, seconds=time.monotonic() - started
-            )
-        result.seconds = time.monotonic() - started
-        result.finished = True
-        return result
+        return True
 
     def _scan(self, shard: str) -> ShardScan:
         view = None
@@ -379,7 +400,11 @@ class _WorkerLoop:
             try:
                 if not self.committer.model_pinned:
                     self.committer.check_model_pin(create=False)
-                view = scan_shard(self.storage, self.plan.run_id, shard)
+                reuse = self.plan.reuse is not None and shard in self.plan.reuse.shards
+                view = scan_shard(self.storage, self.plan.run_id, shard, reuse=reuse)
+                view.copied = self._copy_items(view, set(view.sources) - view.done)
+                view.done |= view.copied
+                view.orphans -= view.copied
                 self.committer.adopt_orphans(view)
             except (StorageError, InputError, ModelMismatchError) as e:
                 status, error = _FATAL, e
@@ -388,6 +413,39 @@ class _WorkerLoop:
             return self.ctx.broadcast(view)
         except Exception as e:
             raise GroupFailure(f"rank {self.ctx.rank}: broadcast of the {shard} scan failed ({describe(e)})") from e
+
+    def _copy(self, scan: ShardScan, ids: set[str]) -> set[str]:
+        """Rank 0 commits ``ids`` as copies where their sources are committed now; every rank learns which."""
+        copied: set[str] = set()
+        status, error = _OK, None
+        if self.ctx.rank == 0:
+            try:
+                copied = self._copy_items(scan, ids)
+            except (StorageError, ModelMismatchError) as e:
+                status, error = _FATAL, e
+        self._resolve(status, error, f"copying into {scan.shard}")
+        try:
+            copied = self.ctx.broadcast(copied)
+        except Exception as e:
+            raise GroupFailure(
+                f"rank {self.ctx.rank}: broadcast of the {scan.shard} copies failed ({describe(e)})"
+            ) from e
+        scan.done |= copied
+        return copied
+
+    def _copy_items(self, scan: ShardScan, ids: set[str]) -> set[str]:
+        copied: set[str] = set()
+        for item in scan.items:
+            if item.id not in ids:
+                continue
+            try:
+                if commit_copy(
+                    self.committer, scan.shard, item, scan.sources[item.id], 0, clear_error=item.id in scan.errored
+                ):
+                    copied.add(item.id)
+            except ValueError as e:
+                log.warning("%s/%s: copy failed (%s); generating it instead", scan.shard, item.id, e)
+        return copied
 
     def _prepare(self, mine: list[Item], shard: str) -> None:
         status, error = _OK, None
