@@ -21,6 +21,7 @@ from batchgen.core.progress import RunProgress, ShardProgress
 from batchgen.dataset.estimate import H200, choose_profile, dit_flops, estimate_plan, own_timings, profile_from_bench
 from batchgen.dataset.eta import commit_times, recent_rate, run_rate
 from batchgen.storage import open_storage
+from tests.test_index import sidecar
 
 ROOT = Path(__file__).resolve().parents[1]
 H200_RESULTS = ROOT / "bench" / "results" / "gpu-nvidia-h200.json"
@@ -204,9 +205,12 @@ def test_status_shows_rate_and_eta_per_run_and_per_job(kube, tmp_path):
     settings = LaunchSettings(output=out, namespace=kube.namespace, gpus_per_node=1)
     RunController(kube.backend(), storage, plan, settings, max_jobs=2).reconcile()
     now = time.time()
-    planned = [item.id for item in load_shard_items(storage, plan.run_id, "shard-000000")]
-    for item_id, age in zip(planned, (500, 300, 100), strict=False):
-        _write_sidecar(storage, plan.run_id, "shard-000000", item_id, denoise=1.0, world=1, mtime=now - age)
+    planned = load_shard_items(storage, plan.run_id, "shard-000000")
+    for item, age in zip(planned, (500, 300, 100), strict=False):
+        # Whole sidecars: status reads them (the flagged count) where no index part exists yet.
+        sidecar(storage, plan, "shard-000000", item, parallel={"world_size": 1, "dp_size": 1})
+        key = Path(storage.root) / layout.sidecar_key(plan.run_id, "shard-000000", item.id)
+        os.utime(key, (now - age, now - age))
 
     cluster = ["--namespace", kube.namespace, "--kubeconfig", str(kube.kubeconfig), "--rate-window", "10"]
     cluster += ["--launcher", "pytorchjob"]  # the jobs above are PyTorchJobs; auto would pick TrainJob here
