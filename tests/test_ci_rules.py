@@ -48,6 +48,6 @@ def test_the_readme_lists_no_test_that_may_skip_in_ci():
 
 def test_a_missing_tool_fails_the_test_naming_how_ci_installs_it(monkeypatch):
     monkeypatch.setattr(ci.shutil, "which", lambda name: None)
-    with pytest.raises(pytest.fail.Exception, match=r"kubectl is not installed; the suite needs it: the kubectl "
-                       r"package of Google's Cloud SDK apt repository .*, as \.ci/run installs it"):  # fmt: skip
+    with pytest.raises(pytest.fail.Exception, match=r"kubectl is not installed; the suite needs it: the machine "
+                       r"image's kubectl, else the one `make kube-bin` builds .*, as \.ci/run installs it"):  # fmt: skip
         ci.required_tool("kubectl")

@@ -325,7 +325,8 @@ def invoke(argv: list[str], env: dict[str, str], interrupt_at: tuple[str, ...] |
     """``batchgen ARGV`` in this process: exit code, stdout, stderr. Logging and the environment are restored."""
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    handlers = root.handlers[:]
+    levels = _logger_levels()  # main() quiets botocore and friends: later tests' caplog must see them again
     with pytest.MonkeyPatch.context() as mp:
         # main() sets it for its workers: setenv first so that undoing restores its absence too (a bare delenv of
         # an absent variable records nothing, and the value main() set would leak into later tests).
@@ -346,8 +347,14 @@ def invoke(argv: list[str], env: dict[str, str], interrupt_at: tuple[str, ...] |
         finally:
             signal.signal(signal.SIGINT, sigint)
             root.handlers[:] = handlers
-            root.setLevel(level)
+            for logger, level in levels.items():
+                logger.setLevel(level)
     return Result(int(code or 0), out.getvalue(), err.getvalue(), argv)
+
+
+def _logger_levels() -> dict[logging.Logger, int]:
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return {logger: logger.level for logger in loggers if isinstance(logger, logging.Logger)}
 
 
 def start(argv: list[str], env: dict[str, str], **streams) -> subprocess.Popen:
