@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,23 @@ from pathlib import Path
 import kubebin
 import yaml
 from pki import CertPair
+from processes import StartupError
 
 WEBHOOK_KINDS = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
 Kubectl = Callable[..., subprocess.CompletedProcess]
+
+
+def wait_established(kubectl: Kubectl, crds: list[str], timeout_s: float = 60) -> None:
+    """`kubectl wait --for=condition=Established`, again while a CRD just created has no status.conditions yet
+    (kubectl then fails at once: ".status.conditions accessor error: <nil> is of the type <nil>")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = kubectl("wait", "--for=condition=Established", f"--timeout={timeout_s:.0f}s", *crds, check=False)
+        if answer.returncode == 0:
+            return
+        if "accessor error" not in answer.stderr or time.monotonic() > deadline:
+            raise StartupError(f"CRDs {', '.join(crds)} not Established: {answer.stderr.strip()}")
+        time.sleep(0.5)
 
 
 def _install_serving_cert(cert_dir: Path, cert: CertPair) -> None:
@@ -63,8 +78,7 @@ class Operator:
         path = self.module() / self.crds
         source = ["-k", str(path)] if path.is_dir() else ["-f", str(path)]
         names = kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", *source, "-o", "name")
-        crds = names.stdout.split()
-        kubectl("wait", "--for=condition=Established", "--timeout=60s", *crds)
+        wait_established(kubectl, names.stdout.split())
 
     def tmpdir(self, folder: Path) -> Path:
         path = folder / "tmp"
@@ -146,7 +160,7 @@ def apply_pytorchjob_crd(kubectl: Kubectl) -> None:
     module, version = kubebin.component("training-operator").module_and_version()
     crd = kubebin.module_dir(module, version) / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
     kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(crd))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/pytorchjobs.kubeflow.org")
+    wait_established(kubectl, ["crd/pytorchjobs.kubeflow.org"])
 
 
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"  # the operator's default (pkg/cert/cert.go, MY_POD_NAMESPACE unset)
