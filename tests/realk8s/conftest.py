@@ -23,7 +23,10 @@ sys.path.insert(0, str(ROOT / "tools" / "kube"))
 import controlplane  # noqa: E402
 import kubebin  # noqa: E402
 
+from batchgen.storage import open_storage  # noqa: E402
+
 RESTRICTED = "restricted"
+WORKER_NODES = ("worker-node-0", "worker-node-1")
 REQUIRED = os.environ.get("BATCHGEN_KUBE_TESTS") == "required"
 
 
@@ -73,3 +76,34 @@ def namespace(control_plane) -> Iterator[str]:
     name = restricted_namespace(control_plane, f"t-{uuid.uuid4().hex[:8]}")
     yield name
     control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def worker_nodes(control_plane):
+    """The session's control plane plus two node agents with 2 GPUs each (removed again after this module)."""
+    if os.geteuid() != 0:
+        why = "the node agent needs root (a private mount namespace per pod)"
+        if os.environ.get("CI") == "true" or REQUIRED:
+            pytest.fail(why)
+        pytest.skip(why)
+    for name in WORKER_NODES:
+        control_plane.add_node(name, "--cpu", "16", "--memory", "64Gi", "--gpus", "2", "--shutdown-grace", "5")
+    try:
+        control_plane.wait_nodes_ready()
+        yield control_plane
+    finally:
+        for name in WORKER_NODES:
+            control_plane.remove_node(name)
+
+
+@pytest.fixture(scope="session")
+def weights(s3_server, s3_client, tiny_model_dir) -> dict[str, str]:
+    """s3:// prefixes: the tiny model, a prefix holding no model (only a stray file), and an empty one."""
+    bucket = "realk8s-weights"
+    s3_client.create_bucket(Bucket=bucket)
+    storage = open_storage(f"s3://{bucket}/tiny")
+    for path in sorted(tiny_model_dir.rglob("*")):
+        if path.is_file():
+            storage.put_file(path.relative_to(tiny_model_dir).as_posix(), path)
+    open_storage(f"s3://{bucket}/not-a-model").put_bytes("README.txt", b"no weights here\n")
+    return {"tiny": f"s3://{bucket}/tiny", "not-a-model": f"s3://{bucket}/not-a-model", "empty": f"s3://{bucket}/none"}

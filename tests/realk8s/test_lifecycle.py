@@ -37,50 +37,18 @@ from batchgen.k8s.trainjob import render_trainingruntime
 from batchgen.plan import list_runs, load_plan
 from batchgen.progress import scan_run
 from batchgen.storage import open_storage
-from tests.realk8s.conftest import REQUIRED, restricted_namespace, skip_module_unless_available
+from tests.realk8s.conftest import WORKER_NODES, restricted_namespace, skip_module_unless_available
 from tools.kube.node_agent import KubeApi
 
 skip_module_unless_available()
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-NODES = ("lifecycle-node-0", "lifecycle-node-1")
 SECRET = "s3-credentials"
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
 JOBSETS = "/apis/jobset.x-k8s.io/v1alpha2"
 BACKOFF_LIMIT = 1
 SUBMIT_TIMEOUT_S = 420
-
-
-@pytest.fixture(scope="module")
-def plane(control_plane):
-    """The session's control plane plus two node agents with 2 GPUs each (removed again after this module)."""
-    if os.geteuid() != 0:
-        why = "the node agent needs root (a private mount namespace per pod)"
-        if os.environ.get("CI") == "true" or REQUIRED:
-            pytest.fail(why)
-        pytest.skip(why)
-    for name in NODES:
-        control_plane.add_node(name, "--cpu", "16", "--memory", "64Gi", "--gpus", "2", "--shutdown-grace", "5")
-    try:
-        control_plane.wait_nodes_ready()
-        yield control_plane
-    finally:
-        for name in NODES:
-            control_plane.remove_node(name)
-
-
-@pytest.fixture(scope="module")
-def weights(s3_server, s3_client, tiny_model_dir) -> dict[str, str]:
-    """s3:// prefixes: the tiny model, a prefix holding no model (only a stray file), and an empty one."""
-    bucket = "lifecycle-weights"
-    s3_client.create_bucket(Bucket=bucket)
-    storage = open_storage(f"s3://{bucket}/tiny")
-    for path in sorted(tiny_model_dir.rglob("*")):
-        if path.is_file():
-            storage.put_file(path.relative_to(tiny_model_dir).as_posix(), path)
-    open_storage(f"s3://{bucket}/not-a-model").put_bytes("README.txt", b"no weights here\n")
-    return {"tiny": f"s3://{bucket}/tiny", "not-a-model": f"s3://{bucket}/not-a-model", "empty": f"s3://{bucket}/none"}
 
 
 @dataclass
@@ -126,7 +94,7 @@ class Run:
     def agent_logs(self) -> str:
         """The node agents' container logs of this namespace's pods (what `kubectl logs` would show)."""
         parts = []
-        for node in NODES:
+        for node in WORKER_NODES:
             for log in sorted((self.plane.root / node / "root" / "logs").glob(f"{self.namespace}_*/*/*.log")):
                 parts.append(f"--- {log.relative_to(self.plane.root)}\n{log.read_text(errors='replace')[-1500:]}")
         return "\n".join(parts)
@@ -148,7 +116,10 @@ def conditions(obj: dict) -> dict[str, dict]:
 
 
 @pytest.fixture
-def make_run(plane, s3_server, s3_client, s3_credentials, tiny_model_dir, weights, tmp_path) -> Callable[..., Run]:
+def make_run(
+    worker_nodes, s3_server, s3_client, s3_credentials, tiny_model_dir, weights, tmp_path
+) -> Callable[..., Run]:
+    plane = worker_nodes
     admin = KubeApi(plane.kubeconfig)
     made = []
 
