@@ -278,6 +278,9 @@ class CustomObjectBackend(JobBackend):
     """What to install when the API server does not serve the kind."""
     ending_spec: dict[str, Any]
     """The spec change (a JSON merge patch) that makes the kind's controller stop the job for good (``end``)."""
+    deletion_propagation = "Foreground"
+    """How ``delete`` cascades: Foreground keeps the job, terminating, until its pods are gone, so it still counts
+    against ``max_jobs`` while they release their GPUs."""
 
     @property
     def resource(self) -> str:
@@ -449,7 +452,7 @@ class CustomObjectBackend(JobBackend):
             try:
                 self.api.delete_namespaced_custom_object(
                     self.group, self.version, self.namespace, self.plural, name,
-                    propagation_policy="Foreground", _request_timeout=self.request_timeout_s,
+                    propagation_policy=self.deletion_propagation, _request_timeout=self.request_timeout_s,
                 )  # fmt: skip
                 return True
             except ApiException as e:
@@ -536,6 +539,14 @@ class TrainJobBackend(CustomObjectBackend):
     # deleted, and the TrainJob shows Suspended (kubeflow/trainer pkg/controller/trainjob_controller.go,
     # setSuspendedCondition). With batchgen's ended annotation that counts as Failed (JobInfo.state).
     ending_spec = {"suspend": True}
+    # Background, not Foreground: the Trainer reconciles a TrainJob that is being deleted like any other (v2.3.0
+    # pkg/controller/trainjob_controller.go Reconcile checks no deletionTimestamp) and server-side applies its
+    # JobSet again. While a foreground deletion waits for the garbage collector, an unfinished TrainJob's JobSet,
+    # Job and pods were recreated and started (the weights fetch ran) until the collector won (seen against the
+    # real control plane, tests/realk8s/test_helm_run.py). Gone at once, the TrainJob is not reconciled again;
+    # the collector then removes its JobSet, Jobs and pods, and the scheduler keeps the next job's pods pending
+    # until their GPUs are free.
+    deletion_propagation = "Background"
 
     def render(
         self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]

@@ -1,0 +1,265 @@
+"""A Helm-installed run end to end on the real control plane.
+
+`helm install` (the built helm) puts the chart into a restricted namespace. The controller runs as the chart's Job
+pod under its own ServiceAccount token (in-cluster config through the node agent's projected token) and creates
+TrainJobs; the real Trainer renders JobSets, JobSet renders Jobs, the Job controller creates pods, kube-scheduler
+binds them to two node agents, and each pod fetches the tiny model from S3 (moto) and runs torchrun across two
+"nodes" (2 x 2 processes: Ulysses 2 x CFG 2) from the PET_* variables the Trainer injects.
+
+Mid-run, `batchgen status --namespace` run from outside with a kubeconfig bound only to a read Role shows the
+jobs; the run is stopped (the controller Job deleted, `batchgen cancel` deletes the TrainJobs); `helm upgrade`
+starts the controller again, which resumes without regenerating what was committed, deletes finished jobs,
+finalises the index and writes _SUCCESS.json. `helm uninstall` leaves the outputs.
+
+Two settings differ from a real cluster, both because every pod shares this machine's loopback: one job at a
+time (`run.maxJobs=1`; the Trainer's PET_MASTER_PORT is fixed) and no metrics ports (`metrics.port=0`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from batchgen import layout
+from batchgen.plan import list_runs
+from batchgen.storage import open_storage
+from tests.realk8s.conftest import ROOT, WORKER_NODES, restricted_namespace, skip_module_unless_available
+from tests.realk8s.test_server_side import CHART, helm
+from tools.kube.node_agent import KubeApi
+
+skip_module_unless_available()
+pytestmark = pytest.mark.slow
+
+ITEMS, SHARD_SIZE, SHARDS_PER_JOB = 8, 2, 2
+RELEASE = "tiny"
+CONTROLLER_JOB = f"{RELEASE}-batchgen-controller"  # the chart's componentName of "controller"
+SECRET = "s3-credentials"
+TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
+TRAINER_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+READ_ROLE_RULES = [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["get", "list"]}]
+
+
+def _wait(what: str, check: Callable[[], object], timeout_s: float, explain: Callable[[], str] = str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"no {what} after {timeout_s:.0f} s\n{explain()}")
+
+
+def _chart_values(bucket: str, s3_server: str, weights: str) -> dict:
+    return {
+        "image": {"repository": "localhost/batchgen", "tag": "test"},
+        "launcher": "trainjob",
+        "trainer": {"apiVersion": "v2.3"},
+        "run": {
+            "manifest": f"s3://{bucket}/prompts.parquet",
+            "output": f"s3://{bucket}/out",
+            "maxJobs": 1,
+            "shardsPerJob": SHARDS_PER_JOB,
+            "maxJobAttempts": 2,
+            "config": {
+                "generation": {"num_frames": 13, "height": 64, "width": 64, "num_inference_steps": 2, "fps": 30},
+                "worker": {"shard_size": SHARD_SIZE},
+            },
+        },
+        "workers": {
+            "nodes": 2,
+            "gpusPerNode": 2,
+            "ulyssesDegree": 2,
+            "cfgDegree": 2,
+            "shmSize": "1Gi",
+            "scratchSize": "2Gi",
+            "backoffLimit": 1,
+            "activeDeadlineSeconds": 900,
+            "terminationGracePeriodSeconds": 5,
+        },  # fmt: skip
+        "model": {"source": "s3", "numHeads": 4, "s3": {"uri": weights, "cacheSize": "1Gi"}},
+        "s3": {"endpointUrl": s3_server, "region": "us-east-1", "credentialsSecret": {"name": SECRET}},
+        "controller": {"verbosity": 1, "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}}},
+        "metrics": {"port": 0},
+        "logFormat": "text",
+    }
+
+
+def _reader_kubeconfig(plane, admin: KubeApi, namespace: str, folder: Path) -> Path:
+    """A ServiceAccount bound only to a Role that may read TrainJobs, as a kubeconfig holding its token."""
+    base = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+    admin.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", {"metadata": {"name": "reader"}})
+    admin.request("POST", f"{base}/roles", {"metadata": {"name": "reader"}, "rules": READ_ROLE_RULES})
+    binding = {
+        "metadata": {"name": "reader"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+    }
+    admin.request("POST", f"{base}/rolebindings", binding)
+    token = plane.kubectl("create", "token", "reader", "-n", namespace, "--duration=1h").stdout.strip()
+    config = yaml.safe_load(plane.kubeconfig.read_text())
+    config["users"] = [{"name": "reader", "user": {"token": token}}]
+    config["contexts"][0]["context"] = {"cluster": "local", "user": "reader", "namespace": namespace}
+    path = folder / "reader.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def _batchgen(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "batchgen", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+
+
+def _objects(s3_client, bucket: str, prefix: str) -> dict[str, str]:
+    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+class Release:
+    def __init__(self, plane, namespace: str, values: Path):
+        self.plane, self.namespace, self.values = plane, namespace, values
+        self.admin = KubeApi(plane.kubeconfig)
+
+    def helm(self, *args: str) -> subprocess.CompletedProcess:
+        done = helm(self.plane, *args, "--namespace", self.namespace)
+        assert done.returncode == 0 and "Warning" not in done.stderr, f"helm {args[0]}: {done.stderr}"
+        return done
+
+    def trainjobs(self) -> list[dict]:
+        return self.admin.request("GET", f"{TRAINER}/namespaces/{self.namespace}/trainjobs")["items"]
+
+    def pods(self, selector: str) -> list[dict]:
+        path = f"/api/v1/namespaces/{self.namespace}/pods"
+        return self.admin.request("GET", path, query={"labelSelector": selector})["items"]
+
+    def running_workers(self) -> list[dict]:
+        pods = [p for p in self.pods("jobset.sigs.k8s.io/jobset-name") if p["status"].get("phase") == "Running"]
+        return pods if len(pods) == 2 else []
+
+    def controller_job(self) -> dict | None:
+        return self.admin.get(f"/apis/batch/v1/namespaces/{self.namespace}/jobs/{CONTROLLER_JOB}")
+
+    def finished_controller(self) -> dict | None:
+        job = self.controller_job()
+        ended = [c for c in (job or {}).get("status", {}).get("conditions", []) if c["type"] in ("Complete", "Failed")]
+        return job if any(c["status"] == "True" for c in ended) else None
+
+    def logs(self) -> str:
+        parts = []
+        for node in WORKER_NODES:
+            for log in sorted((self.plane.root / node / "root" / "logs").glob(f"{self.namespace}_*/*/*.log")):
+                parts.append(
+                    f"--- {log.parent.parent.name}/{log.parent.name}\n{log.read_text(errors='replace')[-1200:]}"
+                )
+        return "\n".join(parts)[-8000:]
+
+
+def _jobsets_created_since(plane, namespace: str, name: str, since: str) -> list[str]:
+    """From the API server's audit log: times the JobSet ``name`` was created (a server-side apply answered 201)."""
+    created = []
+    for line in plane.audit_log.read_text().splitlines():
+        event = json.loads(line)
+        ref = event.get("objectRef", {})
+        if (ref.get("resource"), ref.get("namespace"), ref.get("name")) != ("jobsets", namespace, name):
+            continue
+        if event["stage"] == "ResponseComplete" and event["responseStatus"]["code"] == 201:
+            created.append(event["requestReceivedTimestamp"])
+    return [stamp for stamp in created if stamp > since]
+
+
+def _trainer_env(pod: dict) -> dict[str, str]:
+    """The PET_* variables the Trainer put on the trainer container, each resolved as the kubelet resolves it (a
+    node's rank comes from the pod's Job completion index through the downward API)."""
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "node"]
+    annotations = pod["metadata"]["annotations"]
+    resolved = {}
+    for entry in container.get("env", []):
+        if entry["name"] not in TRAINER_ENV:
+            continue
+        path = entry.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+        found = re.fullmatch(r"metadata\.annotations\['(.+)'\]", path)
+        resolved[entry["name"]] = annotations[found[1]] if found else entry.get("value", path)
+    return resolved
+
+
+def test_helm_installed_run_end_to_end(worker_nodes, s3_server, s3_client, s3_credentials, weights, tmp_path):
+    plane = worker_nodes
+    namespace = restricted_namespace(plane, "helm-run")
+    bucket = "helm-run"
+    s3_client.create_bucket(Bucket=bucket)
+    ids = [f"clip-{i:02d}" for i in range(ITEMS)]
+    prompts = pa.table({"id": ids, "prompt": [f"a tiny red fox number {i}" for i in range(ITEMS)]})
+    buffer = io.BytesIO()
+    pq.write_table(prompts, buffer)
+    s3_client.put_object(Bucket=bucket, Key="prompts.parquet", Body=buffer.getvalue())
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(_chart_values(bucket, s3_server, weights["tiny"])))
+    release = Release(plane, namespace, values)
+    release.admin.request("POST", f"/api/v1/namespaces/{namespace}/secrets", {"metadata": {"name": SECRET}, "stringData": dict(s3_credentials)})  # fmt: skip
+    reader = _reader_kubeconfig(plane, release.admin, namespace, tmp_path)
+
+    release.helm("install", RELEASE, str(CHART), "-f", str(values))
+    # Both pods of the first TrainJob running: the Trainer's PET_* variables, one pod on each node.
+    pods = _wait("the first TrainJob's two running worker pods", release.running_workers, 300, release.logs)
+    assert {p["spec"]["nodeName"] for p in pods} == set(WORKER_NODES)
+    envs = sorted((_trainer_env(p) for p in pods), key=lambda e: e["PET_NODE_RANK"])
+    assert [(e["PET_NNODES"], e["PET_NPROC_PER_NODE"], e["PET_NODE_RANK"]) for e in envs] == [
+        ("2", "2", "0"),
+        ("2", "2", "1"),
+    ]
+    (first,) = release.trainjobs()
+    assert envs[0]["PET_MASTER_ADDR"].startswith(f"{first['metadata']['name']}-node-0-0.")
+
+    output = f"s3://{bucket}/out"
+    (run_id,) = list_runs(open_storage(output))
+    status = _batchgen(
+        "status", output, "--namespace", namespace, "--kubeconfig", str(reader), "--launcher", "trainjob"
+    )
+    assert status.returncode == 0, status.stderr
+    assert first["metadata"]["name"] in status.stdout, status.stdout
+
+    # Stop the run: the controller Job goes first (else it would relaunch what cancel deletes), then its jobs.
+    committed = _wait(
+        "a committed item before cancelling",
+        lambda: {k: e for k, e in _objects(s3_client, bucket, f"out/{run_id}/").items() if "/meta/" in k},
+        300,
+        release.logs,
+    )
+    plane.kubectl("delete", "job", CONTROLLER_JOB, "-n", namespace, "--cascade=foreground", "--timeout=120s")
+    cancelled_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    cancel = _batchgen(
+        "cancel", run_id, "--namespace", namespace, "--kubeconfig", str(plane.kubeconfig), "--launcher", "trainjob"
+    )
+    assert cancel.returncode == 0 and f"deleted {first['metadata']['name']}" in cancel.stdout, (
+        cancel.stdout + cancel.stderr
+    )
+    _wait("the cancelled TrainJobs gone", lambda: not release.trainjobs(), 120)
+    # The Trainer did not bring the cancelled job back while it was being deleted (it would, under a foreground
+    # deletion: TrainJobBackend.deletion_propagation).
+    assert not _jobsets_created_since(plane, namespace, first["metadata"]["name"], cancelled_at)
+
+    release.helm("upgrade", RELEASE, str(CHART), "-f", str(values))  # recreates the controller Job: it resumes
+    job = _wait("the controller Job finished", release.finished_controller, 900, release.logs)
+    assert any(c["type"] == "Complete" for c in job["status"]["conditions"]), (job["status"], release.logs())
+    storage = open_storage(output)
+    marker = json.loads(storage.get_bytes(layout.success_key(run_id)))
+    index = pq.read_table(io.BytesIO(storage.get_bytes(layout.index_key(run_id))))
+    assert sorted(index.column("id").to_pylist()) == ids, marker  # every item once
+    after = _objects(s3_client, bucket, f"out/{run_id}/")
+    assert {k: after.get(k) for k in committed} == committed  # resumed: nothing committed was written again
+    _wait("the finished TrainJobs deleted by the controller", lambda: not release.trainjobs(), 120)
+
+    release.helm("uninstall", RELEASE, "--wait")
+    assert storage.exists(layout.success_key(run_id)) and storage.exists(layout.index_key(run_id))
