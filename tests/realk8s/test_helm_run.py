@@ -7,7 +7,7 @@ binds them to two node agents, and each pod fetches the tiny model from S3 (moto
 "nodes" (2 x 2 processes: Ulysses 2 x CFG 2) from the PET_* variables the Trainer injects.
 
 Mid-run, `batchgen status --namespace` run from outside with a kubeconfig bound only to a read Role shows the
-jobs; the run is stopped (the controller Job deleted, `batchgen cancel` deletes the TrainJobs); `helm upgrade`
+jobs; the controller is killed (its Job starts another, which adopts the running TrainJob); the run is stopped (the controller Job deleted, `batchgen cancel` deletes the TrainJobs); `helm upgrade`
 starts the controller again, which resumes without regenerating what was committed, deletes finished jobs,
 finalises the index and writes _SUCCESS.json. `helm uninstall` leaves the outputs.
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -148,6 +150,9 @@ class Release:
         pods = [p for p in self.pods("jobset.sigs.k8s.io/jobset-name") if p["status"].get("phase") == "Running"]
         return pods if len(pods) == 2 else []
 
+    def controller_pods(self) -> list[dict]:
+        return self.pods(f"batch.kubernetes.io/job-name={CONTROLLER_JOB}")
+
     def controller_job(self) -> dict | None:
         return self.admin.get(f"/apis/batch/v1/namespaces/{self.namespace}/jobs/{CONTROLLER_JOB}")
 
@@ -166,17 +171,31 @@ class Release:
         return "\n".join(parts)[-8000:]
 
 
-def _jobsets_created_since(plane, namespace: str, name: str, since: str) -> list[str]:
-    """From the API server's audit log: times the JobSet ``name`` was created (a server-side apply answered 201)."""
+def _created(plane, namespace: str, resource: str) -> list[tuple[str, str]]:
+    """From the API server's audit log: (name, time) of every object of ``resource`` created in ``namespace`` (a
+    create or a server-side apply answered 201)."""
     created = []
     for line in plane.audit_log.read_text().splitlines():
         event = json.loads(line)
         ref = event.get("objectRef", {})
-        if (ref.get("resource"), ref.get("namespace"), ref.get("name")) != ("jobsets", namespace, name):
+        if (ref.get("resource"), ref.get("namespace"), ref.get("subresource")) != (resource, namespace, None):
             continue
         if event["stage"] == "ResponseComplete" and event["responseStatus"]["code"] == 201:
-            created.append(event["requestReceivedTimestamp"])
-    return [stamp for stamp in created if stamp > since]
+            created.append((ref.get("name", ""), event["requestReceivedTimestamp"]))
+    return created
+
+
+def _kill_submit(manifest: str) -> None:
+    """SIGKILL the controller container's `batchgen submit` (the node agent runs it as a local process)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and "submit" in argv and manifest in argv:
+            os.kill(int(entry.name), signal.SIGKILL)
+            return
+    raise AssertionError(f"no running `batchgen submit {manifest}` to kill")
 
 
 def _trainer_env(pod: dict) -> dict[str, str]:
@@ -230,6 +249,20 @@ def test_helm_installed_run_end_to_end(worker_nodes, s3_server, s3_client, s3_cr
     assert status.returncode == 0, status.stderr
     assert first["metadata"]["name"] in status.stdout, status.stdout
 
+    # A killed controller: its Job starts another pod, which adopts the running TrainJob instead of adding one.
+    (controller,) = release.controller_pods()
+    _kill_submit(f"s3://{bucket}/prompts.parquet")
+    _wait(
+        "a second controller pod running",
+        lambda: [
+            p for p in release.controller_pods()
+            if p["metadata"]["uid"] != controller["metadata"]["uid"] and p["status"].get("phase") == "Running"
+        ],
+        120,
+        release.logs,
+    )  # fmt: skip
+    assert release.controller_job()["status"].get("failed") == 1
+
     # Stop the run: the controller Job goes first (else it would relaunch what cancel deletes), then its jobs.
     committed = _wait(
         "a committed item before cancelling",
@@ -248,7 +281,8 @@ def test_helm_installed_run_end_to_end(worker_nodes, s3_server, s3_client, s3_cr
     _wait("the cancelled TrainJobs gone", lambda: not release.trainjobs(), 120)
     # The Trainer did not bring the cancelled job back while it was being deleted (it would, under a foreground
     # deletion: TrainJobBackend.deletion_propagation).
-    assert not _jobsets_created_since(plane, namespace, first["metadata"]["name"], cancelled_at)
+    recreated = [at for name, at in _created(plane, namespace, "jobsets") if name == first["metadata"]["name"]]
+    assert not [at for at in recreated if at > cancelled_at], recreated
 
     release.helm("upgrade", RELEASE, str(CHART), "-f", str(values))  # recreates the controller Job: it resumes
     job = _wait("the controller Job finished", release.finished_controller, 900, release.logs)
@@ -260,6 +294,9 @@ def test_helm_installed_run_end_to_end(worker_nodes, s3_server, s3_client, s3_cr
     after = _objects(s3_client, bucket, f"out/{run_id}/")
     assert {k: after.get(k) for k in committed} == committed  # resumed: nothing committed was written again
     _wait("the finished TrainJobs deleted by the controller", lambda: not release.trainjobs(), 120)
+
+    created = [name for name, _ in _created(plane, namespace, "trainjobs")]
+    assert len(created) == len(set(created)) == ITEMS // SHARD_SIZE // SHARDS_PER_JOB, created  # no duplicates
 
     release.helm("uninstall", RELEASE, "--wait")
     assert storage.exists(layout.success_key(run_id)) and storage.exists(layout.index_key(run_id))
