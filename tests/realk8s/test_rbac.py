@@ -27,8 +27,9 @@ skip_module_unless_available()
 
 Triple = tuple[str, str, str]  # (API group, resource, verb)
 BUCKET = "rbac-runs"
-# Calls `submit --wait` makes only when a job keeps restarting (it stops it by a patch): no pod runs here.
-NOT_REACHED_WITHOUT_PODS = {("trainer.kubeflow.org", "trainjobs", "patch")}
+# Granted but not reached here: patch stops a job whose pods keep restarting (no pod runs here), and get reads back
+# a job after a 409 on create, which only two controllers racing on one name produce (a rerun adopts by list).
+NOT_REACHED_HERE = {("trainer.kubeflow.org", "trainjobs", "patch"), ("trainer.kubeflow.org", "trainjobs", "get")}
 
 
 def chart_objects(plane, namespace: str, release: str) -> list[dict]:
@@ -63,11 +64,11 @@ class Controller:
         keep = [o for o in self.objects if o["kind"] in kinds]
         plane.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(keep))
         (self.role,) = by_kind(self.objects, "Role")
-        (account,) = by_kind(self.objects, "ServiceAccount")
-        self.user = f"system:serviceaccount:{namespace}:{account['metadata']['name']}"
-        self.kubeconfig = self._token_kubeconfig(account["metadata"]["name"])
+        account = controller_pod(self.objects)["serviceAccountName"]
+        self.user = f"system:serviceaccount:{namespace}:{account}"
+        self.kubeconfig = self.token_kubeconfig(account)
 
-    def _token_kubeconfig(self, account: str) -> Path:
+    def token_kubeconfig(self, account: str) -> Path:
         token = self.plane.kubectl("create", "token", account, "-n", self.namespace, "--duration=1h").stdout.strip()
         config = yaml.safe_load(self.plane.kubeconfig.read_text())
         config["users"] = [{"name": "controller", "user": {"token": token}}]
@@ -93,12 +94,22 @@ class Controller:
         review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
                   "spec": {"namespace": self.namespace}}  # fmt: skip
         result = subprocess.run(
-            [str(self.plane.bin / "kubectl"), f"--kubeconfig={kubeconfig}", "create", "-f", "-", "-o", "json"],
+            [
+                str(self.plane.bin / "kubectl"),
+                f"--kubeconfig={kubeconfig}",
+                "create",
+                "--validate=false",
+                "-f",
+                "-",
+                "-o",
+                "json",
+            ],
             input=json.dumps(review),
             capture_output=True,
             text=True,
-            check=True,
+            check=False,
         )
+        assert result.returncode == 0, result.stderr
         rules = json.loads(result.stdout)["status"]["resourceRules"]
         return role_triples({"rules": rules})
 
@@ -138,12 +149,13 @@ def triples_of(events: list[dict]) -> set[Triple]:
     }
 
 
-def run_submit_until_it_watches(controller: Controller, env: dict, audit_log: Path) -> subprocess.CompletedProcess:
+def run_submit_until_it_watches(controller: Controller, output: str, env: dict, audit_log: Path):
     """`submit --wait` never ends here (no node runs the pods): stop it by SIGTERM once it watches its jobs."""
-    command = controller.submit_command(f"s3://{BUCKET}/out-{uuid.uuid4().hex[:6]}")
+    watches = len([e for e in audited(audit_log, controller.user) if e["verb"] == "watch"])
+    command = [*controller.submit_command(output), "--resync-seconds", "2"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while ("trainer.kubeflow.org", "trainjobs", "watch") not in triples_of(audited(audit_log, controller.user)):
+    while len([e for e in audited(audit_log, controller.user) if e["verb"] == "watch"]) == watches:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "submit never watched its TrainJobs"
         time.sleep(0.5)
@@ -155,10 +167,14 @@ def run_submit_until_it_watches(controller: Controller, env: dict, audit_log: Pa
 def test_rules_review_and_a_real_submit_match_the_chart_role(control_plane, controller, s3_env):
     role = role_triples(controller.role)
     # What every authenticated identity may do anyway (discovery, self-reviews), seen through an unbound account.
-    baseline = controller.rules_review(Controller._token_kubeconfig(controller, "default"))
+    baseline = controller.rules_review(controller.token_kubeconfig("default"))
     assert controller.rules_review(controller.kubeconfig) - baseline == role
-    submitted = run_submit_until_it_watches(controller, s3_env, control_plane.audit_log)
-    assert submitted.returncode == EXIT_TERMINATED, submitted.stderr[-3000:]
+    output = f"s3://{BUCKET}/out-{uuid.uuid4().hex[:6]}"
+    # Twice, as a restarted controller pod would: the second adopts the job the first created.
+    for _ in range(2):
+        submitted = run_submit_until_it_watches(controller, output, s3_env, control_plane.audit_log)
+        # Ended by the signal (a pod's container reports that as 128 + 15 = EXIT_TERMINATED).
+        assert submitted.returncode in (-signal.SIGTERM, EXIT_TERMINATED), submitted.stderr[-3000:]
     assert control_plane.kubectl("get", "trainjobs", "-n", controller.namespace, "-o", "name").stdout.split()
     run_id = next(
         o.split("/", 1)[1].rsplit("-", 3)[0]
@@ -174,7 +190,7 @@ def test_rules_review_and_a_real_submit_match_the_chart_role(control_plane, cont
     assert [e for e in events if e["responseStatus"]["code"] == 403] == []
     used = triples_of(events)
     assert used <= role, used - role
-    assert role - used == NOT_REACHED_WITHOUT_PODS
+    assert role - used == NOT_REACHED_HERE
 
 
 @pytest.mark.parametrize(
@@ -192,4 +208,4 @@ def test_submit_without_one_verb_fails_with_exit_7_naming_it(control_plane, cont
     result = subprocess.run(command, env=s3_env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == EXIT_CLUSTER, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert f'cannot {verb} resource "{resource}"' in last or (verb in last and resource in last), last
+    assert f'cannot {verb} resource "{resource}"' in last, last

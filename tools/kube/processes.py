@@ -66,15 +66,12 @@ class Process:
 
     def running_pid(self) -> int | None:
         """The recorded PID while it still runs the recorded program (a reused PID is not ours)."""
+        popen = getattr(self, "_popen", None)
+        if popen is not None:  # started by this process: its own handle knows
+            return popen.pid if popen.poll() is None else None
         if not self.pid_file.exists():
             return None
         record = json.loads(self.pid_file.read_text())
-        popen = getattr(self, "_popen", None)
-        if popen is not None:
-            # Our own child: until it is reaped its PID cannot be reused, so poll() is the whole answer. Its
-            # /proc/<pid>/cmdline is not: read while the machine is loaded it sometimes comes back empty for a
-            # running process, which made a healthy etcd or JobSet look "exited before health".
-            return record["pid"] if popen.poll() is None else None
         argv = record["argv"]
         # A script started through its #! line shows its interpreter first: compare the tail.
         return record["pid"] if _cmdline(record["pid"])[-len(argv) :] == argv else None
@@ -93,21 +90,11 @@ class Process:
                 popen.wait()
         self.pid_file.unlink(missing_ok=True)
 
-    def _gone(self) -> str:
-        popen = getattr(self, "_popen", None)
-        code = popen.poll() if popen is not None else None
-        if code is not None:
-            return f"exited with {code}"
-        record = json.loads(self.pid_file.read_text()) if self.pid_file.exists() else {}
-        return f"no longer shows its command line (/proc/{record.get('pid')}/cmdline: {_cmdline(record.get('pid', 0))})"
-
     def wait_until(self, check: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.running_pid() is None:
-                raise StartupError(
-                    f"{self.name} {self._gone()} before {what}; last of {self.log}:\n{log_tail(self.log)}"
-                )
+                raise StartupError(f"{self.name} exited before {what}; last of {self.log}:\n{log_tail(self.log)}")
             if check():
                 return
             time.sleep(0.2)

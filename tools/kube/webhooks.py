@@ -22,29 +22,26 @@ from pathlib import Path
 import kubebin
 import yaml
 from pki import CertPair
-from processes import StartupError
 
 WEBHOOK_KINDS = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
 Kubectl = Callable[..., subprocess.CompletedProcess]
-
-
-def wait_established(kubectl: Kubectl, crds: list[str], timeout_s: float = 60) -> None:
-    """`kubectl wait --for=condition=Established`, again while a CRD just created has no status.conditions yet
-    (kubectl then fails at once: ".status.conditions accessor error: <nil> is of the type <nil>")."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        answer = kubectl("wait", "--for=condition=Established", f"--timeout={timeout_s:.0f}s", *crds, check=False)
-        if answer.returncode == 0:
-            return
-        if "accessor error" not in answer.stderr or time.monotonic() > deadline:
-            raise StartupError(f"CRDs {', '.join(crds)} not Established: {answer.stderr.strip()}")
-        time.sleep(0.5)
 
 
 def _install_serving_cert(cert_dir: Path, cert: CertPair) -> None:
     cert_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(cert.cert, cert_dir / "tls.crt")
     shutil.copy(cert.key, cert_dir / "tls.key")
+
+
+def wait_established(kubectl: Kubectl, crds: list[str], timeout_s: float = 60) -> None:
+    """Polls instead of `kubectl wait`, which errors out when it reads a CRD before its status has conditions."""
+    established = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+    deadline = time.monotonic() + timeout_s
+    for crd in crds:
+        while kubectl("get", crd, "-o", established, check=False).stdout.strip() != "True":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{crd} not Established after {timeout_s:.0f} s")
+            time.sleep(0.2)
 
 
 def url_webhooks(rendered: str, port: int, ca: Path, name_prefix: str) -> list[dict]:
