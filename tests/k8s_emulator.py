@@ -2,8 +2,8 @@
 trainer.kubeflow.org/v1alpha1 TrainJobs and TrainingRuntimes, each validated against its real CRD schema. Modelled on
 what the real API server does (kubernetes/kubernetes, staging/src/k8s.io/apiserver):
 
-- create (201, 409, 422 from the kind's rules and admission webhooks: the training operator's for PyTorchJobs,
-  the Trainer's runtime check for TrainJobs), get, list with labelSelector, delete, merge-patch, the status
+- create (201, 409, 422 from the kind's rules and, for PyTorchJobs, the training operator's webhook rules; 403
+  "admission webhook ... denied the request" from the Trainer's runtime check for TrainJobs), get, list with labelSelector, delete, merge-patch, the status
   subresource, watch from a resourceVersion (410 Gone once the history was compacted, ``compact()``);
 - field validation (``pkg/endpoints/handlers/rest.go`` ``fieldValidation``): ``fieldValidation=Strict`` refuses
   unknown fields with 400 BadRequest ("strict decoding error: unknown field ..."); ``Warn``, the default when the
@@ -57,6 +57,7 @@ _PATH = re.compile(
 _DISCOVERY = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/?$")
 CONTROLLER_TOKEN, OPERATOR_TOKEN, TRAINER_TOKEN = "emulator-token", "operator-token", "trainer-token"
 FOREGROUND = "foregroundDeletion"
+TRAINJOB_WEBHOOK = "validator.trainjob.trainer.kubeflow.org"  # the Trainer's manifests/base/webhook/manifests.yaml
 
 
 @dataclass(frozen=True)
@@ -357,11 +358,16 @@ class KubeEmulator:
         if isinstance(pruned, tuple):
             return *pruned, []
         problems = kind.problems({**pruned, "metadata": {**meta, "namespace": ns}})
-        if kind.kind == "TrainJob":
-            problems += self._trainer_webhook(ns, pruned)
         if problems:
             message = f'{kind.kind}.{kind.group} "{name}" is invalid: ' + "; ".join(problems)
             return 422, _status(422, "Invalid", message, name, kind), []
+        denied = self._trainer_webhook(ns, pruned) if kind.kind == "TrainJob" else []
+        if denied:
+            # Validating webhooks run after the schema (422 above). A controller-runtime webhook denies with 403
+            # Forbidden, and the API server prefixes whose denial it is (apiserver pkg/admission/plugin/webhook/
+            # errors/statuserror.go ToStatusErr): what tests/realk8s/test_emulator_differential.py saw.
+            message = f'admission webhook "{TRAINJOB_WEBHOOK}" denied the request: ' + "; ".join(denied)
+            return 403, _status(403, "Forbidden", message), []
         if (kind.plural, ns, name) in self._objects:
             return 409, _status(409, "AlreadyExists", f'{kind.resource} "{name}" already exists', name, kind), []
         obj = pruned

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow
 PLURAL = "trainjobs"
 RUN = "diff-0123456789ab"
 TRAINER_RELEASE = "v2.3.0"  # what tools/kube/kubebin.py builds
+IGNORED = {"metadata.managedFields", "details.causes", "details.uid"}
 
 
 @dataclass
@@ -47,22 +48,23 @@ class Answer:
     code: int
     body: Any
 
-    def shape(self) -> Any:
+    def shape(self) -> frozenset[str]:
         return _shape(self.body)
 
 
-def _shape(value: Any, path: str = "") -> Any:
-    """The keys of every mapping, recursively (values only as their JSON type): what "the same shape" means."""
+def _shape(value: Any, path: str = "") -> frozenset[str]:
+    """Every key path of a JSON document with its value's JSON type ("spec.trainer.numNodes:int"; list items as
+    "[]"): what "the same shape" means. The known differences (module docstring) are left out."""
     if isinstance(value, dict):
-        ignored = {"metadata.managedFields", "details.causes", "details.uid"}
-        return {
-            k: _shape(v, f"{path}.{k}".lstrip("."))
+        paths = [
+            _shape(v, f"{path}.{k}" if path else k)
             for k, v in value.items()
-            if f"{path}.{k}".lstrip(".") not in ignored
-        }
+            if f"{path}.{k}".lstrip(".") not in IGNORED
+        ]
+        return frozenset().union(*paths) if paths else frozenset({f"{path}:{{}}"})
     if isinstance(value, list):
-        return [_shape(v, path) for v in value[:1]]
-    return type(value).__name__
+        return frozenset().union(*(_shape(v, f"{path}[]") for v in value)) if value else frozenset({f"{path}:[]"})
+    return frozenset({f"{path}:{type(value).__name__}"})
 
 
 class Target:
