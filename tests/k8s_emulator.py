@@ -5,6 +5,7 @@ what the real API server does (kubernetes/kubernetes, staging/src/k8s.io/apiserv
 - create (201, 409, 422 from the kind's rules and, for PyTorchJobs, the training operator's webhook rules; 403
   "admission webhook ... denied the request" from the Trainer's runtime check for TrainJobs), get, list with labelSelector, delete, merge-patch, the status
   subresource, watch from a resourceVersion (410 Gone once the history was compacted, ``compact()``);
+- the CRD schema's defaults, and the Trainer's defaulting webhook (runtime patches' ``time``), on create;
 - field validation (``pkg/endpoints/handlers/rest.go`` ``fieldValidation``): ``fieldValidation=Strict`` refuses
   unknown fields with 400 BadRequest ("strict decoding error: unknown field ..."); ``Warn``, the default when the
   parameter is absent, drops them and says so in a ``Warning: 299`` header; ``Ignore`` drops them silently;
@@ -142,6 +143,29 @@ def _drop(obj: dict[str, Any], paths: list[str]) -> dict[str, Any]:
             node = node[int(part[1:-1])] if part.startswith("[") else node[part]
         node.pop(parts[-1], None)
     return pruned
+
+
+def apply_defaults(obj: Any, schema: dict[str, Any]) -> None:
+    """The CRD schema's ``default`` values filled in where the object leaves a field out, at every level the
+    object has (apiextensions-apiserver pkg/apiserver/schema/defaulting/algorithm.go Default)."""
+    if isinstance(obj, list):
+        for item in obj:
+            apply_defaults(item, schema.get("items") or {})
+        return
+    if not isinstance(obj, dict):
+        return
+    for key, sub in (schema.get("properties") or {}).items():
+        if key not in obj and "default" in sub:
+            obj[key] = copy.deepcopy(sub["default"])
+        if key in obj:
+            apply_defaults(obj[key], sub)
+
+
+def _trainjob_defaulter(job: dict[str, Any]) -> None:
+    """The Trainer's mutating webhook stamps each runtime patch it has not seen (kubeflow/trainer v2.3
+    pkg/webhooks/trainjob_webhook.go TrainJobDefaulter.Default)."""
+    for patch in (job.get("spec") or {}).get("runtimePatches") or []:
+        patch.setdefault("time", _now())
 
 
 def _now() -> str:
@@ -357,6 +381,9 @@ class KubeEmulator:
         pruned, warnings = self._prune(kind, body, validation, name)
         if isinstance(pruned, tuple):
             return *pruned, []
+        apply_defaults(pruned, kind.schema)
+        if kind.kind == "TrainJob":
+            _trainjob_defaulter(pruned)
         problems = kind.problems({**pruned, "metadata": {**meta, "namespace": ns}})
         if problems:
             message = f'{kind.kind}.{kind.group} "{name}" is invalid: ' + "; ".join(problems)

@@ -6,15 +6,14 @@ label, a watch from a resourceVersion that is gone (410), delete of a missing jo
 (400), and the Trainer webhook's refusal of a TrainJob whose runtime is missing. The real side is the real
 kube-apiserver with the real Trainer's CRDs and webhooks (v2.3.0); the emulator serves the same release's schemas.
 
-Known differences, left alone because batchgen reads neither (each is normalised below, nowhere else):
+Known differences, normalised here and nowhere else (batchgen reads none of them):
 - metadata.managedFields: the real server returns them on every object; the emulator keeps no field managers.
-- metadata.generation and creationTimestamp formats match, but the real server also sets metadata.generation on
-  status-less creates and the emulator does too; uid and resourceVersion values differ in form (opaque strings).
-- Status.details.uid, Status.details.causes: the real server adds causes (one per field) to 400/422 answers; the
-  emulator sends the message only. batchgen reads message and reason.
-- The message texts of 410 differ in the numbers they quote ("too old resource version: A (B)").
-- A list's remainingItemCount: the real server may leave it out when it cannot count cheaply (label selectors);
-  the emulator always sends it. batchgen follows metadata.continue only.
+- Status.details.causes and details.uid: the real server adds causes to 400/422 answers; batchgen reads the
+  message and the reason.
+- The message of a watch's 410 quotes resourceVersions; compared are the code and the reason.
+- A list's remainingItemCount and an empty continue token: compared as the client reads a page (its items, and
+  whether a non-empty continue token came).
+- A listed TrainJob's status: the real Trainer has reconciled it by then; the emulator runs no controller.
 """
 
 from __future__ import annotations
@@ -133,11 +132,11 @@ def _sequence(target: Target, expire: Callable[[], str]) -> dict[str, Any]:
         nxt = target.call(target.api.list_namespaced_custom_object, label_selector=selector, limit=1, _continue=token)
         pages.append(nxt.body)
         token = nxt.body["metadata"].get("continue")
-    seen["paged list"] = (
-        [len(p["items"]) for p in pages],
-        sorted(p["metadata"].keys() - {"remainingItemCount"} for p in pages),
-    )
-    seen["list item shape"] = _shape(pages[0]["items"][0])
+    # What the client reads: items per page and whether a continue token came (the real server sends "continue"
+    # with an empty value on a last page that it could not know was last).
+    seen["paged list"] = [(len(p["items"]), bool(p["metadata"].get("continue"))) for p in pages]
+    # status is the Trainer's to write (the real one has reconciled by now; the emulator has no controller).
+    seen["list item shape"] = _shape({k: v for k, v in pages[0]["items"][0].items() if k != "status"})
     seen["watch from a compacted version"] = target.watch_first(expire())
     missing = target.call(target.api.delete_namespaced_custom_object, "no-such-job", propagation_policy="Background")
     seen["delete missing"] = (
@@ -183,7 +182,17 @@ def test_the_emulator_answers_the_controllers_requests_as_the_real_server_does(c
     # The real server's watch cache starts at its own start: any version before it is gone, as after compaction.
     real_seen = _sequence(real, lambda: "1")
     emulated_seen = _sequence(emulator, emulator_expired)
-    differences = {
-        step: (real_seen[step], emulated_seen[step]) for step in real_seen if real_seen[step] != emulated_seen[step]
-    }
+    differences = {step: _difference(real_seen[step], emulated_seen[step]) for step in real_seen}
+    differences = {step: d for step, d in differences.items() if d}
     assert not differences, json.dumps(differences, indent=1, default=str)[:6000]
+
+
+def _difference(real: Any, emulated: Any) -> Any:
+    """Nothing when equal; for shapes, the key paths only one side has; else both answers."""
+    if real == emulated:
+        return None
+    if isinstance(real, tuple) and isinstance(emulated, tuple) and len(real) == len(emulated):
+        return [_difference(r, e) for r, e in zip(real, emulated, strict=True)]
+    if isinstance(real, frozenset) and isinstance(emulated, frozenset):
+        return {"real only": sorted(real - emulated), "emulator only": sorted(emulated - real)}
+    return {"real": real, "emulator": emulated}
