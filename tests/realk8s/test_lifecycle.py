@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3-credentials"
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
 JOBSETS = "/apis/jobset.x-k8s.io/v1alpha2"
+PYTORCHJOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
 BACKOFF_LIMIT = 1
 SUBMIT_TIMEOUT_S = 420
 
@@ -140,8 +141,9 @@ def make_run(
         values_file = tmp_path / f"{name}-values.yaml"
         values_file.write_text(yaml.safe_dump(values))
         # What the chart installs beside the controller: the runtime the TrainJobs reference, from the same settings.
-        runtime = render_trainingruntime(LaunchSettings.from_dict({**values, "output": output}))
-        plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(runtime))
+        if values["launcher"] == "trainjob":
+            runtime = render_trainingruntime(LaunchSettings.from_dict({**values, "output": output}))
+            plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(runtime))
         manifest = tmp_path / f"{name}.parquet"
         ids = [f"{name}-{i:02d}" for i in range(items)]
         pq.write_table(pa.table({"id": ids, "prompt": [f"a tiny red fox number {i}" for i in range(items)]}), manifest)
@@ -208,6 +210,13 @@ class WorkerSignaller:
                     pass
 
 
+def _assert_failed_like_its_jobset(run: Run, name: str, trainjob: dict) -> None:
+    """JobSet fails with its Job (failurePolicy.maxRestarts 0), and the Trainer copies the JobSet's Failed condition
+    onto the TrainJob (kubeflow/trainer v2.3 pkg/runtime/framework/plugins/jobset/jobset.go)."""
+    jobset_failed = conditions(run.jobset(name))["Failed"]
+    assert conditions(trainjob)["Failed"]["reason"] == jobset_failed["reason"], (trainjob["status"], jobset_failed)
+
+
 def _job_failure(run: Run, trainjob: str) -> tuple[dict, list[dict]]:
     (job,) = run.jobs(trainjob)
     return conditions(job), run.pods(trainjob)
@@ -232,8 +241,7 @@ def test_a_worker_that_always_exits_143_fails_each_attempt_after_backoff_limit_p
         exit_codes = [p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] for p in pods]
         assert exit_codes == [143] * len(pods)
         # JobSet (failurePolicy.maxRestarts 0) fails at once, and the Trainer copies its Failed condition.
-        assert "Failed" in conditions(run.jobset(name))
-        assert conditions(trainjob)["Failed"]["reason"], trainjob["status"]
+        _assert_failed_like_its_jobset(run, name, trainjob)
     assert "relaunching shards shard-000000 as attempt 2" in done.stderr
 
 
@@ -253,8 +261,7 @@ def test_a_permanent_failure_ends_the_job_at_once_through_the_pod_failure_policy
     status = pods[0]["status"]
     statuses = {c["name"]: c for c in status.get("initContainerStatuses", []) + status["containerStatuses"]}
     assert statuses[container]["state"]["terminated"]["exitCode"] == exit_code, statuses
-    assert "Failed" in conditions(run.jobset(name))
-    assert conditions(trainjob)["Failed"]["reason"], trainjob["status"]
+    _assert_failed_like_its_jobset(run, name, trainjob)
 
 
 def test_a_hung_worker_is_ended_by_active_deadline_seconds(make_run):
@@ -266,8 +273,7 @@ def test_a_hung_worker_is_ended_by_active_deadline_seconds(make_run):
     ((name, trainjob),) = run.trainjobs().items()
     job_conditions, _ = _job_failure(run, name)
     assert job_conditions["Failed"]["reason"] == "DeadlineExceeded", job_conditions
-    assert "Failed" in conditions(run.jobset(name))
-    assert conditions(trainjob)["Failed"]["reason"], trainjob["status"]
+    _assert_failed_like_its_jobset(run, name, trainjob)
 
 
 def _wait(what: str, check: Callable[[], object], timeout_s: float, process: subprocess.Popen) -> object:
@@ -324,3 +330,20 @@ def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_it
         r"shard-000000: 3 items, (\d+) already done, \d+ adopted, (\d+) to generate", run.pod_log(replacement[0])
     )
     assert found and int(found[1]) >= len(done_before) and int(found[1]) + int(found[2]) == items, run.agent_logs()
+
+
+def test_pytorchjob_exiting_143_is_stopped_by_the_controller_past_backoff_limit(make_run, worker_nodes):
+    """The v1 training operator (restartPolicy ExitCode) recreates a pod that exits 143 without counting it
+    against backoffLimit; batchgen's controller counts the restarts from the job's status and ends the job past
+    the limit (runPolicy.activeDeadlineSeconds 1), as the operator's own retry semantics require."""
+    if not any(p.name == "training-operator" for p in worker_nodes.started):
+        pytest.skip("training-operator.v1 not built (tools/kube/kubebin.py records why)")
+    run = make_run("ptj", items=2, launcher="pytorchjob", max_attempts=1)
+    with WorkerSignaller(run.output, signal.SIGTERM) as signaller:
+        done = run.submit()
+    assert done.returncode == 5, done.stderr[-4000:] + run.agent_logs()[-3000:]
+    assert len(signaller.signalled) > BACKOFF_LIMIT  # the operator did recreate the pod
+    ((name, job),) = {j["metadata"]["name"]: j for j in run.list(PYTORCHJOBS)}.items()
+    assert names.ENDED_ANNOTATION in job["metadata"]["annotations"], job["metadata"]
+    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 1
+    assert "Failed" in conditions(job), job["status"]
