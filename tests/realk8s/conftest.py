@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +108,33 @@ def weights(s3_server, s3_client, tiny_model_dir) -> dict[str, str]:
             storage.put_file(path.relative_to(tiny_model_dir).as_posix(), path)
     open_storage(f"s3://{bucket}/not-a-model").put_bytes("README.txt", b"no weights here\n")
     return {"tiny": f"s3://{bucket}/tiny", "not-a-model": f"s3://{bucket}/not-a-model", "empty": f"s3://{bucket}/none"}
+
+
+def container_logs(plane: controlplane.ControlPlane, namespace: str, tail_chars: int = 1500) -> str:
+    """The worker nodes' container logs of ``namespace``'s pods (what `kubectl logs` would show), for failures."""
+    parts = []
+    for node in WORKER_NODES:
+        for log in sorted((plane.root / node / "root" / "logs").glob(f"{namespace}_*/*/*.log")):
+            parts.append(f"--- {log.relative_to(plane.root)}\n{log.read_text(errors='replace')[-tail_chars:]}")
+    return "\n".join(parts)
+
+
+def s3_objects(s3_client, uri: str) -> dict[str, tuple[str, object]]:
+    """key -> (ETag, LastModified) of every object under the s3:// ``uri``: an object written again changes both."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages for o in page.get("Contents", [])}
+
+
+def wait_for(what: str, check, timeout_s: float, explain=str, process=None):
+    """``check()``'s first truthy value, polled every half second. Fails naming ``what`` (and ``explain()``) after
+    ``timeout_s``, or at once when ``process`` (a subprocess.Popen the wait depends on) has exited."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"{process.args[3:5]} exited {process.returncode} while waiting for {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"no {what} after {timeout_s:.0f} s\n{explain()}")

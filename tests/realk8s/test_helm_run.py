@@ -24,8 +24,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,7 +35,15 @@ import yaml
 from batchgen import layout
 from batchgen.plan import list_runs
 from batchgen.storage import open_storage
-from tests.realk8s.conftest import ROOT, WORKER_NODES, restricted_namespace, skip_module_unless_available
+from tests.realk8s.conftest import (
+    ROOT,
+    WORKER_NODES,
+    container_logs,
+    restricted_namespace,
+    s3_objects,
+    skip_module_unless_available,
+    wait_for,
+)
 from tests.realk8s.test_server_side import CHART, helm
 from tools.kube.node_agent import KubeApi
 
@@ -45,22 +51,13 @@ skip_module_unless_available()
 pytestmark = pytest.mark.slow
 
 ITEMS, SHARD_SIZE, SHARDS_PER_JOB = 8, 2, 2
+IDS = [f"clip-{i:02d}" for i in range(ITEMS)]
 RELEASE = "tiny"
 CONTROLLER_JOB = f"{RELEASE}-batchgen-controller"  # the chart's componentName of "controller"
 SECRET = "s3-credentials"
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
 TRAINER_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 READ_ROLE_RULES = [{"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["get", "list"]}]
-
-
-def _wait(what: str, check: Callable[[], object], timeout_s: float, explain: Callable[[], str] = str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"no {what} after {timeout_s:.0f} s\n{explain()}")
 
 
 def _chart_values(bucket: str, s3_server: str, weights: str) -> dict:
@@ -124,15 +121,12 @@ def _batchgen(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
 
 
-def _objects(s3_client, bucket: str, prefix: str) -> dict[str, str]:
-    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
-
-
 class Release:
-    def __init__(self, plane, namespace: str, values: Path):
-        self.plane, self.namespace, self.values = plane, namespace, values
+    def __init__(self, plane, namespace: str, values: Path, bucket: str, s3_client):
+        self.plane, self.namespace, self.values, self.bucket = plane, namespace, values, bucket
+        self.output = f"s3://{bucket}/out"
         self.admin = KubeApi(plane.kubeconfig)
+        self.s3_client = s3_client
 
     def helm(self, *args: str) -> subprocess.CompletedProcess:
         done = helm(self.plane, *args, "--namespace", self.namespace)
@@ -162,13 +156,7 @@ class Release:
         return job if any(c["status"] == "True" for c in ended) else None
 
     def logs(self) -> str:
-        parts = []
-        for node in WORKER_NODES:
-            for log in sorted((self.plane.root / node / "root" / "logs").glob(f"{self.namespace}_*/*/*.log")):
-                parts.append(
-                    f"--- {log.parent.parent.name}/{log.parent.name}\n{log.read_text(errors='replace')[-1200:]}"
-                )
-        return "\n".join(parts)[-8000:]
+        return container_logs(self.plane, self.namespace, 1200)[-8000:]
 
 
 def _created(plane, namespace: str, resource: str) -> list[tuple[str, str]]:
@@ -213,90 +201,103 @@ def _trainer_env(pod: dict) -> dict[str, str]:
     return resolved
 
 
-def test_helm_installed_run_end_to_end(worker_nodes, s3_server, s3_client, s3_credentials, weights, tmp_path):
-    plane = worker_nodes
+def _prepared(plane, s3_server, s3_client, s3_credentials, weights, tmp_path) -> Release:
+    """A restricted namespace with the S3 Secret, the prompts in a bucket and the chart values for them."""
     namespace = restricted_namespace(plane, "helm-run")
     bucket = "helm-run"
     s3_client.create_bucket(Bucket=bucket)
-    ids = [f"clip-{i:02d}" for i in range(ITEMS)]
-    prompts = pa.table({"id": ids, "prompt": [f"a tiny red fox number {i}" for i in range(ITEMS)]})
+    prompts = pa.table({"id": IDS, "prompt": [f"a tiny red fox number {i}" for i in range(ITEMS)]})
     buffer = io.BytesIO()
     pq.write_table(prompts, buffer)
     s3_client.put_object(Bucket=bucket, Key="prompts.parquet", Body=buffer.getvalue())
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump(_chart_values(bucket, s3_server, weights["tiny"])))
-    release = Release(plane, namespace, values)
-    release.admin.request("POST", f"/api/v1/namespaces/{namespace}/secrets", {"metadata": {"name": SECRET}, "stringData": dict(s3_credentials)})  # fmt: skip
-    reader = _reader_kubeconfig(plane, release.admin, namespace, tmp_path)
+    release = Release(plane, namespace, values, bucket, s3_client)
+    secret = {"metadata": {"name": SECRET}, "stringData": dict(s3_credentials)}
+    release.admin.request("POST", f"/api/v1/namespaces/{namespace}/secrets", secret)
+    return release
 
-    release.helm("install", RELEASE, str(CHART), "-f", str(values))
-    # Both pods of the first TrainJob running: the Trainer's PET_* variables, one pod on each node.
-    pods = _wait("the first TrainJob's two running worker pods", release.running_workers, 300, release.logs)
+
+def _first_job_runs_across_two_nodes(release: Release) -> dict:
+    """Both pods of the first TrainJob running, one on each node, with the Trainer's PET_* variables."""
+    pods = wait_for("the first TrainJob's two running worker pods", release.running_workers, 300, release.logs)
     assert {p["spec"]["nodeName"] for p in pods} == set(WORKER_NODES)
     envs = sorted((_trainer_env(p) for p in pods), key=lambda e: e["PET_NODE_RANK"])
-    assert [(e["PET_NNODES"], e["PET_NPROC_PER_NODE"], e["PET_NODE_RANK"]) for e in envs] == [
-        ("2", "2", "0"),
-        ("2", "2", "1"),
-    ]
+    ranks = [(e["PET_NNODES"], e["PET_NPROC_PER_NODE"], e["PET_NODE_RANK"]) for e in envs]
+    assert ranks == [("2", "2", "0"), ("2", "2", "1")]
     (first,) = release.trainjobs()
     assert envs[0]["PET_MASTER_ADDR"].startswith(f"{first['metadata']['name']}-node-0-0.")
+    return first
 
-    output = f"s3://{bucket}/out"
-    (run_id,) = list_runs(open_storage(output))
-    status = _batchgen(
-        "status", output, "--namespace", namespace, "--kubeconfig", str(reader), "--launcher", "trainjob"
-    )
-    assert status.returncode == 0, status.stderr
-    assert first["metadata"]["name"] in status.stdout, status.stdout
 
-    # A killed controller: its Job starts another pod, which adopts the running TrainJob instead of adding one.
+def _kill_controller(release: Release) -> None:
+    """A killed controller: its Job starts another pod, which adopts the running TrainJob instead of adding one."""
     (controller,) = release.controller_pods()
-    _kill_submit(f"s3://{bucket}/prompts.parquet")
-    _wait(
-        "a second controller pod running",
-        lambda: [
-            p for p in release.controller_pods()
-            if p["metadata"]["uid"] != controller["metadata"]["uid"] and p["status"].get("phase") == "Running"
-        ],
-        120,
-        release.logs,
-    )  # fmt: skip
+    _kill_submit(f"s3://{release.bucket}/prompts.parquet")
+
+    def replacement() -> list[dict]:
+        others = [p for p in release.controller_pods() if p["metadata"]["uid"] != controller["metadata"]["uid"]]
+        return [p for p in others if p["status"].get("phase") == "Running"]
+
+    wait_for("a second controller pod running", replacement, 120, release.logs)
     assert release.controller_job()["status"].get("failed") == 1
 
-    # Stop the run: the controller Job goes first (else it would relaunch what cancel deletes), then its jobs.
-    committed = _wait(
+
+def _cancel(release: Release, run_id: str, first: dict) -> dict:
+    """Stop the run once an item is committed: the controller Job first (else it would relaunch what cancel
+    deletes), then `batchgen cancel`. Returns the objects committed by then."""
+    plane, prefix = release.plane, f"{release.output}/{run_id}/"
+    committed = wait_for(
         "a committed item before cancelling",
-        lambda: {k: e for k, e in _objects(s3_client, bucket, f"out/{run_id}/").items() if "/meta/" in k},
+        lambda: {k: e for k, e in s3_objects(release.s3_client, prefix).items() if "/meta/" in k},
         300,
         release.logs,
     )
-    plane.kubectl("delete", "job", CONTROLLER_JOB, "-n", namespace, "--cascade=foreground", "--timeout=120s")
+    plane.kubectl("delete", "job", CONTROLLER_JOB, "-n", release.namespace, "--cascade=foreground", "--timeout=120s")
     cancelled_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     cancel = _batchgen(
-        "cancel", run_id, "--namespace", namespace, "--kubeconfig", str(plane.kubeconfig), "--launcher", "trainjob"
-    )
-    assert cancel.returncode == 0 and f"deleted {first['metadata']['name']}" in cancel.stdout, (
-        cancel.stdout + cancel.stderr
-    )
-    _wait("the cancelled TrainJobs gone", lambda: not release.trainjobs(), 120)
+        "cancel", run_id, "--namespace", release.namespace, "--kubeconfig", str(plane.kubeconfig), "--launcher",
+        "trainjob",
+    )  # fmt: skip
+    assert cancel.returncode == 0 and f"deleted {first['metadata']['name']}" in cancel.stdout, cancel.stderr
+    wait_for("the cancelled TrainJobs gone", lambda: not release.trainjobs(), 120)
     # The Trainer did not bring the cancelled job back while it was being deleted (it would, under a foreground
     # deletion: TrainJobBackend.deletion_propagation).
-    recreated = [at for name, at in _created(plane, namespace, "jobsets") if name == first["metadata"]["name"]]
+    recreated = [at for name, at in _created(plane, release.namespace, "jobsets") if name == first["metadata"]["name"]]
     assert not [at for at in recreated if at > cancelled_at], recreated
+    return committed
 
-    release.helm("upgrade", RELEASE, str(CHART), "-f", str(values))  # recreates the controller Job: it resumes
-    job = _wait("the controller Job finished", release.finished_controller, 900, release.logs)
+
+def _resume_to_the_end(release: Release, run_id: str, committed: dict) -> None:
+    """`helm upgrade` recreates the controller Job; it resumes, finishes, finalises and deletes its jobs."""
+    release.helm("upgrade", RELEASE, str(CHART), "-f", str(release.values))
+    job = wait_for("the controller Job finished", release.finished_controller, 900, release.logs)
     assert any(c["type"] == "Complete" for c in job["status"]["conditions"]), (job["status"], release.logs())
-    storage = open_storage(output)
+    storage = open_storage(release.output)
     marker = json.loads(storage.get_bytes(layout.success_key(run_id)))
     index = pq.read_table(io.BytesIO(storage.get_bytes(layout.index_key(run_id))))
-    assert sorted(index.column("id").to_pylist()) == ids, marker  # every item once
-    after = _objects(s3_client, bucket, f"out/{run_id}/")
+    assert sorted(index.column("id").to_pylist()) == IDS, marker  # every item once
+    after = s3_objects(release.s3_client, f"{release.output}/{run_id}/")
     assert {k: after.get(k) for k in committed} == committed  # resumed: nothing committed was written again
-    _wait("the finished TrainJobs deleted by the controller", lambda: not release.trainjobs(), 120)
-
-    created = [name for name, _ in _created(plane, namespace, "trainjobs")]
+    wait_for("the finished TrainJobs deleted by the controller", lambda: not release.trainjobs(), 120)
+    created = [name for name, _ in _created(release.plane, release.namespace, "trainjobs")]
     assert len(created) == len(set(created)) == ITEMS // SHARD_SIZE // SHARDS_PER_JOB, created  # no duplicates
 
+
+def test_helm_installed_run_end_to_end(worker_nodes, s3_server, s3_client, s3_credentials, weights, tmp_path):
+    release = _prepared(worker_nodes, s3_server, s3_client, s3_credentials, weights, tmp_path)
+    reader = _reader_kubeconfig(worker_nodes, release.admin, release.namespace, tmp_path)
+    release.helm("install", RELEASE, str(CHART), "-f", str(release.values))
+    first = _first_job_runs_across_two_nodes(release)
+
+    (run_id,) = list_runs(open_storage(release.output))
+    cluster = ["--namespace", release.namespace, "--kubeconfig", str(reader), "--launcher", "trainjob"]
+    status = _batchgen("status", release.output, *cluster)
+    assert status.returncode == 0 and first["metadata"]["name"] in status.stdout, status.stdout + status.stderr
+
+    _kill_controller(release)
+    committed = _cancel(release, run_id, first)
+    _resume_to_the_end(release, run_id, committed)
     release.helm("uninstall", RELEASE, "--wait")
+    storage = open_storage(release.output)
     assert storage.exists(layout.success_key(run_id)) and storage.exists(layout.index_key(run_id))

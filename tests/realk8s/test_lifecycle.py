@@ -37,7 +37,13 @@ from batchgen.k8s.trainjob import render_trainingruntime
 from batchgen.plan import list_runs, load_plan
 from batchgen.progress import scan_run
 from batchgen.storage import open_storage
-from tests.realk8s.conftest import WORKER_NODES, restricted_namespace, skip_module_unless_available
+from tests.realk8s.conftest import (
+    container_logs,
+    restricted_namespace,
+    s3_objects,
+    skip_module_unless_available,
+    wait_for,
+)
 from tools.kube.node_agent import KubeApi
 
 skip_module_unless_available()
@@ -93,12 +99,7 @@ class Run:
         return json.dumps({n: j.get("status", {}) for n, j in self.trainjobs().items()})[:3000]
 
     def agent_logs(self) -> str:
-        """The node agents' container logs of this namespace's pods (what `kubectl logs` would show)."""
-        parts = []
-        for node in WORKER_NODES:
-            for log in sorted((self.plane.root / node / "root" / "logs").glob(f"{self.namespace}_*/*/*.log")):
-                parts.append(f"--- {log.relative_to(self.plane.root)}\n{log.read_text(errors='replace')[-1500:]}")
-        return "\n".join(parts)
+        return container_logs(self.plane, self.namespace)
 
     def pod_log(self, pod: dict, container: str = "node") -> str:
         meta = pod["metadata"]
@@ -276,41 +277,28 @@ def test_a_hung_worker_is_ended_by_active_deadline_seconds(make_run):
     _assert_failed_like_its_jobset(run, name, trainjob)
 
 
-def _wait(what: str, check: Callable[[], object], timeout_s: float, process: subprocess.Popen) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        if process.poll() is not None:
-            raise AssertionError(f"submit exited {process.returncode} while waiting for {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"no {what} after {timeout_s:.0f} s")
-
-
-def _objects(s3_client, output: str) -> dict[str, tuple[str, object]]:
-    bucket, _, prefix = output.removeprefix("s3://").partition("/")
-    pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {o["Key"]: (o["ETag"], o["LastModified"]) for page in pages for o in page.get("Contents", [])}
-
-
 def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_items(make_run, s3_client):
     items = 3
     run = make_run("preempted", items=items, max_attempts=1)
     submit = subprocess.Popen(run.submit_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        _wait(
-            "first committed item", lambda: list_runs(open_storage(run.output)) and run.progress()[1].done, 300, submit
+        wait_for(
+            "first committed item",
+            lambda: list_runs(open_storage(run.output)) and run.progress()[1].done,
+            300,
+            run.agent_logs,
+            submit,
         )
-        committed = _objects(s3_client, run.output)
+        committed = s3_objects(s3_client, run.output)
         done_before = [i for shard in run.progress()[1].shards.values() for i in shard.done_ids]
         ((name, _),) = run.trainjobs().items()
         (pod,) = run.pods(name)
         run.admin.request("DELETE", f"/api/v1/namespaces/{run.namespace}/pods/{pod['metadata']['name']}")
-        replacement = _wait(
+        replacement = wait_for(
             "replacement pod",
             lambda: [p for p in run.pods(name) if p["metadata"]["uid"] != pod["metadata"]["uid"]],
             120,
+            run.agent_logs,
             submit,
         )
         (job,) = run.jobs(name)
@@ -322,7 +310,7 @@ def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_it
     assert len(replacement) == 1 and job["status"].get("failed") == 1, job["status"]  # counted against backoffLimit
     _, progress = run.progress()
     assert progress.done == items
-    after = _objects(s3_client, run.output)
+    after = s3_objects(s3_client, run.output)
     # Every object the first pod committed is still the one it wrote: nothing was generated twice.
     assert {key: after.get(key) for key in committed} == committed
     # The replacement's worker found them done in storage (batchgen/worker.py's scan line).
