@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,13 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from batchgen.storage import open_storage
+from tools.kube import controlplane, kubebin
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tools" / "kube"))
-
-import controlplane  # noqa: E402
-import kubebin  # noqa: E402
-
-from batchgen.storage import open_storage  # noqa: E402
 
 RESTRICTED = "restricted"
 WORKER_NODES = ("worker-node-0", "worker-node-1")

@@ -4,6 +4,7 @@ fails, and so does any warning the server returns (a Job whose pod template brea
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -50,7 +51,7 @@ def namespaces_of(yaml_text: str) -> set[str]:
 
 
 def test_server_reports_the_release_it_was_built_from(control_plane):
-    import kubebin
+    from tools.kube import kubebin
 
     version = yaml.safe_load(control_plane.kubectl("version", "-o", "yaml").stdout)["serverVersion"]
     assert version["gitVersion"] == kubebin.version_of("kubernetes")
@@ -199,3 +200,33 @@ def test_chart_install_upgrade_uninstall(control_plane, namespace):
         helm(control_plane, "uninstall", release, "--namespace", namespace, "--wait"), "helm uninstall"
     )
     assert release_objects(control_plane, namespace, release) == []
+
+
+def pod_security_refusals(plane, namespace: str, timeout_s: float = 90) -> list[str]:
+    """The events in which the training operator reports a pod the API server refused for Pod Security."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = yaml.safe_load(plane.kubectl("get", "events", "-n", namespace, "-o", "yaml").stdout)["items"]
+        refusals = [e["message"] for e in events if "violates PodSecurity" in e.get("message", "")]
+        if refusals:
+            return refusals
+        time.sleep(1)
+    return []
+
+
+def test_pytorchjob_init_container_is_the_one_pod_security_refusal(control_plane, namespace):
+    """The documented exception (README, docs/kubernetes.md): the v1 training operator adds its own `init-pytorch`
+    container (no securityContext) to the Worker pods of a multi-node PyTorchJob, which `restricted` refuses.
+    Asserted on the real operator: that container, and nothing of ours, is what the server names."""
+    if not (control_plane.bin / "training-operator.v1").exists():
+        pytest.fail("training-operator.v1 was not built (see the .failed file in the kube-bin cache)")
+    rendered = batchgen_render(namespace, "--launcher", "pytorchjob")
+    control_plane.kubectl("apply", "--server-side", "--validate=strict", "-f", "-", stdin=rendered)
+    refusals = pod_security_refusals(control_plane, namespace)
+    assert refusals, control_plane.kubectl("get", "events", "-n", namespace).stdout
+    for message in refusals:
+        assert 'container "init-pytorch"' in message or 'containers "init-pytorch"' in message, message
+        named = set(re.findall(r'containers? "([^"]+)"', message))
+        assert named == {"init-pytorch"}, message
+    pods = control_plane.kubectl("get", "pods", "-n", namespace, "-o", "name").stdout.split()
+    assert pods and all("-master-" in pod for pod in pods), pods  # the Master pods have no init container

@@ -25,12 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a script: make `tools.kube` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import kubebin  # noqa: E402
-import pki  # noqa: E402
-import webhooks  # noqa: E402
-from processes import Process, StartupError, free_port, http_ok, tls_context, tls_listening  # noqa: E402
+from tools.kube import kubebin, pki, webhooks  # noqa: E402
+from tools.kube.processes import Process, StartupError, free_port, http_ok, tls_context, tls_listening  # noqa: E402
 
 DEFAULT_DIR = Path(os.environ.get("BATCHGEN_KUBE_DIR", Path.home() / ".cache" / "batchgen" / "kube-up"))
 NODE_AGENT = Path(__file__).resolve().parent / "node_agent.py"
@@ -46,11 +45,11 @@ CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
     "ttl-after-finished-controller",
     "pod-garbage-collector-controller",
+    # Removes the node.kubernetes.io/not-ready taint (TaintNodesByCondition admission puts it on every new Node)
+    # once the node agent reports Ready, and marks a node whose agent stopped heartbeating NotReady.
+    "node-lifecycle-controller",
     "clusterrole-aggregation-controller",
     "persistentvolume-binder-controller",
-    # The TaintNodesByCondition admission plugin puts node.kubernetes.io/not-ready:NoSchedule on every new Node;
-    # the kubelet leaves its removal to this controller. Without it the scheduler binds nothing.
-    "node-lifecycle-controller",
 )
 # Who names are looked up with (node agents' --dns-kubeconfig): a node may list only its own pods, cluster DNS may
 # list them all. The rules are CoreDNS's ClusterRole (coredns/deployment kubernetes/coredns.yaml.sed), read-only.
@@ -75,8 +74,8 @@ class ControlPlane:
         self.node_names: list[str] = []
 
     # -- the pieces -------------------------------------------------------------------------------------------
-    def _proc(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
-        process = Process(name, self.root / name).start(argv, env)
+    def _proc(self, name: str, argv: list[str], env: dict[str, str] | None = None, launcher: list[str] = ()) -> Process:
+        process = Process(name, self.root / name).start(argv, env, launcher)
         self.started.append(process)
         return process
 
@@ -194,6 +193,7 @@ class ControlPlane:
                 f"--authentication-kubeconfig={self.kubeconfigs['scheduler']}",
                 f"--authorization-kubeconfig={self.kubeconfigs['scheduler']}",
                 "--leader-elect=false",
+                "--v=2",  # one line per binding or scheduling failure
                 "--bind-address=127.0.0.1",
                 f"--secure-port={sched_port}",
             ],
@@ -231,7 +231,7 @@ class ControlPlane:
             return
         port, health = free_port(), free_port()
         folder = self.root / "training-operator"
-        webhooks.prepare_training_operator(self.kubectl, self.pki, folder, port)
+        cert_dir = webhooks.prepare_training_operator(self.kubectl, folder, port)
         process = self._proc(
             "training-operator",
             [
@@ -242,6 +242,7 @@ class ControlPlane:
                 f"--health-probe-bind-address=127.0.0.1:{health}",
             ],
             env={"KUBECONFIG": str(self.kubeconfig)},
+            launcher=webhooks.operator_launcher(cert_dir),
         )
         process.wait_until(lambda: http_ok(f"http://127.0.0.1:{health}/readyz"), "/readyz")
 

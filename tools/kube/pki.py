@@ -24,7 +24,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 # first address of --service-cluster-ip-range).
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 API_SERVER_SANS = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
-LIFETIME = datetime.timedelta(days=30)
+# More than the 90 days ahead that the training operator's cert rotator (open-policy-agent/cert-controller) looks:
+# with less it replaces our CA with its own and its webhook stops matching the certificate on disk.
+LIFETIME = datetime.timedelta(days=365)
 CA_KEY_USAGE = dict.fromkeys(
     ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement", "encipher_only", "decipher_only"),
     False,
@@ -37,13 +39,21 @@ class CertPair:
     key: Path
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
+def _key(rsa_pkcs1: bool):
+    return (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if rsa_pkcs1
+        else ec.generate_private_key(ec.SECP256R1())
+    )
 
 
 def _write_key(key, path: Path) -> None:
+    # RSA keys as PKCS#1 ("RSA PRIVATE KEY"): cert-controller reads a CA key only in that form.
+    form = serialization.PrivateFormat.TraditionalOpenSSL if isinstance(key, rsa.RSAPrivateKey) else None
     path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, form or serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     path.chmod(0o600)
 
@@ -58,17 +68,20 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
 class Pki:
     """Writes its files under ``directory``; every method returns the paths it wrote."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, ca_name: str = "batchgen-local-ca", rsa_pkcs1: bool = False):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._ca_key = _key()
+        self._rsa_pkcs1 = rsa_pkcs1
+        self._ca_key = _key(rsa_pkcs1)
         now = datetime.datetime.now(datetime.timezone.utc)
         self._ca_cert = (
-            self._builder(_name("batchgen-local-ca"), now)
-            .issuer_name(_name("batchgen-local-ca"))
+            self._builder(_name(ca_name), now)
+            .issuer_name(_name(ca_name))
             .public_key(self._ca_key.public_key())
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(**CA_KEY_USAGE), critical=True)
+            # A CA valid for its own name: what cert-controller's rotator checks before it keeps a given CA.
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(ca_name)]), critical=False)
             .sign(self._ca_key, hashes.SHA256())
         )
         self.ca = self.dir / "ca.crt"
@@ -87,7 +100,7 @@ class Pki:
         )
 
     def _issue(self, stem: str, subject: x509.Name, usage, sans: list[x509.GeneralName] | None = None) -> CertPair:
-        key = _key()
+        key = _key(self._rsa_pkcs1)
         builder = (
             self._builder(subject, datetime.datetime.now(datetime.timezone.utc))
             .issuer_name(self._ca_cert.subject)
@@ -116,7 +129,7 @@ class Pki:
 
     def service_account_keys(self) -> CertPair:
         """RSA: the API server signs ServiceAccount tokens with it (RS256, what every client expects)."""
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        key = _key(rsa_pkcs1=True)
         pair = CertPair(self.dir / "sa.pub", self.dir / "sa.key")
         _write_key(key, pair.key)
         pair.cert.write_bytes(

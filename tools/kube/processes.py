@@ -47,12 +47,13 @@ class Process:
         self.log = folder / f"{name}.log"
         self.pid_file = folder / "pid.json"
 
-    def start(self, argv: list[str], env: dict[str, str] | None = None) -> Process:
+    def start(self, argv: list[str], env: dict[str, str] | None = None, launcher: list[str] = ()) -> Process:
+        """``launcher`` runs first and must exec ``argv`` in the same process (the PID file names ``argv``)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             # Its own session: a Ctrl-C in the shell that ran `make kube-up` does not reach it.
             proc = subprocess.Popen(
-                argv,
+                [*launcher, *argv],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

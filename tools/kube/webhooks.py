@@ -12,6 +12,7 @@ kubectl's kustomize; only what a Deployment would have supplied is changed here:
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import subprocess
 import time
@@ -19,11 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import kubebin
 import yaml
-from pki import CertPair
+
+from tools.kube import kubebin
+from tools.kube.pki import CertPair, Pki
 
 WEBHOOK_KINDS = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
+APPLY = ("apply", "--server-side", "--field-manager=batchgen-kube-up")
 Kubectl = Callable[..., subprocess.CompletedProcess]
 
 
@@ -74,7 +77,7 @@ class Operator:
     def apply_crds(self, kubectl: Kubectl) -> None:
         path = self.module() / self.crds
         source = ["-k", str(path)] if path.is_dir() else ["-f", str(path)]
-        names = kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", *source, "-o", "name")
+        names = kubectl(*APPLY, *source, "-o", "name")
         wait_established(kubectl, names.stdout.split())
 
     def tmpdir(self, folder: Path) -> Path:
@@ -120,13 +123,11 @@ class Operator:
         configs = url_webhooks(rendered, port, ca, self.name_prefix)
         path = folder / "webhooks.yaml"
         path.write_text(yaml.safe_dump_all(configs, sort_keys=False))
-        kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(path))
+        kubectl(*APPLY, "-f", str(path))
 
     def apply_after_webhooks(self, kubectl: Kubectl) -> None:
         for kustomization in self.after_webhooks:
-            kubectl(
-                "apply", "--server-side", "--field-manager=batchgen-kube-up", "-k", str(self.module() / kustomization)
-            )
+            kubectl(*APPLY, "-k", str(self.module() / kustomization))
 
 
 def operators() -> list[Operator]:
@@ -156,27 +157,44 @@ def apply_pytorchjob_crd(kubectl: Kubectl) -> None:
     the operator itself did not build (kubebin records why)."""
     module, version = kubebin.component("training-operator").module_and_version()
     crd = kubebin.module_dir(module, version) / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
-    kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(crd))
+    kubectl(*APPLY, "-f", str(crd))
     wait_established(kubectl, ["crd/pytorchjobs.kubeflow.org"])
 
 
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"  # the operator's default (pkg/cert/cert.go, MY_POD_NAMESPACE unset)
 TRAINING_OPERATOR_SERVICE = "training-operator"  # --webhook-service-name's default
 TRAINING_OPERATOR_SECRET = "training-operator-webhook-cert"
+TRAINING_OPERATOR_CA = "training-operator-ca"  # pkg/cert/cert.go caName
 # Its cert rotator (open-policy-agent/cert-controller) cannot be turned off and reads the kubelet-mounted Secret
-# from this fixed folder (pkg/cert/cert.go): one training operator per machine at a time.
+# from this fixed folder (pkg/cert/cert.go); operator_launcher gives each operator its own copy of it.
 TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
 
 
-def prepare_training_operator(kubectl: Kubectl, pki, folder: Path, port: int) -> None:
-    """What its Deployment would provide: the Secret its rotator keeps (our CA, so the rotator finds it valid and
-    keeps it), the same files where the kubelet would mount them, and the PyTorchJob webhook at a loopback URL."""
+def operator_launcher(cert_dir: Path) -> list[str]:
+    """As root, a private mount namespace binds ``cert_dir`` over the fixed folder, as the kubelet mounts the
+    Secret into the pod, so control planes side by side do not share it. Elsewhere the fixed folder is used
+    directly: one training operator per machine at a time."""
+    TRAINING_OPERATOR_CERT_DIR.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        for name in ("ca.crt", "ca.key", "tls.crt", "tls.key"):
+            shutil.copy(cert_dir / name, TRAINING_OPERATOR_CERT_DIR / name)
+        return []
+    bind = f'mount --bind {cert_dir} {TRAINING_OPERATOR_CERT_DIR} && exec "$0" "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", bind]
+
+
+def prepare_training_operator(kubectl: Kubectl, folder: Path, port: int) -> Path:
+    """What its Deployment would provide: the Secret its rotator keeps (a CA of the name the rotator expects and
+    certificates it finds valid, so it keeps them), the same files where the kubelet would mount them, and the
+    PyTorchJob webhook at a loopback URL."""
     dns_name = f"{TRAINING_OPERATOR_SERVICE}.{TRAINING_OPERATOR_NAMESPACE}.svc"
+    pki = Pki(folder / "pki", ca_name=TRAINING_OPERATOR_CA, rsa_pkcs1=True)
     cert = pki.serving("training-operator", (dns_name,))
     files = {"ca.crt": pki.ca, "ca.key": pki.ca_key, "tls.crt": cert.cert, "tls.key": cert.key}
-    TRAINING_OPERATOR_CERT_DIR.mkdir(parents=True, exist_ok=True)
+    cert_dir = folder / "serving-certs"
+    cert_dir.mkdir(parents=True, exist_ok=True)
     for name, source in files.items():
-        shutil.copy(source, TRAINING_OPERATOR_CERT_DIR / name)
+        shutil.copy(source, cert_dir / name)
     kubectl("create", "namespace", TRAINING_OPERATOR_NAMESPACE)
     secret = ["create", "secret", "generic", TRAINING_OPERATOR_SECRET, "-n", TRAINING_OPERATOR_NAMESPACE]
     kubectl(*secret, *(f"--from-file={name}={source}" for name, source in files.items()))
@@ -188,4 +206,5 @@ def prepare_training_operator(kubectl: Kubectl, pki, folder: Path, port: int) ->
     path = folder / "webhooks.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump_all(configs, sort_keys=False))
-    kubectl("apply", "--server-side", "--field-manager=batchgen-kube-up", "-f", str(path))
+    kubectl(*APPLY, "-f", str(path))
+    return cert_dir
