@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3-credentials"
 TRAINER = "/apis/trainer.kubeflow.org/v1alpha1"
 JOBSETS = "/apis/jobset.x-k8s.io/v1alpha2"
+PYTORCHJOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
 BACKOFF_LIMIT = 1
 SUBMIT_TIMEOUT_S = 420
 
@@ -317,3 +318,20 @@ def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_it
         r"shard-000000: 3 items, (\d+) already done, \d+ adopted, (\d+) to generate", run.pod_log(replacement[0])
     )
     assert found and int(found[1]) >= len(done_before) and int(found[1]) + int(found[2]) == items, run.agent_logs()
+
+
+def test_pytorchjob_exiting_143_is_stopped_by_the_controller_past_backoff_limit(make_run, worker_nodes):
+    """The v1 training operator (restartPolicy ExitCode) recreates a pod that exits 143 without counting it
+    against backoffLimit; batchgen's controller counts the restarts from the job's status and ends the job past
+    the limit (runPolicy.activeDeadlineSeconds 1), as the operator's own retry semantics require."""
+    if not any(p.name == "training-operator" for p in worker_nodes.started):
+        pytest.skip("training-operator.v1 not built (tools/kube/kubebin.py records why)")
+    run = make_run("ptj", items=2, launcher="pytorchjob", max_attempts=1)
+    with WorkerSignaller(run.output, signal.SIGTERM) as signaller:
+        done = run.submit()
+    assert done.returncode == 5, done.stderr[-4000:] + run.agent_logs()[-3000:]
+    assert len(signaller.signalled) > BACKOFF_LIMIT  # the operator did recreate the pod
+    ((name, job),) = {j["metadata"]["name"]: j for j in run.list(PYTORCHJOBS)}.items()
+    assert names.ENDED_ANNOTATION in job["metadata"]["annotations"], job["metadata"]
+    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 1
+    assert "Failed" in conditions(job), job["status"]
