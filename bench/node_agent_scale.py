@@ -1,8 +1,8 @@
 """How many pods one node agent carries through a real kube-apiserver: `--no-run` pods (nothing runs; each pod
 still goes Pending -> Running -> Succeeded with every status patch a kubelet would write).
 
-Starts etcd + kube-apiserver + controller-manager + scheduler from `make kube-bin`'s cache (the stop-gap starter of
-tests/realk8s) and one agent; per repeat, a fresh namespace gets --pods pods bound to the node at once. Figures
+Starts the real control plane from `make kube-bin`'s cache (tools/kube/controlplane.py, what `make kube-up` and
+tests/realk8s start) with one agent; per repeat, a fresh namespace gets --pods pods bound to the node at once. Figures
 (medians over --repeats): seconds from the first create to the last Succeeded, pods per second, and the agent's
 CPU seconds per pod (utime + stime from /proc). Writes bench/results/node-agent-scale.json.
 
@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.realk8s._minimal_apiserver import CACHE, MinimalApiServer, bin_dir  # noqa: E402
+from tools.kube import controlplane  # noqa: E402
 from tools.kube.node_agent import KubeApi  # noqa: E402
 
 NODE = "bench-node"
@@ -38,7 +37,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_round(admin: KubeApi, agent: subprocess.Popen, namespace: str, pods: int) -> dict:
+def one_round(admin: KubeApi, agent_pid: int, namespace: str, pods: int) -> dict:
     admin.request("POST", "/api/v1/namespaces", {"metadata": {"name": namespace}})
     base = f"/api/v1/namespaces/{namespace}"
     while admin.get(f"{base}/serviceaccounts/default") is None:  # the ServiceAccount admission plugin needs it
@@ -50,7 +49,7 @@ def one_round(admin: KubeApi, agent: subprocess.Popen, namespace: str, pods: int
         "automountServiceAccountToken": False,
         "containers": [container],
     }
-    cpu_before, began = cpu_seconds(agent.pid), time.monotonic()
+    cpu_before, began = cpu_seconds(agent_pid), time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         list(
             pool.map(
@@ -63,12 +62,12 @@ def one_round(admin: KubeApi, agent: subprocess.Popen, namespace: str, pods: int
         phases = [p.get("status", {}).get("phase") for p in admin.request("GET", f"{base}/pods")["items"]]
         if phases.count("Succeeded") == pods:
             break
-        if agent.poll() is not None:
-            raise SystemExit(f"the agent exited {agent.returncode}")
+        if not Path(f"/proc/{agent_pid}").exists():
+            raise SystemExit("the agent exited")
         time.sleep(0.2)
     total = time.monotonic() - began
     return {"create_s": created, "all_succeeded_s": total, "pods_per_s": pods / total,
-            "agent_cpu_s_per_pod": (cpu_seconds(agent.pid) - cpu_before) / pods}  # fmt: skip
+            "agent_cpu_s_per_pod": (cpu_seconds(agent_pid) - cpu_before) / pods}  # fmt: skip
 
 
 def main() -> int:
@@ -77,35 +76,30 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-run", type=float, default=0.0, help="seconds each container 'runs'")
     args = parser.parse_args()
-    binaries = bin_dir()
-    if binaries is None:
-        print(f"node_agent_scale: no control-plane binaries under {CACHE}/*/bin: run `make kube-bin`", file=sys.stderr)
+    missing = [
+        name
+        for comp in controlplane.kubebin.COMPONENTS
+        if comp.required
+        for name in controlplane.kubebin.missing_binaries(comp)
+    ]
+    if missing:
+        print(f"node_agent_scale: not built ({', '.join(missing)}): run `make kube-bin`", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="agent-scale-") as folder:
-        plane = MinimalApiServer(Path(folder) / "plane", binaries)
+        plane = controlplane.ControlPlane(Path(folder) / "plane", nodes=0)
         plane.start()
-        argv = [
-            sys.executable,
-            str(ROOT / "tools/kube/node_agent.py"),
-            "--kubeconfig",
-            str(plane.node_kubeconfig(NODE)),
-        ]
-        argv += ["--node-name", NODE, "--root", str(Path(folder) / "agent"), "--no-run", str(args.no_run)]
-        agent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(Path(folder) / "agent.log", "wb"))  # noqa: SIM115
         try:
+            agent_pid = plane.add_node(NODE, "--no-run", str(args.no_run)).running_pid()
+            plane.wait_nodes_ready()
             admin = KubeApi(plane.kubeconfig)
-            while admin.get(f"/api/v1/nodes/{NODE}") is None:
-                time.sleep(0.2)
-            rounds = [one_round(admin, agent, f"scale-{i}", args.pods) for i in range(args.repeats)]
+            rounds = [one_round(admin, agent_pid, f"scale-{i}", args.pods) for i in range(args.repeats)]
         finally:
-            agent.terminate()
-            agent.wait(60)
             plane.stop()
     medians = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     result = {
         "pods": args.pods, "repeats": args.repeats, "no_run_s": args.no_run, "median": medians, "rounds": rounds,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0],
-                    "kube_bin": binaries.parent.name},
+                    "kube_bin": controlplane.kubebin.bin_dir().parent.name},
     }  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -2,9 +2,10 @@
 trainer.kubeflow.org/v1alpha1 TrainJobs and TrainingRuntimes, each validated against its real CRD schema. Modelled on
 what the real API server does (kubernetes/kubernetes, staging/src/k8s.io/apiserver):
 
-- create (201, 409, 422 from the kind's rules and admission webhooks: the training operator's for PyTorchJobs,
-  the Trainer's runtime check for TrainJobs), get, list with labelSelector, delete, merge-patch, the status
+- create (201, 409, 422 from the kind's rules and, for PyTorchJobs, the training operator's webhook rules; 403
+  "admission webhook ... denied the request" from the Trainer's runtime check for TrainJobs), get, list with labelSelector, delete, merge-patch, the status
   subresource, watch from a resourceVersion (410 Gone once the history was compacted, ``compact()``);
+- the CRD schema's defaults, and the Trainer's defaulting webhook (runtime patches' ``time``), on create;
 - field validation (``pkg/endpoints/handlers/rest.go`` ``fieldValidation``): ``fieldValidation=Strict`` refuses
   unknown fields with 400 BadRequest ("strict decoding error: unknown field ..."); ``Warn``, the default when the
   parameter is absent, drops them and says so in a ``Warning: 299`` header; ``Ignore`` drops them silently;
@@ -57,6 +58,7 @@ _PATH = re.compile(
 _DISCOVERY = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/?$")
 CONTROLLER_TOKEN, OPERATOR_TOKEN, TRAINER_TOKEN = "emulator-token", "operator-token", "trainer-token"
 FOREGROUND = "foregroundDeletion"
+TRAINJOB_WEBHOOK = "validator.trainjob.trainer.kubeflow.org"  # the Trainer's manifests/base/webhook/manifests.yaml
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,29 @@ def _drop(obj: dict[str, Any], paths: list[str]) -> dict[str, Any]:
             node = node[int(part[1:-1])] if part.startswith("[") else node[part]
         node.pop(parts[-1], None)
     return pruned
+
+
+def apply_defaults(obj: Any, schema: dict[str, Any]) -> None:
+    """The CRD schema's ``default`` values filled in where the object leaves a field out, at every level the
+    object has (apiextensions-apiserver pkg/apiserver/schema/defaulting/algorithm.go Default)."""
+    if isinstance(obj, list):
+        for item in obj:
+            apply_defaults(item, schema.get("items") or {})
+        return
+    if not isinstance(obj, dict):
+        return
+    for key, sub in (schema.get("properties") or {}).items():
+        if key not in obj and "default" in sub:
+            obj[key] = copy.deepcopy(sub["default"])
+        if key in obj:
+            apply_defaults(obj[key], sub)
+
+
+def _trainjob_defaulter(job: dict[str, Any]) -> None:
+    """The Trainer's mutating webhook stamps each runtime patch it has not seen (kubeflow/trainer v2.3
+    pkg/webhooks/trainjob_webhook.go TrainJobDefaulter.Default)."""
+    for patch in (job.get("spec") or {}).get("runtimePatches") or []:
+        patch.setdefault("time", _now())
 
 
 def _now() -> str:
@@ -356,11 +381,19 @@ class KubeEmulator:
         pruned, warnings = self._prune(kind, body, validation, name)
         if isinstance(pruned, tuple):
             return *pruned, []
-        problems = kind.problems({**pruned, "metadata": {**meta, "namespace": ns}})
+        apply_defaults(pruned, kind.schema)
         if kind.kind == "TrainJob":
-            problems += self._trainer_webhook(ns, pruned)
+            _trainjob_defaulter(pruned)
+        problems = kind.problems({**pruned, "metadata": {**meta, "namespace": ns}})
         if problems:
             return _invalid(kind, name, problems)
+        denied = self._trainer_webhook(ns, pruned) if kind.kind == "TrainJob" else []
+        if denied:
+            # Validating webhooks run after the schema (422 above). A controller-runtime webhook denies with 403
+            # Forbidden, and the API server prefixes whose denial it is (apiserver pkg/admission/plugin/webhook/
+            # errors/statuserror.go ToStatusErr): what tests/realk8s/test_emulator_differential.py saw.
+            message = f'admission webhook "{TRAINJOB_WEBHOOK}" denied the request: ' + "; ".join(denied)
+            return 403, _status(403, "Forbidden", message), []
         if (kind.plural, ns, name) in self._objects:
             return 409, _status(409, "AlreadyExists", f'{kind.resource} "{name}" already exists', name, kind), []
         obj = pruned

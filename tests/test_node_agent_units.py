@@ -23,6 +23,7 @@ from tools.kube.node_env import (
     image_from_dockerfile,
     master_service_env,
     resolve_env,
+    run_console_scripts_from_checkout,
 )
 from tools.kube.node_pod import PodWorker, exit_code, grace_period
 from tools.kube.node_status import ContainerRecord, PodView, get_phase, pod_status
@@ -195,6 +196,20 @@ def test_argv_from_command_args_and_the_projects_image():
     assert container_argv({"name": "c"}, env, image) == ["batchgen", "--help"]
     with pytest.raises(ContainerConfigError, match="no command"):
         container_argv({"name": "c"}, env, Image())
+
+
+def test_the_projects_console_script_runs_the_checkouts_entry_point(tmp_path):
+    image = run_console_scripts_from_checkout(
+        image_from_dockerfile(REPO / "Dockerfile", {}), REPO / "pyproject.toml", sys.executable
+    )
+    argv = container_argv({"name": "c", "args": ["--version"]}, {}, image)
+    assert argv[:2] == [sys.executable, "-c"] and argv[3:] == ["--version"]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.startswith("batchgen "), done.stdout + done.stderr
+    other = Image(entrypoint=["python"], cmd=["-V"])
+    assert run_console_scripts_from_checkout(other, REPO / "pyproject.toml", sys.executable) is other
 
 
 def test_decode_data_reads_binary_and_secret_values():

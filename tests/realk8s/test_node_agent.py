@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.realk8s._minimal_apiserver import CACHE, MinimalApiServer, bin_dir
+from tests.realk8s.conftest import REQUIRED, controlplane, skip_module_unless_available
 from tools.kube.node_agent import KubeApi
+
+skip_module_unless_available()
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = REPO / "tools" / "kube" / "node_agent.py"
@@ -28,7 +30,7 @@ INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 @dataclass
 class Cluster:
-    plane: MinimalApiServer
+    plane: controlplane.ControlPlane
     admin: KubeApi
     agent: subprocess.Popen
     agent_root: Path
@@ -74,24 +76,19 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    binaries = bin_dir()
-    if binaries is None or os.geteuid() != 0:
-        why = (
-            f"no etcd, kube-apiserver, controller-manager and scheduler under {CACHE}/*/bin (`make kube-bin`; needs Go)"
-            if binaries is None
-            else "the node agent needs root (a private mount namespace per pod)"
-        )
-        if os.environ.get("CI") == "true" or os.environ.get("BATCHGEN_KUBE_TESTS") == "required":
+def cluster(control_plane, tmp_path_factory):
+    if os.geteuid() != 0:
+        why = "the node agent needs root (a private mount namespace per pod)"
+        if os.environ.get("CI") == "true" or REQUIRED:
             pytest.fail(why)
         pytest.skip(why)
     root = tmp_path_factory.mktemp("agent")
-    plane = MinimalApiServer(root / "plane", binaries)
-    plane.start()
     agent_log = root / "agent.log"
+    plane = control_plane
     agent = subprocess.Popen(
         [sys.executable, str(AGENT), "--kubeconfig", str(plane.node_kubeconfig(NODE)), "--node-name", NODE]
-        + ["--root", str(root / "agent"), "--cpu", "8", "--memory", "16Gi", "--gpus", "2", "--shutdown-grace", "3"],
+        + ["--dns-kubeconfig", str(plane.kubeconfigs["dns"]), "--root", str(root / "agent")]
+        + ["--cpu", "8", "--memory", "16Gi", "--gpus", "2", "--shutdown-grace", "3"],
         stdout=open(agent_log, "wb"),  # noqa: SIM115 - the agent keeps it
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -105,7 +102,7 @@ def cluster(tmp_path_factory):
         if agent.poll() is None:
             agent.kill()
             agent.wait()
-        plane.stop()
+        plane.kubectl("delete", "node", NODE, "agent-no-run-node", "--ignore-not-found", check=False)
 
 
 def _ready(cluster: Cluster, timeout_s: float = 60) -> dict:
@@ -259,7 +256,10 @@ def test_env_volumes_token_and_names_as_the_kubelet_gives_them(cluster):
     assert (env["CPU"], env["MEM_MI"], env["MODE"], env["PASS"]) == ("2", "256", "fast", "s3cret")
     assert (env["CFG_MODE"], env["CFG_LEVEL"], env["TOKEN"], env["COMBINED"]) == ("fast", "2", "t0k", "everything/5/2")
     assert "MAYBE" not in env
-    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("127.0.0.1", str(cluster.plane.port))
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == (
+        "127.0.0.1",
+        str(cluster.plane.ports["apiserver"]),
+    )
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert report["batchgen"] == str(Path(sys.executable).parent / "batchgen")
     assert report["argv"] == ["everything-arg", "$(POD_NAME)"] and report["cwd"] == "/data"

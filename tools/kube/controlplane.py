@@ -33,6 +33,7 @@ from tools.kube.processes import Process, StartupError, free_port, http_ok, tls_
 
 DEFAULT_DIR = Path(os.environ.get("BATCHGEN_KUBE_DIR", Path.home() / ".cache" / "batchgen" / "kube-up"))
 NODE_AGENT = Path(__file__).resolve().parent / "node_agent.py"
+NODE_CAPACITY = ("--cpu", "16", "--memory", "64Gi", "--gpus", "4")  # `make kube-up`'s nodes: room for a 2 x 2 run
 # Every controller batchgen's jobs and the next issue's lifecycle tests lean on; nothing for Services or volumes
 # beyond binding a PVC to a PersistentVolume.
 CONTROLLERS = (
@@ -50,6 +51,13 @@ CONTROLLERS = (
     "clusterrole-aggregation-controller",
     "persistentvolume-binder-controller",
 )
+# Who names are looked up with (node agents' --dns-kubeconfig): a node may list only its own pods, cluster DNS may
+# list them all. The rules are CoreDNS's ClusterRole (coredns/deployment kubernetes/coredns.yaml.sed), read-only.
+DNS_USER = "batchgen:node-dns"
+DNS_RULES = [
+    {"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+]
 AUDIT_POLICY = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "rules": [{"level": "Metadata"}]}
 STATE_FILE = "state.json"
 
@@ -63,6 +71,7 @@ class ControlPlane:
         self.bin = kubebin.bin_dir()
         self.started: list[Process] = []
         self.ports: dict[str, int] = {}
+        self.node_names: list[str] = []
 
     # -- the pieces -------------------------------------------------------------------------------------------
     def _proc(self, name: str, argv: list[str], env: dict[str, str] | None = None, launcher: list[str] = ()) -> Process:
@@ -237,48 +246,68 @@ class ControlPlane:
         )
         process.wait_until(lambda: http_ok(f"http://127.0.0.1:{health}/readyz"), "/readyz")
 
-    def _node_agents(self) -> None:
-        if not NODE_AGENT.exists():
-            print(f"kube-up: {NODE_AGENT} not present: no nodes (pods stay Pending)", file=sys.stderr)
-            return
-        for index in range(self.nodes):
-            name = f"batchgen-node-{index}"
-            kubeconfig = pki.write_kubeconfig(
-                self.root / f"{name}.kubeconfig",
-                self.server,
-                self.pki.ca,
-                self.pki.client(name, f"system:node:{name}", "system:nodes"),
-                f"system:node:{name}",
-            )
-            folder = self.root / name
-            self._proc(
-                name,
-                [
-                    sys.executable,
-                    str(NODE_AGENT),
-                    "--kubeconfig",
-                    str(kubeconfig),
-                    "--node-name",
-                    name,
-                    "--root",
-                    str(folder / "root"),
-                ],
-            )
-            self.node_names.append(name)
+    def _dns_identity(self) -> None:
+        role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole"}
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": DNS_USER},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": DNS_USER}],
+        }
+        objects = [
+            {**role, "metadata": {"name": DNS_USER}, "rules": DNS_RULES},
+            {**binding, "metadata": {"name": DNS_USER}},
+        ]
+        self.kubectl(
+            "apply",
+            "--server-side",
+            "--field-manager=batchgen-kube-up",
+            "-f",
+            "-",
+            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
+        )
+        self.kubeconfigs["dns"] = pki.write_kubeconfig(
+            self.root / "dns.kubeconfig", self.server, self.pki.ca, self.pki.client("dns", DNS_USER), DNS_USER
+        )
 
-    def _wait_nodes_ready(self) -> None:
+    def node_kubeconfig(self, name: str) -> Path:
+        """The kubelet's identity for Node ``name``: user system:node:<name> in group system:nodes."""
+        user = f"system:node:{name}"
+        client_cert = self.pki.client(name, user, "system:nodes")
+        return pki.write_kubeconfig(self.root / f"{name}.kubeconfig", self.server, self.pki.ca, client_cert, user)
+
+    def add_node(self, name: str, *agent_args: str) -> Process:
+        """Starts a node agent for Node ``name`` (extra flags: --cpu, --gpus, --no-run, ...); the checkout is its
+        PYTHONPATH, so the pods it runs import this batchgen, whatever the virtualenv's install points at."""
+        if not NODE_AGENT.exists():
+            raise StartupError(f"{NODE_AGENT} is missing")
+        argv = [sys.executable, str(NODE_AGENT), "--kubeconfig", str(self.node_kubeconfig(name)), "--node-name", name]
+        argv += ["--dns-kubeconfig", str(self.kubeconfigs["dns"]), "--root", str(self.root / name / "root")]
+        process = self._proc(name, [*argv, *agent_args], env={"PYTHONPATH": str(NODE_AGENT.parents[2])})
+        self.node_names.append(name)
+        return process
+
+    def remove_node(self, name: str) -> None:
+        """Stops its agent (its pods get SIGTERM) and deletes the Node, so nothing is scheduled there again."""
+        process = next(p for p in self.started if p.name == name)
+        process.stop(grace_s=30)
+        self.started.remove(process)
+        self.node_names.remove(name)
+        self.kubectl("delete", "node", name, "--wait=false", check=False)
+
+    def _node_schedulable(self, name: str) -> bool:
+        answer = self.kubectl("get", "node", name, "-o", "json", check=False)
+        if answer.returncode != 0:
+            return False
+        node = json.loads(answer.stdout)
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
+        return ready and not node["spec"].get("taints")
+
+    def wait_nodes_ready(self, timeout_s: float = 90) -> None:
+        """Ready, and the not-ready taint removed by the node lifecycle controller: the scheduler may bind there."""
         for name in self.node_names:
             process = next(p for p in self.started if p.name == name)
-            process.wait_until(
-                lambda n=name: (
-                    self.kubectl(
-                        "get", "node", n, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False
-                    ).stdout.strip()
-                    == "True"
-                ),
-                "Ready node",
-                timeout_s=60,
-            )
+            process.wait_until(lambda n=name: self._node_schedulable(n), "Ready untainted node", timeout_s=timeout_s)
 
     def _default_service_account(self) -> None:
         """The serviceaccount controller creates `default` in each namespace: the sign that controllers run."""
@@ -307,7 +336,6 @@ class ControlPlane:
         """Starts everything, returns the seconds it took; on any failure stops what it started, then raises."""
         started_at = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.node_names: list[str] = []
         try:
             self._certificates()
             self._etcd()
@@ -319,8 +347,10 @@ class ControlPlane:
             self._operators()
             webhooks.apply_pytorchjob_crd(self.kubectl)
             self._training_operator()
-            self._node_agents()
-            self._wait_nodes_ready()
+            self._dns_identity()
+            for index in range(self.nodes):
+                self.add_node(f"batchgen-node-{index}", *NODE_CAPACITY)
+            self.wait_nodes_ready()
             self._default_service_account()
         except BaseException:
             self.stop()

@@ -45,7 +45,12 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from tools.kube.node_env import EnvSources, image_from_dockerfile, master_service_env
+from tools.kube.node_env import (
+    EnvSources,
+    image_from_dockerfile,
+    master_service_env,
+    run_console_scripts_from_checkout,
+)
 from tools.kube.node_pod import MINIMUM_GRACE_S, PodWorker, grace_period
 from tools.kube.node_status import now
 from tools.kube.node_volumes import VolumeError, decode_data, dns_names
@@ -223,7 +228,8 @@ class NodeAgent:
         self.allocatable = {"cpu": args.cpu, "memory": args.memory, "pods": MAX_PODS}
         if args.gpus:
             self.allocatable["nvidia.com/gpu"] = str(args.gpus)
-        self.image = image_from_dockerfile(REPO / "Dockerfile", image_env())
+        dockerfile_image = image_from_dockerfile(REPO / "Dockerfile", image_env())
+        self.image = run_console_scripts_from_checkout(dockerfile_image, REPO / "pyproject.toml", sys.executable)
         self.service_env = master_service_env(api.host, api.port)
         self.workers: dict[str, PodWorker] = {}
         self.stop = threading.Event()

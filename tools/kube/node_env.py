@@ -91,6 +91,22 @@ def image_from_dockerfile(dockerfile: Path, env: dict[str, str]) -> Image:
     return Image(entrypoint=entrypoint, cmd=cmd, workdir=workdir, env=env)
 
 
+def run_console_scripts_from_checkout(image: Image, pyproject: Path, python: str) -> Image:
+    """The image's ENTRYPOINT, with a console script of this project ([project.scripts] in ``pyproject``) run as
+    ``python -c`` calling its entry point. In a real image the script and the code are installed together; here
+    the code comes from the checkout on PYTHONPATH while the virtualenv's script was generated for whichever
+    checkout installed it, and a script naming an entry point this checkout lacks fails at import."""
+    import tomllib
+
+    scripts = tomllib.loads(pyproject.read_text()).get("project", {}).get("scripts", {})
+    if not image.entrypoint or image.entrypoint[0] not in scripts:
+        return image
+    name = image.entrypoint[0]
+    module, _, function = scripts[name].partition(":")
+    call = f"import sys; sys.argv[0] = {name!r}; from {module} import {function}; sys.exit({function}())"
+    return Image([python, "-c", call, *image.entrypoint[1:]], image.cmd, image.workdir, image.env)
+
+
 def _exec_form(text: str, dockerfile: Path) -> list[str]:
     try:
         value = json.loads(text)

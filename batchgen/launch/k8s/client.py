@@ -4,7 +4,8 @@
 
 Every Kubernetes API error is translated here, once, into what the rest of batchgen understands:
 - 409 on create: the job exists (a previous submit, or another controller, created it): read it back and adopt it;
-- 403: ``ClusterError`` naming the RBAC verb and resource the controller's identity lacks;
+- 403: ``ClusterError`` naming the RBAC verb and resource the controller's identity lacks, unless an admission
+  webhook denied the request (webhooks built on controller-runtime deny with 403 too): then its message;
 - 404 on the collection: the kind's CRD is not installed;
 - 400 and 422: ``ClusterError`` with the API server's reason (objects are sent with ``fieldValidation=Strict``,
   so a misspelled field is refused with 400 instead of silently dropped);
@@ -36,6 +37,7 @@ log = logging.getLogger("batchgen.k8s.backend")
 
 FINISHED_STATES = ("Succeeded", "Failed")
 LIST_PAGE = 500
+WEBHOOK_DENIAL = "denied the request"
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 T = TypeVar("T")
 
@@ -253,6 +255,9 @@ class CustomObjectBackend(JobBackend):
     """The spec change (a JSON merge patch) that makes the kind's controller stop the job for good (``end``)."""
     info_class: type[JobInfo]
     """How the kind's status reads (its ``JobInfo``)."""
+    deletion_propagation = "Foreground"
+    """How ``delete`` cascades: Foreground keeps the job, terminating, until its pods are gone, so it still counts
+    against ``max_jobs`` while they release their GPUs."""
 
     @property
     def resource(self) -> str:
@@ -304,6 +309,12 @@ class CustomObjectBackend(JobBackend):
         body = _status_body(error)
         message = body.get("message") or error.reason or ""
         what = f"{self.resource} {name!r}" if name else self.resource
+        if error.status == 403 and WEBHOOK_DENIAL in message:
+            # Not RBAC: controller-runtime webhooks (the Trainer's, the training operator's) deny with 403
+            # Forbidden, which the API server passes on as "admission webhook <name> denied the request: ..."
+            # (controller-runtime pkg/webhook/admission/response.go ValidationResponse; apiserver
+            # pkg/admission/plugin/webhook/errors/statuserror.go ToStatusErr).
+            return ClusterError(f"an admission webhook refused {what}: {message}{self.rejection_hint(message)}")
         if error.status == 403:
             return ClusterError(
                 f"forbidden: the controller's identity may not '{verb}' resource '{self.plural}' in API group "
@@ -424,7 +435,7 @@ class CustomObjectBackend(JobBackend):
             try:
                 self.api.delete_namespaced_custom_object(
                     self.group, self.version, self.namespace, self.plural, name,
-                    propagation_policy="Foreground", _request_timeout=self.request_timeout_s,
+                    propagation_policy=self.deletion_propagation, _request_timeout=self.request_timeout_s,
                 )  # fmt: skip
                 return True
             except ApiException as e:

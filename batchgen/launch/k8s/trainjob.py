@@ -174,6 +174,14 @@ class TrainJobBackend(CustomObjectBackend):
     # deleted, and the TrainJob shows Suspended (kubeflow/trainer pkg/controller/trainjob_controller.go,
     # setSuspendedCondition). With batchgen's ended annotation that counts as Failed (TrainJobInfo.state).
     ending_spec = {"suspend": True}
+    # Background, not Foreground: the Trainer reconciles a TrainJob that is being deleted like any other (v2.3.0
+    # pkg/controller/trainjob_controller.go Reconcile checks no deletionTimestamp) and server-side applies its
+    # JobSet again. While a foreground deletion waits for the garbage collector, an unfinished TrainJob's JobSet,
+    # Job and pods were recreated and started (the weights fetch ran) until the collector won (seen against the
+    # real control plane, tests/realk8s/test_helm_run.py). Gone at once, the TrainJob is not reconciled again;
+    # the collector then removes its JobSet, Jobs and pods, and the scheduler keeps the next job's pods pending
+    # until their GPUs are free.
+    deletion_propagation = "Background"
 
     def render(
         self, plan: Any, shards: list[str], settings: Any, attempt: int, *, group: tuple[str, str]
