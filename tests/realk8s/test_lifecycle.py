@@ -126,7 +126,7 @@ def make_run(
     admin = KubeApi(plane.kubeconfig)
     made = []
 
-    def make(name: str, items: int, model: str = "tiny", max_attempts: int = 2, **launch) -> Run:
+    def make(name: str, items: int, model: str = "tiny", max_attempts: int = 2, steps: int = 2, **launch) -> Run:
         namespace = restricted_namespace(plane, f"{name}-{os.urandom(3).hex()}")
         made.append(namespace)
         secret = {"metadata": {"name": SECRET}, "stringData": dict(s3_credentials)}
@@ -152,7 +152,7 @@ def make_run(
         run = Run(plane, admin, namespace, output, values_file, tmp_path)
         run.submit_argv = [
             sys.executable, "-m", "batchgen", "submit", str(manifest), "--output", output,
-            "--config", str(tiny_model_dir / "batchgen-tiny.toml"), "--steps", "2", "--shard-size", str(items),
+            "--config", str(tiny_model_dir / "batchgen-tiny.toml"), "--steps", str(steps), "--shard-size", str(items),
             "--kubeconfig", str(plane.kubeconfig), "--values", str(values_file), "--max-jobs", "1", "--wait",
             "--max-attempts", str(max_attempts), "--resync-seconds", "2",
         ]  # fmt: skip
@@ -279,8 +279,11 @@ def test_a_hung_worker_is_ended_by_active_deadline_seconds(make_run):
 
 
 def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_items(make_run, s3_client):
-    items = 3
-    run = make_run("preempted", items=items, max_attempts=1)
+    # Items slow enough that the first pod is still generating when it is deleted: at 2 steps a tiny item takes
+    # about 0.2 s, and the first pod could finish them all between the first commit and the deletion, leaving
+    # nothing to replace.
+    items = 8
+    run = make_run("preempted", items=items, max_attempts=1, steps=40)
     submit = subprocess.Popen(run.submit_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         wait_for(
@@ -316,7 +319,8 @@ def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_it
     assert {key: after.get(key) for key in committed} == committed
     # The replacement's worker found them done in storage (batchgen/worker.py's scan line).
     found = re.search(
-        r"shard-000000: 3 items, (\d+) already done, \d+ adopted, (\d+) to generate", run.pod_log(replacement[0])
+        rf"shard-000000: {items} items, (\d+) already done, \d+ adopted, \d+ copied, (\d+) to generate",
+        run.pod_log(replacement[0]),
     )
     assert found and int(found[1]) >= len(done_before) and int(found[1]) + int(found[2]) == items, run.agent_logs()
 
