@@ -177,6 +177,8 @@ def test_secret_key_never_appears_in_errors_or_logs(
     secret = s3_credentials["AWS_SECRET_ACCESS_KEY"]
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == secret
     caplog.set_level(logging.DEBUG)
+    # botocore's own level too: a CLI call earlier in the session (configure_logging) quiets it to WARNING.
+    caplog.set_level(logging.DEBUG, logger="botocore")
     proxy = proxy_factory(failure_rate=0.3, seed=99, deny_path_prefix=f"/{s3_bucket}/out/private/")
     storage = open_storage(s3_uri)
 

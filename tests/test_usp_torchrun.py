@@ -82,8 +82,11 @@ def test_failing_rank_ends_the_job_quickly_and_is_named(tmp_path):
     result = _torchrun(2, str(script), timeout=300)  # a hang ends in TimeoutExpired: rank 0 would wait 900 s
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    # torch.distributed.elastic's agent stops the surviving rank (multiprocessing/api.py, "closing signal").
-    assert re.search(r"Sending process \d+ closing signal SIGTERM", output), output[-3000:]
+    # The surviving rank ends either way, never after gloo's 900 s: torch.distributed.elastic's agent stops it
+    # (multiprocessing/api.py, "closing signal"), or, when the failed rank's socket closes first, its own collective
+    # fails (gloo's "Connection closed by peer"; then torchrun lists both ranks, rank 0 as the first observed).
+    stopped = re.search(r"Sending process \d+ closing signal SIGTERM", output)
+    assert stopped or "Connection closed by peer" in output, output[-3000:]
     assert "rank 1 gives up" in output
     assert "rank      : 1" in output or "rank: 1" in output, output[-3000:]
     assert "unreachable" not in output
