@@ -29,10 +29,12 @@ def test_two_workers_on_one_shard(backend, request, tmp_path, tiny_model_dir, ti
 def test_two_workers_racing_under_409_conflicts(s3_server, s3_uri, tmp_path, tiny_model_dir, tiny_config):
     """As on real S3, a conditional write racing another is sometimes answered 409 ConditionalRequestConflict
     (moto never does): a quarter of the workers' conditional writes get one, and each item is still committed
-    exactly once."""
+    exactly once. The first two sidecar creates are always answered 409: how many conditional writes the race
+    makes varies from run to run, so the draw alone may leave too few conflicts to prove anything."""
     storage = open_storage(s3_uri)
     plan = make_plan(write_manifest(tmp_path / "p.parquet", 4), tiny_run_config(tiny_config, shard_size=4), storage)
     with FaultProxy(s3_server, 0.0, seed=409, conflict_rate=0.25) as proxy:
+        proxy.inject("PUT", f"/{plan.run_id}/meta/", "409_conflict", times=2)
         env = {"AWS_ENDPOINT_URL": proxy.url, "BATCHGEN_S3_BACKOFF_S": "0.01", "BATCHGEN_S3_BACKOFF_MAX_S": "0.1"}
         errors = _race(s3_uri, plan.run_id, tiny_model_dir, env)
     assert proxy.counts["409_conflict"] >= 2, proxy.counts
