@@ -328,15 +328,33 @@ def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_it
 def test_pytorchjob_exiting_143_is_stopped_by_the_controller_past_backoff_limit(make_run, worker_nodes):
     """The v1 training operator (restartPolicy ExitCode) recreates a pod that exits 143 without counting it
     against backoffLimit; batchgen's controller counts the restarts from the job's status and ends the job past
-    the limit (runPolicy.activeDeadlineSeconds 1), as the operator's own retry semantics require."""
+    the limit (runPolicy.activeDeadlineSeconds 1), as the operator's own retry semantics require. The count is
+    recorded on the job: the controller is killed after the first restart, and the one started after it stops the
+    job at the second (counting from zero it would let a third happen)."""
     if not any(p.name == "training-operator" for p in worker_nodes.started):
         pytest.skip("training-operator.v1 not built (tools/kube/kubebin.py records why)")
     run = make_run("ptj", items=2, launcher="pytorchjob", max_attempts=1)
     with WorkerSignaller(run.output, signal.SIGTERM) as signaller:
+        first = subprocess.Popen(run.submit_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            wait_for(
+                "a restart recorded on the PyTorchJob", lambda: _recorded_restarts(run), 300, run.agent_logs, first
+            )
+        finally:
+            first.kill()
+            first.communicate()
+        assert _recorded_restarts(run) == ["1"]
         done = run.submit()
     assert done.returncode == 5, done.stderr[-4000:] + run.agent_logs()[-3000:]
     assert len(signaller.signalled) > BACKOFF_LIMIT  # the operator did recreate the pod
     ((name, job),) = {j["metadata"]["name"]: j for j in run.list(PYTORCHJOBS)}.items()
-    assert names.ENDED_ANNOTATION in job["metadata"]["annotations"], job["metadata"]
+    assert f"job {name}: going on from the 1 pod restart(s) recorded on it" in done.stderr, done.stderr[-4000:]
+    assert "pods restarted 2 times" in job["metadata"]["annotations"][names.ENDED_ANNOTATION], job["metadata"]
+    assert job["metadata"]["annotations"][names.RESTARTS_ANNOTATION] == "2"
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 1
     assert "Failed" in conditions(job), job["status"]
+
+
+def _recorded_restarts(run: Run) -> list[str]:
+    annotations = [j["metadata"].get("annotations") or {} for j in run.list(PYTORCHJOBS)]
+    return [a[names.RESTARTS_ANNOTATION] for a in annotations if names.RESTARTS_ANNOTATION in a]
