@@ -14,6 +14,7 @@ torchrun rendezvous on the Trainer's fixed PET_MASTER_PORT would collide.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from batchgen.core import layout
 from batchgen.core.plan import list_runs, load_plan
 from batchgen.core.progress import scan_run
 from batchgen.launch.k8s import names
@@ -323,6 +325,26 @@ def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_it
         run.pod_log(replacement[0]),
     )
     assert found and int(found[1]) >= len(done_before) and int(found[1]) + int(found[2]) == items, run.agent_logs()
+
+
+def test_a_pytorchjob_run_completes_through_the_real_operator(make_run, worker_nodes):
+    """The same run as the TrainJob path, launched as a PyTorchJob: the operator creates the Master pod and its
+    Service, torchrun runs two ranks (Ulysses 2), every item is committed once, and the controller deletes its
+    finished job and finalises the run. One node: in a `restricted` namespace the operator's own `init-pytorch`
+    container on Worker pods is refused (test_server_side.py shows it; docs/kubernetes.md documents it)."""
+    if not any(p.name == "training-operator" for p in worker_nodes.started):
+        pytest.skip("training-operator.v1 not built (tools/kube/kubebin.py records why)")
+    run = make_run("ptj-run", items=4, launcher="pytorchjob", gpus_per_node=2, ulysses_degree=2)
+    done = run.submit()
+    assert done.returncode == 0, done.stderr[-4000:] + run.agent_logs()[-3000:]
+    run_id, progress = run.progress()
+    assert progress.done == progress.total == 4
+    storage = open_storage(run.output)
+    index = pq.read_table(io.BytesIO(storage.get_bytes(layout.index_key(run_id))))
+    assert sorted(index.column("id").to_pylist()) == [f"ptj-run-{i:02d}" for i in range(4)]
+    assert storage.exists(layout.success_key(run_id))
+    wait_for("the finished PyTorchJob deleted by the controller", lambda: not run.list(PYTORCHJOBS), 120)
+    assert done.stderr.count("created job ") == 1, done.stderr[-4000:]  # one attempt, no relaunch
 
 
 def test_pytorchjob_exiting_143_is_stopped_by_the_controller_past_backoff_limit(make_run, worker_nodes):
