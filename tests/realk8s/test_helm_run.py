@@ -265,7 +265,8 @@ def _cancel(release: Release, run_id: str) -> tuple[dict, str]:
         release.logs,
     )
     plane.kubectl("delete", "job", CONTROLLER_JOB, "-n", release.namespace, "--cascade=foreground", "--timeout=120s")
-    live = release.trainjob_names()
+    # Those not already being deleted (the killed controller may have deleted a finished one): cancel lists them.
+    live = {j["metadata"]["name"] for j in release.trainjobs() if not j["metadata"].get("deletionTimestamp")}
     assert live, f"no TrainJob left to cancel\n{release.logs()}"
     cancelled_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     cancel = _batchgen(
