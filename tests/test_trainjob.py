@@ -14,7 +14,7 @@ from batchgen.core.errors import ClusterError, TransientClusterError
 from batchgen.core.layout import shard_id
 from batchgen.launch.k8s import names
 from batchgen.launch.k8s.launchers import make_backend
-from batchgen.launch.k8s.pod import KUEUE_QUEUE_LABEL
+from batchgen.launch.k8s.names import KUEUE_QUEUE_LABEL
 from batchgen.launch.k8s.pytorchjob import PyTorchJobBackend, render_pytorchjob
 from batchgen.launch.k8s.trainjob import (
     DEFAULT_DEADLINE_S,
