@@ -24,6 +24,7 @@ import pytest
 
 from batchgen.core import layout
 from batchgen.core.plan import list_runs
+from batchgen.launch.k8s import names
 from batchgen.storage import open_storage
 from tests.realk8s import test_lifecycle
 from tests.realk8s.conftest import s3_objects, skip_module_unless_available, wait_for
@@ -204,6 +205,8 @@ def test_a_trainjob_kueue_evicts_waits_for_quota_and_resumes_without_regeneratin
                 submit,
             )
             ((name, workload),) = workloads(run).items()
+            (first_job,) = run.jobs(name)
+            (pod,) = run.pods(name)
             path = f"{KUEUE}/namespaces/{run.namespace}/workloads/{workload['metadata']['name']}"
             run.admin.merge_patch(path, {"spec": {"active": False}})  # what `kueuectl stop workload` does
             evicted = wait_for("an evicted TrainJob with no pods", lambda: _evicted(run, name, path), 120, run.describe)
@@ -211,14 +214,23 @@ def test_a_trainjob_kueue_evicts_waits_for_quota_and_resumes_without_regeneratin
             queued = _status(run)
             # Still queued well past a resync of the controller (--resync-seconds 2): nothing ended or relaunched.
             time.sleep(8)
-            assert list(run.trainjobs()) == [name] and run.trainjobs()[name]["spec"]["suspend"] is True
+            run_trainjob = run.trainjobs()[name]
+            assert list(run.trainjobs()) == [name] and run_trainjob["spec"]["suspend"] is True
             run.admin.merge_patch(path, {"spec": {"active": True}})
+            # The Job's activeDeadlineSeconds counts from its startTime, which starts again on resume: the time
+            # spent queued does not count against the deadline (RFC 3339 UTC strings compare as times).
+            started = first_job["status"]["startTime"]
+            wait_for("the resumed Job's new start", lambda: _restarted(run, name, started), 120, run.describe, submit)
             out, err = submit.communicate(timeout=SUBMIT_TIMEOUT_S)
     finally:
         if submit.poll() is None:
             submit.kill()
     assert submit.returncode == 0, err[-4000:] + run.agent_logs()[-3000:]
     assert _true(evicted, "Evicted") and not _true(evicted, "QuotaReserved"), evicted["status"]
+    # batchgen's runtime patch (the run's pod labels) applied beside the one Kueue's webhook appends.
+    patches = [patch["manager"] for patch in run_trainjob["spec"]["runtimePatches"]]
+    assert sorted(patches) == ["batchgen.io/controller", "kueue.x-k8s.io/manager"], patches
+    assert pod["metadata"]["labels"][names.RUN_LABEL] == run_trainjob["metadata"]["labels"][names.RUN_LABEL]
     # `batchgen status` showed it waiting for quota, not failed.
     (row,) = queued["jobs"]
     assert (row["name"], row["state"]) == (name, "Queued"), row
@@ -240,3 +252,7 @@ def _evicted(run: Run, trainjob: str, workload_path: str) -> dict | None:
     workload = run.admin.get(workload_path)
     suspended = run.trainjobs()[trainjob]["spec"].get("suspend")
     return workload if _true(workload, "Evicted") and suspended and not run.pods(trainjob) else None
+
+
+def _restarted(run: Run, trainjob: str, started: str) -> bool:
+    return any(job["status"].get("startTime", "") > started for job in run.jobs(trainjob))
