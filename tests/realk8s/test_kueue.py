@@ -15,9 +15,8 @@ import io
 import json
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 import pytest
@@ -27,7 +26,7 @@ from batchgen.core.plan import list_runs
 from batchgen.launch.k8s import names
 from batchgen.storage import open_storage
 from tests.realk8s import test_lifecycle
-from tests.realk8s.conftest import s3_objects, skip_module_unless_available, wait_for
+from tests.realk8s.conftest import Poller, s3_objects, skip_module_unless_available, wait_for
 from tests.realk8s.test_lifecycle import REPO, SUBMIT_TIMEOUT_S, Run
 from tools.kube.node_agent import KubeApi
 
@@ -97,24 +96,20 @@ def workloads(run: Run) -> dict[str, dict]:
 
 @dataclass
 class Sample:
-    at: float
     suspended: dict[str, bool]  # unfinished TrainJob -> spec.suspend (a finished one stays unsuspended)
     admitted: set[str]  # TrainJobs whose Workload holds quota and is not finished
 
 
-@dataclass
-class Sampler:
-    """Lists the TrainJobs and Workloads every 0.3 s in a thread, for assertions over the whole run."""
+class Sampler(Poller):
+    """Lists the TrainJobs and Workloads every 0.3 s, for assertions over the whole run."""
 
-    run: Run
-    samples: list[Sample] = field(default_factory=list)
+    def __init__(self, run: Run):
+        super().__init__()
+        self.run = run
+        self.samples: list[Sample] = []
+        self._api = KubeApi(run.plane.kubeconfig)
 
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._api = KubeApi(self.run.plane.kubeconfig)
-
-    def _sample(self) -> Sample:
+    def tick(self) -> None:
         path = f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{self.run.namespace}/trainjobs"
         trainjobs = self._api.request("GET", path)["items"]
         items = self._api.request("GET", f"{KUEUE}/namespaces/{self.run.namespace}/workloads")["items"]
@@ -126,20 +121,7 @@ class Sampler:
         }
         unfinished = [j for j in trainjobs if not (_true(j, "Complete") or _true(j, "Failed"))]
         suspended = {j["metadata"]["name"]: bool(j["spec"].get("suspend")) for j in unfinished}
-        return Sample(time.monotonic(), suspended, admitted)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self._sample())
-            time.sleep(0.3)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        self.samples.append(Sample(suspended, admitted))
 
     def ever_admitted(self) -> set[str]:
         return {name for s in self.samples for name in s.admitted}

@@ -20,8 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.launch.k8s.trainjob import render_trainingruntime
 from batchgen.storage import open_storage
 from tests.realk8s.conftest import (
+    Poller,
     container_logs,
     restricted_namespace,
     s3_objects,
@@ -163,16 +162,17 @@ def make_run(
         plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
-class WorkerSignaller:
+class WorkerSignaller(Poller):
     """Sends ``signum`` to every `batchgen worker` process of one output as soon as it appears: what a node
     under memory pressure or a preemption does to a container's main process. torchrun (batchgen.launch.k8s.torchrun)
     sees its child die of the signal and exits 128 + signum, as the pod's exit code."""
 
+    interval_s = 0.05
+
     def __init__(self, output: str, signum: int):
+        super().__init__()
         self.output, self.signum = output, signum
         self.signalled: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _workers(self) -> Iterator[int]:
         for entry in Path("/proc").iterdir():
@@ -186,24 +186,17 @@ class WorkerSignaller:
             if "worker" in text and self.output in text and "batchgen.launch.k8s.torchrun" not in text:
                 yield int(entry.name)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for pid in self._workers():
-                if pid not in self.signalled:
-                    try:
-                        os.kill(pid, self.signum)
-                        self.signalled.add(pid)
-                    except ProcessLookupError:
-                        pass
-            time.sleep(0.05)
-
-    def __enter__(self) -> WorkerSignaller:
-        self._thread.start()
-        return self
+    def tick(self) -> None:
+        for pid in self._workers():
+            if pid not in self.signalled:
+                try:
+                    os.kill(pid, self.signum)
+                    self.signalled.add(pid)
+                except ProcessLookupError:
+                    pass
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        super().__exit__(*exc)
         if self.signum == signal.SIGSTOP:
             for pid in self.signalled:  # let a stopped one take its SIGKILL
                 try:
