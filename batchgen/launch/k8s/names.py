@@ -25,9 +25,9 @@ RUN_ANNOTATION = LABEL_PREFIX + "run-id"
 SHARDS_ANNOTATION = LABEL_PREFIX + "shards"
 OUTPUT_ANNOTATION = LABEL_PREFIX + "output"
 ENDED_ANNOTATION = LABEL_PREFIX + "ended"
+"""Set by the controller on a job it stopped itself (too many pod restarts): why."""
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 """The Kueue LocalQueue a job is submitted to (settings.queue_name); Kueue admits only jobs that carry it."""
-"""Set by the controller on a job it stopped itself (too many pod restarts): why."""
 MANAGED_BY = {"app.kubernetes.io/name": "batchgen", "app.kubernetes.io/managed-by": "batchgen"}
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
