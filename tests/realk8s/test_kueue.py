@@ -179,13 +179,7 @@ def test_a_trainjob_kueue_evicts_waits_for_quota_and_resumes_without_regeneratin
     submit = subprocess.Popen(run.submit_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         with Sampler(run) as sampler:
-            wait_for(
-                "first committed item",
-                lambda: list_runs(open_storage(run.output)) and run.progress()[1].done,
-                300,
-                run.agent_logs,
-                submit,
-            )
+            run.wait_first_commit(submit)
             ((name, workload),) = workloads(run).items()
             (first_job,) = run.jobs(name)
             (pod,) = run.pods(name)

@@ -112,6 +112,14 @@ class Run:
         (run_id,) = list_runs(storage)
         return run_id, scan_run(storage, load_plan(storage, run_id))
 
+    def wait_first_commit(self, submit: subprocess.Popen) -> None:
+        """Until the run's first item is committed (fails at once if ``submit`` exits first)."""
+
+        def committed():
+            return list_runs(open_storage(self.output)) and self.progress()[1].done
+
+        wait_for("first committed item", committed, 300, self.agent_logs, submit)
+
 
 def conditions(obj: dict) -> dict[str, dict]:
     return {c["type"]: c for c in obj.get("status", {}).get("conditions", []) if c["status"] == "True"}
@@ -279,13 +287,7 @@ def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_it
     run = make_run("preempted", items=items, max_attempts=1, steps=40)
     submit = subprocess.Popen(run.submit_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        wait_for(
-            "first committed item",
-            lambda: list_runs(open_storage(run.output)) and run.progress()[1].done,
-            300,
-            run.agent_logs,
-            submit,
-        )
+        run.wait_first_commit(submit)
         committed = s3_objects(s3_client, run.output)
         done_before = [i for shard in run.progress()[1].shards.values() for i in shard.done_ids]
         ((name, _),) = run.trainjobs().items()
