@@ -174,7 +174,8 @@ def test_a_trainjob_kueue_evicts_waits_for_quota_and_resumes_without_regeneratin
     kueue, make_run, s3_client
 ):
     items = 8
-    run = make_run("kq-evict", items=items, queue_name=QUEUE, max_attempts=1, steps=40)
+    # 20 steps: the pod is still generating when Kueue evicts it, a second after the first commit.
+    run = make_run("kq-evict", items=items, queue_name=QUEUE, max_attempts=1, steps=20)
     make_queue(run, gpus=1)
     submit = subprocess.Popen(run.submit_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
