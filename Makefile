@@ -58,11 +58,11 @@ chart-schema: $(STAMP) ## regenerate the chart's worker values schema from Paral
 # A real control plane built from Go modules (tools/kube/; README "A real control plane"). Needs Go 1.26.
 KUBE_DIR ?= $(HOME)/.cache/batchgen/kube-up
 
-kube-bin: ## build etcd, kube-apiserver/-controller-manager/-scheduler, kubectl, helm, JobSet, Trainer, training operator (cached; KUBE_BIN_EXTRA=kueue adds Kueue)
+kube-bin: ## build etcd, kube-apiserver/-controller-manager/-scheduler, kubectl, helm, JobSet, Trainer, Kueue, training operator (cached)
 	@$(PY) tools/kube/kubebin.py build
 
-kube-up: $(STAMP) kube-bin ## start the local control plane; prints export lines: eval "$$(make -s kube-up)"
-	@$(BIN)/python tools/kube/controlplane.py up --dir $(KUBE_DIR)
+kube-up: $(STAMP) kube-bin ## start the local control plane (KUEUE=1 adds Kueue); prints export lines: eval "$$(make -s kube-up)"
+	@$(BIN)/python tools/kube/controlplane.py up --dir $(KUBE_DIR) $(if $(KUEUE),--kueue)
 
 kube-down: $(STAMP) ## stop what kube-up started (each process by its PID)
 	@$(BIN)/python tools/kube/controlplane.py down --dir $(KUBE_DIR)

@@ -221,6 +221,25 @@ def test_cancel_and_describe(kube):
     assert [j["metadata"]["name"] for j in kube.emulator.jobs()] == [other.name]
 
 
+def test_a_job_kueue_keeps_suspended_is_queued_holds_its_slot_and_is_not_relaunched(kube):
+    """Kueue suspends a queued job until its ClusterQueue has quota (the v1 operator then shows Suspended): the
+    controller waits for it like a running job, and `status` says it waits for quota."""
+    ctl = controller(kube, max_jobs=1)
+    ctl.settings = SETTINGS.replace(queue_name="gpus")
+    (name,) = ctl.reconcile().created
+    set_state(kube, name, "Suspended")
+    for _ in range(2):  # and again on the next pass
+        again = ctl.reconcile()
+        assert again.created == [] and [g.status for g in again.groups] == ["running", "launch", "launch"]
+        assert again.groups[0].latest.state == "Queued" and not again.groups[0].latest.finished
+    (row,) = describe_jobs(kube.backend(), RUN)
+    assert (row["state"], row["reason"]) == (
+        "Queued",
+        "waiting for quota: Kueue has not admitted it from LocalQueue 'gpus'",
+    )
+    assert "Queued" in format_jobs([row])
+
+
 def set_status(kube, name: str, status: dict) -> None:
     kube.backend().api.patch_namespaced_custom_object_status(
         "kubeflow.org", "v1", kube.namespace, "pytorchjobs", name, {"status": status}

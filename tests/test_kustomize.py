@@ -15,7 +15,7 @@ import yaml
 
 from batchgen.core.config import RunConfig, load_config
 from batchgen.core.layout import shard_id
-from batchgen.launch.k8s.pod import KUEUE_QUEUE_LABEL
+from batchgen.launch.k8s.names import KUEUE_QUEUE_LABEL
 from batchgen.launch.k8s.pytorchjob import render_pytorchjob
 from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.launch.k8s.trainjob import render_trainingruntime, render_trainjob

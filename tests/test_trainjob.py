@@ -14,7 +14,7 @@ from batchgen.core.errors import ClusterError, TransientClusterError
 from batchgen.core.layout import shard_id
 from batchgen.launch.k8s import names
 from batchgen.launch.k8s.launchers import make_backend
-from batchgen.launch.k8s.pod import KUEUE_QUEUE_LABEL
+from batchgen.launch.k8s.names import KUEUE_QUEUE_LABEL
 from batchgen.launch.k8s.pytorchjob import PyTorchJobBackend, render_pytorchjob
 from batchgen.launch.k8s.trainjob import (
     DEFAULT_DEADLINE_S,
@@ -155,6 +155,37 @@ def test_trainjob_conditions_map_to_controller_states(conditions, jobs_status, s
     assert (info.state, info.finished) == (state, finished)
     if state == "Failed":
         assert info.reason() == "FailedJobs: m"
+
+
+SUSPENDED = {"type": "Suspended", "status": "True", "reason": "Suspended", "message": "TrainJob is suspended"}
+
+
+@pytest.mark.parametrize(
+    "spec, conditions, annotations, state",
+    [
+        # Kueue's webhook suspends a queued TrainJob on create, before the Trainer has set any condition.
+        ({"suspend": True}, [], {}, "Queued"),
+        ({"suspend": True}, [SUSPENDED], {}, "Queued"),
+        # Admitted: Kueue unsuspends it; the Trainer's Suspended condition may lag one update behind.
+        ({"suspend": False}, [SUSPENDED], {}, "Queued"),
+        ({"suspend": False}, [{**SUSPENDED, "status": "False"}], {}, "Created"),
+        # Ended by batchgen (suspended for good) is a failure, queue or not.
+        ({"suspend": True}, [SUSPENDED], {names.ENDED_ANNOTATION: "batchgen stopped the job"}, "Failed"),
+        ({"suspend": False}, [{"type": "Complete", "status": "True", "reason": "JobSetCompleted"}], {}, "Succeeded"),
+    ],
+)  # fmt: skip
+def test_a_trainjob_kueue_holds_suspended_is_queued_waiting_for_quota_not_failed(spec, conditions, annotations, state):
+    labels = {KUEUE_QUEUE_LABEL: "gpus"}
+    obj = {"metadata": {"name": "j", "labels": labels, "annotations": annotations}, "spec": spec,
+           "status": {"conditions": conditions}}  # fmt: skip
+    info = TrainJobInfo.from_object(obj)
+    assert info.state == state
+    if state == "Queued":
+        assert not info.finished
+        assert info.reason() == "waiting for quota: Kueue has not admitted it from LocalQueue 'gpus'"
+    # Without the queue label nobody but batchgen or a user suspends it: Suspended, as before.
+    unqueued = TrainJobInfo.from_object({**obj, "metadata": {**obj["metadata"], "labels": {}}})
+    assert unqueued.state != "Queued"
 
 
 def test_auto_prefers_trainjob_falls_back_to_pytorchjob_and_names_both_when_neither(kube):

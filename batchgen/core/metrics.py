@@ -92,7 +92,7 @@ CONTROLLER_METRICS = (
     "batchgen_job_relaunches_total",
     "batchgen_k8s_api_errors_total",
 )
-JOB_STATES = ("Pending", "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+JOB_STATES = ("Pending", "Created", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 GROUP_STATUSES = ("done", "running", "launch", "gave-up")
 
 

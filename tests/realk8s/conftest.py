@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -131,3 +132,29 @@ def wait_for(what: str, check, timeout_s: float, explain=str, process=None):
             raise AssertionError(f"{process.args[3:5]} exited {process.returncode} while waiting for {what}")
         time.sleep(0.5)
     raise AssertionError(f"no {what} after {timeout_s:.0f} s\n{explain()}")
+
+
+class Poller:
+    """Calls ``tick()`` every ``interval_s`` in a thread for as long as the ``with`` block runs."""
+
+    interval_s = 0.3
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)

@@ -21,8 +21,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from batchgen.launch.k8s.settings import LaunchSettings
 from batchgen.launch.k8s.trainjob import render_trainingruntime
 from batchgen.storage import open_storage
 from tests.realk8s.conftest import (
+    Poller,
     container_logs,
     restricted_namespace,
     s3_objects,
@@ -115,6 +114,14 @@ class Run:
         (run_id,) = list_runs(storage)
         return run_id, scan_run(storage, load_plan(storage, run_id))
 
+    def wait_first_commit(self, submit: subprocess.Popen) -> None:
+        """Until the run's first item is committed (fails at once if ``submit`` exits first)."""
+
+        def committed():
+            return list_runs(open_storage(self.output)) and self.progress()[1].done
+
+        wait_for("first committed item", committed, 300, self.agent_logs, submit)
+
 
 def conditions(obj: dict) -> dict[str, dict]:
     return {c["type"]: c for c in obj.get("status", {}).get("conditions", []) if c["status"] == "True"}
@@ -165,16 +172,17 @@ def make_run(
         plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
-class WorkerSignaller:
+class WorkerSignaller(Poller):
     """Sends ``signum`` to every `batchgen worker` process of one output as soon as it appears: what a node
     under memory pressure or a preemption does to a container's main process. torchrun (batchgen.launch.k8s.torchrun)
     sees its child die of the signal and exits 128 + signum, as the pod's exit code."""
 
+    interval_s = 0.05
+
     def __init__(self, output: str, signum: int):
+        super().__init__()
         self.output, self.signum = output, signum
         self.signalled: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _workers(self) -> Iterator[int]:
         for entry in Path("/proc").iterdir():
@@ -188,24 +196,17 @@ class WorkerSignaller:
             if "worker" in text and self.output in text and "batchgen.launch.k8s.torchrun" not in text:
                 yield int(entry.name)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for pid in self._workers():
-                if pid not in self.signalled:
-                    try:
-                        os.kill(pid, self.signum)
-                        self.signalled.add(pid)
-                    except ProcessLookupError:
-                        pass
-            time.sleep(0.05)
-
-    def __enter__(self) -> WorkerSignaller:
-        self._thread.start()
-        return self
+    def tick(self) -> None:
+        for pid in self._workers():
+            if pid not in self.signalled:
+                try:
+                    os.kill(pid, self.signum)
+                    self.signalled.add(pid)
+                except ProcessLookupError:
+                    pass
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
+        super().__exit__(*exc)
         if self.signum == signal.SIGSTOP:
             for pid in self.signalled:  # let a stopped one take its SIGKILL
                 try:
@@ -288,13 +289,7 @@ def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_it
     run = make_run("preempted", items=items, max_attempts=1, steps=40)
     submit = subprocess.Popen(run.submit_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        wait_for(
-            "first committed item",
-            lambda: list_runs(open_storage(run.output)) and run.progress()[1].done,
-            300,
-            run.agent_logs,
-            submit,
-        )
+        run.wait_first_commit(submit)
         committed = s3_objects(s3_client, run.output)
         done_before = [i for shard in run.progress()[1].shards.values() for i in shard.done_ids]
         ((name, _),) = run.trainjobs().items()

@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `tools.kube` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.kube import kubebin, pki, webhooks  # noqa: E402
+from tools.kube import kubebin, kueue, pki, webhooks  # noqa: E402
 from tools.kube.processes import Process, StartupError, free_port, http_ok, tls_context, tls_listening  # noqa: E402
 
 DEFAULT_DIR = Path(os.environ.get("BATCHGEN_KUBE_DIR", Path.home() / ".cache" / "batchgen" / "kube-up"))
@@ -65,9 +65,10 @@ STATE_FILE = "state.json"
 class ControlPlane:
     """Starts the components in dependency order under ``root`` (one folder each) and stops them in reverse."""
 
-    def __init__(self, root: Path, nodes: int = 1):
+    def __init__(self, root: Path, nodes: int = 1, with_kueue: bool = False):
         self.root = root
         self.nodes = nodes
+        self.with_kueue = with_kueue
         self.bin = kubebin.bin_dir()
         self.started: list[Process] = []
         self.ports: dict[str, int] = {}
@@ -246,6 +247,33 @@ class ControlPlane:
         )
         process.wait_until(lambda: http_ok(f"http://127.0.0.1:{health}/readyz"), "/readyz")
 
+    def start_kueue(self) -> Process:
+        """Kueue's manager with the TrainJob integration (tools/kube/kueue.py says what stands in for its
+        Deployment). Not part of ``start``: its TrainJob webhook changes every TrainJob created while it runs."""
+        port, health = free_port(), free_port()
+        folder = self.root / kueue.NAME
+        folder.mkdir(parents=True, exist_ok=True)
+        kueue.apply_crds(self.kubectl, port, self.pki.ca)
+        config = kueue.write_config(folder, port, health, self.webhook_cert)
+        process = self._proc(
+            kueue.NAME,
+            [self._binary("kueue"), f"--config={config}", f"--kubeconfig={self.kubeconfig}"],
+            launcher=webhooks.operator_launcher(folder / "certs", kueue.METRICS_CERT_DIR),
+        )
+        process.wait_until(lambda: http_ok(f"http://127.0.0.1:{health}/readyz"), "/readyz")
+        process.wait_until(lambda: tls_listening(port, self.pki.ca), "webhook TLS")
+        self.kueue_webhooks = kueue.apply_webhooks(self.kubectl, port, self.pki.ca, folder)
+        return process
+
+    def stop_kueue(self) -> None:
+        """Its webhooks first (they fail closed), then the manager; its CRDs and objects stay."""
+        kueue.remove_webhooks(self.kubectl, getattr(self, "kueue_webhooks", []))
+        self.kueue_webhooks = []
+        process = next((p for p in self.started if p.name == kueue.NAME), None)
+        if process is not None:
+            process.stop()
+            self.started.remove(process)
+
     def _dns_identity(self) -> None:
         role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole"}
         binding = {
@@ -347,6 +375,8 @@ class ControlPlane:
             self._operators()
             webhooks.apply_pytorchjob_crd(self.kubectl)
             self._training_operator()
+            if self.with_kueue:
+                self.start_kueue()
             self._dns_identity()
             for index in range(self.nodes):
                 self.add_node(f"batchgen-node-{index}", *NODE_CAPACITY)
@@ -406,6 +436,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("command", choices=("up", "down"))
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"state and data folders (default {DEFAULT_DIR})")
     parser.add_argument("--nodes", type=int, default=2, help="node agents to start (default 2)")
+    parser.add_argument("--kueue", action="store_true", help="also start Kueue's manager (TrainJob integration)")
     args = parser.parse_args(argv)
     if args.command == "down":
         stopped = stop_recorded(args.dir)
@@ -414,7 +445,7 @@ def main(argv: list[str]) -> int:
     if (args.dir / STATE_FILE).exists():
         print(f"kube-up: {args.dir / STATE_FILE} exists: run `make kube-down` first", file=sys.stderr)
         return 1
-    plane = ControlPlane(args.dir, nodes=args.nodes)
+    plane = ControlPlane(args.dir, nodes=args.nodes, with_kueue=args.kueue)
     try:
         seconds = plane.start()
     except StartupError as err:

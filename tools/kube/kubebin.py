@@ -38,7 +38,6 @@ class Component:
     module: str  # the release this wrapper builds; its version is read from the wrapper's go.mod
     key: str  # its short name in the cache key
     required: bool  # an optional one that fails is recorded and skipped; a required one fails the build
-    on_request: bool = False  # built only when named in KUBE_BIN_EXTRA (nothing in the tests runs it)
 
     @property
     def wrapper(self) -> Path:
@@ -64,8 +63,8 @@ COMPONENTS = (
     Component("helm", "helm.sh/helm/v4", "helm", True),
     Component("jobset", "sigs.k8s.io/jobset", "jobset", True),
     Component("trainer", "github.com/kubeflow/trainer/v2", "trainer", True),
-    # 18 minutes of a cold build on two shared cores, for a component no test runs yet: CI's 90 minutes matter.
-    Component("kueue", "sigs.k8s.io/kueue", "kueue", False, on_request=True),
+    # 18 minutes of a cold build on two shared cores (1106 s), paid once: CI caches the bin folder.
+    Component("kueue", "sigs.k8s.io/kueue", "kueue", False),
     Component("training-operator", "github.com/kubeflow/training-operator", "trainingop", False),
 )
 # Build order: what the control plane needs first, the optional ones last.
@@ -195,13 +194,9 @@ def build_all() -> int:
     bin_dir().mkdir(parents=True, exist_ok=True)
     times_file = cache_dir() / "build-times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
-    extra = set(os.environ.get("KUBE_BIN_EXTRA", "").split())
     for name in BUILD_ORDER:
         comp = component(name)
         module, version = comp.module_and_version()
-        if comp.on_request and name not in extra and missing_binaries(comp):
-            log(f"{name} {version}: not built unless asked (KUBE_BIN_EXTRA={name} make kube-bin)")
-            continue
         if not missing_binaries(comp):
             log(f"{name} {version}: built already")
             continue

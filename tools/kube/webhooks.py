@@ -170,16 +170,16 @@ TRAINING_OPERATOR_CA = "training-operator-ca"  # pkg/cert/cert.go caName
 TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
 
 
-def operator_launcher(cert_dir: Path) -> list[str]:
-    """As root, a private mount namespace binds ``cert_dir`` over the fixed folder, as the kubelet mounts the
-    Secret into the pod, so control planes side by side do not share it. Elsewhere the fixed folder is used
-    directly: one training operator per machine at a time."""
-    TRAINING_OPERATOR_CERT_DIR.mkdir(parents=True, exist_ok=True)
+def operator_launcher(cert_dir: Path, fixed_dir: Path = TRAINING_OPERATOR_CERT_DIR) -> list[str]:
+    """As root, a private mount namespace binds ``cert_dir`` over the fixed folder an operator reads (``fixed_dir``),
+    as the kubelet mounts the Secret into the pod, so control planes side by side do not share it. Elsewhere the
+    fixed folder is used directly: one such operator per machine at a time."""
+    fixed_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or not shutil.which("unshare"):
-        for name in ("ca.crt", "ca.key", "tls.crt", "tls.key"):
-            shutil.copy(cert_dir / name, TRAINING_OPERATOR_CERT_DIR / name)
+        for source in cert_dir.iterdir():
+            shutil.copy(source, fixed_dir / source.name)
         return []
-    bind = f'mount --bind {cert_dir} {TRAINING_OPERATOR_CERT_DIR} && exec "$0" "$@"'
+    bind = f'mount --bind {cert_dir} {fixed_dir} && exec "$0" "$@"'
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", bind]
 
 

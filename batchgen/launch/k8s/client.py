@@ -45,7 +45,9 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class JobInfo(abc.ABC):
     """What the controller needs to know about one job, read from the cluster. Each kind's module maps its own
-    status onto one set of states (``state``: Succeeded, Failed, Suspended, Restarting, Running, Created, Pending)."""
+    status onto one set of states (``state``: Succeeded, Failed, Queued, Suspended, Restarting, Running, Created,
+    Pending). Queued is a job Kueue keeps suspended until its LocalQueue's ClusterQueue has quota for it: it is
+    neither finished nor failed, and it holds one of the run's ``max_jobs`` slots, like a running one."""
 
     name: str
     namespace: str
@@ -97,7 +99,7 @@ class JobInfo(abc.ABC):
     @property
     @abc.abstractmethod
     def state(self) -> str:
-        """Succeeded, Failed, Suspended, Restarting, Running, Created or Pending (no condition yet)."""
+        """Succeeded, Failed, Queued, Suspended, Restarting, Running, Created or Pending (no condition yet)."""
 
     @property
     @abc.abstractmethod
@@ -122,7 +124,14 @@ class JobInfo(abc.ABC):
         """Deletion was requested; the object stays until its finalizers (foreground deletion) are done."""
         return bool((self.raw.get("metadata") or {}).get("deletionTimestamp"))
 
+    @property
+    def queue(self) -> str:
+        """The Kueue LocalQueue the job was submitted to; empty when Kueue does not manage it."""
+        return self.labels.get(names.KUEUE_QUEUE_LABEL, "")
+
     def reason(self) -> str:
+        if self.state == "Queued":
+            return f"waiting for quota: Kueue has not admitted it from LocalQueue {self.queue!r}"
         c = self.condition(self.condition_type())
         text = f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ") if c else ""
         ended = self.annotations.get(names.ENDED_ANNOTATION)

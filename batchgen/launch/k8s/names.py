@@ -28,6 +28,8 @@ ENDED_ANNOTATION = LABEL_PREFIX + "ended"
 """Set by the controller on a job it stopped itself (too many pod restarts): why."""
 RESTARTS_ANNOTATION = LABEL_PREFIX + "restarts"
 """Pod recreations the controller has counted on the job, so that a restarted controller goes on from there."""
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""The Kueue LocalQueue a job is submitted to (settings.queue_name); Kueue admits only jobs that carry it."""
 MANAGED_BY = {"app.kubernetes.io/name": "batchgen", "app.kubernetes.io/managed-by": "batchgen"}
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -20,7 +20,6 @@ from batchgen.launch.k8s.settings import LaunchSettings, resolve_degrees, resolv
 from batchgen.worker.contract import TORCHRUN, WorkerArgs
 
 FETCH_CONTAINER = "fetch-model"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 SCRATCH_DIR = "/scratch"
 TMP_DIR = "/tmp"
@@ -259,7 +258,7 @@ def job_identity(
     labels = names.job_labels(run_id, first, last, attempt)
     job_labels = dict(labels)
     if settings.queue_name:
-        job_labels[KUEUE_QUEUE_LABEL] = settings.queue_name
+        job_labels[names.KUEUE_QUEUE_LABEL] = settings.queue_name
     name = names.job_name(run_id, first, last, attempt)
     metadata: dict[str, Any] = {"name": name, "namespace": settings.namespace, "labels": job_labels}
     if not settings.namespace:

@@ -79,7 +79,8 @@ class PyTorchJobInfo(JobInfo):
     def state(self) -> str:
         for kind in ("Succeeded", "Failed", "Suspended", "Restarting", "Running", "Created"):
             if self.condition(kind):
-                return kind
+                # Kueue suspends a queued PyTorchJob (runPolicy.suspend) until it admits it.
+                return "Queued" if kind == "Suspended" and self.queue else kind
         return "Pending"
 
     @property
@@ -91,7 +92,7 @@ class PyTorchJobInfo(JobInfo):
         return sum(int(r.get("failed") or 0) for r in self._replicas().values())
 
     def condition_type(self) -> str:
-        return self.state
+        return {"Queued": "Suspended"}.get(self.state, self.state)
 
     def _replicas(self) -> dict[str, Any]:
         return (self.raw.get("status") or {}).get("replicaStatuses") or {}

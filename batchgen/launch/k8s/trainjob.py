@@ -141,10 +141,19 @@ class TrainJobInfo(JobInfo):
 
     @property
     def state(self) -> str:
-        for condition, state in (("Complete", "Succeeded"), ("Failed", "Failed"), ("Suspended", "Suspended")):
+        for condition, state in (("Complete", "Succeeded"), ("Failed", "Failed")):
             if self.condition(condition):
-                # A TrainJob batchgen ended (see TrainJobBackend.end) stays suspended for good: it failed.
-                return "Failed" if state == "Suspended" and names.ENDED_ANNOTATION in self.annotations else state
+                return state
+        ended = names.ENDED_ANNOTATION in self.annotations
+        suspended = bool(self.condition("Suspended"))
+        if self.queue and not ended and (suspended or (self.raw.get("spec") or {}).get("suspend")):
+            # Kueue's TrainJob webhook suspends a queued job on create, before the Trainer sets any condition,
+            # and suspends it again on eviction or preemption; it resumes it once admitted (Kueue
+            # pkg/controller/jobs/trainjob, Default and RunWithPodSetsInfo).
+            return "Queued"
+        if suspended:
+            # A TrainJob batchgen ended (see TrainJobBackend.end) stays suspended for good: it failed.
+            return "Failed" if ended else "Suspended"
         return "Running" if self.active_pods else "Created"
 
     @property
@@ -160,7 +169,7 @@ class TrainJobInfo(JobInfo):
         state = self.state
         if state == "Failed" and not self.condition("Failed"):
             return "Suspended"  # ended by batchgen
-        return {"Succeeded": "Complete"}.get(state, state)
+        return {"Succeeded": "Complete", "Queued": "Suspended"}.get(state, state)
 
 
 class TrainJobBackend(CustomObjectBackend):
