@@ -26,8 +26,8 @@ venv: $(STAMP) ## create the virtual environment and install batchgen with dev e
 demo: $(STAMP) ## demo batch run: tiny model (FAMILY=mochi or wan), 6 prompts, local folder output (run twice to resume)
 	$(BIN)/python -m tools.demo --out $(DEMO_OUT) --family $(FAMILY)
 
-test: $(STAMP) ## run the test suite
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: $(STAMP) ## run the test suite (the real control plane's tests are `make test-kube`)
+	$(BIN)/python -m pytest -q --ignore=tests/realk8s $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests (marked slow)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -1,8 +1,9 @@
 """The real control plane (tools/kube/controlplane.py, the code `make kube-up` runs) as a session fixture.
 
 `make test-kube` sets BATCHGEN_KUBE_TESTS=required: then nothing here may skip, and a missing binary fails.
-Under plain `make test` these tests run where the binaries are built and otherwise skip with one line saying why
-(no Go needed); .ci/run builds the binaries and runs `make test` with BATCHGEN_KUBE_TESTS=required.
+`make test` leaves them out (they take longer than the rest of the suite); a plain `pytest` runs them where the
+binaries are built and otherwise skips them with one line saying why (no Go needed). .ci/run builds the binaries
+and runs `make test`, then `make test-kube`.
 """
 
 from __future__ import annotations
