@@ -23,11 +23,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as boto_errors
 from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
+from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 
-from batchgen.core.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError, TransientStorageError
+from batchgen.core.errors import (
+    AlreadyExistsError,
+    ChangedError,
+    ConfigError,
+    NotFoundError,
+    StorageError,
+    TransientStorageError,
+)
 from batchgen.storage.base import ObjectInfo, Storage
 from batchgen.storage.local import TEMP_PREFIX, validate_key
 from batchgen.storage.retry import (
@@ -47,6 +56,8 @@ WRITE_ID_META = "batchgen-write-id"
 DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
+MAX_POOL_CONNECTIONS = 32
+DEFAULT_DOWNLOAD_CONCURRENCY = 8  # ranged GETs in flight per large download: see bench/fetch.py for the choice
 LIST_PAGE_SIZE = 1000
 DEFAULT_READ_TIMEOUT_S = 60.0  # per socket read, not per request: a slow but live body never trips it
 CHECK_BUCKET = "check bucket"
@@ -89,7 +100,7 @@ def make_client():
         retries={"mode": "standard", "total_max_attempts": 1},
         connect_timeout=10,
         read_timeout=env_number("BATCHGEN_S3_READ_TIMEOUT_S", DEFAULT_READ_TIMEOUT_S, minimum=0.001),
-        max_pool_connections=32,
+        max_pool_connections=MAX_POOL_CONNECTIONS,
     )
     aws_environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
     with _session_lock:  # sessions are not thread-safe; the clients they make are
@@ -139,6 +150,7 @@ class S3Storage(Storage):
         retry: RetryPolicy | None = None,
         multipart_threshold: int | None = None,
         part_size: int | None = None,
+        download_concurrency: int | None = None,
     ):
         if not bucket or "/" in bucket:
             raise StorageError(f"invalid S3 bucket name {bucket!r}")
@@ -159,6 +171,25 @@ class S3Storage(Storage):
             part_size
             if part_size is not None
             else env_number("BATCHGEN_S3_PART_SIZE", DEFAULT_PART_SIZE, minimum=MIN_PART_SIZE, integer=True)
+        )
+        self.download_concurrency = int(
+            download_concurrency
+            if download_concurrency is not None
+            else env_number("BATCHGEN_S3_DOWNLOAD_CONCURRENCY", DEFAULT_DOWNLOAD_CONCURRENCY, minimum=1, integer=True)
+        )
+        if self.download_concurrency > MAX_POOL_CONNECTIONS:
+            raise ConfigError(
+                f"S3 download concurrency {self.download_concurrency} exceeds the client's "
+                f"{MAX_POOL_CONNECTIONS} pooled connections"
+            )
+        # The same threshold and piece size as uploads: one owner for "big enough to split" and "how big a piece".
+        # s3transfer retries a range whose body broke off (without backoff); everything else is our policy's.
+        self._transfer_config = TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.part_size,
+            max_concurrency=self.download_concurrency,
+            num_download_attempts=self._retry.max_attempts,
+            preferred_transfer_client="classic",
         )
         self._requests = 0
         self._count_lock = threading.Lock()
@@ -456,16 +487,17 @@ class S3Storage(Storage):
         return self._run("get", key, lambda _: self._get_object(key, full_key)["Body"].read())
 
     def get_file(self, key: str, path: str | Path) -> None:
+        """Download with boto3's transfer manager: one HEAD, then concurrent ranged GETs (``If-Match`` the HEAD's
+        ETag) for objects at or above the multipart threshold, one GET below it. Written to a temporary file in
+        the destination folder and renamed, so the final name only ever holds a whole object."""
         full_key = self._full_key(key)
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         temp = dest.parent / f"{TEMP_PREFIX}{dest.name}.{uuid.uuid4().hex}"
 
         def attempt(_: int) -> None:
-            body = self._get_object(key, full_key)["Body"]
             with open(temp, "wb") as f:  # "wb": a retry starts the file over
-                for chunk in body.iter_chunks(1024 * 1024):
-                    f.write(chunk)
+                self._download(key, full_key, f)
 
         try:
             self._run("get", key, attempt)
@@ -474,6 +506,18 @@ class S3Storage(Storage):
             raise StorageError(f"cannot download {self._where(key)} to {dest}: {exc.strerror or exc}") from exc
         finally:
             temp.unlink(missing_ok=True)
+
+    def _download(self, key: str, full_key: str, fileobj) -> None:
+        try:
+            self._client.download_fileobj(self.bucket, full_key, fileobj, Config=self._transfer_config)
+        except RetriesExceededError as exc:
+            raise exc.last_exception from exc  # a wire error: transient, so our policy retries the whole file
+        except S3DownloadFailedError:
+            raise StorageError(f"S3 get {self._where(key)}: the object changed during the download") from None
+        except boto_errors.ClientError as exc:
+            if error_code(exc) in _NOT_FOUND_CODES:
+                raise NotFoundError(f"{self._where(key)} does not exist") from None
+            raise
 
     def head(self, key: str) -> ObjectInfo | None:
         response = self._head_response(key, self._full_key(key))
