@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore import exceptions as boto_errors
 from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
 from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
+from s3transfer.subscribers import BaseSubscriber
 
 from batchgen.core.errors import (
     AlreadyExistsError,
@@ -134,6 +135,19 @@ def _needs_new_upload(exc: boto_errors.ClientError) -> bool:
     conflict, since a new upload is right in either case."""
     code = error_code(exc)
     return code == "ConditionalRequestConflict" or (code != "OperationAborted" and http_status(exc) == 409)
+
+
+class _KnownObject(BaseSubscriber):
+    """Tells the transfer manager an object's size and ETag, read from a GET's answer, so it sends no HEAD."""
+
+    def __init__(self, size: int, etag: str | None):
+        self.size = size
+        self.etag = etag
+
+    def on_queued(self, future, **kwargs) -> None:
+        future.meta.provide_transfer_size(self.size)
+        if self.etag and hasattr(future.meta, "provide_object_etag"):  # an older s3transfer pins no ETag
+            future.meta.provide_object_etag(self.etag)
 
 
 class _UploadConflict(Exception):
@@ -487,17 +501,24 @@ class S3Storage(Storage):
         return self._run("get", key, lambda _: self._get_object(key, full_key)["Body"].read())
 
     def get_file(self, key: str, path: str | Path) -> None:
-        """Download with boto3's transfer manager: one HEAD, then concurrent ranged GETs (``If-Match`` the HEAD's
-        ETag) for objects at or above the multipart threshold, one GET below it. Written to a temporary file in
-        the destination folder and renamed, so the final name only ever holds a whole object."""
+        """One GET; if its answer is at least the multipart threshold long, its body is dropped and boto3's transfer
+        manager fetches the object in concurrent ranged GETs (``If-Match`` the answer's ETag) instead. Small objects
+        thus still cost one request, checked against their checksum by botocore as before. Written to a temporary file
+        in the destination folder and renamed, so the final name only ever holds a whole object."""
         full_key = self._full_key(key)
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         temp = dest.parent / f"{TEMP_PREFIX}{dest.name}.{uuid.uuid4().hex}"
 
         def attempt(_: int) -> None:
+            response = self._get_object(key, full_key)
             with open(temp, "wb") as f:  # "wb": a retry starts the file over
-                self._download(key, full_key, f)
+                if response["ContentLength"] < self.multipart_threshold:
+                    for chunk in response["Body"].iter_chunks(1024 * 1024):
+                        f.write(chunk)
+                else:
+                    response["Body"].close()  # its headers serve as the transfer manager's HEAD
+                    self._get_ranges(key, full_key, f, _KnownObject(response["ContentLength"], response.get("ETag")))
 
         try:
             self._run("get", key, attempt)
@@ -507,9 +528,10 @@ class S3Storage(Storage):
         finally:
             temp.unlink(missing_ok=True)
 
-    def _download(self, key: str, full_key: str, fileobj) -> None:
+    def _get_ranges(self, key: str, full_key: str, fileobj, known: _KnownObject) -> None:
         try:
-            self._client.download_fileobj(self.bucket, full_key, fileobj, Config=self._transfer_config)
+            with create_transfer_manager(self._client, self._transfer_config) as manager:
+                manager.download(self.bucket, full_key, fileobj, subscribers=[known]).result()
         except RetriesExceededError as exc:
             raise exc.last_exception from exc  # a wire error: transient, so our policy retries the whole file
         except S3DownloadFailedError:
