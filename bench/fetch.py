@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from batchgen.storage.local import TEMP_PREFIX  # noqa: E402
 from batchgen.storage.s3 import DEFAULT_DOWNLOAD_CONCURRENCY, DEFAULT_PART_SIZE, S3Storage  # noqa: E402
-from bench.pipeline import new_bucket, start_moto  # noqa: E402
+from bench.pipeline import moto_endpoint, new_bucket  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "fetch-cpu.json"
 KEY = "model/weights.safetensors"
@@ -148,20 +148,8 @@ def main() -> int:
     )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "bench"),
-        ("AWS_SECRET_ACCESS_KEY", "bench"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        os.environ.setdefault(name, value)
-    moto, endpoint = start_moto()
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            figures = run(args, new_bucket(endpoint), Path(scratch))
-    finally:
-        moto.terminate()
-        moto.wait()
+    with moto_endpoint() as endpoint, tempfile.TemporaryDirectory() as scratch:
+        figures = run(args, new_bucket(endpoint), Path(scratch))
     result = {"size_bytes": int(args.size_gib * 1024**3), "repeats": args.repeats,
               "storage": "moto S3 server (own process, loopback)", "machine": platform.platform(),
               "cpus": os.cpu_count(), **figures}  # fmt: skip
