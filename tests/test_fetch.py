@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from batchgen.core.errors import EXIT_STORAGE, EXIT_TRANSIENT
+from batchgen.core.errors import EXIT_BAD_INPUT, EXIT_STORAGE, EXIT_TRANSIENT
 from batchgen.models.common.weights import fingerprint_model_dir
 from batchgen.storage import open_storage
 from batchgen.storage.local import TEMP_PREFIX
@@ -52,6 +52,14 @@ def test_fetch_of_an_empty_source_fails_with_the_storage_exit_code(s3_uri, tmp_p
     result = _run_fetch(s3_uri + "/nothing-here", tmp_path / "models")
     assert result.returncode == 3
     assert "no model files found" in result.stderr
+
+
+def test_fetch_refuses_more_concurrent_ranges_than_pooled_connections(s3_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHGEN_S3_DOWNLOAD_CONCURRENCY", "33")
+    result = _run_fetch(s3_uri + "/model", tmp_path / "models")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "BATCHGEN_S3_DOWNLOAD_CONCURRENCY" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "models").exists()
 
 
 # -- large files: ranged downloads through a fault proxy --------------------------------------------------------

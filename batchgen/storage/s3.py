@@ -193,8 +193,8 @@ class S3Storage(Storage):
         )
         if self.download_concurrency > MAX_POOL_CONNECTIONS:
             raise ConfigError(
-                f"S3 download concurrency {self.download_concurrency} exceeds the client's "
-                f"{MAX_POOL_CONNECTIONS} pooled connections"
+                f"S3 download concurrency {self.download_concurrency} (BATCHGEN_S3_DOWNLOAD_CONCURRENCY) exceeds the "
+                f"client's {MAX_POOL_CONNECTIONS} pooled connections"
             )
         # The same threshold and piece size as uploads: one owner for "big enough to split" and "how big a piece".
         # s3transfer retries a range whose body broke off (without backoff); everything else is our policy's.
