@@ -40,7 +40,7 @@ from batchgen.core.manifest import iter_item_batches  # noqa: E402
 from batchgen.core.plan import make_plan  # noqa: E402
 from batchgen.core.reuse import find_sources, write_content_part, write_content_run  # noqa: E402
 from batchgen.storage import open_storage  # noqa: E402
-from bench.pipeline import new_bucket, start_moto  # noqa: E402
+from bench.pipeline import moto_endpoint, new_bucket  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "reuse-scale-cpu.json"
 WEIGHTS = "5eed" * 8
@@ -139,20 +139,8 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=5_000, help="of which new (the rest are committed ones, shuffled)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    for name, value in (
-        ("AWS_ACCESS_KEY_ID", "bench"),
-        ("AWS_SECRET_ACCESS_KEY", "bench"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        os.environ.setdefault(name, value)
-    moto, endpoint = start_moto()
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            figures = run(args, new_bucket(endpoint), Path(scratch))
-    finally:
-        moto.terminate()
-        moto.wait()
+    with moto_endpoint() as endpoint, tempfile.TemporaryDirectory() as scratch:
+        figures = run(args, new_bucket(endpoint), Path(scratch))
     result = {"committed": args.committed, "rows": args.rows, "new": args.new, "shard_size": SHARD_SIZE,
               "storage": "moto S3 server (own process, loopback)", "machine": platform.platform(),
               "cpus": os.cpu_count(), **figures}  # fmt: skip

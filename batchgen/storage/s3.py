@@ -23,11 +23,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore import exceptions as boto_errors
 from botocore.config import Config
 from botocore.utils import parse_timestamp as botocore_parse_timestamp
+from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
+from s3transfer.subscribers import BaseSubscriber
 
-from batchgen.core.errors import AlreadyExistsError, ChangedError, NotFoundError, StorageError, TransientStorageError
+from batchgen.core.errors import (
+    AlreadyExistsError,
+    ChangedError,
+    ConfigError,
+    NotFoundError,
+    StorageError,
+    TransientStorageError,
+)
 from batchgen.storage.base import ObjectInfo, Storage
 from batchgen.storage.local import TEMP_PREFIX, validate_key
 from batchgen.storage.retry import (
@@ -47,6 +57,11 @@ WRITE_ID_META = "batchgen-write-id"
 DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
+MAX_POOL_CONNECTIONS = 32
+# Ranged GETs in flight per large download: boto3's own default (10). On moto (bench/fetch.py) the number changes
+# nothing, the server being one process that reads the whole object per request; on S3 each range is its own
+# connection and S3's performance guide advises concurrent byte-range GETs of 8 or 16 MiB, aligned to the parts.
+DEFAULT_DOWNLOAD_CONCURRENCY = TransferConfig().max_concurrency
 LIST_PAGE_SIZE = 1000
 DEFAULT_READ_TIMEOUT_S = 60.0  # per socket read, not per request: a slow but live body never trips it
 CHECK_BUCKET = "check bucket"
@@ -89,7 +104,7 @@ def make_client():
         retries={"mode": "standard", "total_max_attempts": 1},
         connect_timeout=10,
         read_timeout=env_number("BATCHGEN_S3_READ_TIMEOUT_S", DEFAULT_READ_TIMEOUT_S, minimum=0.001),
-        max_pool_connections=32,
+        max_pool_connections=MAX_POOL_CONNECTIONS,
     )
     aws_environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
     with _session_lock:  # sessions are not thread-safe; the clients they make are
@@ -125,6 +140,19 @@ def _needs_new_upload(exc: boto_errors.ClientError) -> bool:
     return code == "ConditionalRequestConflict" or (code != "OperationAborted" and http_status(exc) == 409)
 
 
+class _KnownObject(BaseSubscriber):
+    """Tells the transfer manager an object's size and ETag, read from a GET's answer, so it sends no HEAD."""
+
+    def __init__(self, size: int, etag: str | None):
+        self.size = size
+        self.etag = etag
+
+    def on_queued(self, future, **kwargs) -> None:
+        future.meta.provide_transfer_size(self.size)
+        if self.etag and hasattr(future.meta, "provide_object_etag"):  # an older s3transfer pins no ETag
+            future.meta.provide_object_etag(self.etag)
+
+
 class _UploadConflict(Exception):
     """Raised through the retry loop (not transient) to make ``_put_multipart`` start a new upload."""
 
@@ -139,6 +167,7 @@ class S3Storage(Storage):
         retry: RetryPolicy | None = None,
         multipart_threshold: int | None = None,
         part_size: int | None = None,
+        download_concurrency: int | None = None,
     ):
         if not bucket or "/" in bucket:
             raise StorageError(f"invalid S3 bucket name {bucket!r}")
@@ -159,6 +188,25 @@ class S3Storage(Storage):
             part_size
             if part_size is not None
             else env_number("BATCHGEN_S3_PART_SIZE", DEFAULT_PART_SIZE, minimum=MIN_PART_SIZE, integer=True)
+        )
+        self.download_concurrency = int(
+            download_concurrency
+            if download_concurrency is not None
+            else env_number("BATCHGEN_S3_DOWNLOAD_CONCURRENCY", DEFAULT_DOWNLOAD_CONCURRENCY, minimum=1, integer=True)
+        )
+        if self.download_concurrency > MAX_POOL_CONNECTIONS:
+            raise ConfigError(
+                f"S3 download concurrency {self.download_concurrency} (BATCHGEN_S3_DOWNLOAD_CONCURRENCY) exceeds the "
+                f"client's {MAX_POOL_CONNECTIONS} pooled connections"
+            )
+        # The same threshold and piece size as uploads: one owner for "big enough to split" and "how big a piece".
+        # s3transfer retries a range whose body broke off (without backoff); everything else is our policy's.
+        self._transfer_config = TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.part_size,
+            max_concurrency=self.download_concurrency,
+            num_download_attempts=self._retry.max_attempts,
+            preferred_transfer_client="classic",
         )
         self._requests = 0
         self._count_lock = threading.Lock()
@@ -456,16 +504,24 @@ class S3Storage(Storage):
         return self._run("get", key, lambda _: self._get_object(key, full_key)["Body"].read())
 
     def get_file(self, key: str, path: str | Path) -> None:
+        """One GET; if its answer is at least the multipart threshold long, its body is dropped and boto3's transfer
+        manager fetches the object in concurrent ranged GETs (``If-Match`` the answer's ETag) instead. Small objects
+        thus still cost one request, checked against their checksum by botocore as before. Written to a temporary file
+        in the destination folder and renamed, so the final name only ever holds a whole object."""
         full_key = self._full_key(key)
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
         temp = dest.parent / f"{TEMP_PREFIX}{dest.name}.{uuid.uuid4().hex}"
 
         def attempt(_: int) -> None:
-            body = self._get_object(key, full_key)["Body"]
+            response = self._get_object(key, full_key)
             with open(temp, "wb") as f:  # "wb": a retry starts the file over
-                for chunk in body.iter_chunks(1024 * 1024):
-                    f.write(chunk)
+                if response["ContentLength"] < self.multipart_threshold:
+                    for chunk in response["Body"].iter_chunks(1024 * 1024):
+                        f.write(chunk)
+                else:
+                    response["Body"].close()  # its headers serve as the transfer manager's HEAD
+                    self._get_ranges(key, full_key, f, _KnownObject(response["ContentLength"], response.get("ETag")))
 
         try:
             self._run("get", key, attempt)
@@ -474,6 +530,19 @@ class S3Storage(Storage):
             raise StorageError(f"cannot download {self._where(key)} to {dest}: {exc.strerror or exc}") from exc
         finally:
             temp.unlink(missing_ok=True)
+
+    def _get_ranges(self, key: str, full_key: str, fileobj, known: _KnownObject) -> None:
+        try:
+            with create_transfer_manager(self._client, self._transfer_config) as manager:
+                manager.download(self.bucket, full_key, fileobj, subscribers=[known]).result()
+        except RetriesExceededError as exc:
+            raise exc.last_exception from exc  # a wire error: transient, so our policy retries the whole file
+        except S3DownloadFailedError:
+            raise StorageError(f"S3 get {self._where(key)}: the object changed during the download") from None
+        except boto_errors.ClientError as exc:
+            if error_code(exc) in _NOT_FOUND_CODES:
+                raise NotFoundError(f"{self._where(key)} does not exist") from None
+            raise
 
     def head(self, key: str) -> ObjectInfo | None:
         response = self._head_response(key, self._full_key(key))

@@ -1,7 +1,9 @@
 """``python -m batchgen.launch.k8s.fetch SRC_URI DEST_DIR``: copy model weights to node-local disk (the init container).
 
 Files already present with the right size are skipped, so a restarted init container resumes instead of
-downloading tens of gigabytes again. Each file is written atomically by the storage backend.
+downloading tens of gigabytes again. Each file is written atomically by the storage backend (on S3: boto3's transfer
+manager, concurrent ranged GETs into a temporary file in the destination folder, renamed when whole); temporary files
+a killed container left behind are removed first, as they would otherwise hold their share of the volume's size limit.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from batchgen.core.errors import EXIT_FAILURE, BatchgenError, StorageError
 from batchgen.storage import open_storage
+from batchgen.storage.local import TEMP_PREFIX
 
 log = logging.getLogger("batchgen.k8s.fetch")
 
@@ -20,6 +23,7 @@ def fetch_tree(source_uri: str, dest: str | Path) -> tuple[int, int]:
     """Copy every object under ``source_uri`` into ``dest``; returns (files copied, files already present)."""
     storage = open_storage(source_uri)
     dest = Path(dest)
+    remove_partial_downloads(dest)
     copied = present = 0
     for info in storage.list(""):
         target = dest / info.key
@@ -34,6 +38,15 @@ def fetch_tree(source_uri: str, dest: str | Path) -> tuple[int, int]:
     if copied + present == 0:
         raise StorageError(f"{source_uri}: no model files found")
     return copied, present
+
+
+def remove_partial_downloads(dest: Path) -> None:
+    """The volume is this pod's own (an emptyDir): a temporary file in it is an earlier attempt's, never live."""
+    stale = sorted(p for p in dest.rglob(f"{TEMP_PREFIX}*") if p.is_file()) if dest.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d partial download(s) an interrupted fetch left in %s", len(stale), dest)
 
 
 def main(argv: list[str] | None = None) -> int:
