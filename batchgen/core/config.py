@@ -310,7 +310,7 @@ class RunConfig:
         unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {sorted(_SECTIONS)}")
-        built = {}
+        built: dict[str, Any] = {}  # section name -> that section's dataclass
         for name, klass in _SECTIONS.items():
             values = data.get(name, {})
             if not isinstance(values, dict):
