@@ -441,7 +441,7 @@ def _no_null_id(ids: Sequence[str | None]) -> TypeGuard[Sequence[str]]:
 
 
 def _check_duplicates(
-    ids: Sequence[str | None], start: int, seen: dict[str, int], derived: bool, problems: _Problems
+    ids: Sequence[str | None], start: int, seen: dict[str | None, int], derived: bool, problems: _Problems
 ) -> None:
     # Fast path, all in C: no repeats inside the batch and none shared with earlier batches.
     batch = dict(zip(ids, range(start, start + len(ids)), strict=True))
@@ -528,7 +528,7 @@ class _Scan:
             return
         self.derived_ids = "id" not in present
         hashers = {name: hashlib.sha256() for name in MANIFEST_COLUMNS}
-        seen: dict[str, int] = {}
+        seen: dict[str | None, int] = {}  # never holds None (each batch's is dropped): typed to take a batch whole
         start = 0
         try:
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=present):
