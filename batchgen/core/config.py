@@ -8,11 +8,15 @@ file may set any field; CLI flags override the file. The config is stored with t
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (requires-python): the library tomllib was taken from
+    import tomli as tomllib
 
 from batchgen.core.errors import ConfigError
 from batchgen.models import FAMILIES, ModelSpec, spec_for
