@@ -370,8 +370,9 @@ class Bench:
         local kernel it can use) against the stock diffusers processor."""
         from diffusers import MochiTransformer3DModel
 
+        from batchgen.models.mochi.attention import USPMochiAttnProcessor
         from batchgen.parallel import attention as native
-        from batchgen.parallel.usp import Axis, USPMochiAttnProcessor
+        from batchgen.parallel.usp import Axis
 
         s = self.shape
         layers = 4 if not self.args.tiny else s["layers"]

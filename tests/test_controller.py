@@ -160,6 +160,7 @@ def test_creates_at_most_max_jobs_and_skips_finished_groups(kube):
 
 
 def test_max_jobs_counts_jobs_still_holding_pods(kube):
+    kube.emulator.gc_delay_s = 5.0  # the deletion must outlast a reconcile pass on a loaded machine
     result = controller(kube).reconcile()
     assert result.created == [names.job_name(RUN, 0, 1, 1), names.job_name(RUN, 2, 3, 1)]
     # group 0-1 is finished in storage, so its job is deleted, but its pods are still going: no third job
@@ -274,6 +275,51 @@ def test_restarts_seen_only_by_the_watch_are_counted(kube):
     while ctl.restarts.restarts(kube.backend().get(name)) < 2 and time.monotonic() < deadline:
         ctl._wait_for_change()
     assert ctl.restarts.restarts(kube.backend().get(name)) == 2  # a listing now shows Running only
+
+
+def test_the_restart_count_survives_a_controller_restart(kube):
+    """The count is recorded on the job, so a new controller goes on from it: two restarts seen by the first
+    controller and one by the second stop the job past a limit of 2 (in memory alone the second would start at 0
+    and let the job run on to its deadline)."""
+    first = controller(kube, max_jobs=1, shards_per_job=5)
+    first.settings = SETTINGS.replace(backoff_limit=2)
+    (name,) = first.reconcile().created
+    for status in (restarting(), RUNNING, WORKER_RECREATED):
+        set_status(kube, name, status)
+        first.reconcile()
+    assert kube.backend().get(name).annotations[names.RESTARTS_ANNOTATION] == "2"
+    second = controller(kube, max_jobs=1, shards_per_job=5)
+    second.settings = first.settings
+    second.reconcile()  # first sight: WORKER_RECREATED's failed pod was the first controller's, not counted again
+    assert second.restarts.restarts(kube.backend().get(name)) == 2
+    assert names.ENDED_ANNOTATION not in kube.backend().get(name).annotations
+    set_status(kube, name, restarting(failed=2))
+    second.reconcile()
+    stopped = kube.backend().get(name)
+    assert "pods restarted 3 times" in stopped.annotations[names.ENDED_ANNOTATION]
+    assert stopped.annotations[names.RESTARTS_ANNOTATION] == "3"
+
+
+def test_a_mangled_restart_count_counts_from_the_status(kube):
+    ctl = controller(kube, max_jobs=1, shards_per_job=5)
+    (name,) = ctl.reconcile().created
+    kube.backend().annotate(name, {names.RESTARTS_ANNOTATION: "many"})
+    set_status(kube, name, restarting())
+    ctl = controller(kube, max_jobs=1, shards_per_job=5)
+    ctl.reconcile()
+    assert kube.backend().get(name).annotations[names.RESTARTS_ANNOTATION] == "1"
+
+
+def test_patching_a_job_deleted_meanwhile_is_not_an_error(kube, caplog):
+    backend = kube.backend()
+    gone, _ = backend.create(job())
+    backend.delete(gone.name)
+    kube.emulator.wait_for_deletions()
+    with caplog.at_level(logging.INFO, logger="batchgen.k8s.backend"):
+        backend.annotate(gone.name, {names.RESTARTS_ANNOTATION: "1"})
+        backend.end(gone.name, "test")
+    assert f"{gone.name} is gone; not patching it" in caplog.text
+    assert backend.get(gone.name) is None
 
 
 # -- a real API server's behaviour ------------------------------------------------------------------------------

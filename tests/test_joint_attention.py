@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from batchgen.models.mochi.attention import USPMochiAttnProcessor
 from batchgen.models.mochi.joint import MochiJointAttnProcessor, gather_valid_text
 from batchgen.parallel import attention
 from batchgen.parallel.choice import AttentionChooser, candidates, timed_candidates
-from batchgen.parallel.usp import Axis, USPMochiAttnProcessor
+from batchgen.parallel.usp import Axis
 from tests import _usp_cases as cases
 from tests._dist import run_world
 

@@ -1,5 +1,5 @@
-"""``--sp-backend xfuser``: Mochi's joint attention (and Wan's self-attention, ``batchgen.models.wan.parallel``) through
-xDiT's ``xFuserLongContextAttention``.
+"""``--sp-backend xfuser``: xDiT's ``xFuserLongContextAttention`` on batchgen's process groups, for Mochi's joint
+attention (``batchgen.models.mochi.attention``) and Wan's self-attention (``batchgen.models.wan.parallel``).
 
 This is how mochi-xdit runs Mochi: each rank's visual slice is the query/key/value, the replicated valid text
 tokens are the joint tensors appended at the rear (``joint_strategy="rear"``), and xDiT does the Ulysses
@@ -22,7 +22,7 @@ import logging
 import torch
 
 from batchgen.core.errors import InputError
-from batchgen.parallel.usp import Axis, project_out, project_qkv
+from batchgen.parallel.usp import Axis
 
 log = logging.getLogger("batchgen.parallel.xfuser_backend")
 
@@ -76,34 +76,3 @@ def long_context_attention():
     attention_class, _ = load_xfuser()
     attn_type = _attn_type()
     return attention_class(attn_type=attn_type) if attn_type is not None else attention_class()
-
-
-class XFuserMochiAttnProcessor:
-    """Drop-in for diffusers' ``MochiAttnProcessor2_0`` on a rank holding a slice of the visual tokens."""
-
-    def __init__(self, ulysses: Axis, ring: Axis):
-        self.attention = long_context_attention()
-        self.ulysses = ulysses
-        self.ring = ring
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
-        query, key, value, enc_query, enc_key, enc_value = project_qkv(
-            attn, hidden_states, encoder_hidden_states, image_rotary_emb
-        )
-        batch, local_tokens = query.shape[:2]
-        visual_out, text_out = [], torch.zeros_like(enc_query)
-        for b in range(batch):
-            idx = valid_text_indices(attention_mask, b)
-            rows = slice(b, b + 1)
-            joint = {}
-            if idx.numel():
-                joint = {
-                    "joint_tensor_query": enc_query[rows, idx],
-                    "joint_tensor_key": enc_key[rows, idx],
-                    "joint_tensor_value": enc_value[rows, idx],
-                    "joint_strategy": "rear",
-                }
-            out = self.attention(None, query[rows], key[rows], value[rows], **joint)  # [1, S_local + L_valid, H, D]
-            visual_out.append(out[:, :local_tokens])
-            text_out[b, idx] = out[0, local_tokens:]
-        return project_out(attn, torch.cat(visual_out).flatten(2, 3), text_out.flatten(2, 3))

@@ -14,6 +14,7 @@ torchrun rendezvous on the Trainer's fixed PET_MASTER_PORT would collide.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from batchgen.core import layout
 from batchgen.core.plan import list_runs, load_plan
 from batchgen.core.progress import scan_run
 from batchgen.launch.k8s import names
@@ -325,18 +327,56 @@ def test_a_deleted_pod_is_replaced_and_resumes_without_regenerating_committed_it
     assert found and int(found[1]) >= len(done_before) and int(found[1]) + int(found[2]) == items, run.agent_logs()
 
 
+def test_a_pytorchjob_run_completes_through_the_real_operator(make_run, worker_nodes):
+    """The same run as the TrainJob path, launched as a PyTorchJob: the operator creates the Master pod and its
+    Service, torchrun runs two ranks (Ulysses 2), every item is committed once, and the controller deletes its
+    finished job and finalises the run. One node: in a `restricted` namespace the operator's own `init-pytorch`
+    container on Worker pods is refused (test_server_side.py shows it; docs/kubernetes.md documents it)."""
+    if not any(p.name == "training-operator" for p in worker_nodes.started):
+        pytest.skip("training-operator.v1 not built (tools/kube/kubebin.py records why)")
+    run = make_run("ptj-run", items=4, launcher="pytorchjob", gpus_per_node=2, ulysses_degree=2)
+    done = run.submit()
+    assert done.returncode == 0, done.stderr[-4000:] + run.agent_logs()[-3000:]
+    run_id, progress = run.progress()
+    assert progress.done == progress.total == 4
+    storage = open_storage(run.output)
+    index = pq.read_table(io.BytesIO(storage.get_bytes(layout.index_key(run_id))))
+    assert sorted(index.column("id").to_pylist()) == [f"ptj-run-{i:02d}" for i in range(4)]
+    assert storage.exists(layout.success_key(run_id))
+    wait_for("the finished PyTorchJob deleted by the controller", lambda: not run.list(PYTORCHJOBS), 120)
+    assert done.stderr.count("created job ") == 1, done.stderr[-4000:]  # one attempt, no relaunch
+
+
 def test_pytorchjob_exiting_143_is_stopped_by_the_controller_past_backoff_limit(make_run, worker_nodes):
     """The v1 training operator (restartPolicy ExitCode) recreates a pod that exits 143 without counting it
     against backoffLimit; batchgen's controller counts the restarts from the job's status and ends the job past
-    the limit (runPolicy.activeDeadlineSeconds 1), as the operator's own retry semantics require."""
+    the limit (runPolicy.activeDeadlineSeconds 1), as the operator's own retry semantics require. The count is
+    recorded on the job: the controller is killed after the first restart, and the one started after it stops the
+    job at the second (counting from zero it would let a third happen)."""
     if not any(p.name == "training-operator" for p in worker_nodes.started):
         pytest.skip("training-operator.v1 not built (tools/kube/kubebin.py records why)")
     run = make_run("ptj", items=2, launcher="pytorchjob", max_attempts=1)
     with WorkerSignaller(run.output, signal.SIGTERM) as signaller:
+        first = subprocess.Popen(run.submit_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            wait_for(
+                "a restart recorded on the PyTorchJob", lambda: _recorded_restarts(run), 300, run.agent_logs, first
+            )
+        finally:
+            first.kill()
+            first.communicate()
+        assert _recorded_restarts(run) == ["1"]
         done = run.submit()
     assert done.returncode == 5, done.stderr[-4000:] + run.agent_logs()[-3000:]
     assert len(signaller.signalled) > BACKOFF_LIMIT  # the operator did recreate the pod
     ((name, job),) = {j["metadata"]["name"]: j for j in run.list(PYTORCHJOBS)}.items()
-    assert names.ENDED_ANNOTATION in job["metadata"]["annotations"], job["metadata"]
+    assert f"job {name}: going on from the 1 pod restart(s) recorded on it" in done.stderr, done.stderr[-4000:]
+    assert "pods restarted 2 times" in job["metadata"]["annotations"][names.ENDED_ANNOTATION], job["metadata"]
+    assert job["metadata"]["annotations"][names.RESTARTS_ANNOTATION] == "2"
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 1
     assert "Failed" in conditions(job), job["status"]
+
+
+def _recorded_restarts(run: Run) -> list[str]:
+    annotations = [j["metadata"].get("annotations") or {} for j in run.list(PYTORCHJOBS)]
+    return [a[names.RESTARTS_ANNOTATION] for a in annotations if names.RESTARTS_ANNOTATION in a]

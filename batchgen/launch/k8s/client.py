@@ -165,6 +165,10 @@ class JobBackend(abc.ABC):
         """Delete the job (and, through the operator, its pods); False if it did not exist."""
 
     @abc.abstractmethod
+    def annotate(self, name: str, annotations: dict[str, str]) -> None:
+        """Merge ``annotations`` into the job's metadata."""
+
+    @abc.abstractmethod
     def end(self, name: str, why: str) -> None:
         """Stop a running job so that it finishes as Failed, recording ``why`` on it."""
 
@@ -456,11 +460,27 @@ class CustomObjectBackend(JobBackend):
         return self._call("delete", attempt, name=name)
 
     def end(self, name: str, why: str) -> None:
-        patch = {"metadata": {"annotations": {names.ENDED_ANNOTATION: why}}, "spec": self.ending_spec}
-        self._call(
-            "patch", self.api.patch_namespaced_custom_object, self.group, self.version, self.namespace, self.plural,
-            name, patch, name=name, field_validation="Strict", _request_timeout=self.request_timeout_s,
-        )  # fmt: skip
+        self._patch(name, {"metadata": {"annotations": {names.ENDED_ANNOTATION: why}}, "spec": self.ending_spec})
+
+    def annotate(self, name: str, annotations: dict[str, str]) -> None:
+        self._patch(name, {"metadata": {"annotations": annotations}})
+
+    def _patch(self, name: str, patch: dict[str, Any]) -> None:
+        """Merge-patch the job; a job deleted meanwhile (by cancel, or by another controller) is left alone."""
+        from kubernetes.client.exceptions import ApiException
+
+        def attempt() -> None:
+            try:
+                self.api.patch_namespaced_custom_object(
+                    self.group, self.version, self.namespace, self.plural, name, patch,
+                    field_validation="Strict", _request_timeout=self.request_timeout_s,
+                )  # fmt: skip
+            except ApiException as e:
+                if e.status != 404 or _collection_missing(_status_body(e)):
+                    raise
+                log.info("%s %s is gone; not patching it", self.kind, name)
+
+        self._call("patch", attempt, name=name)
 
     def watch(self, label_selector: str, resource_version: str, timeout_s: int) -> Iterator[WatchEvent]:
         from kubernetes import watch

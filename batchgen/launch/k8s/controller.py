@@ -17,8 +17,8 @@ exist comes from the API server (by label). The controller keeps nothing in memo
 - a job whose pods restart more than ``settings.backoff_limit`` times is stopped (``backend.end``), so it ends
   as Failed and counts as an attempt. The v1 operator recreates a pod that exited >= 128 (or failed in an init
   container) without counting it against ``backoffLimit``, so without this such a job would retry until its
-  ``activeDeadlineSeconds``. Restarts are counted from what the job's status shows (see ``RestartCounter``);
-  the count lives in memory, so a restarted controller starts it again and the deadline stays the backstop.
+  ``activeDeadlineSeconds``. Restarts are counted from what the job's status shows (see ``RestartCounter``)
+  and recorded on the job (``names.RESTARTS_ANNOTATION``), so a restarted controller goes on from that count.
 
 Storage work per pass follows the shards still in progress, not the finished ones: the first pass scans the whole
 run, later passes scan only the shards not yet seen finished (``scan_run`` with a subset) and reuse the progress
@@ -113,14 +113,21 @@ class RestartCounter:
     True (ReconcilePods sets it when it deletes a retryable pod) or, when another replica keeps the job Running
     in the same status update, as ``replicaStatuses.*.failed`` rising (the deleted pod is still counted failed in
     that update and gone by the next). training-operator pkg/controller.v1/common/pod.go, ReconcilePods.
+
+    A job first seen with a recorded count (``names.RESTARTS_ANNOTATION``, written by an earlier controller)
+    starts from it, and what its status shows then is taken as already counted: a controller killed between
+    seeing a restart and recording it loses that one, but none is counted twice.
     """
 
     def __init__(self) -> None:
         self._seen: dict[str, _Seen] = {}
 
     def observe(self, job: JobInfo) -> int:
-        seen = self._seen.setdefault(job.uid, _Seen())
         restarting, failed = job.state == "Restarting", job.failed_pods
+        if job.uid not in self._seen and recorded_restarts(job):
+            self._seen[job.uid] = _Seen(restarting, failed, recorded_restarts(job))
+            log.info("job %s: going on from the %d pod restart(s) recorded on it", job.name, recorded_restarts(job))
+        seen = self._seen.setdefault(job.uid, _Seen())
         if not job.finished and ((restarting and not seen.restarting) or failed > seen.failed_pods):
             seen.restarts += 1
         seen.restarting, seen.failed_pods = restarting, failed
@@ -129,6 +136,12 @@ class RestartCounter:
     def restarts(self, job: JobInfo) -> int:
         seen = self._seen.get(job.uid)
         return seen.restarts if seen else 0
+
+
+def recorded_restarts(job: JobInfo) -> int:
+    """The restart count recorded on the job by a controller (0 if none, or if the annotation was mangled)."""
+    value = job.annotations.get(names.RESTARTS_ANNOTATION, "0")
+    return int(value) if value.isdigit() else 0
 
 
 def make_groups(shards: list[str], shards_per_job: int) -> list[Group]:
@@ -181,7 +194,7 @@ class RunController:
             if job.annotations.get(names.RUN_ANNOTATION, self.plan.run_id) != self.plan.run_id or job.group is None:
                 continue
             by_group.setdefault(job.group, []).append(job)
-            self.restarts.observe(job)
+            self._count_restarts(job)
         for group_jobs in by_group.values():
             group_jobs.sort(key=lambda j: j.attempt)
         return by_group
@@ -257,6 +270,12 @@ class RunController:
                 log.info("job %s (%s): its shards are done, deleting it", job.name, job.state.lower())
                 self.backend.delete(job.name)
 
+    def _count_restarts(self, job: JobInfo) -> None:
+        count = self.restarts.observe(job)
+        if count > recorded_restarts(job) and not job.deleting:
+            # A watch event older than the last patch may ask again: the same value, patched twice, is harmless.
+            self.backend.annotate(job.name, {names.RESTARTS_ANNOTATION: str(count)})
+
     def _over_restart_limit(self, job: JobInfo) -> bool:
         return self.restarts.restarts(job) > self.settings.backoff_limit and not job.finished
 
@@ -318,7 +337,7 @@ class RunController:
             if event.type == "RESYNC" or event.job is None:
                 return
             # Every status change is counted, including restarts that a later listing would no longer show.
-            self.restarts.observe(event.job)
+            self._count_restarts(event.job)
             if event.job.finished or event.type == "DELETED" or self._over_restart_limit(event.job):
                 return
 

@@ -26,6 +26,8 @@ SHARDS_ANNOTATION = LABEL_PREFIX + "shards"
 OUTPUT_ANNOTATION = LABEL_PREFIX + "output"
 ENDED_ANNOTATION = LABEL_PREFIX + "ended"
 """Set by the controller on a job it stopped itself (too many pod restarts): why."""
+RESTARTS_ANNOTATION = LABEL_PREFIX + "restarts"
+"""Pod recreations the controller has counted on the job, so that a restarted controller goes on from there."""
 MANAGED_BY = {"app.kubernetes.io/name": "batchgen", "app.kubernetes.io/managed-by": "batchgen"}
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

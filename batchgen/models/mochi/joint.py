@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from batchgen.models.mochi.attention import project_out, project_qkv
 from batchgen.parallel.choice import AttentionChooser
-from batchgen.parallel.usp import project_out, project_qkv
 
 
 def gather_valid_text(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

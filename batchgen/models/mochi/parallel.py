@@ -1,12 +1,12 @@
 """Mochi's attention under batchgen's parallelism (``MOCHI.parallel_plan.processors``): the joint-attention
-processor of every block, native USP (``batchgen.parallel.usp``), xDiT's, or on one process the whole CFG batch in
-one call (``batchgen.models.mochi.joint``)."""
+processor of every block: native USP or xDiT's (``batchgen.models.mochi.attention``), or on one process the whole
+CFG batch in one call (``batchgen.models.mochi.joint``)."""
 
 from __future__ import annotations
 
+from batchgen.models.mochi.attention import USPMochiAttnProcessor
 from batchgen.models.mochi.joint import MochiJointAttnProcessor
 from batchgen.parallel.choice import AttentionChooser
-from batchgen.parallel.usp import USPMochiAttnProcessor
 
 
 def mochi_processors(transformer, context, state, kernel: str) -> list:
@@ -26,7 +26,8 @@ def mochi_processors(transformer, context, state, kernel: str) -> list:
         ]
     if backend == "xfuser":
         # xDiT's attention takes no key mask: its CFG pair always runs per prompt (ParallelConfig refuses 'joint').
-        from batchgen.parallel.xfuser_backend import XFuserMochiAttnProcessor, setup_xfuser_groups
+        from batchgen.models.mochi.attention import XFuserMochiAttnProcessor
+        from batchgen.parallel.xfuser_backend import setup_xfuser_groups
 
         setup_xfuser_groups(ulysses, ring)
         return [XFuserMochiAttnProcessor(ulysses, ring) for _ in blocks]
