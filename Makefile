@@ -32,9 +32,10 @@ test: $(STAMP) ## run the test suite (the real control plane's tests are `make t
 test-fast: $(STAMP) ## the test suite without the slow end-to-end tests (marked slow)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff check and ruff format --check
+lint: $(STAMP) ## ruff check, ruff format --check and mypy (its settings: pyproject.toml [tool.mypy])
 	$(BIN)/ruff check batchgen tests bench tools
 	$(BIN)/ruff format --check batchgen tests bench tools
+	$(BIN)/mypy batchgen
 
 bench: $(STAMP) ## CPU benchmarks -> bench/results/
 	$(BIN)/python bench/pipeline.py

@@ -225,6 +225,15 @@ def test_manifest_changed_between_passes_is_refused(tmp_path):
         list(iter_item_batches(b, SMALL, expected_digest=digest))
 
 
+def test_manifest_gaining_a_null_id_between_passes_is_refused(tmp_path):
+    # The second pass skips the row checks; a null id with a null seed once reached derive_seed(None) there.
+    a = manifest(tmp_path / "a.parquet", n=3, id=["a", "b", "c"], seed=[1, None, 3])
+    b = manifest(tmp_path / "b.parquet", n=3, id=["a", None, "c"], seed=[1, None, 3])
+    digest = validate_manifest(a, SMALL).digest
+    with pytest.raises(ManifestError, match="a null id after row 0: the file changed while it was being planned"):
+        list(iter_item_batches(b, SMALL, expected_digest=digest))
+
+
 def test_invalid_manifest_plans_nothing(tmp_path):
     m = manifest(tmp_path / "m.parquet", n=3, height=[64, 65, 64])
     storage = LocalStorage(tmp_path / "out")

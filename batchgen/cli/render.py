@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from batchgen.launch.k8s.trainjob import render_trainingruntime, render_trainjob
 
     config = None
-    if args.manifest:
+    if args.manifest is not None:
         from batchgen.cli._options import config_from_args
 
         config = config_from_args(args)
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--output (or 'output' in --values) is required: the workers need to know where to write")
     if args.attempt < 1:
         raise ConfigError(f"--attempt must be >= 1, got {args.attempt}")
-    if args.run_id:
+    if config is None:  # --run-id (argparse requires exactly one of the two)
         plan_or_run: object = args.run_id
         shards = parse_shard_indices(args.shards)
     else:

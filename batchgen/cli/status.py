@@ -152,7 +152,7 @@ def _print_text(args: argparse.Namespace, status: _Status) -> None:
             print(
                 f"  {name}: {s.done}/{s.total} done, {s.failed} failed" + (", stats written" if s.stats_written else "")
             )
-    if args.namespace:
+    if status.jobs is not None:  # read with --namespace
         from batchgen.launch.k8s.controller import format_jobs
 
         print(f"jobs in namespace {args.namespace}:")

@@ -8,11 +8,15 @@ file may set any field; CLI flags override the file. The config is stored with t
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (requires-python): the library tomllib was taken from
+    import tomli as tomllib
 
 from batchgen.core.errors import ConfigError
 from batchgen.models import FAMILIES, ModelSpec, spec_for
@@ -310,7 +314,7 @@ class RunConfig:
         unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {sorted(_SECTIONS)}")
-        built = {}
+        built: dict[str, Any] = {}  # section name -> that section's dataclass
         for name, klass in _SECTIONS.items():
             values = data.get(name, {})
             if not isinstance(values, dict):

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from batchgen.core.errors import ConfigError
 
@@ -112,6 +112,14 @@ class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.batchgen_context = current_context()
         return True
+
+
+class TextSink(Protocol):
+    """What progress output writes to: a terminal or file (``TextIO``), or a ``LogStream``."""
+
+    def isatty(self) -> bool: ...
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
 
 
 class LogStream:

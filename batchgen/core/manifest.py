@@ -30,10 +30,11 @@ import logging
 import re
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import pyarrow as pa
@@ -60,7 +61,11 @@ _FLOAT_COLUMNS = ("guidance_scale",)
 FAMILY_COLUMN = "model_family"
 
 
-def _override_checks(spec: ModelSpec) -> dict[str, Callable[[int | float], str | None]]:
+_Check = Callable[[int], str | None] | Callable[[float], str | None]
+"""check(value): why a column's value is invalid, or None."""
+
+
+def _override_checks(spec: ModelSpec) -> dict[str, _Check]:
     return {
         "num_frames": spec.check_frames,
         "height": spec.check_side,
@@ -329,22 +334,18 @@ def _check_prompts(columns: dict[str, pa.Array], report: _Report) -> None:
     report("prompt", _rows(pc.equal(stripped_len, 0)), lambda i: "is empty or whitespace only")
     for name in ("prompt", "negative_prompt"):
         lengths = pc.utf8_length(columns[name])
-        report(
-            name,
-            _rows(pc.greater(lengths, MAX_PROMPT_CHARS)),
-            lambda i, lengths=lengths: f"is {lengths[i].as_py()} characters long; at most {MAX_PROMPT_CHARS} allowed",
-        )
+        report(name, _rows(pc.greater(lengths, MAX_PROMPT_CHARS)), _too_long(lengths, MAX_PROMPT_CHARS))
+
+
+def _too_long(lengths: pa.Array, limit: int) -> Callable[[int], str]:
+    return lambda i: f"is {lengths[i].as_py()} characters long; at most {limit} allowed"
 
 
 def _check_ids(ids: pa.Array, report: _Report) -> None:
     report("id", _rows(pc.is_null(ids)), lambda i: "is null (leave the column out to derive ids)")
     id_len = pc.utf8_length(ids)
     report("id", _rows(pc.equal(id_len, 0)), lambda i: "is empty")
-    report(
-        "id",
-        _rows(pc.greater(id_len, MAX_ID_CHARS)),
-        lambda i: f"is {id_len[i].as_py()} characters long; at most {MAX_ID_CHARS} allowed",
-    )
+    report("id", _rows(pc.greater(id_len, MAX_ID_CHARS)), _too_long(id_len, MAX_ID_CHARS))
     nonempty = pc.greater(id_len, 0)
     bad_chars = pc.and_(nonempty, pc.invert(pc.match_substring_regex(ids, ID_PATTERN)))
     report("id", _rows(bad_chars), lambda i: f"{ids[i].as_py()!r} has characters outside [A-Za-z0-9._-]")
@@ -378,11 +379,15 @@ def _check_overrides(columns: dict[str, pa.Array], present: list[str], spec: Mod
         values = columns[name]
         if name + ":too_big" in columns:
             raw = columns[name + ":raw"]
-            report(name, _rows(columns[name + ":too_big"]), lambda i, raw=raw, check=check: str(check(raw[i].as_py())))
+            report(name, _rows(columns[name + ":too_big"]), _check_message(check, raw))
         bad = [v for v in pc.unique(pc.drop_null(values)).to_pylist() if check(v)]
         if bad:
             mask = pc.is_in(values, value_set=pa.array(bad, values.type))
-            report(name, _rows(mask), lambda i, values=values, check=check: str(check(values[i].as_py())))
+            report(name, _rows(mask), _check_message(check, values))
+
+
+def _check_message(check: _Check, values: pa.Array) -> Callable[[int], str]:
+    return lambda i: str(check(values[i].as_py()))
 
 
 def _family_problem(family: str, spec: ModelSpec) -> str:
@@ -425,13 +430,19 @@ def _final_digest(hashers: dict[str, hashlib._Hash], rows: int) -> str:
     return outer.hexdigest()
 
 
-def _ids_of(columns: dict[str, pa.Array], present: list[str]) -> list[str | None]:
+def _ids_of(columns: dict[str, pa.Array], present: list[str]) -> Sequence[str | None]:
     if "id" in present:
         return columns["id"].to_pylist()
     return _derive_ids(columns)
 
 
-def _check_duplicates(ids: list, start: int, seen: dict[str, int], derived: bool, problems: _Problems) -> None:
+def _no_null_id(ids: Sequence[str | None]) -> TypeGuard[Sequence[str]]:
+    return None not in ids
+
+
+def _check_duplicates(
+    ids: Sequence[str | None], start: int, seen: dict[str | None, int], derived: bool, problems: _Problems
+) -> None:
     # Fast path, all in C: no repeats inside the batch and none shared with earlier batches.
     batch = dict(zip(ids, range(start, start + len(ids)), strict=True))
     batch.pop(None, None)
@@ -454,7 +465,9 @@ def _check_duplicates(ids: list, start: int, seen: dict[str, int], derived: bool
             problems.add(message, row=start + offset, column="id")
 
 
-def _resolve(columns: dict[str, pa.Array], ids: list[str], start: int, generation: GenerationConfig) -> pa.RecordBatch:
+def _resolve(
+    columns: dict[str, pa.Array], ids: Sequence[str], start: int, generation: GenerationConfig
+) -> pa.RecordBatch:
     """The batch's items with every parameter resolved, in ITEM_SCHEMA."""
     seeds = columns["seed"]
     if seeds.null_count:
@@ -515,7 +528,7 @@ class _Scan:
             return
         self.derived_ids = "id" not in present
         hashers = {name: hashlib.sha256() for name in MANIFEST_COLUMNS}
-        seen: dict[str, int] = {}
+        seen: dict[str | None, int] = {}  # never holds None (each batch's is dropped): typed to take a batch whole
         start = 0
         try:
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=present):
@@ -527,9 +540,16 @@ class _Scan:
                 if check_rows:
                     _check_duplicates(ids, start, seen, self.derived_ids, problems)
                 if generation is not None and not problems.total:
-                    resolved = _resolve(columns, ids, start, generation)
-                    _tally_shapes(self.shapes, resolved)
-                    yield resolved
+                    if _no_null_id(ids):
+                        resolved = _resolve(columns, ids, start, generation)
+                        _tally_shapes(self.shapes, resolved)
+                        yield resolved
+                    else:
+                        # Only a pass without row checks gets here (they report null ids): the file is not the
+                        # one validated. Stop yielding; the scan goes on to the end, then summary() raises.
+                        problems.add(
+                            f"a null id after row {start}: the file changed while it was being planned; plan again"
+                        )
                 start += batch.num_rows
         except (pa.ArrowException, OSError) as e:
             problems.add(f"cannot read the Parquet data after row {start}: {e}")

@@ -283,7 +283,7 @@ def _runs_held(runs: list[str], parent: Storage | None) -> str:
     if runs:
         return f"it holds runs {', '.join(runs)}"
     parent_runs = _listable_runs(parent)
-    if parent_runs:
+    if parent_runs and parent is not None:
         return f"{parent.uri} holds runs {', '.join(parent_runs)} (name one as {parent.uri}/<run-id>)"
     above = ", nor does the folder above it" if parent_runs == [] else ""
     return f"it holds no run{above} (plan one with `batchgen run` or `batchgen plan`)"

@@ -256,7 +256,7 @@ def _pairs_under(
 ) -> list[tuple[str, str]]:
     """(shard, item id) for every ``<prefix><shard>/<id><suffix>`` key."""
     names = _names_under(storage, prefix, suffix, depth=2, strays=strays, etags=etags, span=span)
-    return [tuple(name.split("/", 1)) for name in names]
+    return [(shard, item_id) for shard, _, item_id in (name.partition("/") for name in names)]
 
 
 # A listing page holds 1000 keys. Ranges a little smaller than a page let each concurrent lister see the next

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def _luma(frame: np.ndarray) -> np.ndarray:
     return frame.astype(np.float32) @ _BT601
 
 
-def measure(frames: Iterable[np.ndarray], config: QualityConfig) -> dict:
+def measure(frames: Iterable[np.ndarray], config: QualityConfig) -> dict[str, Any]:
     """Measurements and flags of uint8 RGB frames [H, W, 3] given one at a time (the sidecar's ``quality``)."""
     count = black = 0
     luma_sum, luma_min, luma_max, motion_sum = 0.0, 255.0, 0.0, 0.0
@@ -71,7 +72,7 @@ def measure(frames: Iterable[np.ndarray], config: QualityConfig) -> dict:
         previous = luma
     if count == 0:
         raise ValueError("no frames to measure")
-    report = {
+    report: dict[str, Any] = {  # the sidecar's field type (records.Sidecar.quality)
         "luma_mean": round(luma_sum / (count * pixels), 3),
         "luma_min": round(luma_min, 3),
         "luma_max": round(luma_max, 3),
@@ -82,7 +83,7 @@ def measure(frames: Iterable[np.ndarray], config: QualityConfig) -> dict:
     return report
 
 
-def _flags(report: dict, config: QualityConfig) -> list[str]:
+def _flags(report: dict[str, Any], config: QualityConfig) -> list[str]:
     flags = []
     if report["black_frame_fraction"] >= config.black_frame_fraction:
         flags.append("black")
@@ -91,7 +92,7 @@ def _flags(report: dict, config: QualityConfig) -> list[str]:
     return flags
 
 
-def gate(frames: np.ndarray, config: QualityConfig) -> dict:
+def gate(frames: np.ndarray, config: QualityConfig) -> dict[str, Any]:
     """Measure frames [F, H, W, 3] before encoding; QualityRejected if flagged and ``on_flag`` is 'fail'."""
     require_finite(frames, "frames")
     report = measure(iter(frames), config)
@@ -104,7 +105,7 @@ def gate(frames: np.ndarray, config: QualityConfig) -> dict:
     return report
 
 
-def measure_mp4(data: bytes, config: QualityConfig) -> dict:
+def measure_mp4(data: bytes, config: QualityConfig) -> dict[str, Any]:
     """Measurements of a stored video, decoded frame by frame (for adopted videos and re-measuring)."""
     import av
 

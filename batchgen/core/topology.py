@@ -159,19 +159,29 @@ def choose_topology(
 
 
 class _Degrees(Protocol):
-    """What ``topology_for`` reads of a ``batchgen.core.config.ParallelConfig``."""
+    """What ``topology_for`` reads of a ``batchgen.core.config.ParallelConfig`` (read-only: a frozen dataclass)."""
 
-    ulysses_degree: int
-    ring_degree: int
-    cfg_degree: int
-    sp_backend: str
+    @property
+    def ulysses_degree(self) -> int: ...
+    @property
+    def ring_degree(self) -> int: ...
+    @property
+    def cfg_degree(self) -> int: ...
+    @property
+    def sp_backend(self) -> str: ...
 
 
 class _ShapedItem(Protocol):
-    id: str
-    num_frames: int
-    height: int
-    width: int
+    """What the shape checks read of an item (read-only: ``batchgen.core.item.Item`` is frozen)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def num_frames(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def width(self) -> int: ...
 
 
 def visual_tokens(num_frames: int, height: int, width: int, *, spec: ModelSpec = MOCHI) -> int:
@@ -189,7 +199,7 @@ def working_layouts(
     for n in tokens:
         g = math.gcd(g, n)
     limit = max_sp or g or 1
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for sp in range(1, limit + 1):
         if pad or g == 0 or g % sp == 0:
             pairs.extend((u, sp // u) for u in _divisors(sp) if num_heads % u == 0)

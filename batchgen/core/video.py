@@ -12,10 +12,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Final
 
 import numpy as np
 
-CODEC = "libx264"
+CODEC: Final = "libx264"
 PIXEL_FORMAT = "yuv420p"
 
 

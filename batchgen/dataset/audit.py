@@ -70,7 +70,7 @@ def audit_run(storage: Storage, plan: RunPlan, *, deep: bool = False) -> Audit:
     videos = _videos(storage, plan, progress, audit)
     done = [(s.shard, item_id) for s in progress.shards.values() for item_id in sorted(s.done_ids)]
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="verify") as pool:
-        results = list(pool.map(lambda pair: _check_item(storage, plan, *pair, videos, deep), done))
+        results = list(pool.map(lambda pair: _check_item(storage, plan, pair[0], pair[1], videos, deep), done))
     sidecars = {}
     for pair, (record, problems) in zip(done, results, strict=True):
         audit.problems += problems

@@ -99,7 +99,7 @@ def export_webdataset(run: Run, out: Storage, options: ExportOptions) -> dict[st
     try:
         out.put_bytes(MANIFEST_KEY, _json(manifest), if_absent=True, content_type="application/json")
     except AlreadyExistsError:  # a concurrent export of the same selection finished first
-        manifest = _read_manifest(out)
+        manifest = json.loads(out.get_bytes(MANIFEST_KEY))
         _require_same(out, manifest, selection)
     return manifest
 
@@ -201,8 +201,9 @@ def _adopt(out: Storage, key: str, rows: pa.Table, path: Path) -> dict[str, Any]
 def _mp4_digests(path: Path) -> Iterator[tuple[str, str]]:
     with tarfile.open(path, "r") as tar:
         for member in tar:
-            if member.name.endswith(".mp4"):
-                yield member.name[: -len(".mp4")], hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+            data = tar.extractfile(member) if member.name.endswith(".mp4") else None
+            if data is not None:  # None: not a regular file
+                yield member.name[: -len(".mp4")], hashlib.sha256(data.read()).hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

@@ -42,7 +42,7 @@ def contact_sheet(data: bytes, frames: int = THUMB_FRAMES, height: int = THUMB_H
     """A JPEG of ``frames`` evenly spaced frames of the MP4, each scaled to ``height`` pixels, side by side."""
     import av
 
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), mode="r") as container:
         stream = container.streams.video[0]
         decoded = list(container.decode(stream))
     picks = sorted({round(i * (len(decoded) - 1) / max(frames - 1, 1)) for i in range(frames)})

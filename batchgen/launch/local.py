@@ -34,7 +34,7 @@ from batchgen.core.errors import (
     InputError,
     NotFoundError,
 )
-from batchgen.core.logs import LogStream, json_logs, log_context
+from batchgen.core.logs import LogStream, TextSink, json_logs, log_context
 from batchgen.core.plan import RunPlan, make_plan
 from batchgen.core.progress import RunProgress, scan_run
 from batchgen.dataset.eta import clock
@@ -163,7 +163,7 @@ class ProgressDisplay:
     least every ``quiet_s`` seconds), so logs stay readable.
     """
 
-    def __init__(self, stream: TextIO, run_id: str, resumed: int, quiet_s: float = 30.0):
+    def __init__(self, stream: TextSink, run_id: str, resumed: int, quiet_s: float = 30.0):
         self.stream = stream
         self.run_id = run_id
         self.resumed = resumed
@@ -253,7 +253,7 @@ def _run_planned(
     shape: tuple[int, int],
     poll_s: float,
     verbose: int,
-    stream: TextIO,
+    stream: TextSink,
     started: float,
 ) -> RunOutcome:
     """The rest of ``run_local`` once the run is planned: its pending shards, the index, the outcome. ``shape``:

@@ -64,18 +64,19 @@ class ModelSpec:
     max_frames: int
     default_heads: int
     """Attention heads of the family's flagship size, for commands that cannot read the weights' config."""
-    generation_defaults: dict[str, Any] = field(default_factory=dict)
-    """GenerationConfig values that differ by family (shape, steps, guidance, fps, token limit)."""
-    generator: Callable[[], type] | None = None
+    generator: Callable[[], type]
     """The class implementing ``batchgen.models.api.VideoGenerator`` (imported when called: only workers do)."""
-    config_reader: Callable[[str | Path], dict[str, Any]] | None = None
+    config_reader: Callable[[str | Path], dict[str, Any]]
     """f(model_dir) -> dict: the transformer's config without torch."""
-    tiny_writer: Callable[..., Path] | None = None
+    tiny_writer: Callable[..., Path]
     """f(directory, seed=0, **options) -> Path: a tiny random model in the real layout."""
-    block_code: Callable[[], Any] | None = None
+    block_code: Callable[[], Any]
     """The family's block module for ``--compile`` and ``--fp8`` (``models/<family>/blocks.py``, imported when
     called): ``compiled_forward`` (a block's forward with its elementwise regions compiled, attention eager),
     ``gate_inputs(block, device)``, ``stock_processor()`` and ``visual_output(block_output)`` for the FP8 gate."""
+    parallel_plan: ParallelPlan
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    """GenerationConfig values that differ by family (shape, steps, guidance, fps, token limit)."""
     pipeline_classes: tuple[str, ...] = ()
     """diffusers pipeline class names in ``model_index.json`` that mean this family."""
     transformer_prefix: str = ""
@@ -84,7 +85,6 @@ class ModelSpec:
     """Whether a directory holds the family's original release layout (no diffusers files), from its files alone."""
     official_layout_hint: str = ""
     """That layout's telltale file, for the message when no family is recognised."""
-    parallel_plan: ParallelPlan | None = None
 
     # -- shape rules ------------------------------------------------------------------------------------------
 

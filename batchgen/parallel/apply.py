@@ -100,9 +100,9 @@ def parallelize_transformer(
     blocks = getattr(transformer, plan.blocks)
     processors = plan.processors(transformer, context, state, kernel)
     for block, processor in zip(blocks, processors, strict=True):
-        attention = getattr(block, plan.attention)
-        state.original_processors.append(attention.processor)
-        attention.processor = processor
+        attention_module = getattr(block, plan.attention)
+        state.original_processors.append(attention_module.processor)
+        attention_module.processor = processor
     signature = inspect.signature(transformer.forward)
     if state.sp.size > 1:
         state.handles += [

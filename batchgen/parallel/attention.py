@@ -240,7 +240,7 @@ def merge_partial(
     it shifts neither lse; a block with no valid key (lse -inf) weighs exp(-inf) = 0. Only when neither side has
     a key is the result undefined (-inf - -inf); its weights are taken as 0 so the row stays 0, not NaN.
     """
-    if out is None:
+    if out is None or lse is None:
         return block_out.float(), block_lse
     new_lse = torch.logaddexp(lse, block_lse)
     keep = torch.exp(lse - new_lse).nan_to_num(0.0).unsqueeze(-1)

@@ -196,6 +196,8 @@ def ring_attention(
     for _, keys, values in _ring_blocks(k, v, ring, layout or SequenceLayout()):
         if keys.shape[2]:  # a chunk of padding alone holds no key
             out, lse = merge_partial(out, lse, *attention_with_lse(q, keys, values, kernel=kernel))
+    if out is None:
+        raise ValueError("ring attention: no chunk of the ring holds a real key")
     return out.to(q.dtype)
 
 
@@ -233,15 +235,15 @@ def ring_joint_attention(
         # The first forward of a shape measures and agrees (a collective) before any ring transfer is in flight.
         own_valid = layout.valid_keys(ring.rank, k.shape[2])
         own = own_step(k[:, :, :own_valid], v[:, :, :own_valid])
-    vis_out = vis_lse = None
     text_parts: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * ring.size
-    for block, keys, values in _ring_blocks(k, v, ring, layout):
-        valid = keys.shape[2]
-        if block == ring.rank:
-            vis_out, vis_lse = merge_partial(vis_out, vis_lse, *(own if own is not None else own_step(keys, values)))
-        elif valid:
+    chunks = _ring_blocks(k, v, ring, layout)
+    block, keys, values = next(chunks)  # this rank's own chunk comes first
+    vis_out, vis_lse = merge_partial(None, None, *(own if own is not None else own_step(keys, values)))
+    if keys.shape[2]:
+        text_parts[block] = attention_with_lse(text.q, keys, values, kernel=kernel)
+    for block, keys, values in chunks:
+        if keys.shape[2]:
             vis_out, vis_lse = merge_partial(vis_out, vis_lse, *attention_with_lse(q, keys, values, kernel=kernel))
-        if valid:
             text_parts[block] = attention_with_lse(text.q, keys, values, kernel=kernel)
     # Fixed merge order (text, chunk 0, chunk 1, ...): every ring rank computes bit-identical text outputs.
     text_out, text_lse = chooser.attend(text.q, text.k, text.v, text.mask, leading=0, site=("text",), record=False)

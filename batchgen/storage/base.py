@@ -14,6 +14,7 @@ transient error that outlasted the retries (``TransientStorageError``).
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ class Storage(abc.ABC):
     def url(self, key: str) -> str:
         """Full URI of a key (s3://bucket/prefix/key or file:///abs/path)."""
 
-    def leftovers(self, prefix: str) -> list[str]:
+    def leftovers(self, prefix: str) -> builtins.list[str]:
         """Files under ``prefix`` that an interrupted writer left and listings skip (the file backend's temporary
         and lock files). None on S3, where an interrupted put leaves no object."""
         return []

@@ -14,6 +14,7 @@ file's inode and mtime, so the token of what was written is known before it beco
 
 from __future__ import annotations
 
+import builtins
 import errno
 import fcntl
 import logging
@@ -108,7 +109,7 @@ class LocalStorage(Storage):
             temp = self._temp_path(final)
             try:
                 fill(temp)
-                etag = _token(temp)
+                etag = _stat_token(temp.stat())
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
@@ -195,14 +196,14 @@ class LocalStorage(Storage):
         start_dir = prefix.rpartition("/")[0]
         if start_dir:
             validate_key(start_dir, self.uri)
-        found: list[ObjectInfo] = []
+        found: builtins.list[ObjectInfo] = []
         self._collect(self.root / start_dir if start_dir else self.root, start_dir, prefix, found)
         found.sort(key=lambda info: info.key)
         if start_after is not None:
             found = [info for info in found if info.key > start_after]
         return iter(found)
 
-    def _collect(self, folder: Path, folder_key: str, prefix: str, out: list[ObjectInfo]) -> None:
+    def _collect(self, folder: Path, folder_key: str, prefix: str, out: builtins.list[ObjectInfo]) -> None:
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
@@ -252,7 +253,7 @@ class LocalStorage(Storage):
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
 
-    def leftovers(self, prefix: str) -> list[str]:
+    def leftovers(self, prefix: str) -> builtins.list[str]:
         """Temporary and lock files under ``prefix`` (paths relative to the root), but for the locks held now."""
         start = self.root / prefix.rpartition("/")[0]
         found = []

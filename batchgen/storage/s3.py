@@ -442,7 +442,8 @@ class S3Storage(Storage):
                 response = self._run(
                     f"upload part {number}",
                     key,
-                    lambda _, n=number, body=chunk: self._client.upload_part(
+                    # mypy infers no lambda with default arguments (they bind this loop's part)
+                    lambda _, n=number, body=chunk: self._client.upload_part(  # type: ignore[misc]
                         Bucket=self.bucket, Key=full_key, UploadId=upload_id, PartNumber=n, Body=body
                     ),
                 )
@@ -559,7 +560,8 @@ class S3Storage(Storage):
         if start_after is not None:
             args["StartAfter"] = self._root + start_after
         while True:
-            page = self._run("list", prefix or None, lambda _, a=dict(args): self._client.list_objects_v2(**a))
+            # mypy infers no lambda with default arguments (the copy keeps this page's token)
+            page = self._run("list", prefix or None, lambda _, a=dict(args): self._client.list_objects_v2(**a))  # type: ignore[misc]
             for obj in page.get("Contents", ()):
                 yield ObjectInfo(
                     key=obj["Key"][len(self._root) :],

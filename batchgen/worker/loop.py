@@ -298,12 +298,19 @@ def run_worker(
 
 
 class _WorkerLoop:
-    def __init__(self, storage, plan, generator, context, stop):
-        self.storage: Storage = storage
-        self.plan: RunPlan = plan
-        self.generator: VideoGenerator = generator
-        self.ctx: ProcessContext = context
-        self.stop: threading.Event = stop
+    def __init__(
+        self,
+        storage: Storage,
+        plan: RunPlan,
+        generator: VideoGenerator,
+        context: ProcessContext,
+        stop: threading.Event,
+    ) -> None:
+        self.storage = storage
+        self.plan = plan
+        self.generator = generator
+        self.ctx = context
+        self.stop = stop
         self.max_attempts = plan.config.worker.max_attempts
         self.committer = Committer(
             storage, plan, model_identity=getattr(generator, "model_identity", None), rank=context.rank,
@@ -410,9 +417,12 @@ class _WorkerLoop:
                 status, error = _FATAL, e
         self._resolve(status, error, f"scanning {shard}")
         try:
-            return self.ctx.broadcast(view)
+            scan = self.ctx.broadcast(view)
         except Exception as e:
             raise GroupFailure(f"rank {self.ctx.rank}: broadcast of the {shard} scan failed ({describe(e)})") from e
+        if scan is None:  # rank 0 sends its scan, or every rank raised in _resolve
+            raise GroupFailure(f"rank {self.ctx.rank}: rank 0 sent no scan of {shard}")
+        return scan
 
     def _copy(self, scan: ShardScan, ids: set[str]) -> set[str]:
         """Rank 0 commits ``ids`` as copies where their sources are committed now; every rank learns which."""
@@ -466,9 +476,10 @@ class _WorkerLoop:
         attempts = 0
         last_error: BaseException | None = None
         settled = item is None
+        error: BaseException | None
         for attempt_round in range(1, self.max_attempts + 1):
             status, error = _OK, None
-            if not settled:
+            if item is not None and not settled:
                 attempts = attempt_round
                 try:
                     self._generate_and_commit(shard, item, attempts, scan)

@@ -19,6 +19,7 @@ Lists are paged (``LIST_PAGE`` objects per request), so a run with thousands of 
 from __future__ import annotations
 
 import abc
+import builtins
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from tenacity import RetryError, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import RetryCallState, RetryError, retry_if_exception, stop_after_attempt, wait_exponential
 from tenacity import Retrying as _Retrying
 
 from batchgen.core import metrics
@@ -208,9 +209,18 @@ def _retry_after_or(backoff: Callable[[Any], float], cap_s: float) -> Callable[[
     return wait
 
 
-def _retrying_after(verb: str, resource: str, error: BaseException | None) -> None:
+def _retrying_after(verb: str, resource: str, state: RetryCallState) -> None:
+    """tenacity's before_sleep: the failed attempt's error counted and logged."""
+    error = state.outcome.exception() if state.outcome is not None else None
     metrics.api_error(verb, getattr(error, "status", None))
     log.warning("Kubernetes API %s %s failed (%s); retrying", verb, resource, _short(error))
+
+
+def _json_object(body: object) -> dict[str, Any]:
+    """A custom-object call's answer: the client types it ``object`` (the shape is the resource's own)."""
+    if not isinstance(body, dict):
+        raise ClusterError(f"Kubernetes API answered {type(body).__name__} where a JSON object was expected")
+    return body
 
 
 def _status_body(error: Any) -> dict[str, Any]:
@@ -303,7 +313,7 @@ class CustomObjectBackend(JobBackend):
             stop=stop_after_attempt(self.attempts),
             wait=_retry_after_or(wait_exponential(multiplier=0.2, max=self.max_wait_s), cap_s=60),
             reraise=False,
-            before_sleep=lambda state: _retrying_after(verb, self.resource, state.outcome.exception()),
+            before_sleep=lambda state: _retrying_after(verb, self.resource, state),
         )
         try:
             return retrying(fn, *args, **kwargs)
@@ -370,10 +380,10 @@ class CustomObjectBackend(JobBackend):
 
         def attempt() -> dict[str, Any]:
             try:
-                return self.api.create_namespaced_custom_object(
+                return _json_object(self.api.create_namespaced_custom_object(
                     self.group, self.version, self.namespace, self.plural, manifest, field_validation="Strict",
                     _request_timeout=self.request_timeout_s,
-                )  # fmt: skip
+                ))  # fmt: skip
             except ApiException as e:
                 if e.status == 409:
                     raise _AlreadyExists() from e
@@ -386,10 +396,10 @@ class CustomObjectBackend(JobBackend):
 
         def attempt() -> dict[str, Any] | None:
             try:
-                return self.api.get_namespaced_custom_object(
+                return _json_object(self.api.get_namespaced_custom_object(
                     self.group, self.version, self.namespace, self.plural, name,
                     _request_timeout=self.request_timeout_s,
-                )  # fmt: skip
+                ))  # fmt: skip
             except ApiException as e:
                 if e.status == 404 and not _collection_missing(_status_body(e)):
                     return None
@@ -413,15 +423,15 @@ class CustomObjectBackend(JobBackend):
             f"Kubernetes API list {self.resource}: continue token expired {self.attempts} times"
         )
 
-    def _list_pages(self, label_selector: str) -> tuple[list[JobInfo], str]:
+    def _list_pages(self, label_selector: str) -> tuple[builtins.list[JobInfo], str]:
         from kubernetes.client.exceptions import ApiException
 
         def page(token: str | None) -> dict[str, Any]:
             try:
-                return self.api.list_namespaced_custom_object(
+                return _json_object(self.api.list_namespaced_custom_object(
                     self.group, self.version, self.namespace, self.plural, label_selector=label_selector,
                     limit=LIST_PAGE, _continue=token, _request_timeout=self.request_timeout_s,
-                )  # fmt: skip
+                ))  # fmt: skip
             except ApiException as e:
                 if e.status == 410:
                     raise _Expired(e) from e

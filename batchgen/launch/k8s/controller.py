@@ -301,7 +301,9 @@ class RunController:
         Returns the last pass. Raises IncompleteRunError when groups gave up and items are missing.
         """
         if finalize is None:
-            from batchgen.dataset.index import finalize_run as finalize
+            from batchgen.dataset.index import finalize_run
+
+            finalize = finalize_run
 
         started = time.monotonic()
         while True:

@@ -50,7 +50,7 @@ def _discover(api: Any, group: str, version: str, attempts: int = 5) -> Any:
         stop=stop_after_attempt(attempts),
         wait=wait_exponential(multiplier=0.2, max=10.0),
         reraise=True,
-        before_sleep=lambda state: _retrying_after("discover", f"{group}/{version}", state.outcome.exception()),
+        before_sleep=lambda state: _retrying_after("discover", f"{group}/{version}", state),
     )
     return retrying(api.get_api_resources, group, version)
 

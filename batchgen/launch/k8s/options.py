@@ -24,7 +24,8 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _kind(field_type: str) -> type:
+def _kind(field_type: object) -> type:
+    # A string: the settings module postpones its annotations (from __future__ import annotations).
     return {"int": int, "float": float, "bool": bool}.get(str(field_type).split(" |")[0], str)
 
 
@@ -44,7 +45,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ..
         if f.name in _VALUES_ONLY or f.name in skip or f.name == "parallel":
             continue
         default = None if f.default is MISSING else f.default
-        doc = (f.metadata or {}).get("help") or f"default {default!r}"
+        doc = f.metadata.get("help") or f"default {default!r}"
         _add_flag(group, _flag(f.name), f.name, _kind(f.type), doc)
     for flag, key, kind, doc in flag_specs(ParallelConfig):
         if key not in skip:

@@ -120,7 +120,7 @@ def _volumes(settings: LaunchSettings) -> tuple[list[dict[str, Any]], list[dict[
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size}},
     ]
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "dshm", "mountPath": SHM_DIR},
         {"name": "tmp", "mountPath": TMP_DIR},
         {"name": "scratch", "mountPath": SCRATCH_DIR},

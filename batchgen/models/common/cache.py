@@ -53,8 +53,9 @@ class FirstBlockCache:
     def reset(self) -> None:
         """Forget the previous item: its first step always computes every block."""
         self._reference: torch.Tensor | None = None
-        self._tail_residuals: tuple[torch.Tensor, ...] | None = None
-        self._head_output: tuple[torch.Tensor, ...] | None = None
+        # Set by the last computed step's last and first blocks: () until then.
+        self._tail_residuals: tuple[torch.Tensor, ...] = ()
+        self._head_output: tuple[torch.Tensor, ...] = ()
         self._skip = False
         self.steps_computed = 0
         self.steps_reused = 0

@@ -50,7 +50,7 @@ def compile_blocks(transformer, *, spec: ModelSpec) -> CompiledBlocks:
     where the family's ``ParallelPlan`` says, their compiled forward is the family's (``spec.block_code``);
     ConfigError when ``transformer`` is not the family's transformer."""
     blocks = getattr(transformer, spec.parallel_plan.blocks, None)
-    if blocks is None or spec.block_code is None:
+    if blocks is None:
         raise ConfigError(
             f"parallel.compile (--compile): {type(transformer).__name__} is not a {spec.title} transformer"
         )
@@ -86,7 +86,7 @@ class FirstStepTimer:
         self._started = time.perf_counter()
 
     def step_done(self) -> None:
-        if self.active:
+        if self.active and self.compiled is not None:
             self.seconds = time.perf_counter() - self._started
             self.compiled.record(self.shape, self.seconds, graph_count() - self._graphs)
             self.active = False

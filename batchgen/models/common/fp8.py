@@ -61,6 +61,9 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Linear(nn.Module):
+    weight_fp8: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, linear: nn.Linear, kernel: Kernel):
         super().__init__()
         weight, scale = quantize(linear.weight)
@@ -132,7 +135,7 @@ def transformer_blocks(transformer, spec: ModelSpec) -> nn.ModuleList:
     """The blocks whose linears become FP8 (where the family's ``ParallelPlan`` says); ConfigError when
     ``transformer`` is not the family's transformer."""
     blocks = getattr(transformer, spec.parallel_plan.blocks, None)
-    if blocks is None or spec.block_code is None:
+    if blocks is None:
         raise ConfigError(f"parallel.fp8 (--fp8): {type(transformer).__name__} is not a {spec.title} transformer")
     return blocks
 

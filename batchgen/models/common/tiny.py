@@ -37,7 +37,7 @@ def fresh_directory(directory: str | Path) -> Path:
 
 
 def write_tokenizer(path: Path, *, model_max_length: int = 256) -> int:
-    from transformers import T5TokenizerFast
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]  # a run-time alias in transformers 5
 
     tokenizer = T5TokenizerFast(vocab=tokenizer_vocab(), extra_ids=0, model_max_length=model_max_length)
     tokenizer.save_pretrained(str(path))

@@ -40,7 +40,7 @@ def enable_causal_framewise_decoding(vae, *, tiling: bool = True) -> None:
                 raise ValueError(
                     "expected Mochi's replicate-padded causal convs; was _enable_framewise_decoding() called?"
                 )
-            module.forward = types.MethodType(_causal_forward, module)
+            module.forward = types.MethodType(_causal_forward, module)  # type: ignore[method-assign]  # this instance's forward, on purpose
     vae.use_framewise_decoding = True
     if tiling:
         vae.enable_tiling()

@@ -91,10 +91,8 @@ class USPMochiAttnProcessor:
 
         qkv = ulysses_scatter_heads(torch.stack([query, key, value]), self.ulysses)  # [3, B, S_chunk, H/u, D]
         q, k, v = (t.transpose(1, 2) for t in qkv)  # [B, H/u, S_chunk, D]
-        text = JointText(
-            *(t[:, :, head_slice].transpose(1, 2) for t in (enc_query, enc_key, enc_value)),
-            mask=attention_mask.bool(),
-        )
+        text_q, text_k, text_v = (t[:, :, head_slice].transpose(1, 2) for t in (enc_query, enc_key, enc_value))
+        text = JointText(text_q, text_k, text_v, mask=attention_mask.bool())
         vis_out, text_out = ring_joint_attention(
             q, k, v, text, self.ring, layout=self.layout, kernel=self.kernel, chooser=self.chooser
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -171,9 +172,9 @@ class MochiGenerator(StagedGenerator):
         latents = latents.to(self.device, torch.float32)
         channels = latents.shape[1]
         if config.latents_mean is not None and config.latents_std is not None:
-            stats = dict(dtype=torch.float32, device=latents.device)
-            mean = torch.tensor(config.latents_mean, **stats).view(1, channels, 1, 1, 1)
-            std = torch.tensor(config.latents_std, **stats).view(1, channels, 1, 1, 1)
+            fp32 = partial(torch.tensor, dtype=torch.float32, device=latents.device)
+            mean = fp32(config.latents_mean).view(1, channels, 1, 1, 1)
+            std = fp32(config.latents_std).view(1, channels, 1, 1, 1)
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor

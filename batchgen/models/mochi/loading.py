@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from batchgen.core.errors import InputError
 from batchgen.models.common.weights import (
@@ -225,19 +225,25 @@ def original_key_plan(num_layers: int) -> dict[str, _Source]:
     return plan
 
 
-def _take(read_rows: Callable[[int, int], Any], rows: int, part: str):
+class _RowSource(Protocol):
+    """A tensor, or a safetensors slice that reads only the rows asked for."""
+
+    def __getitem__(self, rows: slice, /) -> Any: ...
+
+
+def _take(source: _RowSource, rows: int, part: str):
     """Materialise one converted tensor from row ranges of its source (only the rows needed are read)."""
     import torch
 
     if part == "all":
-        return read_rows(0, rows)
+        return source[0:rows]
     if part in ("q", "k", "v"):
         third = rows // 3
         start = "qkv".index(part) * third
-        return read_rows(start, start + third)
+        return source[start : start + third]
     if part == "swap_halves":
         half = rows // 2
-        return torch.cat([read_rows(half, rows), read_rows(0, half)], dim=0)
+        return torch.cat([source[half:rows], source[0:half]], dim=0)
     raise ValueError(part)
 
 
@@ -251,7 +257,7 @@ def convert_original_state_dict(state_dict: dict[str, Any], num_layers: int | No
     converted = {}
     for name, src in plan.items():
         tensor = state_dict[src.key]
-        converted[name] = _take(lambda a, b, t=tensor: t[a:b], tensor.shape[0], src.part).clone()
+        converted[name] = _take(tensor, tensor.shape[0], src.part).clone()
     return converted
 
 
@@ -301,7 +307,7 @@ def _stream_original_dit(path: Path, num_layers: int, dtype, device) -> Iterator
         _check_keys(set(names), plan, str(path))
         for name, src in plan.items():
             sliced = f.get_slice(names[src.key])
-            tensor = _take(lambda a, b, s=sliced: s[a:b], sliced.get_shape()[0], src.part)
+            tensor = _take(sliced, sliced.get_shape()[0], src.part)
             target = torch.float32 if name in FP32_TENSORS else dtype
             yield name, tensor.to(device=device, dtype=target)
             del tensor
@@ -359,7 +365,7 @@ def _check_files(path: Path) -> None:
 
 def _load(path: Path, layout: str, dtype, device) -> MochiComponents:
     from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
-    from transformers import T5EncoderModel, T5TokenizerFast
+    from transformers import T5EncoderModel, T5TokenizerFast  # type: ignore[attr-defined]  # a run-time alias in transformers 5
 
     if layout == "diffusers":
         folder = path / "transformer"

@@ -176,7 +176,7 @@ def build_random_components(
 
     import torch
     from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast  # type: ignore[attr-defined]  # a run-time alias in transformers 5
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(dtype, device)

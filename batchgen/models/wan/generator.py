@@ -17,6 +17,7 @@ pipeline's latents; what differs is the split:
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
@@ -126,10 +127,10 @@ class WanGenerator(StagedGenerator):
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """fp32 latents [1, 16, T, h, w] -> the VAE's video [1, 3, 4T - 3, 8h, 8w] in [-1, 1], checked finite."""
         config = self.vae.config
-        stats = dict(dtype=torch.float32, device=self.device)
-        mean = torch.tensor(config.latents_mean, **stats).view(1, config.z_dim, 1, 1, 1)
+        fp32 = partial(torch.tensor, dtype=torch.float32, device=self.device)
+        mean = fp32(config.latents_mean).view(1, config.z_dim, 1, 1, 1)
         # WanPipeline's arithmetic: divide by the reciprocal of the std (bit-equal to its decode input).
-        inverse_std = 1.0 / torch.tensor(config.latents_std, **stats).view(1, config.z_dim, 1, 1, 1)
+        inverse_std = 1.0 / fp32(config.latents_std).view(1, config.z_dim, 1, 1, 1)
         latents = latents.to(self.device, torch.float32) / inverse_std + mean
         with Visit(self.vae, self.device, enabled=self.offload):
             video = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]

@@ -169,7 +169,7 @@ def _load_diffusers(path: Path, experts: tuple[str, ...], boundary_ratio, dtype,
         return cls.from_pretrained(str(folder), **kwargs, **device_map(device)).to(device)
 
     scheduler_class = read_json_object(path / "scheduler" / "scheduler_config.json", required=True).get("_class_name")
-    if not hasattr(diffusers, str(scheduler_class)):
+    if not isinstance(scheduler_class, str) or not hasattr(diffusers, scheduler_class):
         raise InputError(f"{path / 'scheduler' / 'scheduler_config.json'}: unknown scheduler {scheduler_class!r}")
     transformers = [from_folder(WanTransformer3DModel, name) for name in experts]
     return WanComponents(
