@@ -61,7 +61,7 @@ MAX_POOL_CONNECTIONS = 32
 # Ranged GETs in flight per large download: boto3's own default (10). On moto (bench/fetch.py) the number changes
 # nothing, the server being one process that reads the whole object per request; on S3 each range is its own
 # connection and S3's performance guide advises concurrent byte-range GETs of 8 or 16 MiB, aligned to the parts.
-DEFAULT_DOWNLOAD_CONCURRENCY = TransferConfig().max_concurrency
+DEFAULT_DOWNLOAD_CONCURRENCY = TransferConfig().max_request_concurrency  # what boto3 calls max_concurrency
 LIST_PAGE_SIZE = 1000
 DEFAULT_READ_TIMEOUT_S = 60.0  # per socket read, not per request: a slow but live body never trips it
 CHECK_BUCKET = "check bucket"
