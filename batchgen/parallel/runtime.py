@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import init_device_mesh
 
 from batchgen.core.config import ParallelConfig
 from batchgen.core.errors import InputError
@@ -58,9 +58,10 @@ def _env_int(name: str) -> int:
         raise InputError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
-def _axis(mesh: DeviceMesh) -> Axis:
-    """This rank's view of a one-dimensional (sub)mesh."""
-    return Axis(group=mesh.get_group(), size=mesh.size(), rank=mesh.get_local_rank(), ranks=tuple(mesh.mesh.tolist()))
+def _axis(group: dist.ProcessGroup) -> Axis:
+    """This rank's view of one of its mesh groups."""
+    ranks = dist.get_process_group_ranks(group)
+    return Axis(group=group, size=len(ranks), rank=dist.get_rank(group), ranks=tuple(ranks))
 
 
 class TorchContext:
@@ -127,9 +128,10 @@ class TorchContext:
         # Every rank creates every group in the same order; size-1 groups are real groups too, as xDiT/yunchang
         # expect (None would mean the whole world).
         mesh = init_device_mesh(device.type, topology.mesh_shape, mesh_dim_names=MESH_DIMS)
-        axes = {name: _axis(mesh[name]) for name in MESH_DIMS}
+        # Groups by name, not sliced sub-meshes: each slice is a DeviceMesh whose layout algebra costs CPU time.
+        axes = {name: _axis(mesh.get_group(name)) for name in MESH_DIMS}
         # _flatten is private, but it is how torchtitan builds its combined dims (there is no public form).
-        axes["sp"] = _axis(mesh["ring", "ulysses"]._flatten("sp"))
+        axes["sp"] = _axis(mesh["ring", "ulysses"]._flatten("sp").get_group())
         return cls(topology, dist.get_rank(), device, dist.get_backend(), axes, sp_backend=sp_backend)
 
     # ProcessContext
