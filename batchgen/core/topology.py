@@ -1,7 +1,8 @@
 """Parallel degrees and the shape checks that must pass before any weights load. No torch here.
 
-World size = data-parallel x cfg x ulysses x ring. Rank order (innermost first): ulysses, ring, cfg, data, so
-the Ulysses all-to-all, the heaviest collective, stays between neighbouring ranks (the same node's NVLink).
+World size = data-parallel x cfg x ulysses x ring. Rank order (innermost first): ulysses, ring, cfg, data
+(``MESH_DIMS``, outermost first), so the Ulysses all-to-all, the heaviest collective, stays between neighbouring
+ranks (the same node's NVLink).
 
 What decides which degrees can work (the family's facts come from its ``batchgen.models`` spec):
 - Ulysses scatters attention heads, so its degree must divide the heads (24 for Mochi 1, 12 for Wan 1.3B, 40 for
@@ -24,6 +25,10 @@ from typing import Protocol
 from batchgen.core.errors import TopologyError
 from batchgen.core.item import EXAMPLES_PER_SHAPE, ShapeGroup
 from batchgen.models import MOCHI, ModelSpec
+
+MESH_DIMS = ("dp", "cfg", "ring", "ulysses")
+"""The process mesh's dimensions, outermost first: rank = ((dp * cfg + cfg_rank) * ring + ring_rank) * ulysses +
+ulysses_rank, so data-parallel group ``d`` holds ranks ``d * group_size`` up to ``(d + 1) * group_size - 1``."""
 
 
 @dataclass(frozen=True)
@@ -56,31 +61,10 @@ class Topology:
         """Ranks that work on one item together (one data-parallel group)."""
         return self.cfg * self.sp
 
-    def coords(self, rank: int) -> dict[str, int]:
-        """This rank's index along each axis: {'dp', 'cfg', 'ring', 'ulysses'}."""
-        if not 0 <= rank < self.world_size:
-            raise TopologyError(f"rank {rank} outside world size {self.world_size}")
-        ulysses, rest = rank % self.ulysses, rank // self.ulysses
-        ring, rest = rest % self.ring, rest // self.ring
-        cfg, dp = rest % self.cfg, rest // self.cfg
-        return {"dp": dp, "cfg": cfg, "ring": ring, "ulysses": ulysses}
-
-    def rank_of(self, *, dp: int, cfg: int, ring: int, ulysses: int) -> int:
-        return ((dp * self.cfg + cfg) * self.ring + ring) * self.ulysses + ulysses
-
-    def groups(self, axis: str) -> list[list[int]]:
-        """Every group along ``axis`` ('dp', 'cfg', 'ulysses', 'ring', 'sp' = ulysses x ring), in a fixed order.
-        All ranks must create process groups in this same order."""
-        sizes = {"dp": self.dp, "cfg": self.cfg, "ring": self.ring, "ulysses": self.ulysses}
-        varying = {"sp": ("ring", "ulysses")}.get(axis, (axis,))
-        if any(a not in sizes for a in varying):
-            raise ValueError(f"unknown axis {axis!r}")
-        seen: dict[tuple, list[int]] = {}
-        for rank in range(self.world_size):
-            c = self.coords(rank)
-            key = tuple(c[a] for a in ("dp", "cfg", "ring", "ulysses") if a not in varying)
-            seen.setdefault(key, []).append(rank)
-        return list(seen.values())
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        """The degrees in ``MESH_DIMS`` order: the shape of the runtime's ``DeviceMesh``."""
+        return tuple(getattr(self, dim) for dim in MESH_DIMS)
 
     def describe(self) -> str:
         return f"world {self.world_size} = dp {self.dp} x cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring}"

@@ -1,5 +1,8 @@
 """``TorchContext``: the ``ProcessContext`` of a torchrun job, with the dp / cfg / ulysses / ring process groups.
 
+The groups come from a ``DeviceMesh`` of shape ``Topology.mesh_shape`` (dims ``MESH_DIMS``), as torchtitan's
+``ParallelDims.build_mesh`` does (torchtitan/distributed/parallel_dims.py), with ulysses x ring flattened into 'sp'.
+
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. On a machine with CUDA each process
 takes GPU ``LOCAL_RANK`` and NCCL; otherwise gloo on CPU. ``init_process_group`` gets an explicit timeout so a
 peer that died before a collective turns into an error, not a 30-minute hang; torchrun itself stops the other
@@ -15,15 +18,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from batchgen.core.config import ParallelConfig
 from batchgen.core.errors import InputError
-from batchgen.core.topology import Topology, topology_for
+from batchgen.core.topology import MESH_DIMS, Topology, topology_for
 from batchgen.parallel.usp import Axis
 
 log = logging.getLogger("batchgen.parallel.runtime")
-
-AXES = ("dp", "cfg", "ulysses", "ring", "sp")
 
 
 class _RankPrefix(logging.Filter):
@@ -56,6 +58,12 @@ def _env_int(name: str) -> int:
         raise InputError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def _axis(group: dist.ProcessGroup) -> Axis:
+    """This rank's view of one of its mesh groups."""
+    ranks = dist.get_process_group_ranks(group)
+    return Axis(group=group, size=len(ranks), rank=dist.get_rank(group), ranks=tuple(ranks))
+
+
 class TorchContext:
     """One process of a torch.distributed job. ``axes[name]`` is this rank's view of its 'dp' group (the
     ranks at the same place in every data-parallel group), 'cfg', 'ulysses', 'ring' and 'sp' groups."""
@@ -78,11 +86,10 @@ class TorchContext:
         self.device = device
         self.backend = backend
         self.axes = axes
-        coords = topology.coords(rank)
-        self.dp_rank = coords["dp"]
+        self.dp_rank = axes["dp"].rank
         self.dp_size = topology.dp
         # Rank 0 of its data-parallel group: cfg 0 and sequence-parallel rank 0.
-        self.is_writer = coords["cfg"] == 0 and coords["ring"] == 0 and coords["ulysses"] == 0
+        self.is_writer = axes["cfg"].rank == 0 and axes["sp"].rank == 0
         self._closed = False
 
     @classmethod
@@ -115,18 +122,17 @@ class TorchContext:
         cls, topology: Topology, *, device: torch.device | None = None, sp_backend: str = "native"
     ) -> TorchContext:
         """Build the sub-groups over an already initialised default process group."""
-        rank = dist.get_rank()
         if dist.get_world_size() != topology.world_size:
             raise InputError(f"process group has {dist.get_world_size()} ranks, topology {topology.world_size}")
-        axes: dict[str, Axis] = {}
-        for name in AXES:
-            for ranks in topology.groups(name):
-                # new_group is collective over the whole world: every rank creates every group, same order.
-                # Size-1 groups too: xDiT/yunchang expect real groups (None would mean the whole world).
-                group = dist.new_group(ranks)
-                if rank in ranks:
-                    axes[name] = Axis(group=group, size=len(ranks), rank=ranks.index(rank), ranks=tuple(ranks))
-        return cls(topology, rank, device or torch.device("cpu"), dist.get_backend(), axes, sp_backend=sp_backend)
+        device = device or torch.device("cpu")
+        # Every rank creates every group in the same order; size-1 groups are real groups too, as xDiT/yunchang
+        # expect (None would mean the whole world).
+        mesh = init_device_mesh(device.type, topology.mesh_shape, mesh_dim_names=MESH_DIMS)
+        # Groups by name, not sliced sub-meshes: each slice is a DeviceMesh whose layout algebra costs CPU time.
+        axes = {name: _axis(mesh.get_group(name)) for name in MESH_DIMS}
+        # _flatten is private, but it is how torchtitan builds its combined dims (there is no public form).
+        axes["sp"] = _axis(mesh["ring", "ulysses"]._flatten("sp").get_group())
+        return cls(topology, dist.get_rank(), device, dist.get_backend(), axes, sp_backend=sp_backend)
 
     # ProcessContext
 
