@@ -124,9 +124,9 @@ class RestartCounter:
 
     def observe(self, job: JobInfo) -> int:
         restarting, failed = job.state == "Restarting", job.failed_pods
-        if job.uid not in self._seen and recorded_restarts(job):
-            self._seen[job.uid] = _Seen(restarting, failed, recorded_restarts(job))
-            log.info("job %s: going on from the %d pod restart(s) recorded on it", job.name, recorded_restarts(job))
+        if job.uid not in self._seen and (recorded := recorded_restarts(job)):
+            self._seen[job.uid] = _Seen(restarting, failed, recorded)
+            log.info("job %s: going on from the %d pod restart(s) recorded on it", job.name, recorded)
         seen = self._seen.setdefault(job.uid, _Seen())
         if not job.finished and ((restarting and not seen.restarting) or failed > seen.failed_pods):
             seen.restarts += 1
